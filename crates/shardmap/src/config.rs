@@ -1,0 +1,99 @@
+//! The filter's configuration: what the control plane sends and base-router compiles.
+
+use serde::{Deserialize, Serialize};
+
+use crate::map::ShardMap;
+use crate::problem::Problems;
+use crate::router::{Fence, Router};
+
+/// The routing header set by default: Envoy routes on it with `cluster_header`.
+pub const DEFAULT_HEADER: &str = "x-dtable-server";
+/// Seconds a client is told to wait before retrying a fenced base, by default.
+pub const DEFAULT_RETRY_AFTER: u32 = 5;
+
+/// The base-router plugin configuration: a map with its version, the routing header,
+/// the fence of a running rollout and how long fenced clients should wait.
+///
+/// ```json
+/// { "version": 7, "header": "x-dtable-server", "retry_after": 5,
+///   "fence": { "slots": ["0-3"], "pins": [] },
+///   "map": { "default": "dtable-server", "slots": { "0-f": "dtable-server" } } }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// The map version, reported in `x-shard-map-version` and the filter's gauge.
+    pub version: u64,
+    #[serde(default = "default_header")]
+    pub header: String,
+    #[serde(default = "default_retry_after")]
+    pub retry_after: u32,
+    #[serde(default, skip_serializing_if = "Fence::is_empty")]
+    pub fence: Fence,
+    pub map: ShardMap,
+}
+
+fn default_header() -> String {
+    DEFAULT_HEADER.to_owned()
+}
+
+fn default_retry_after() -> u32 {
+    DEFAULT_RETRY_AFTER
+}
+
+impl RouterConfig {
+    /// A configuration of `map` at `version`, default header, no fence.
+    pub fn new(version: u64, map: ShardMap) -> RouterConfig {
+        RouterConfig {
+            version,
+            header: default_header(),
+            retry_after: DEFAULT_RETRY_AFTER,
+            fence: Fence::default(),
+            map,
+        }
+    }
+
+    /// Parses JSON into a configuration (not yet validated: see [`RouterConfig::compile`]).
+    pub fn from_json(json: &str) -> Result<RouterConfig, Problems> {
+        serde_json::from_str(json).map_err(|e| {
+            let mut p = Problems::default();
+            p.push("", format!("not a base-router configuration: {e}"));
+            p
+        })
+    }
+
+    /// Validates everything and compiles the router: every problem at once.
+    pub fn compile(&self) -> Result<Router, Problems> {
+        let mut problems = Problems::default();
+        if !is_header_name(&self.header) {
+            problems.push(
+                "header",
+                format!("`{}` is not a lowercase HTTP header name", self.header),
+            );
+        }
+        if self.retry_after == 0 || self.retry_after > 3600 {
+            problems.push("retry_after", "must be between 1 and 3600 seconds");
+        }
+        match Router::with_fence(&self.map, &self.fence) {
+            Ok(r) if problems.is_empty() => Ok(r),
+            Ok(_) => Err(problems),
+            Err(more) => {
+                problems.0.extend(more.0);
+                Err(problems)
+            }
+        }
+    }
+
+    /// The configuration as compact JSON (what goes into Envoy).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && !h.starts_with(':')
+        && h.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
+        })
+}
