@@ -126,6 +126,12 @@ pub fn canonical_pin(s: &str) -> Result<String, String> {
                     i + 1
                 ));
             }
+            (false, b'-') => {
+                return Err(format!(
+                    "`{s}` is not a uuid prefix: a uuid has no `-` at position {}",
+                    i + 1
+                ));
+            }
             (false, _) => match lower_hex(c) {
                 Some(h) => out.push(char::from(h)),
                 None => {
