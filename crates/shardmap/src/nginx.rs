@@ -1,1 +1,571 @@
+//! Importing SeaTable's nginx `map $request_uri` into a shard map.
+//!
+//! The documented map is a list of case-insensitive regexes, first match wins:
+//! `"~*ff84e1a1-66e2"` pins one base, `"~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})"` sends the
+//! bases whose uuid starts with a digit somewhere. The first-character regexes become
+//! slots, a literal uuid prefix becomes a pin, `default` stays; anything that cannot
+//! be translated exactly becomes a path rule (or is dropped) with a warning.
 
+use std::collections::BTreeMap;
+
+use crate::hex::{SlotRange, canonical_pin};
+use crate::map::{PathRule, ShardMap, check_server_name};
+use crate::problem::Problems;
+
+/// The translated map and what could not be translated exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    pub map: ShardMap,
+    pub warnings: Vec<String>,
+}
+
+/// Translates an nginx configuration. `servers` maps upstream names to server names;
+/// unlisted upstreams are named after the host of their first `server` line.
+pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, Problems> {
+    let mut problems = Problems::default();
+    let directives = match parse(conf) {
+        Ok(d) => d,
+        Err((line, why)) => {
+            problems.push(format!("line {line}"), why);
+            return Err(problems);
+        }
+    };
+    let mut warnings = Vec::new();
+
+    // Upstream name → server name.
+    let mut upstreams: BTreeMap<String, String> = BTreeMap::new();
+    walk(&directives, &mut |d| {
+        if d.name != "upstream" {
+            return;
+        }
+        let (Some(name), Some(block)) = (d.args.first(), &d.block) else {
+            return;
+        };
+        let host = block
+            .iter()
+            .find(|s| s.name == "server")
+            .and_then(|s| s.args.first())
+            .map(|a| host_of(a));
+        let server = servers.get(name).cloned().or(host);
+        if let Some(s) = server {
+            upstreams.insert(name.clone(), s);
+        }
+    });
+
+    let mut maps = Vec::new();
+    walk(&directives, &mut |d| {
+        if d.name == "map"
+            && d.args
+                .first()
+                .is_some_and(|a| a == "$request_uri" || a == "$uri")
+            && d.block.is_some()
+        {
+            maps.push(d.clone());
+        }
+    });
+    let Some(map) = maps.first() else {
+        problems.push("", "no `map $request_uri $var { ... }` block found");
+        return Err(problems);
+    };
+    if maps.len() > 1 {
+        warnings.push(format!(
+            "{} map blocks on $request_uri; only the first (line {}) was imported",
+            maps.len(),
+            map.line
+        ));
+    }
+    if map.args.first().is_some_and(|a| a == "$uri") {
+        warnings.push(format!("line {}: the map reads $uri (no query string); seashard also finds `dtable_uuid` in the query", map.line));
+    }
+
+    let resolve = |value: &str,
+                   line: usize,
+                   problems: &mut Problems,
+                   warnings: &mut Vec<String>|
+     -> String {
+        let server = match upstreams.get(value) {
+            Some(s) => s.clone(),
+            None => {
+                let s = servers
+                    .get(value)
+                    .cloned()
+                    .unwrap_or_else(|| value.to_owned());
+                if !servers.contains_key(value) {
+                    warnings.push(format!(
+                        "line {line}: `{value}` is not an upstream block; used as the server name"
+                    ));
+                }
+                s
+            }
+        };
+        if let Err(e) = check_server_name(&server) {
+            problems.push(
+                format!("line {line}"),
+                format!("{e} (from `{value}`; name it with --server {value}=NAME)"),
+            );
+        }
+        server
+    };
+
+    let mut default = None;
+    let mut claimed: [Option<String>; 16] = Default::default();
+    let mut pins: BTreeMap<String, String> = BTreeMap::new();
+    let mut pin_order: Vec<String> = Vec::new();
+    let mut paths = Vec::new();
+    for entry in map.block.iter().flatten() {
+        let line = entry.line;
+        let key = entry.name.as_str();
+        if matches!(key, "hostnames" | "volatile") && entry.args.is_empty() {
+            continue;
+        }
+        let [value] = entry.args.as_slice() else {
+            problems.push(
+                format!("line {line}"),
+                format!("map entry `{key}` needs exactly one value"),
+            );
+            continue;
+        };
+        if key == "default" {
+            default = Some(resolve(value, line, &mut problems, &mut warnings));
+            continue;
+        }
+        let server = resolve(value, line, &mut problems, &mut warnings);
+        let (regex, case_insensitive) = match (key.strip_prefix("~*"), key.strip_prefix('~')) {
+            (Some(r), _) => (r, true),
+            (None, Some(r)) => (r, false),
+            (None, None) => {
+                warnings.push(format!(
+                    "line {line}: `{key}` matches one exact request URI; kept as a path rule for uuid-less requests only"
+                ));
+                paths.push(PathRule {
+                    prefix: None,
+                    regex: Some(format!("^{}$", escape(key))),
+                    server,
+                });
+                continue;
+            }
+        };
+        if let Some(digits) = first_char_rule(regex, case_insensitive, &mut warnings, line) {
+            for d in digits {
+                if let Some(slot) = claimed.get_mut(usize::from(d)) {
+                    slot.get_or_insert_with(|| server.clone());
+                }
+            }
+            continue;
+        }
+        if let Some(pin) = literal_pin(regex) {
+            let first = usize::from(crate::uuid::hex_value(pin.as_bytes()[0]));
+            let shadow = pin_order.iter().find(|p| pin.starts_with(p.as_str()));
+            if let Some(p) = shadow {
+                warnings.push(format!("line {line}: pin `{regex}` is shadowed by the earlier pin `{p}` in nginx; dropped"));
+            } else if claimed.get(first).is_some_and(Option::is_some) {
+                warnings.push(format!("line {line}: pin `{regex}` comes after a rule that already sends these bases elsewhere in nginx; dropped"));
+            } else {
+                if !regex.contains('-') && pin.len() > 8 {
+                    warnings.push(format!("line {line}: `{regex}` has no dash: nginx matched it only in the 32-hex form; seashard pins both forms"));
+                }
+                if !case_insensitive {
+                    warnings.push(format!("line {line}: `~{regex}` was case-sensitive in nginx; seashard pins any case"));
+                }
+                pin_order.push(pin.clone());
+                pins.insert(pin, server);
+            }
+            continue;
+        }
+        let source = if case_insensitive {
+            format!("(?i){regex}")
+        } else {
+            regex.to_owned()
+        };
+        warnings.push(format!(
+            "line {line}: `{key}` is not a first-character or uuid-prefix rule; kept as a path rule, which seashard applies to uuid-less requests only"
+        ));
+        paths.push(PathRule {
+            prefix: None,
+            regex: Some(source),
+            server,
+        });
+    }
+
+    let Some(default) = default else {
+        problems.push(
+            format!("line {}", map.line),
+            "the map has no `default`: every map needs one",
+        );
+        return Err(problems);
+    };
+    let mut slots = BTreeMap::new();
+    if claimed.iter().any(Option::is_some) {
+        let owners: Vec<String> = claimed
+            .iter()
+            .map(|c| c.clone().unwrap_or_else(|| default.clone()))
+            .collect();
+        let mut start = 0;
+        for i in 1..=16 {
+            if i == 16 || owners[i] != owners[start] {
+                slots.insert(
+                    SlotRange::covering(start, i, 1).to_string(),
+                    owners[start].clone(),
+                );
+                start = i;
+            }
+        }
+    }
+    let map = ShardMap {
+        default,
+        slots,
+        pins,
+        paths,
+    };
+    if let Err(more) = map.validate() {
+        problems.0.extend(more.0);
+    }
+    problems.into_result(Import { map, warnings })
+}
+
+/// The hex digits a `([CLASS])([0-9a-f]{7}-[0-9a-f]{4})` rule sends, or `None` when the
+/// regex is not of that shape.
+fn first_char_rule(
+    regex: &str,
+    case_insensitive: bool,
+    warnings: &mut Vec<String>,
+    line: usize,
+) -> Option<Vec<u8>> {
+    let strip = |s: &str| s.replace(['(', ')'], "");
+    let flat = strip(regex);
+    let rest = flat.strip_prefix('[')?;
+    let (class, tail) = rest.split_once(']')?;
+    let hex_tail = [
+        "[0-9a-f]{7}-[0-9a-f]{4}",
+        "[0-9a-fA-F]{7}-[0-9a-fA-F]{4}",
+        "[a-f0-9]{7}-[a-f0-9]{4}",
+    ];
+    if !hex_tail.contains(&tail) || class.starts_with('^') {
+        return None;
+    }
+    let bytes = class.as_bytes();
+    let mut set = [false; 256];
+    let mut i = 0;
+    while i < bytes.len() {
+        let (a, b) = match (bytes.get(i), bytes.get(i + 1), bytes.get(i + 2)) {
+            (Some(&a), Some(b'-'), Some(&b)) => {
+                i += 3;
+                (a, b)
+            }
+            (Some(&a), _, _) => {
+                i += 1;
+                (a, a)
+            }
+            _ => break,
+        };
+        for c in a..=b {
+            set[usize::from(c)] = true;
+            if case_insensitive {
+                set[usize::from(c.to_ascii_lowercase())] = true;
+                set[usize::from(c.to_ascii_uppercase())] = true;
+            }
+        }
+    }
+    if !case_insensitive && tail.contains("a-f]") && !tail.contains("A-F") {
+        warnings.push(format!("line {line}: `~{regex}` was case-sensitive in nginx (uppercase uuids fell to default); seashard routes any case"));
+    }
+    Some(
+        b"0123456789abcdef"
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| set[usize::from(**c)])
+            .map(|(i, _)| i as u8)
+            .collect(),
+    )
+}
+
+/// A regex that is a plain uuid prefix (hex digits and dashes in uuid places).
+fn literal_pin(regex: &str) -> Option<String> {
+    let body = regex.strip_prefix('^').unwrap_or(regex);
+    canonical_pin(body).ok()
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn host_of(server: &str) -> String {
+    let s = server.strip_prefix("unix:").unwrap_or(server);
+    match s.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|c| c.is_ascii_digit()) => {
+            h.trim_matches(['[', ']']).to_owned()
+        }
+        _ => s.to_owned(),
+    }
+}
+
+/// One nginx directive: `name args...;` or `name args... { block }`.
+#[derive(Debug, Clone)]
+struct Directive {
+    name: String,
+    args: Vec<String>,
+    block: Option<Vec<Directive>>,
+    line: usize,
+}
+
+fn walk(ds: &[Directive], f: &mut impl FnMut(&Directive)) {
+    for d in ds {
+        f(d);
+        if let Some(b) = &d.block {
+            walk(b, f);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Open,
+    Close,
+    Semi,
+}
+
+fn tokens(conf: &str) -> Result<Vec<(Token, usize)>, (usize, String)> {
+    let mut out = Vec::new();
+    let mut line = 1;
+    let mut chars = conf.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            c if c.is_whitespace() => {}
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+            }
+            '{' => out.push((Token::Open, line)),
+            '}' => out.push((Token::Close, line)),
+            ';' => out.push((Token::Semi, line)),
+            '"' | '\'' => {
+                let start = line;
+                let mut word = String::new();
+                loop {
+                    match chars.next() {
+                        None => return Err((start, "unterminated quoted string".into())),
+                        Some('\\') => {
+                            if let Some(n) = chars.next() {
+                                if n != c {
+                                    word.push('\\');
+                                }
+                                word.push(n);
+                            }
+                        }
+                        Some(q) if q == c => break,
+                        Some(n) => {
+                            if n == '\n' {
+                                line += 1;
+                            }
+                            word.push(n);
+                        }
+                    }
+                }
+                out.push((Token::Word(word), start));
+            }
+            c => {
+                let mut word = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if n.is_whitespace() || matches!(n, '{' | '}' | ';') {
+                        break;
+                    }
+                    word.push(n);
+                    chars.next();
+                }
+                out.push((Token::Word(word), line));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse(conf: &str) -> Result<Vec<Directive>, (usize, String)> {
+    let toks = tokens(conf)?;
+    let mut pos = 0;
+    let ds = parse_block(&toks, &mut pos, 0)?;
+    Ok(ds)
+}
+
+fn parse_block(
+    toks: &[(Token, usize)],
+    pos: &mut usize,
+    depth: usize,
+) -> Result<Vec<Directive>, (usize, String)> {
+    let mut out = Vec::new();
+    let mut words: Vec<String> = Vec::new();
+    let mut line = 0;
+    while let Some((tok, l)) = toks.get(*pos) {
+        *pos += 1;
+        match tok {
+            Token::Word(w) => {
+                if words.is_empty() {
+                    line = *l;
+                }
+                words.push(w.clone());
+            }
+            Token::Semi | Token::Open => {
+                let mut it = std::mem::take(&mut words).into_iter();
+                let Some(name) = it.next() else {
+                    return Err((
+                        *l,
+                        format!(
+                            "unexpected `{}`",
+                            if *tok == Token::Semi { ';' } else { '{' }
+                        ),
+                    ));
+                };
+                let block = if *tok == Token::Open {
+                    Some(parse_block(toks, pos, depth + 1)?)
+                } else {
+                    None
+                };
+                out.push(Directive {
+                    name,
+                    args: it.collect(),
+                    block,
+                    line,
+                });
+            }
+            Token::Close => {
+                if depth == 0 {
+                    return Err((*l, "unexpected `}`".into()));
+                }
+                if !words.is_empty() {
+                    return Err((*l, "missing `;` before `}`".into()));
+                }
+                return Ok(out);
+            }
+        }
+    }
+    if depth > 0 {
+        return Err((
+            toks.last().map_or(1, |t| t.1),
+            "missing `}` at the end".into(),
+        ));
+    }
+    if !words.is_empty() {
+        return Err((line, "missing `;` at the end".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SEATABLE_CONF: &str = r#"
+worker_processes auto;
+events { worker_connections 4096; }
+http {
+    upstream dtable_server_a_z { server dtable-server:5000; keepalive 15; }
+    upstream dtable_server_0_9 { server dtable-server-2:5000; keepalive 15; }
+    map $request_uri $dtable_upstream {
+        default dtable_server_a_z;
+        "~*ff84e1a1-66e2" dtable_server_0_9;
+        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+    }
+    server { listen 5000; location / { proxy_pass http://$dtable_upstream; } }
+}
+"#;
+
+    #[test]
+    fn the_documented_map() {
+        let got = import(SEATABLE_CONF, &BTreeMap::new()).unwrap();
+        assert_eq!(got.warnings, Vec::<String>::new());
+        let m = got.map;
+        assert_eq!(m.default, "dtable-server");
+        assert_eq!(
+            m.slots.get("0-9").map(String::as_str),
+            Some("dtable-server-2")
+        );
+        assert_eq!(
+            m.slots.get("a-f").map(String::as_str),
+            Some("dtable-server")
+        );
+        assert_eq!(m.slots.len(), 2);
+        assert_eq!(
+            m.pins.get("ff84e1a166e2").map(String::as_str),
+            Some("dtable-server-2")
+        );
+    }
+
+    #[test]
+    fn server_names_can_be_given() {
+        let names = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
+        let m = import(SEATABLE_CONF, &names).unwrap().map;
+        assert_eq!(m.slots.get("0-9").map(String::as_str), Some("ds2"));
+    }
+
+    #[test]
+    fn untranslatable_rules_become_path_rules_with_a_warning() {
+        let conf = r#"map $request_uri $u { default a; "~*^/api/v1/admin/" b; "~*([0-7])([0-9a-f]{7}-[0-9a-f]{4})" c; "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" d; "~*0abc" e; }"#;
+        let got = import(conf, &BTreeMap::new()).unwrap();
+        assert_eq!(got.map.paths.len(), 1);
+        assert_eq!(
+            got.map.paths[0].regex.as_deref(),
+            Some("(?i)^/api/v1/admin/")
+        );
+        assert_eq!(got.map.slots.get("0-7").map(String::as_str), Some("c"));
+        assert_eq!(got.map.slots.get("8-9").map(String::as_str), Some("d"));
+        assert_eq!(got.map.slots.get("a-f").map(String::as_str), Some("a"));
+        assert!(
+            got.warnings.iter().any(|w| w.contains("path rule")),
+            "{:?}",
+            got.warnings
+        );
+        assert!(
+            got.warnings
+                .iter()
+                .any(|w| w.contains("`0abc`") && w.contains("dropped")),
+            "{:?}",
+            got.warnings
+        );
+        assert!(got.map.pins.is_empty());
+    }
+
+    #[test]
+    fn errors() {
+        assert!(
+            import(
+                "http { map $request_uri $u { default a; }",
+                &BTreeMap::new()
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("missing `}`")
+        );
+        assert!(
+            import("http { }", &BTreeMap::new())
+                .unwrap_err()
+                .to_string()
+                .contains("no `map $request_uri")
+        );
+        assert!(
+            import("map $request_uri $u { \"~*x\" a; }", &BTreeMap::new())
+                .unwrap_err()
+                .to_string()
+                .contains("no `default`")
+        );
+        let bad = import(
+            "map $request_uri $u { default \"bad name\"; }",
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("--server bad name=NAME"), "{bad}");
+    }
+}
