@@ -1,1 +1,97 @@
-fn main() {}
+//! seactl: the one binary of seashard. `seactl serve` runs the control plane; every
+//! other command is a thin shell over the libraries: parse arguments, call, print.
+
+mod offline;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Route SeaTable bases to their dtable-server through Envoy, and change the shard map safely.
+#[derive(Parser)]
+#[command(name = "seactl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a shard map: exit 0 when valid, else print every problem.
+    Validate {
+        /// The shard map (JSON); `-` for stdin.
+        map: PathBuf,
+    },
+    /// Show where requests go: URIs from the arguments, or one per line from stdin.
+    Route {
+        /// The shard map (JSON).
+        #[arg(long)]
+        map: PathBuf,
+        /// One JSON object per line: {"uri", "base_uuid", "server", "reason"}.
+        #[arg(long)]
+        json: bool,
+        /// Request URIs (path and query), e.g. /api/v1/dtables/<uuid>/rows/.
+        uris: Vec<String>,
+    },
+    /// Show what changes from one map to another: moved slots and pins, and the fence.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Translate SeaTable's nginx proxy config (`map $request_uri`) into a shard map.
+    ImportNginx {
+        /// The nginx configuration file.
+        conf: PathBuf,
+        /// Name the server of an upstream block: UPSTREAM=NAME (repeatable).
+        #[arg(long = "server", value_name = "UPSTREAM=NAME")]
+        servers: Vec<String>,
+    },
+    /// Add or remove a server and even out the slots, moving the fewest.
+    Rebalance {
+        #[arg(long)]
+        map: PathBuf,
+        /// The server to add.
+        #[arg(long, conflicts_with = "remove", required_unless_present = "remove")]
+        add: Option<String>,
+        /// The server to remove.
+        #[arg(long)]
+        remove: Option<String>,
+        /// Slot digits of the result (1 to 4); default: the map's own, or what the servers need.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4))]
+        digits: Option<u32>,
+    },
+    /// Show seashard at work on sample SeaTable requests.
+    Demo {
+        /// Only route sample requests with a sample map; start no process.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { map } => offline::validate(&map),
+        Command::Route { map, json, uris } => offline::route(&map, json, uris),
+        Command::Diff { old, new, json } => offline::diff(&old, &new, json),
+        Command::ImportNginx { conf, servers } => offline::import_nginx(&conf, &servers),
+        Command::Rebalance {
+            map,
+            add,
+            remove,
+            digits,
+        } => offline::rebalance(&map, add, remove, digits),
+        Command::Demo { offline: _ } => offline::demo(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("seactl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

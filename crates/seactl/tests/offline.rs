@@ -1,0 +1,147 @@
+//! The offline commands, run as the binary users run.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn seactl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seactl"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+const MAP: &str = r#"{"default": "dtable-server", "slots": {"0-9": "dtable-server-2", "a-f": "dtable-server"}, "pins": {"ff84e1a1-66e2": "dtable-server-2"}}"#;
+
+#[test]
+fn validate_lists_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = file(&dir, "good.json", MAP);
+    let out = seactl(&["validate", &good], None);
+    assert!(out.status.success());
+    let bad = file(
+        &dir,
+        "bad.json",
+        r#"{"slots": {"0-7": "a", "9-f": "b"}, "pins": {"zz": "a"}}"#,
+    );
+    let out = seactl(&["validate", &bad], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "3 problem(s)",
+        "default: missing",
+        "gap: no slot covers 8",
+        "pins.\"zz\"",
+    ] {
+        assert!(err.contains(expected), "{expected} not in {err}");
+    }
+}
+
+#[test]
+fn route_json_from_arguments_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = file(&dir, "map.json", MAP);
+    let uuid = "0abcdef0-1111-4222-8333-444455556666";
+    let out = seactl(
+        &[
+            "route",
+            "--map",
+            &map,
+            "--json",
+            &format!("/api/v1/dtables/{uuid}/"),
+            "/ping/",
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["server"], "dtable-server-2");
+    assert_eq!(lines[0]["reason"], "slot");
+    assert_eq!(lines[0]["base_uuid"], "0abcdef0111142228333444455556666");
+    assert_eq!(lines[1]["base_uuid"], serde_json::Value::Null);
+    assert_eq!(lines[1]["reason"], "default");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("{\"uri\":"));
+
+    let stdin = format!(
+        "/socket.io/?dtable_uuid=FF84E1A1-66E2-4222-8333-444455556666\n\n/api/v1/dtables/{uuid}/\n"
+    );
+    let out = seactl(&["route", "--map", &map, "--json"], Some(&stdin));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.lines().next().unwrap().contains("\"reason\":\"pin\""));
+}
+
+#[test]
+fn diff_and_rebalance_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = file(
+        &dir,
+        "one.json",
+        r#"{"default": "s1", "slots": {"0-f": "s1"}}"#,
+    );
+    let out = seactl(&["rebalance", "--map", &one, "--add", "s2"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 of 16 slots"));
+    let two = file(&dir, "two.json", &String::from_utf8_lossy(&out.stdout));
+    let out = seactl(&["diff", &one, &two], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("8-f") && text.contains("s1 -> s2"), "{text}");
+    let out = seactl(&["diff", "--json", &one, &two], None);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["fence"]["slots"][0], "8-f");
+    let out = seactl(&["rebalance", "--map", &one, "--remove", "s1"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default server"));
+}
+
+#[test]
+fn import_nginx_prints_the_map_and_warns_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = file(
+        &dir,
+        "nginx.conf",
+        r#"http {
+  upstream dtable_server_a_z { server dtable-server:5000; }
+  upstream dtable_server_0_9 { server dtable-server-2:5000; }
+  map $request_uri $dtable_upstream {
+    default dtable_server_a_z;
+    "~*ff84e1a1-66e2" dtable_server_0_9;
+    "~*^/api/v1/admin/" dtable_server_0_9;
+    "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+    "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+  }
+}"#,
+    );
+    let out = seactl(
+        &["import-nginx", &conf, "--server", "dtable_server_0_9=ds2"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(map["slots"]["0-9"], "ds2");
+    assert_eq!(map["pins"]["ff84e1a166e2"], "ds2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: line 7"));
+}
