@@ -78,34 +78,31 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
         warnings.push(format!("line {}: the map reads $uri (no query string); seashard also finds `dtable_uuid` in the query", map.line));
     }
 
-    let resolve = |value: &str,
-                   line: usize,
-                   problems: &mut Problems,
-                   warnings: &mut Vec<String>|
-     -> String {
-        let server = match upstreams.get(value) {
-            Some(s) => s.clone(),
-            None => {
-                let s = servers
-                    .get(value)
-                    .cloned()
-                    .unwrap_or_else(|| value.to_owned());
-                if !servers.contains_key(value) {
-                    warnings.push(format!(
+    let resolve =
+        |value: &str, line: usize, problems: &mut Problems, warnings: &mut Vec<String>| -> String {
+            let server = match upstreams.get(value) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = servers
+                        .get(value)
+                        .cloned()
+                        .unwrap_or_else(|| value.to_owned());
+                    if !servers.contains_key(value) {
+                        warnings.push(format!(
                         "line {line}: `{value}` is not an upstream block; used as the server name"
                     ));
+                    }
+                    s
                 }
-                s
+            };
+            if let Err(e) = check_server_name(&server) {
+                problems.push(
+                    format!("line {line}"),
+                    format!("{e} (from `{value}`; name it with --server {value}=NAME)"),
+                );
             }
+            server
         };
-        if let Err(e) = check_server_name(&server) {
-            problems.push(
-                format!("line {line}"),
-                format!("{e} (from `{value}`; name it with --server {value}=NAME)"),
-            );
-        }
-        server
-    };
 
     let mut default = None;
     let mut claimed: [Option<String>; 16] = Default::default();

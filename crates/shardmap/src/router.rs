@@ -239,11 +239,11 @@ fn longest_prefix<'t, T>(
     base: &BaseUuid,
     key: impl Fn(&T) -> &str,
 ) -> Option<&'t T> {
-    let hex = base.as_str();
+    let hex = base.as_bytes();
     lens.iter().find_map(|&len| {
         let want = hex.get(..len)?;
         sorted
-            .binary_search_by(|e| key(e).cmp(want))
+            .binary_search_by(|e| key(e).as_bytes().cmp(want))
             .ok()
             .and_then(|i| sorted.get(i))
     })
