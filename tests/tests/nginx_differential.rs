@@ -1,0 +1,143 @@
+//! shardmap against a real nginx running SeaTable's documented proxy config.
+//!
+//! For every base addressed with its dashed uuid, the imported map must decide exactly
+//! as nginx does. For the 32-hex form (in the path or in `dtable_uuid`) nginx's regexes
+//! do not match and the base falls to `default`: a second owner, which is how edits are
+//! lost. shardmap must send every form of a base to its one owner.
+
+use std::collections::BTreeMap;
+
+use seashard_tests::{Connection, Nginx, Upstream, free_port, loopback};
+use shardmap::Router;
+
+/// SeaTable's documented `nginx-proxy.conf` (routing part), with `{A}` and `{B}` for the
+/// addresses of the two dtable-servers.
+const SEATABLE_CONF: &str = r#"
+worker_processes 1;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    upstream dtable_server_a_z { server {A}; keepalive 15; }
+    upstream dtable_server_0_9 { server {B}; keepalive 15; }
+    map $request_uri $dtable_upstream {
+        default dtable_server_a_z;
+        "~*ff84e1a1-66e2" dtable_server_0_9;
+        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+    }
+    server {
+        listen {LISTEN};
+        keepalive_requests 100000;
+        location / {
+            proxy_pass http://$dtable_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection upgrade;
+        }
+    }
+}
+"#;
+
+/// Deterministic uuids: a xorshift stream, plus the pinned base and near misses of it.
+fn uuids(n: usize) -> Vec<String> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out: Vec<String> = (0..n)
+        .map(|_| {
+            let hex = format!("{:016x}{:016x}", next(), next());
+            format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            )
+        })
+        .collect();
+    out.push("ff84e1a1-66e2-4d2c-9b3a-112233445566".into());
+    out.push("FF84E1A1-66E2-4D2C-9B3A-112233445566".into());
+    out.push("ff84e1a1-66e3-4d2c-9b3a-112233445566".into());
+    out
+}
+
+#[test]
+fn imported_map_decides_as_nginx_for_dashed_uuids_and_fixes_the_other_forms() {
+    let a = Upstream::start("dtable-server").unwrap();
+    let b = Upstream::start("dtable-server-2").unwrap();
+    let listen = loopback(free_port().unwrap());
+    let conf = SEATABLE_CONF
+        .replace("{A}", &a.addr.to_string())
+        .replace("{B}", &b.addr.to_string())
+        .replace("{LISTEN}", &listen.to_string());
+    let nginx = Nginx::start(&conf, listen).unwrap();
+
+    // What an operator imports: the same config naming the servers by host.
+    let documented = SEATABLE_CONF
+        .replace("{A}", "dtable-server:5000")
+        .replace("{B}", "dtable-server-2:5000")
+        .replace("{LISTEN}", "5000");
+    let import = shardmap::nginx::import(&documented, &BTreeMap::new()).unwrap();
+    assert!(import.warnings.is_empty(), "{:?}", import.warnings);
+    let router = Router::new(&import.map).unwrap();
+
+    let mut conn = Connection::open(listen).unwrap();
+    let mut via_nginx = |uri: &str| -> String {
+        let r = conn.get(uri, &[]).unwrap_or_else(|e| {
+            panic!("{uri} (request {}): {e:#}\n{}", conn.requests, nginx.logs())
+        });
+        assert_eq!(r.status, 200, "{uri}");
+        r.json().unwrap()["server"].as_str().unwrap().to_owned()
+    };
+
+    let (mut dashed, mut nginx_split, mut bases_split) = (0, 0, 0);
+    for uuid in uuids(300) {
+        let hex = uuid.replace('-', "");
+        let dashed_forms = [
+            format!("/dtable-server/api/v1/dtables/{uuid}/rows/?table_name=Table1"),
+            format!("/api/v1/dtables/{}/", uuid.to_uppercase()),
+            format!("/socket.io/?dtable_uuid={uuid}&EIO=4&transport=polling"),
+        ];
+        let owner = router.decide(&dashed_forms[0]).server.to_owned();
+        for uri in &dashed_forms {
+            assert_eq!(
+                via_nginx(uri),
+                router.decide(uri).server,
+                "nginx and shardmap disagree on {uri}"
+            );
+            assert_eq!(router.decide(uri).server, owner, "{uri}");
+            dashed += 1;
+        }
+        let other_forms = [
+            format!("/api/v1/internal/dtables/{hex}/operations/"),
+            format!("/socket.io/?dtable_uuid={hex}&EIO=4&transport=websocket"),
+        ];
+        let mut split = false;
+        for uri in &other_forms {
+            assert_eq!(
+                router.decide(uri).server,
+                owner,
+                "shardmap sends {uri} away from its owner"
+            );
+            if via_nginx(uri) != owner {
+                nginx_split += 1;
+                split = true;
+            }
+        }
+        bases_split += usize::from(split);
+    }
+    assert_eq!(dashed, 303 * 3);
+    // Every base owned by dtable-server-2 (first digit 0-9, or pinned) reaches nginx's
+    // default in its 32-hex forms: many bases, two owners each.
+    assert!(bases_split > 100, "only {bases_split} bases split by nginx");
+    eprintln!(
+        "nginx sent {nginx_split} 32-hex requests ({bases_split} bases of 303) to a server other than the owner; shardmap: 0"
+    );
+}
