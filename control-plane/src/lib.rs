@@ -1,1 +1,35 @@
-//! placeholder
+//! The seashard control plane: it keeps the shard map's versions, pushes the active
+//! one to every Envoy over ADS (ECDS for the base-router filter, CDS for the
+//! dtable-servers), tracks each Envoy's ACK/NACK, and offers an HTTP API to read the
+//! state and propose maps.
+//!
+//! Read top-down:
+//! - [`config`]: the TOML file (listen addresses, store, token, servers, filter).
+//! - [`store`]: SQLite (WAL): versions, nodes, audit; every write a transaction.
+//! - [`resources`]: what Envoys are sent, as protobuf and as JSON, with versions.
+//! - [`nodes`]: per-node, per-type ACK/NACK tracking; never resend NACKed content.
+//! - [`plane`]: the core: propose/publish a map, wait until every Envoy ACKed.
+//! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum).
+//! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
+//!
+//! It never decides where a base lives: validation, routing and plans are
+//! `shardmap`'s.
+
+pub mod api;
+pub mod bootstrap;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod nodes;
+pub mod plane;
+pub mod resources;
+pub mod server;
+pub mod store;
+pub mod xds;
+
+pub use config::{Config, ConfigError, RestartHook, ServerConfig};
+pub use nodes::{Convergence, Registry};
+pub use plane::{ControlPlane, Outcome, Proposal, ProposeError, StartError};
+pub use resources::{ResourceType, Snapshot};
+pub use server::{Running, ServeError, start};
+pub use store::{Store, StoreError, Version, VersionKind};

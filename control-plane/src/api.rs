@@ -1,0 +1,631 @@
+//! The HTTP API (JSON), the REST-JSON xDS fallback, `/healthz` and `/metrics`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | liveness: `{"ok": true, "version": N}` |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/status` | active version, every node's ACK/NACK state, every server's health |
+//! | `GET /v1/map` | the active version (map, fence, author, ...) |
+//! | `GET /v1/maps?limit=N` | history, newest first |
+//! | `GET /v1/maps/{version}` | one version |
+//! | `POST /v1/maps[?dry_run=true]` | propose a map: `{"map": {...}, "base_version": N, "comment": "..."}` or a bare map |
+//! | `GET /v1/nodes`, `GET /v1/nodes/{id}`, `DELETE /v1/nodes/{id}` | Envoy nodes |
+//! | `GET /v1/servers` | the dtable-servers and their health (`/ping/` → `pong`) |
+//! | `GET /v1/rollouts` | rollouts (none until rollouts exist) |
+//! | `GET /v1/audit?limit=N` | who changed what |
+//! | `POST /v3/discovery:extension_configs`, `POST /v3/discovery:clusters` | REST xDS: 304 when current |
+//!
+//! Changes (`POST /v1/maps` without `dry_run`, `DELETE`) need `Authorization: Bearer
+//! TOKEN` (compared in constant time), else `401`. Errors are
+//! `{"error": reason, "problems": [{"at", "message"}]}`: `422` invalid map (every
+//! problem), `409` concurrent change or a map that moves bases (the moves named), `404`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shardmap::{Plan, Problem, ShardMap};
+
+use crate::health::{self, Health};
+use crate::nodes::Node;
+use crate::plane::{ControlPlane, Proposal, ProposeError};
+use crate::resources::ResourceType;
+use crate::store::StoreError;
+
+/// How long one server's health check may take in an API call.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Shared by the handlers.
+#[derive(Clone)]
+struct Api {
+    plane: Arc<ControlPlane>,
+    token: Arc<str>,
+}
+
+/// The API's router.
+pub fn router(plane: Arc<ControlPlane>, token: &str) -> Router {
+    let api = Api {
+        plane,
+        token: Arc::from(token),
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/map", get(active_map))
+        .route("/v1/maps", get(history).post(propose))
+        .route("/v1/maps/{version}", get(one_version))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{id}", get(one_node).delete(forget_node))
+        .route("/v1/servers", get(servers))
+        .route("/v1/rollouts", get(rollouts))
+        .route("/v1/audit", get(audit))
+        .route("/v3/discovery:extension_configs", post(rest_ecds))
+        .route("/v3/discovery:clusters", post(rest_cds))
+        .with_state(api)
+}
+
+/// An error answer: `{"error": ..., "problems": [...], ...extra}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    problems: Vec<Problem>,
+    extra: Option<(&'static str, Value)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error: error.into(),
+            problems: Vec::new(),
+            extra: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.error, "problems": self.problems });
+        if let (Some((k, v)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.insert(k.to_owned(), v);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        let reason = e.to_string();
+        match e {
+            ProposeError::Invalid(problems) => ApiError {
+                problems: problems.0,
+                ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, reason)
+            },
+            ProposeError::Busy | ProposeError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, reason)
+            }
+            ProposeError::MovesBases(plan) => ApiError {
+                problems: moved_problems(&plan),
+                extra: Some(("plan", serde_json::to_value(&*plan).unwrap_or(Value::Null))),
+                ..ApiError::new(StatusCode::CONFLICT, reason)
+            },
+            ProposeError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// One problem per moved slot range and pin.
+pub fn moved_problems(plan: &Plan) -> Vec<Problem> {
+    let slots = plan.slots.iter().map(|m| Problem {
+        at: format!("slots.\"{}\"", m.range),
+        message: format!("moves bases from {} to {}", m.from, m.to),
+    });
+    let pins = plan.pins.iter().map(|p| Problem {
+        at: format!("pins.\"{}\"", p.pin),
+        message: format!(
+            "moves the base from {} to {}",
+            p.before.as_deref().unwrap_or("its slot's server"),
+            p.after.as_deref().unwrap_or("its slot's server")
+        ),
+    });
+    slots.chain(pins).collect()
+}
+
+/// `Ok` when the request carries the API token.
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), api.token.as_bytes()) {
+        Ok(())
+    } else {
+        api.plane.metrics().api_error();
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this change needs `Authorization: Bearer TOKEN` with the control plane's API token",
+        ))
+    }
+}
+
+/// Compares in time that depends only on the expected value's length.
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(!e);
+    }
+    diff == 0
+}
+
+async fn healthz(State(api): State<Api>) -> Json<Value> {
+    Json(json!({ "ok": true, "version": api.plane.snapshot().map_version }))
+}
+
+async fn metrics(State(api): State<Api>) -> impl IntoResponse {
+    let text = api
+        .plane
+        .metrics()
+        .render(&api.plane.snapshot(), &api.plane.registry().nodes());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// A node with its state on the current versions, as `status` shows it.
+#[derive(Debug, Serialize)]
+struct NodeStatus {
+    #[serde(flatten)]
+    node: Node,
+    /// Per type: `current`, `pending`, `nacked`, `behind` or `disconnected`.
+    state: std::collections::BTreeMap<ResourceType, &'static str>,
+    /// The map version of the filter configuration it ACKed last.
+    map_version: Option<u64>,
+}
+
+fn node_status(api: &Api, node: Node) -> NodeStatus {
+    let snap = api.plane.snapshot();
+    let state = ResourceType::ALL
+        .iter()
+        .map(|t| {
+            let current = snap.get(*t).version.as_str();
+            let s = node.types.get(t);
+            let word = if !node.connected {
+                "disconnected"
+            } else if node.acked(*t) == Some(current) {
+                "current"
+            } else if node.nacked(*t) == Some(current) {
+                "nacked"
+            } else if s.and_then(|s| s.pending_version.as_deref()) == Some(current) {
+                "pending"
+            } else {
+                "behind"
+            };
+            (*t, word)
+        })
+        .collect();
+    let map_version = node
+        .acked(ResourceType::Ecds)
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse().ok());
+    NodeStatus {
+        node,
+        state,
+        map_version,
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ServerStatus {
+    name: String,
+    address: String,
+    restart: crate::config::RestartHook,
+    /// Slot ranges, pins and path rules the active map gives it, and whether it is the default.
+    assigned: Assigned,
+    health: Health,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Assigned {
+    default: bool,
+    slots: Vec<String>,
+    pins: Vec<String>,
+    paths: usize,
+}
+
+fn assigned(map: &ShardMap, server: &str) -> Assigned {
+    Assigned {
+        default: map.default == server,
+        slots: map
+            .slots
+            .iter()
+            .filter(|(_, s)| *s == server)
+            .map(|(k, _)| k.clone())
+            .collect(),
+        pins: map
+            .pins
+            .iter()
+            .filter(|(_, s)| *s == server)
+            .map(|(k, _)| k.clone())
+            .collect(),
+        paths: map.paths.iter().filter(|r| r.server == server).count(),
+    }
+}
+
+async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
+    let active = api.plane.active()?;
+    let mut checks = tokio::task::JoinSet::new();
+    for (i, s) in api.plane.config().servers.iter().enumerate() {
+        let url = s.health_url();
+        checks.spawn(async move { (i, health::check(&url, HEALTH_TIMEOUT).await) });
+    }
+    let mut healths: Vec<Option<Health>> = vec![None; api.plane.config().servers.len()];
+    while let Some(joined) = checks.join_next().await {
+        if let Ok((i, h)) = joined
+            && let Some(slot) = healths.get_mut(i)
+        {
+            *slot = Some(h);
+        }
+    }
+    Ok(api
+        .plane
+        .config()
+        .servers
+        .iter()
+        .zip(healths)
+        .map(|(s, h)| ServerStatus {
+            name: s.name.clone(),
+            address: s.address.clone(),
+            restart: s.restart.clone(),
+            assigned: assigned(&active.map, &s.name),
+            health: h.unwrap_or_else(|| Health {
+                up: false,
+                url: s.health_url(),
+                elapsed_ms: 0,
+                error: Some("the check did not finish".into()),
+            }),
+        })
+        .collect())
+}
+
+async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let active = api.plane.active()?;
+    let snap = api.plane.snapshot();
+    let nodes: Vec<NodeStatus> = api
+        .plane
+        .registry()
+        .nodes()
+        .into_iter()
+        .map(|n| node_status(&api, n))
+        .collect();
+    let servers = server_statuses(&api).await?;
+    Ok(Json(json!({
+        "version": active.version,
+        "kind": active.kind,
+        "author": active.author,
+        "created_at": active.created_at,
+        "fence": active.fence,
+        "ecds_version": snap.ecds.version,
+        "cds_version": snap.cds.version,
+        "nodes": nodes,
+        "servers": servers,
+        "rollout": Value::Null,
+    })))
+}
+
+async fn active_map(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(api.plane.active()?).unwrap_or(Value::Null),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+async fn history(State(api): State<Api>, Query(q): Query<Limit>) -> Result<Json<Value>, ApiError> {
+    let versions = api.plane.store().history(q.limit.unwrap_or(50).min(1000))?;
+    Ok(Json(json!({ "versions": versions })))
+}
+
+async fn one_version(
+    State(api): State<Api>,
+    Path(version): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    match api.plane.store().version(version)? {
+        Some(v) => Ok(Json(serde_json::to_value(v).unwrap_or(Value::Null))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no version {version}"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ProposeQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// The body of `POST /v1/maps`: an envelope, or a bare map.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    map: Value,
+    #[serde(default)]
+    base_version: Option<u64>,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    author: Option<String>,
+}
+
+async fn propose(
+    State(api): State<Api>,
+    Query(q): Query<ProposeQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if !q.dry_run {
+        authorize(&api, &headers)?;
+    }
+    let unprocessable = |at: &str, message: String| ApiError {
+        problems: vec![Problem {
+            at: at.to_owned(),
+            message: message.clone(),
+        }],
+        ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "the map is invalid")
+    };
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| unprocessable("", format!("the body is not JSON: {e}")))?;
+    let envelope = if value.get("map").is_some() {
+        serde_json::from_value::<Envelope>(value)
+            .map_err(|e| unprocessable("", format!("not a proposal: {e}")))?
+    } else {
+        Envelope {
+            map: value,
+            base_version: None,
+            comment: String::new(),
+            author: None,
+        }
+    };
+    let map: ShardMap = serde_json::from_value(envelope.map)
+        .map_err(|e| unprocessable("map", format!("not a shard map: {e}")))?;
+    let author = envelope
+        .author
+        .or_else(|| {
+            headers
+                .get("x-seashard-author")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "api".to_owned());
+    let proposal = Proposal {
+        map,
+        base_version: envelope.base_version,
+        author,
+        comment: envelope.comment,
+        dry_run: q.dry_run,
+    };
+    let plane = api.plane.clone();
+    let outcome = tokio::task::spawn_blocking(move || plane.propose(&proposal))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match outcome {
+        Ok(o) => Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null))),
+        Err(e) => {
+            api.plane.metrics().api_error();
+            Err(e.into())
+        }
+    }
+}
+
+async fn nodes(State(api): State<Api>) -> Json<Value> {
+    let nodes: Vec<NodeStatus> = api
+        .plane
+        .registry()
+        .nodes()
+        .into_iter()
+        .map(|n| node_status(&api, n))
+        .collect();
+    Json(json!({ "nodes": nodes }))
+}
+
+async fn one_node(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let node = api
+        .plane
+        .registry()
+        .node(&id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no node `{id}`")))?;
+    Ok(Json(
+        serde_json::to_value(node_status(&api, node)).unwrap_or(Value::Null),
+    ))
+}
+
+async fn forget_node(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers)?;
+    if !api.plane.registry().forget(&id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("node `{id}` is unknown or still connected"),
+        ));
+    }
+    api.plane.store().delete_node(&id)?;
+    api.plane
+        .store()
+        .audit("api", "node.forget", None, &json!({ "node": id }))?;
+    Ok(Json(json!({ "forgotten": id })))
+}
+
+async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "servers": server_statuses(&api).await? })))
+}
+
+async fn rollouts() -> Json<Value> {
+    Json(json!({ "rollouts": [] }))
+}
+
+async fn audit(State(api): State<Api>, Query(q): Query<Limit>) -> Result<Json<Value>, ApiError> {
+    let entries = api
+        .plane
+        .store()
+        .audit_log(q.limit.unwrap_or(100).min(1000))?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+/// A REST-JSON `DiscoveryRequest` (proto3 JSON; both field spellings).
+#[derive(Debug, Default, Deserialize)]
+struct RestRequest {
+    #[serde(default, alias = "versionInfo")]
+    version_info: String,
+    #[serde(default)]
+    node: Option<RestNode>,
+    #[serde(default, alias = "resourceNames")]
+    resource_names: Vec<String>,
+    #[serde(default, alias = "typeUrl")]
+    type_url: String,
+    #[serde(default, alias = "errorDetail")]
+    error_detail: Option<RestStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RestNode {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    cluster: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RestStatus {
+    #[serde(default)]
+    message: String,
+}
+
+async fn rest_ecds(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    rest_discovery(&api, ResourceType::Ecds, &body)
+}
+
+async fn rest_cds(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    rest_discovery(&api, ResourceType::Cds, &body)
+}
+
+/// One REST poll: `304` when the node runs the current version (or NACKed it: never
+/// resent), else `200` with the resources.
+fn rest_discovery(api: &Api, t: ResourceType, body: &[u8]) -> Response {
+    let req: RestRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("not a DiscoveryRequest: {e}"),
+            )
+            .into_response();
+        }
+    };
+    if !req.type_url.is_empty() && req.type_url != t.type_url() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("type_url {} on the {} endpoint", req.type_url, t.as_str()),
+        )
+        .into_response();
+    }
+    let Some(node) = req.node.filter(|n| !n.id.is_empty()) else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "the request names no node id")
+            .into_response();
+    };
+    api.plane.metrics().rest_polled();
+    let snap = api.plane.snapshot();
+    let set = snap.get(t);
+    let send = api.plane.registry().rest_poll(
+        &node.id,
+        &node.cluster,
+        t,
+        &req.version_info,
+        req.error_detail.map(|s| s.message),
+        &set.version,
+    );
+    if !send {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    api.plane.metrics().responded(t);
+    let resources: Vec<&Value> = set
+        .select(&req.resource_names)
+        .into_iter()
+        .map(|r| &r.json)
+        .collect();
+    Json(json!({
+        "version_info": set.version,
+        "resources": resources,
+        "type_url": t.type_url(),
+        "nonce": crate::xds::next_nonce(),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token", b"secret-token"));
+        assert!(!constant_time_eq(b"secret-tokem", b"secret-token"));
+        assert!(!constant_time_eq(b"secret", b"secret-token"));
+        assert!(!constant_time_eq(b"secret-token-and-more", b"secret-token"));
+        assert!(!constant_time_eq(b"", b"secret-token"));
+    }
+
+    #[test]
+    fn moved_problems_name_slots_and_pins() {
+        let old: ShardMap = serde_json::from_value(json!({
+            "default": "a", "slots": {"0-7": "a", "8-f": "b"}
+        }))
+        .unwrap();
+        let new: ShardMap = serde_json::from_value(json!({
+            "default": "a", "slots": {"0-3": "a", "4-f": "b"}, "pins": {"ff84e1a1": "a"}
+        }))
+        .unwrap();
+        let plan = shardmap::diff(&old, &new).unwrap();
+        let p = moved_problems(&plan);
+        assert_eq!(p[0].at, "slots.\"4-7\"");
+        assert_eq!(p[0].message, "moves bases from a to b");
+        assert_eq!(p[1].at, "pins.\"ff84e1a1\"");
+    }
+
+    #[test]
+    fn problems_type_is_transparent() {
+        let p = shardmap::Problems(vec![Problem {
+            at: "x".into(),
+            message: "y".into(),
+        }]);
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!([{"at": "x", "message": "y"}])
+        );
+    }
+}

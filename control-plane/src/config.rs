@@ -1,0 +1,559 @@
+//! The control plane's configuration file (TOML): where it listens, where it keeps its
+//! state, who may change the map, which dtable-servers exist and how the filter runs.
+//!
+//! ```toml
+//! initial_map = "map.json"           # optional: the map while the store holds none
+//!
+//! [listen]
+//! grpc = "127.0.0.1:18000"           # ADS (ECDS + CDS) for the Envoys
+//! http = "127.0.0.1:18080"           # HTTP API, REST xDS, /metrics
+//!
+//! [store]
+//! path = "/var/lib/seashard/seashard.db"
+//!
+//! [api]
+//! token_env = "SEASHARD_TOKEN"       # or: token = "..."
+//!
+//! [filter]
+//! wasm = "/opt/seashard/base-router.wasm"
+//! # name = "seashard.base_router", header = "x-dtable-server", retry_after = 5,
+//! # root_id = "base_router", vm_id = "seashard", runtime = "envoy.wasm.runtime.v8"
+//!
+//! [rollout]                          # durations: "500ms", "10s", "2m"
+//! ack_timeout = "10s"
+//! health_timeout = "60s"
+//! restart_timeout = "120s"
+//!
+//! [[server]]
+//! name = "dtable-server"             # the Envoy cluster name the map uses
+//! address = "10.0.0.11:5000"
+//! # health_url = "http://10.0.0.11:5000/ping/"   (the default)
+//! restart = { kind = "command", argv = ["systemctl", "restart", "dtable-server"], timeout = "60s" }
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use shardmap::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, ShardMap, check_server_name};
+
+/// The HttpFilter name of base-router in the bootstraps, by default.
+pub const DEFAULT_FILTER_NAME: &str = "seashard.base_router";
+
+/// A configuration file that cannot be used, with what is wrong in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    pub filter: FilterConfig,
+    #[serde(default)]
+    pub rollout: RolloutConfig,
+    /// The dtable-servers: one Envoy cluster each.
+    #[serde(rename = "server", default)]
+    pub servers: Vec<ServerConfig>,
+    /// The map served while the store holds none (JSON file, relative to the config).
+    /// Without it: every base to the first server.
+    #[serde(default)]
+    pub initial_map: Option<PathBuf>,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// ADS over gRPC (HTTP/2).
+    pub grpc: SocketAddr,
+    /// The HTTP API, REST xDS and `/metrics`.
+    pub http: SocketAddr,
+}
+
+/// Where the state is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite file (created if missing; relative to the config file).
+    pub path: PathBuf,
+}
+
+/// Who may change things through the API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The bearer token, written in the file.
+    #[serde(default, skip_serializing)]
+    pub token: Option<String>,
+    /// The environment variable holding the bearer token (preferred over `token`).
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+/// How Envoy runs the base-router filter (what goes into the ECDS resource).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// The HttpFilter's name in the bootstraps: the ECDS resource name.
+    #[serde(default = "default_filter_name")]
+    pub name: String,
+    /// The filter's `.wasm` on the Envoy hosts.
+    pub wasm: PathBuf,
+    /// The routing header (`cluster_header` of the route).
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Seconds a client of a fenced base is told to wait.
+    #[serde(default = "default_retry_after")]
+    pub retry_after: u32,
+    #[serde(default = "default_root_id")]
+    pub root_id: String,
+    #[serde(default = "default_vm_id")]
+    pub vm_id: String,
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+}
+
+/// Timeouts of the steps of a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// How long every connected Envoy has to ACK a pushed configuration.
+    #[serde(default = "default_ack_timeout", with = "duration")]
+    pub ack_timeout: Duration,
+    /// How long a restarted server has to answer `pong`.
+    #[serde(default = "default_health_timeout", with = "duration")]
+    pub health_timeout: Duration,
+    /// Longest a restart hook may run (unless the hook sets its own).
+    #[serde(default = "default_restart_timeout", with = "duration")]
+    pub restart_timeout: Duration,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            ack_timeout: default_ack_timeout(),
+            health_timeout: default_health_timeout(),
+            restart_timeout: default_restart_timeout(),
+        }
+    }
+}
+
+/// One dtable-server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The Envoy cluster name, as the map names it.
+    pub name: String,
+    /// `host:port` Envoy connects to (an IP gives a STATIC cluster, a name STRICT_DNS).
+    pub address: String,
+    /// A URL answering `pong` when the server is up; default `http://ADDRESS/ping/`.
+    #[serde(default)]
+    pub health_url: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// How to restart it during a rollout.
+    #[serde(default)]
+    pub restart: RestartHook,
+}
+
+impl ServerConfig {
+    /// The health URL, defaulted.
+    pub fn health_url(&self) -> String {
+        self.health_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/ping/", self.address))
+    }
+
+    /// Host and port of `address` (validated at load).
+    pub fn host_port(&self) -> (&str, u16) {
+        split_host_port(&self.address).unwrap_or((self.address.as_str(), 0))
+    }
+}
+
+/// How a server is restarted during a rollout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RestartHook {
+    /// Run a program (no shell), wait for it to exit 0.
+    Command {
+        argv: Vec<String>,
+        #[serde(default, with = "opt_duration")]
+        timeout: Option<Duration>,
+    },
+    /// Call a URL, wait for a 2xx answer.
+    Http {
+        #[serde(default = "default_method")]
+        method: String,
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        #[serde(default, with = "opt_duration")]
+        timeout: Option<Duration>,
+    },
+    /// An operator restarts it and confirms (`seactl rollout confirm SERVER`).
+    #[default]
+    Manual,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`; relative paths inside become relative to it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            },
+            other => other,
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        config.store.path = dir.join(&config.store.path);
+        config.initial_map = config.initial_map.map(|p| dir.join(p));
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text (paths as written).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: PathBuf::new(),
+                problems,
+            })
+        }
+    }
+
+    /// Everything wrong that TOML types do not catch.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.servers.is_empty() {
+            p.push("no [[server]]: name at least one dtable-server".to_owned());
+        }
+        let mut seen = HashSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let at = format!("server[{i}]");
+            if let Err(e) = check_server_name(&s.name) {
+                p.push(format!("{at}.name: {e}"));
+            }
+            if !seen.insert(s.name.as_str()) {
+                p.push(format!("{at}.name: `{}` is named twice", s.name));
+            }
+            if split_host_port(&s.address).is_none() {
+                p.push(format!(
+                    "{at}.address: `{}` is not HOST:PORT with a port from 1 to 65535",
+                    s.address
+                ));
+            }
+            if !s.health_url().starts_with("http://") {
+                p.push(format!(
+                    "{at}.health_url: `{}` is not an http:// URL",
+                    s.health_url()
+                ));
+            }
+            match &s.restart {
+                RestartHook::Command { argv, .. } if argv.is_empty() => {
+                    p.push(format!("{at}.restart.argv: empty"));
+                }
+                RestartHook::Http { url, .. }
+                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                {
+                    p.push(format!("{at}.restart.url: `{url}` is not an http(s) URL"));
+                }
+                _ => {}
+            }
+        }
+        let probe = shardmap::RouterConfig {
+            header: self.filter.header.clone(),
+            retry_after: self.filter.retry_after,
+            ..shardmap::RouterConfig::new(1, self.fallback_map())
+        };
+        if let Err(problems) = probe.compile() {
+            for e in problems
+                .iter()
+                .filter(|e| e.at == "header" || e.at == "retry_after")
+            {
+                p.push(format!("filter.{}: {}", e.at, e.message));
+            }
+        }
+        for (field, v) in [
+            ("name", &self.filter.name),
+            ("root_id", &self.filter.root_id),
+            ("vm_id", &self.filter.vm_id),
+            ("runtime", &self.filter.runtime),
+        ] {
+            if v.is_empty() {
+                p.push(format!("filter.{field}: empty"));
+            }
+        }
+        if self.filter.wasm.as_os_str().is_empty() {
+            p.push("filter.wasm: empty".to_owned());
+        }
+        if let (None, None) = (&self.api.token, &self.api.token_env) {
+            p.push(
+                "api: set `token_env` (or `token`): the API refuses every change without a token"
+                    .to_owned(),
+            );
+        }
+        p
+    }
+
+    /// The bearer token of the API: from `api.token_env` if set, else `api.token`.
+    pub fn api_token(&self) -> Result<String, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid {
+            path: PathBuf::new(),
+            problems: vec![m],
+        };
+        let token = match (&self.api.token_env, &self.api.token) {
+            (Some(var), _) => std::env::var(var)
+                .map_err(|_| invalid(format!("api.token_env: ${var} is not set")))?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Err(invalid("api: no token".into())),
+        };
+        if token.len() < 8 {
+            return Err(invalid(
+                "api: the token is shorter than 8 characters".into(),
+            ));
+        }
+        Ok(token)
+    }
+
+    /// The server named `name`.
+    pub fn server(&self, name: &str) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+
+    /// The map served while the store holds none and no `initial_map` is given.
+    pub fn fallback_map(&self) -> ShardMap {
+        ShardMap {
+            default: self
+                .servers
+                .first()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            ..ShardMap::default()
+        }
+    }
+}
+
+/// `host:port` → (host, port); IPv6 hosts in brackets.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    (!host.is_empty() && !host.contains('/')).then_some((host, port))
+}
+
+/// Parses `"500ms"`, `"10s"`, `"2m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` has no unit (ms, s, m, h)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number followed by a unit"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    }
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+mod duration {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_filter_name() -> String {
+    DEFAULT_FILTER_NAME.to_owned()
+}
+fn default_header() -> String {
+    DEFAULT_HEADER.to_owned()
+}
+fn default_retry_after() -> u32 {
+    DEFAULT_RETRY_AFTER
+}
+fn default_root_id() -> String {
+    "base_router".to_owned()
+}
+fn default_vm_id() -> String {
+    "seashard".to_owned()
+}
+fn default_runtime() -> String {
+    "envoy.wasm.runtime.v8".to_owned()
+}
+fn default_method() -> String {
+    "POST".to_owned()
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_restart_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [listen]
+        grpc = "127.0.0.1:18000"
+        http = "127.0.0.1:18080"
+        [store]
+        path = "state.db"
+        [api]
+        token = "secret-token"
+        [filter]
+        wasm = "/opt/seashard/base-router.wasm"
+        [rollout]
+        ack_timeout = "500ms"
+        [[server]]
+        name = "dtable-server"
+        address = "127.0.0.1:5000"
+        [[server]]
+        name = "dtable-server-2"
+        address = "dtable-server-2:5000"
+        restart = { kind = "command", argv = ["systemctl", "restart", "x"], timeout = "30s" }
+        [[server]]
+        name = "dtable-server-3"
+        address = "10.0.0.3:5000"
+        restart = { kind = "http", url = "http://10.0.0.3:9000/restart", headers = { "x-a" = "b" } }
+    "#;
+
+    #[test]
+    fn parses_a_full_config_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.filter.name, "seashard.base_router");
+        assert_eq!(c.filter.header, "x-dtable-server");
+        assert_eq!(c.rollout.ack_timeout, Duration::from_millis(500));
+        assert_eq!(c.rollout.health_timeout, Duration::from_secs(60));
+        assert_eq!(c.servers[0].health_url(), "http://127.0.0.1:5000/ping/");
+        assert_eq!(c.servers[0].restart, RestartHook::Manual);
+        assert_eq!(
+            c.servers[1].restart,
+            RestartHook::Command {
+                argv: vec!["systemctl".into(), "restart".into(), "x".into()],
+                timeout: Some(Duration::from_secs(30))
+            }
+        );
+        assert!(
+            matches!(c.servers[2].restart, RestartHook::Http { ref method, .. } if method == "POST")
+        );
+        assert_eq!(c.api_token().unwrap(), "secret-token");
+        assert_eq!(c.fallback_map().default, "dtable-server");
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let bad = GOOD
+            .replace("\"127.0.0.1:5000\"", "\"nowhere\"")
+            .replace("name = \"dtable-server-3\"", "name = \"dtable-server\"")
+            .replace("[filter]", "[filter]\nheader = \"X Bad\"");
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&bad) else {
+            panic!("accepted")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("server[0].address")));
+        assert!(problems.iter().any(|p| p.contains("named twice")));
+        assert!(problems.iter().any(|p| p.starts_with("filter.header")));
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let bad = GOOD.replace("ack_timeout = \"500ms\"", "ack_timeout = \"soon\"");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("ack_timeout") || err.contains("soon"), "{err}");
+        let bad = GOOD.replace("[store]", "[store]\ncolour = 1");
+        assert!(
+            Config::parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("colour")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("10d").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

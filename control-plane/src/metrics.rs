@@ -1,0 +1,164 @@
+//! Prometheus metrics: counters kept here, gauges computed from the state at scrape.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::nodes::Node;
+use crate::resources::{ResourceType, Snapshot};
+
+/// Counters since start.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pushes: AtomicU64,
+    /// Per type, in [`ResourceType::ALL`] order: responses sent, ACKs, NACKs.
+    responses: [AtomicU64; 2],
+    acks: [AtomicU64; 2],
+    nacks: [AtomicU64; 2],
+    rest_polls: AtomicU64,
+    api_errors: AtomicU64,
+}
+
+fn slot(t: ResourceType) -> usize {
+    match t {
+        ResourceType::Cds => 0,
+        ResourceType::Ecds => 1,
+    }
+}
+
+impl Metrics {
+    pub fn pushed(&self) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn responded(&self, t: ResourceType) {
+        self.responses[slot(t)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn acked(&self, t: ResourceType) {
+        self.acks[slot(t)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn nacked(&self, t: ResourceType) {
+        self.nacks[slot(t)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rest_polled(&self) {
+        self.rest_polls.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn api_error(&self) {
+        self.api_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses of type `t` sent so far.
+    pub fn responses(&self, t: ResourceType) -> u64 {
+        self.responses[slot(t)].load(Ordering::Relaxed)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self, snapshot: &Snapshot, nodes: &[Node]) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let per_type = |c: &[AtomicU64; 2]| -> Vec<(String, u64)> {
+            ResourceType::ALL
+                .iter()
+                .map(|t| {
+                    (
+                        format!("{{type=\"{}\"}}", t.as_str()),
+                        c[slot(*t)].load(Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        };
+        metric(
+            "seashard_map_version",
+            "gauge",
+            "The active map version.",
+            &[(String::new(), snapshot.map_version)],
+        );
+        metric(
+            "seashard_pushes_total",
+            "counter",
+            "Versions published.",
+            &[(String::new(), self.pushes.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_xds_responses_total",
+            "counter",
+            "Discovery responses sent.",
+            &per_type(&self.responses),
+        );
+        metric(
+            "seashard_xds_acks_total",
+            "counter",
+            "ACKs received.",
+            &per_type(&self.acks),
+        );
+        metric(
+            "seashard_xds_nacks_total",
+            "counter",
+            "NACKs received.",
+            &per_type(&self.nacks),
+        );
+        metric(
+            "seashard_rest_polls_total",
+            "counter",
+            "REST xDS polls.",
+            &[(String::new(), self.rest_polls.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_api_errors_total",
+            "counter",
+            "API requests answered with an error.",
+            &[(String::new(), self.api_errors.load(Ordering::Relaxed))],
+        );
+        let connected = nodes.iter().filter(|n| n.connected).count() as u64;
+        metric(
+            "seashard_nodes",
+            "gauge",
+            "Known Envoy nodes, by connection state.",
+            &[
+                ("{state=\"connected\"}".into(), connected),
+                (
+                    "{state=\"disconnected\"}".into(),
+                    nodes.len() as u64 - connected,
+                ),
+            ],
+        );
+        let current: Vec<(String, u64)> = ResourceType::ALL
+            .iter()
+            .map(|t| {
+                let v = &snapshot.get(*t).version;
+                let n = nodes
+                    .iter()
+                    .filter(|n| n.connected && n.acked(*t) == Some(v.as_str()))
+                    .count() as u64;
+                (format!("{{type=\"{}\"}}", t.as_str()), n)
+            })
+            .collect();
+        metric(
+            "seashard_nodes_current",
+            "gauge",
+            "Connected nodes that ACKed the current version.",
+            &current,
+        );
+        let nacking: Vec<(String, u64)> = ResourceType::ALL
+            .iter()
+            .map(|t| {
+                let v = &snapshot.get(*t).version;
+                let n = nodes
+                    .iter()
+                    .filter(|n| n.nacked(*t) == Some(v.as_str()))
+                    .count() as u64;
+                (format!("{{type=\"{}\"}}", t.as_str()), n)
+            })
+            .collect();
+        metric(
+            "seashard_nodes_nacked_current",
+            "gauge",
+            "Nodes that NACKed the current version.",
+            &nacking,
+        );
+        out
+    }
+}

@@ -1,0 +1,857 @@
+//! Every Envoy node and what it runs: per resource type, the last version it ACKed,
+//! the last it NACKed with Envoy's `error_detail`, and what it was last sent.
+//!
+//! The state-of-the-world protocol, per stream and type: a request without a nonce
+//! opens a subscription (its `version_info` is what the Envoy already runs, empty for
+//! a fresh process); a request carrying the nonce of the latest response ACKs it, or
+//! NACKs it when it has an `error_detail`; a request with an older nonce is stale and
+//! ignored. A node is sent the current version when it does not run it yet, unless it
+//! NACKed exactly that content: Envoy reports content sent again after a NACK as
+//! applied while keeping its old config, so it is never resent (a new version is).
+//!
+//! [`Registry`] is the in-memory truth (waiters watch it); changed nodes are marked
+//! dirty and written to the store in batches by [`Registry::take_dirty`]'s caller.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::resources::{ResourceType, Snapshot};
+use crate::store::{NodeRecord, TypeRecord, now_ms};
+
+/// The parts of a `DiscoveryRequest` the tracking reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `(id, cluster)`: on the first request of a stream at least.
+    pub node: Option<(String, String)>,
+    pub type_url: String,
+    pub version_info: String,
+    pub response_nonce: String,
+    pub resource_names: Vec<String>,
+    /// Envoy's reason for a NACK.
+    pub error_detail: Option<String>,
+}
+
+/// What a request meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A subscription opened; the node says it runs `version` (empty: nothing yet).
+    Subscribe {
+        version: String,
+    },
+    Ack {
+        version: String,
+    },
+    /// The node refused `version` and still runs `running`.
+    Nack {
+        version: String,
+        running: String,
+        error: String,
+    },
+    /// An answer to an older response: nothing to do.
+    Stale,
+    /// A type this control plane does not serve.
+    UnknownType,
+}
+
+/// A protocol error that ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the first request of a stream must carry the node (id and cluster)")]
+    NoNode,
+    #[error("the node id is empty")]
+    EmptyNodeId,
+}
+
+/// One stream's (or one REST poller's) view of one type.
+#[derive(Debug, Clone, Default)]
+struct StreamType {
+    subscribed: bool,
+    names: Vec<String>,
+    /// The nonce of the latest response sent.
+    nonce: Option<String>,
+    /// The version of the latest response sent, or the version the node said it runs.
+    version: Option<String>,
+    /// The stream opened with no version: a fresh Envoy that never saw any content.
+    fresh: bool,
+}
+
+/// The per-connection state: which node, and per type what was sent.
+#[derive(Debug, Clone, Default)]
+pub struct Stream {
+    node: Option<String>,
+    types: HashMap<ResourceType, StreamType>,
+}
+
+impl Stream {
+    /// The node id, once the first request named it.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    /// The resource names the node asked for of type `t`.
+    pub fn names(&self, t: ResourceType) -> &[String] {
+        self.types
+            .get(&t)
+            .map(|s| s.names.as_slice())
+            .unwrap_or(&[])
+    }
+}
+
+/// A node's state for one type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypeState {
+    #[serde(flatten)]
+    pub record: TypeRecord,
+    /// The version last sent and not answered yet.
+    pub pending_version: Option<String>,
+}
+
+/// One Envoy, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+    pub transport: String,
+    pub connected: bool,
+    /// Unix ms; set while connected.
+    pub connected_since: Option<i64>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// Open streams (gRPC) for this node id.
+    pub streams: u32,
+    pub types: BTreeMap<ResourceType, TypeState>,
+}
+
+impl Node {
+    fn new(id: &str, cluster: &str, transport: &str, now: i64) -> Node {
+        Node {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
+            transport: transport.to_owned(),
+            connected: false,
+            connected_since: None,
+            first_seen: now,
+            last_seen: now,
+            streams: 0,
+            types: BTreeMap::new(),
+        }
+    }
+
+    /// The version of type `t` the node last ACKed.
+    pub fn acked(&self, t: ResourceType) -> Option<&str> {
+        self.types.get(&t)?.record.acked_version.as_deref()
+    }
+
+    /// The version of type `t` the node last NACKed.
+    pub fn nacked(&self, t: ResourceType) -> Option<&str> {
+        self.types.get(&t)?.record.nacked_version.as_deref()
+    }
+
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id.clone(),
+            cluster: self.cluster.clone(),
+            first_seen: self.first_seen,
+            connected_since: self.connected_since,
+            last_seen: self.last_seen,
+            transport: self.transport.clone(),
+            types: self
+                .types
+                .iter()
+                .map(|(t, s)| (t.as_str().to_owned(), s.record.clone()))
+                .collect(),
+        }
+    }
+
+    fn from_record(r: NodeRecord) -> Node {
+        let types = r
+            .types
+            .into_iter()
+            .filter_map(|(t, record)| {
+                Some((
+                    ResourceType::parse(&t)?,
+                    TypeState {
+                        record,
+                        pending_version: None,
+                    },
+                ))
+            })
+            .collect();
+        Node {
+            id: r.id,
+            cluster: r.cluster,
+            transport: r.transport,
+            connected: false,
+            connected_since: None,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
+            streams: 0,
+            types,
+        }
+    }
+}
+
+/// Where the connected nodes stand on one version of one type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Convergence {
+    pub version: String,
+    pub acked: Vec<String>,
+    pub pending: Vec<String>,
+    /// `(node, error_detail)`.
+    pub nacked: Vec<(String, String)>,
+}
+
+impl Convergence {
+    /// Every connected node ACKed (vacuously true with none connected).
+    pub fn complete(&self) -> bool {
+        self.pending.is_empty() && self.nacked.is_empty()
+    }
+}
+
+/// Every node, in memory; the source of truth for waiters and the API.
+pub struct Registry {
+    nodes: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: BTreeMap<String, Node>,
+    dirty: HashSet<String>,
+    generation: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(Vec::new())
+    }
+}
+
+impl Registry {
+    /// A registry holding the stored nodes (all disconnected until they reconnect).
+    pub fn new(stored: Vec<NodeRecord>) -> Registry {
+        let nodes = stored
+            .into_iter()
+            .map(|r| (r.id.clone(), Node::from_record(r)))
+            .collect();
+        Registry {
+            nodes: Mutex::new(Inner {
+                nodes,
+                ..Inner::default()
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere leaves node bookkeeping usable: keep serving.
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn touch(&self, inner: &mut Inner, id: &str) {
+        inner.dirty.insert(id.to_owned());
+        inner.generation += 1;
+        let g = inner.generation;
+        self.changed.send_replace(g);
+    }
+
+    /// Handles one request on `stream`: updates the node, and returns what it meant
+    /// and whether the node must now be sent the current version of its type.
+    pub fn handle(
+        &self,
+        stream: &mut Stream,
+        req: &Request,
+        transport: &str,
+        current: &Snapshot,
+    ) -> Result<(Event, Option<ResourceType>), ProtocolError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let id = match (&stream.node, &req.node) {
+            (Some(id), _) => id.clone(),
+            (None, Some((id, _))) if id.is_empty() => return Err(ProtocolError::EmptyNodeId),
+            (None, Some((id, cluster))) => {
+                let node = inner
+                    .nodes
+                    .entry(id.clone())
+                    .or_insert_with(|| Node::new(id, cluster, transport, now));
+                node.cluster = cluster.clone();
+                node.transport = transport.to_owned();
+                node.streams += 1;
+                if !node.connected {
+                    node.connected = true;
+                    node.connected_since = Some(now);
+                }
+                stream.node = Some(id.clone());
+                id.clone()
+            }
+            (None, None) => return Err(ProtocolError::NoNode),
+        };
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            return Ok((Event::UnknownType, None));
+        };
+        let st = stream.types.entry(t).or_default();
+        let Some(node) = inner.nodes.get_mut(&id) else {
+            return Ok((Event::Stale, None));
+        };
+        node.last_seen = now;
+        let state = node.types.entry(t).or_default();
+        let event = if req.response_nonce.is_empty() {
+            st.subscribed = true;
+            st.names = req.resource_names.clone();
+            st.fresh = req.version_info.is_empty();
+            if !req.version_info.is_empty() {
+                st.version = Some(req.version_info.clone());
+                state.record.acked_version = Some(req.version_info.clone());
+                state.record.acked_at = Some(now);
+            }
+            Event::Subscribe {
+                version: req.version_info.clone(),
+            }
+        } else if st.nonce.as_deref() != Some(req.response_nonce.as_str()) {
+            Event::Stale
+        } else {
+            st.names = req.resource_names.clone();
+            let sent = st.version.clone().unwrap_or_default();
+            state.pending_version = None;
+            match &req.error_detail {
+                Some(error) => {
+                    st.fresh = false;
+                    state.record.nacked_version = Some(sent.clone());
+                    state.record.nack_error = Some(error.clone());
+                    state.record.nacked_at = Some(now);
+                    Event::Nack {
+                        version: sent,
+                        running: req.version_info.clone(),
+                        error: error.clone(),
+                    }
+                }
+                None => {
+                    state.record.acked_version = Some(req.version_info.clone());
+                    state.record.acked_at = Some(now);
+                    Event::Ack {
+                        version: req.version_info.clone(),
+                    }
+                }
+            }
+        };
+        let due = is_due(st, state, &current.get(t).version);
+        if !matches!(event, Event::Stale) {
+            self.touch(&mut inner, &id);
+        }
+        Ok((event, due.then_some(t)))
+    }
+
+    /// The types `stream`'s node must be sent now that `current` is served.
+    pub fn due(&self, stream: &Stream, current: &Snapshot) -> Vec<ResourceType> {
+        let Some(id) = &stream.node else {
+            return Vec::new();
+        };
+        let inner = self.lock();
+        let Some(node) = inner.nodes.get(id) else {
+            return Vec::new();
+        };
+        ResourceType::ALL
+            .into_iter()
+            .filter(|t| {
+                let (Some(st), Some(state)) = (stream.types.get(t), node.types.get(t)) else {
+                    return false;
+                };
+                is_due(st, state, &current.get(*t).version)
+            })
+            .collect()
+    }
+
+    /// Records that `version` of type `t` went out on `stream` with `nonce`.
+    pub fn sent(&self, stream: &mut Stream, t: ResourceType, version: &str, nonce: &str) {
+        let st = stream.types.entry(t).or_default();
+        st.version = Some(version.to_owned());
+        st.nonce = Some(nonce.to_owned());
+        let Some(id) = &stream.node else { return };
+        let mut inner = self.lock();
+        if let Some(node) = inner.nodes.get_mut(id) {
+            node.types.entry(t).or_default().pending_version = Some(version.to_owned());
+            let id = id.clone();
+            self.touch(&mut inner, &id);
+        }
+    }
+
+    /// The stream ended: the node is disconnected once its last stream is.
+    pub fn close(&self, stream: &Stream) {
+        let Some(id) = &stream.node else { return };
+        let mut inner = self.lock();
+        if let Some(node) = inner.nodes.get_mut(id) {
+            node.streams = node.streams.saturating_sub(1);
+            if node.streams == 0 {
+                node.connected = false;
+                node.connected_since = None;
+                for s in node.types.values_mut() {
+                    s.pending_version = None;
+                }
+            }
+            node.last_seen = now_ms();
+            let id = id.clone();
+            self.touch(&mut inner, &id);
+        }
+    }
+
+    /// One REST-JSON poll of type `t`: the node runs `running` (empty: nothing yet).
+    /// A poll after a response that does not report its version is that response's
+    /// NACK (REST carries no nonce to answer). True when `current` must be sent.
+    pub fn rest_poll(
+        &self,
+        id: &str,
+        cluster: &str,
+        t: ResourceType,
+        running: &str,
+        error: Option<String>,
+        current: &str,
+    ) -> bool {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let node = inner
+            .nodes
+            .entry(id.to_owned())
+            .or_insert_with(|| Node::new(id, cluster, "rest", now));
+        node.cluster = cluster.to_owned();
+        node.transport = "rest".into();
+        node.connected = true;
+        node.connected_since.get_or_insert(now);
+        node.last_seen = now;
+        let state = node.types.entry(t).or_default();
+        if !running.is_empty() {
+            state.record.acked_version = Some(running.to_owned());
+            state.record.acked_at = Some(now);
+        }
+        if let Some(sent) = state.pending_version.take()
+            && sent != running
+        {
+            state.record.nacked_version = Some(sent);
+            state.record.nack_error =
+                Some(error.unwrap_or_else(|| "not applied (REST xDS gives no detail)".into()));
+            state.record.nacked_at = Some(now);
+        }
+        let nacked_here =
+            state.record.nacked_version.as_deref() == Some(current) && !running.is_empty();
+        let due = running != current && !nacked_here;
+        if due {
+            state.pending_version = Some(current.to_owned());
+        }
+        self.touch(&mut inner, id);
+        due
+    }
+
+    /// REST pollers silent for longer than `after` are marked disconnected.
+    pub fn expire_pollers(&self, after: Duration) {
+        let cutoff = now_ms() - after.as_millis() as i64;
+        let mut inner = self.lock();
+        let stale: Vec<String> = inner
+            .nodes
+            .values()
+            .filter(|n| n.transport == "rest" && n.connected && n.last_seen < cutoff)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(n) = inner.nodes.get_mut(&id) {
+                n.connected = false;
+                n.connected_since = None;
+            }
+            self.touch(&mut inner, &id);
+        }
+    }
+
+    /// Every node, sorted by id.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.lock().nodes.values().cloned().collect()
+    }
+
+    /// One node.
+    pub fn node(&self, id: &str) -> Option<Node> {
+        self.lock().nodes.get(id).cloned()
+    }
+
+    /// Forgets a node that is not connected; true when it was forgotten.
+    pub fn forget(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.nodes.get(id).is_some_and(|n| !n.connected) {
+            inner.nodes.remove(id);
+            inner.dirty.remove(id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The nodes changed since the last call, as store records.
+    pub fn take_dirty(&self) -> Vec<NodeRecord> {
+        let mut inner = self.lock();
+        let dirty = std::mem::take(&mut inner.dirty);
+        dirty
+            .iter()
+            .filter_map(|id| inner.nodes.get(id).map(Node::record))
+            .collect()
+    }
+
+    /// Where the connected nodes stand on `version` of type `t`.
+    pub fn convergence(&self, t: ResourceType, version: &str) -> Convergence {
+        let inner = self.lock();
+        let mut c = Convergence {
+            version: version.to_owned(),
+            ..Convergence::default()
+        };
+        for n in inner.nodes.values().filter(|n| n.connected) {
+            if n.acked(t) == Some(version) {
+                c.acked.push(n.id.clone());
+            } else if n.nacked(t) == Some(version) {
+                let error = n
+                    .types
+                    .get(&t)
+                    .and_then(|s| s.record.nack_error.clone())
+                    .unwrap_or_default();
+                c.nacked.push((n.id.clone(), error));
+            } else {
+                c.pending.push(n.id.clone());
+            }
+        }
+        c
+    }
+
+    /// Waits until every connected node ACKed `version` of `t`, one NACKed it, or
+    /// `timeout` passed; returns where they stand then.
+    pub async fn wait_converged(
+        &self,
+        t: ResourceType,
+        version: &str,
+        timeout: Duration,
+    ) -> Convergence {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let c = self.convergence(t, version);
+            if c.complete() || !c.nacked.is_empty() {
+                return c;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return self.convergence(t, version);
+            }
+        }
+    }
+
+    /// A receiver that changes whenever any node does.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Whether a stream's node must be sent `current` of its type.
+fn is_due(st: &StreamType, state: &TypeState, current: &str) -> bool {
+    let nacked_here = state.record.nacked_version.as_deref() == Some(current) && !st.fresh;
+    st.subscribed && st.version.as_deref() != Some(current) && !nacked_here
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
+    use shardmap::RouterConfig;
+    use std::sync::Arc;
+
+    fn snapshot(version: u64, wasm: &str) -> Arc<Snapshot> {
+        let c = Config::parse(&format!(
+            r#"
+            [listen]
+            grpc = "127.0.0.1:1"
+            http = "127.0.0.1:2"
+            [store]
+            path = "x.db"
+            [api]
+            token = "01234567"
+            [filter]
+            wasm = "{wasm}"
+            [[server]]
+            name = "dtable-server"
+            address = "127.0.0.1:5000"
+            "#
+        ))
+        .unwrap();
+        Snapshot::build(
+            &RouterConfig::new(version, c.fallback_map()),
+            &c.filter,
+            &c.servers,
+        )
+    }
+
+    fn req(version: &str, nonce: &str, error: Option<&str>) -> Request {
+        Request {
+            node: Some(("edge-1".into(), "edge".into())),
+            type_url: ECDS_TYPE_URL.into(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            resource_names: vec!["seashard.base_router".into()],
+            error_detail: error.map(str::to_owned),
+        }
+    }
+
+    /// Plays a recorded exchange: each request, then whatever the server sends.
+    /// Returns the events and the versions sent, in order.
+    fn play(
+        reg: &Registry,
+        stream: &mut Stream,
+        snap: &Snapshot,
+        reqs: &[Request],
+        nonce: &mut u32,
+    ) -> (Vec<Event>, Vec<String>) {
+        let mut events = Vec::new();
+        let mut sent = Vec::new();
+        for r in reqs {
+            let (e, due) = reg.handle(stream, r, "grpc", snap).unwrap();
+            events.push(e);
+            if let Some(t) = due {
+                *nonce += 1;
+                let v = snap.get(t).version.clone();
+                reg.sent(stream, t, &v, &nonce.to_string());
+                sent.push(v);
+            }
+        }
+        (events, sent)
+    }
+
+    #[test]
+    fn fresh_envoy_subscribes_gets_the_version_and_acks() {
+        let reg = Registry::default();
+        let snap = snapshot(3, "/a.wasm");
+        let v = snap.ecds.version.clone();
+        let mut s = Stream::default();
+        let mut n = 0;
+        let (events, sent) = play(
+            &reg,
+            &mut s,
+            &snap,
+            &[req("", "", None), req(&v, "1", None)],
+            &mut n,
+        );
+        assert_eq!(
+            events,
+            [
+                Event::Subscribe { version: "".into() },
+                Event::Ack { version: v.clone() }
+            ]
+        );
+        assert_eq!(sent, [v.clone()]);
+        let node = reg.node("edge-1").unwrap();
+        assert!(node.connected);
+        assert_eq!(node.cluster, "edge");
+        assert_eq!(node.acked(ResourceType::Ecds), Some(v.as_str()));
+        assert!(reg.convergence(ResourceType::Ecds, &v).complete());
+        assert!(reg.due(&s, &snap).is_empty());
+    }
+
+    #[test]
+    fn nack_is_recorded_and_the_same_content_never_resent() {
+        let reg = Registry::default();
+        let good = snapshot(3, "/a.wasm");
+        let bad = snapshot(4, "/missing.wasm");
+        let (vg, vb) = (good.ecds.version.clone(), bad.ecds.version.clone());
+        let mut s = Stream::default();
+        let mut n = 0;
+        play(
+            &reg,
+            &mut s,
+            &good,
+            &[req("", "", None), req(&vg, "1", None)],
+            &mut n,
+        );
+        // The bad version is pushed: sent once, NACKed, then never again.
+        assert_eq!(reg.due(&s, &bad), [ResourceType::Ecds]);
+        n += 1;
+        reg.sent(&mut s, ResourceType::Ecds, &vb, &n.to_string());
+        let (events, sent) = play(
+            &reg,
+            &mut s,
+            &bad,
+            &[req(&vg, "2", Some("Failed to load WASM code"))],
+            &mut n,
+        );
+        assert_eq!(
+            events,
+            [Event::Nack {
+                version: vb.clone(),
+                running: vg.clone(),
+                error: "Failed to load WASM code".into()
+            }]
+        );
+        assert!(sent.is_empty());
+        assert!(reg.due(&s, &bad).is_empty());
+        let node = reg.node("edge-1").unwrap();
+        assert_eq!(node.acked(ResourceType::Ecds), Some(vg.as_str()));
+        assert_eq!(node.nacked(ResourceType::Ecds), Some(vb.as_str()));
+        let c = reg.convergence(ResourceType::Ecds, &vb);
+        assert_eq!(c.nacked.len(), 1);
+        assert!(!c.complete());
+
+        // The Envoy reconnects (a control plane restart) still running the good one:
+        // the NACKed content is not offered again.
+        reg.close(&s);
+        let mut s2 = Stream::default();
+        let (_, sent) = play(&reg, &mut s2, &bad, &[req(&vg, "", None)], &mut n);
+        assert!(sent.is_empty());
+        // A new version is sent.
+        let newer = snapshot(5, "/a.wasm");
+        assert_eq!(reg.due(&s2, &newer), [ResourceType::Ecds]);
+    }
+
+    #[test]
+    fn a_fresh_envoy_process_is_offered_what_an_earlier_process_nacked() {
+        let reg = Registry::default();
+        let bad = snapshot(4, "/missing.wasm");
+        let vb = bad.ecds.version.clone();
+        let mut s = Stream::default();
+        let mut n = 0;
+        let (_, sent) = play(
+            &reg,
+            &mut s,
+            &bad,
+            &[req("", "", None), req("", "1", Some("no"))],
+            &mut n,
+        );
+        assert_eq!(sent, [vb.clone()]);
+        reg.close(&s);
+        // Same node id, new process (empty version_info): it never saw the content.
+        let mut s2 = Stream::default();
+        let (_, sent) = play(&reg, &mut s2, &bad, &[req("", "", None)], &mut n);
+        assert_eq!(sent, [vb]);
+    }
+
+    #[test]
+    fn stale_nonces_are_ignored_and_reconnects_at_current_need_nothing() {
+        let reg = Registry::default();
+        let a = snapshot(3, "/a.wasm");
+        let b = snapshot(4, "/a.wasm");
+        let (va, vb) = (a.ecds.version.clone(), b.ecds.version.clone());
+        let mut s = Stream::default();
+        let mut n = 0;
+        play(&reg, &mut s, &a, &[req("", "", None)], &mut n); // nonce 1 = va
+        n += 1;
+        reg.sent(&mut s, ResourceType::Ecds, &vb, &n.to_string()); // nonce 2 = vb
+        let (events, _) = play(
+            &reg,
+            &mut s,
+            &b,
+            &[req(&va, "1", None), req(&vb, "2", None)],
+            &mut n,
+        );
+        assert_eq!(events[0], Event::Stale);
+        assert_eq!(
+            events[1],
+            Event::Ack {
+                version: vb.clone()
+            }
+        );
+        reg.close(&s);
+        assert!(!reg.node("edge-1").unwrap().connected);
+        let mut s2 = Stream::default();
+        let (events, sent) = play(&reg, &mut s2, &b, &[req(&vb, "", None)], &mut n);
+        assert_eq!(
+            events,
+            [Event::Subscribe {
+                version: vb.clone()
+            }]
+        );
+        assert!(sent.is_empty());
+        assert!(reg.node("edge-1").unwrap().connected);
+    }
+
+    #[test]
+    fn cds_and_ecds_are_tracked_apart_and_unknown_types_ignored() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut s = Stream::default();
+        let mut n = 0;
+        let cds = Request {
+            type_url: CDS_TYPE_URL.into(),
+            resource_names: vec![],
+            ..req("", "", None)
+        };
+        let lds = Request {
+            type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+            ..req("", "", None)
+        };
+        let (events, sent) = play(&reg, &mut s, &snap, &[cds, lds], &mut n);
+        assert_eq!(events[1], Event::UnknownType);
+        assert_eq!(sent, [snap.cds.version.clone()]);
+        let node = reg.node("edge-1").unwrap();
+        assert_eq!(node.types.len(), 1);
+        assert_eq!(
+            node.types[&ResourceType::Cds].pending_version.as_deref(),
+            Some(snap.cds.version.as_str())
+        );
+    }
+
+    #[test]
+    fn first_request_must_name_the_node() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut s = Stream::default();
+        let r = Request {
+            node: None,
+            ..req("", "", None)
+        };
+        assert_eq!(
+            reg.handle(&mut s, &r, "grpc", &snap).unwrap_err(),
+            ProtocolError::NoNode
+        );
+    }
+
+    #[tokio::test]
+    async fn waiters_see_acks_and_nacks() {
+        let reg = Arc::new(Registry::default());
+        let snap = snapshot(1, "/a.wasm");
+        let v = snap.ecds.version.clone();
+        let mut s = Stream::default();
+        let mut n = 0;
+        play(&reg, &mut s, &snap, &[req("", "", None)], &mut n);
+        let waiter = {
+            let reg = reg.clone();
+            let v = v.clone();
+            tokio::spawn(async move {
+                reg.wait_converged(ResourceType::Ecds, &v, Duration::from_secs(5))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        play(&reg, &mut s, &snap, &[req(&v, "1", None)], &mut n);
+        let c = waiter.await.unwrap();
+        assert!(c.complete(), "{c:?}");
+        // Nobody acks a version that was never sent: times out, pending.
+        let c = reg
+            .wait_converged(ResourceType::Ecds, "9-x", Duration::from_millis(50))
+            .await;
+        assert_eq!(c.pending, ["edge-1"]);
+    }
+
+    #[test]
+    fn records_round_trip_through_the_store_shape() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut s = Stream::default();
+        let mut n = 0;
+        play(&reg, &mut s, &snap, &[req("", "", None)], &mut n);
+        let dirty = reg.take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert!(reg.take_dirty().is_empty());
+        let again = Registry::new(dirty);
+        let node = again.node("edge-1").unwrap();
+        assert!(!node.connected);
+        assert_eq!(node.cluster, "edge");
+    }
+}

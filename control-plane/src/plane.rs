@@ -1,0 +1,353 @@
+//! The control plane's core: the store, the snapshot every Envoy converges to, the
+//! node registry, and the one way to change the map.
+//!
+//! A change goes: validate (every problem at once) → plan (`shardmap::diff`) → refuse
+//! what needs a rollout → append a version to the store (one transaction, refused if
+//! someone else changed the map since) → publish the new snapshot, which every ADS
+//! stream sees at once. [`ControlPlane::publish`] and [`Registry::wait_converged`] are
+//! the two primitives a rollout is made of.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use shardmap::{Fence, Plan, Problems, RouterConfig, ShardMap, diff};
+use tokio::sync::{Mutex, OwnedMutexGuard, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::nodes::{Convergence, Registry};
+use crate::resources::{ResourceType, Snapshot};
+use crate::store::{NewVersion, Store, StoreError, Version, VersionKind};
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("initial map {path}: {message}")]
+    InitialMap { path: String, message: String },
+    #[error(
+        "the stored active map (version {version}) no longer fits this configuration: {problems}"
+    )]
+    ActiveMap { version: u64, problems: Problems },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Why a proposed map was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The map is invalid: every problem.
+    #[error("the map is invalid")]
+    Invalid(Problems),
+    /// Another change is running.
+    #[error("another change is in progress")]
+    Busy,
+    /// The map changed since the proposer looked.
+    #[error("the active version is {active}, not {expected}: someone else changed the map")]
+    Conflict { expected: u64, active: u64 },
+    /// The map moves bases: that needs a rollout.
+    #[error("this map moves bases; moving bases needs a rollout (fence, restart, activate)")]
+    MovesBases(Box<Plan>),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ProposeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { expected, active } => {
+                ProposeError::Conflict { expected, active }
+            }
+            e => ProposeError::Store(e),
+        }
+    }
+}
+
+/// A proposed map change.
+#[derive(Debug, Clone)]
+pub struct Proposal {
+    pub map: ShardMap,
+    /// The version the proposer planned against: refused with a conflict if no longer active.
+    pub base_version: Option<u64>,
+    pub author: String,
+    pub comment: String,
+    /// Only plan: change nothing.
+    pub dry_run: bool,
+}
+
+/// What a proposal did (or, dry, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The active version the plan was made against.
+    pub from_version: u64,
+    /// The new active version (`from_version` when nothing was applied).
+    pub version: u64,
+    pub applied: bool,
+    pub dry_run: bool,
+    /// Nothing differs from the active map.
+    pub unchanged: bool,
+    /// The map moves bases: it needs a rollout.
+    pub needs_rollout: bool,
+    pub plan: Plan,
+}
+
+/// The running control plane's shared state.
+pub struct ControlPlane {
+    config: Config,
+    store: Store,
+    registry: Arc<Registry>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Held by whoever changes the map: a second change meanwhile gets `Busy`.
+    change: Arc<Mutex<()>>,
+    metrics: Metrics,
+}
+
+impl ControlPlane {
+    /// Opens the store, seeds the first version if it holds none, and rebuilds the
+    /// snapshot of the active version: a restarted control plane serves what it served.
+    pub fn open(config: Config) -> Result<Arc<ControlPlane>, StartError> {
+        let store = Store::open(&config.store.path)?;
+        ControlPlane::with_store(config, store)
+    }
+
+    /// As [`ControlPlane::open`], with a store already open (tests: in memory).
+    pub fn with_store(config: Config, store: Store) -> Result<Arc<ControlPlane>, StartError> {
+        let active = match store.active()? {
+            Some(v) => v,
+            None => {
+                let map = initial_map(&config)?;
+                store.append_version(
+                    0,
+                    &NewVersion {
+                        kind: VersionKind::Initial,
+                        map: &map,
+                        fence: &Fence::default(),
+                        author: "seactl serve",
+                        comment: "initial map",
+                    },
+                )?;
+                store
+                    .active()?
+                    .ok_or_else(|| StoreError::Corrupt("the initial version vanished".into()))?
+            }
+        };
+        let plane_problems = check_against(&config, &active.map, &active.fence);
+        if !plane_problems.is_empty() {
+            return Err(StartError::ActiveMap {
+                version: active.version,
+                problems: plane_problems,
+            });
+        }
+        let registry = Arc::new(Registry::new(store.load_nodes()?));
+        let snapshot = build_snapshot(&config, &active);
+        tracing::info!(
+            version = active.version,
+            ecds = %snapshot.ecds.version,
+            cds = %snapshot.cds.version,
+            "serving"
+        );
+        Ok(Arc::new(ControlPlane {
+            config,
+            store,
+            registry,
+            snapshot: watch::channel(snapshot).0,
+            change: Arc::new(Mutex::new(())),
+            metrics: Metrics::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// What every Envoy must converge to now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// The active version.
+    pub fn active(&self) -> Result<Version, StoreError> {
+        self.store
+            .active()?
+            .ok_or_else(|| StoreError::Corrupt("the store holds no version".into()))
+    }
+
+    /// Every problem of `map` here: invalid, or naming a server the inventory lacks.
+    pub fn check_map(&self, map: &ShardMap) -> Result<(), Problems> {
+        let problems = check_against(&self.config, map, &Fence::default());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Takes the change lock (held for a whole rollout), or `Busy` when another
+    /// change holds it.
+    pub fn try_begin_change(&self) -> Result<OwnedMutexGuard<()>, ProposeError> {
+        self.change
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| ProposeError::Busy)
+    }
+
+    /// Validates, plans and (unless dry, and if no base moves) applies a map.
+    pub fn propose(&self, p: &Proposal) -> Result<Outcome, ProposeError> {
+        self.check_map(&p.map).map_err(ProposeError::Invalid)?;
+        let _guard = if p.dry_run {
+            None
+        } else {
+            Some(self.try_begin_change()?)
+        };
+        let active = self.active()?;
+        if let Some(expected) = p.base_version
+            && expected != active.version
+        {
+            return Err(ProposeError::Conflict {
+                expected,
+                active: active.version,
+            });
+        }
+        if !active.fence.is_empty() && !p.dry_run {
+            // A rollout left its fence up: only the rollout may lift it.
+            return Err(ProposeError::Busy);
+        }
+        let plan = diff(&active.map, &p.map).map_err(ProposeError::Invalid)?;
+        let unchanged = plan.is_empty() && active.map == p.map && active.fence.is_empty();
+        let mut outcome = Outcome {
+            from_version: active.version,
+            version: active.version,
+            applied: false,
+            dry_run: p.dry_run,
+            unchanged,
+            needs_rollout: plan.moves_bases(),
+            plan,
+        };
+        if p.dry_run || unchanged {
+            return Ok(outcome);
+        }
+        if outcome.needs_rollout {
+            return Err(ProposeError::MovesBases(Box::new(outcome.plan)));
+        }
+        let version = self.publish(
+            active.version,
+            &NewVersion {
+                kind: VersionKind::Map,
+                map: &p.map,
+                fence: &Fence::default(),
+                author: &p.author,
+                comment: &p.comment,
+            },
+        )?;
+        outcome.version = version.version;
+        outcome.applied = true;
+        Ok(outcome)
+    }
+
+    /// Appends a version (if `expected` is still the active one) and makes it what
+    /// every Envoy is sent. The caller holds the change lock.
+    pub fn publish(&self, expected: u64, new: &NewVersion<'_>) -> Result<Version, StoreError> {
+        let n = self.store.append_version(expected, new)?;
+        let version = self
+            .store
+            .version(n)?
+            .ok_or_else(|| StoreError::Corrupt(format!("version {n} vanished")))?;
+        let snapshot = build_snapshot(&self.config, &version);
+        tracing::info!(
+            version = n,
+            kind = ?new.kind,
+            author = new.author,
+            ecds = %snapshot.ecds.version,
+            "publishing"
+        );
+        self.metrics.pushed();
+        self.snapshot.send_replace(snapshot);
+        Ok(version)
+    }
+
+    /// Waits until every connected Envoy ACKed the current filter configuration, one
+    /// NACKed it, or `timeout` passed.
+    pub async fn wait_ecds_converged(&self, timeout: Duration) -> Convergence {
+        let version = self.snapshot().ecds.version.clone();
+        self.registry
+            .wait_converged(ResourceType::Ecds, &version, timeout)
+            .await
+    }
+
+    /// Writes changed nodes to the store.
+    pub fn flush_nodes(&self) -> Result<usize, StoreError> {
+        let dirty = self.registry.take_dirty();
+        if !dirty.is_empty() {
+            self.store.save_nodes(&dirty)?;
+        }
+        Ok(dirty.len())
+    }
+}
+
+/// The snapshot of a stored version under this configuration.
+pub fn build_snapshot(config: &Config, version: &Version) -> Arc<Snapshot> {
+    let rc: RouterConfig = version.router_config(&config.filter.header, config.filter.retry_after);
+    Snapshot::build(&rc, &config.filter, &config.servers)
+}
+
+/// Every problem of a map and fence under `config`.
+fn check_against(config: &Config, map: &ShardMap, fence: &Fence) -> Problems {
+    let rc = RouterConfig {
+        fence: fence.clone(),
+        header: config.filter.header.clone(),
+        retry_after: config.filter.retry_after,
+        ..RouterConfig::new(1, map.clone())
+    };
+    let mut problems = rc.compile().err().unwrap_or_default();
+    let unknown: Vec<&str> = map
+        .servers()
+        .into_iter()
+        .filter(|s| config.server(s).is_none())
+        .collect();
+    if !unknown.is_empty() {
+        let known: Vec<&str> = config.servers.iter().map(|s| s.name.as_str()).collect();
+        let mut extra = Problems::default();
+        for s in unknown {
+            extra.0.push(shardmap::Problem {
+                at: "servers".into(),
+                message: format!(
+                    "`{s}` is not a server of this control plane (known: {})",
+                    known.join(", ")
+                ),
+            });
+        }
+        problems.0.extend(extra.0);
+    }
+    problems
+}
+
+fn initial_map(config: &Config) -> Result<ShardMap, StartError> {
+    let Some(path) = &config.initial_map else {
+        return Ok(config.fallback_map());
+    };
+    let err = |message: String| StartError::InitialMap {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    ShardMap::from_json(&text).map_err(|p| err(p.to_string()))
+}

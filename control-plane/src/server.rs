@@ -1,0 +1,174 @@
+//! Runs the control plane: binds the gRPC (ADS) and HTTP listeners, and a task that
+//! writes node changes to the store in batches.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::plane::ControlPlane;
+use crate::xds::Ads;
+
+/// How often changed nodes are written to the store.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// A REST poller silent this long counts as disconnected.
+const REST_POLLER_EXPIRY: Duration = Duration::from_secs(60);
+
+/// Why the control plane could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what} server failed: {message}")]
+    Failed { what: &'static str, message: String },
+}
+
+/// A running control plane.
+pub struct Running {
+    /// Where ADS listens (the bound address: port 0 in the config gets a free port).
+    pub grpc_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    pub plane: Arc<ControlPlane>,
+    stop: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), ServeError>>,
+    http: JoinHandle<Result<(), ServeError>>,
+    flusher: JoinHandle<()>,
+}
+
+/// Binds both listeners and starts serving `plane`.
+pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, ServeError> {
+    let listen = plane.config().listen.clone();
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { what, addr, source })
+    };
+    let grpc_listener = bind("ADS gRPC", listen.grpc).await?;
+    let http_listener = bind("HTTP API", listen.http).await?;
+    let local = |l: &TcpListener, what, addr| {
+        l.local_addr()
+            .map_err(|source| ServeError::Bind { what, addr, source })
+    };
+    let grpc_addr = local(&grpc_listener, "ADS gRPC", listen.grpc)?;
+    let http_addr = local(&http_listener, "HTTP API", listen.http)?;
+    let (stop, stopped) = watch::channel(false);
+
+    let until = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ads = Ads::new(plane.clone(), stopped.clone()).into_service();
+    let grpc_stop = until(stopped.clone());
+    let grpc = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(ads)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stop)
+            .await
+            .map_err(|e| ServeError::Failed {
+                what: "ADS gRPC",
+                message: e.to_string(),
+            })
+    });
+    let app = crate::api::router(plane.clone(), token);
+    let http_stop = until(stopped.clone());
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_stop)
+            .await
+            .map_err(|e| ServeError::Failed {
+                what: "HTTP API",
+                message: e.to_string(),
+            })
+    });
+    let flusher = tokio::spawn(flush_loop(plane.clone(), stopped));
+    tracing::info!(%grpc_addr, %http_addr, "control plane listening");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        plane,
+        stop,
+        grpc,
+        http,
+        flusher,
+    })
+}
+
+/// Writes node changes every [`FLUSH_EVERY`] until stopped, then once more.
+async fn flush_loop(plane: Arc<ControlPlane>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => break,
+        }
+        plane.registry().expire_pollers(REST_POLLER_EXPIRY);
+        flush(&plane).await;
+    }
+    flush(&plane).await;
+}
+
+async fn flush(plane: &Arc<ControlPlane>) {
+    let p = plane.clone();
+    match tokio::task::spawn_blocking(move || p.flush_nodes()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot save node state"),
+        Err(e) => tracing::error!(error = %e, "node state writer failed"),
+    }
+}
+
+impl Running {
+    /// Serves until one of the servers fails or [`Running::shutdown`] is called elsewhere.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        let Running {
+            grpc,
+            http,
+            flusher,
+            ..
+        } = self;
+        let joined = |r: Result<Result<(), ServeError>, tokio::task::JoinError>, what| match r {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Failed {
+                what,
+                message: e.to_string(),
+            }),
+        };
+        let result = tokio::select! {
+            r = grpc => joined(r, "ADS gRPC"),
+            r = http => joined(r, "HTTP API"),
+        };
+        flusher.abort();
+        result
+    }
+
+    /// Stops listening, ends every stream, writes the node state. Streams are cut,
+    /// not drained: Envoys keep their config and reconnect to the next control plane.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let mut grpc = self.grpc;
+        if tokio::time::timeout(Duration::from_secs(5), &mut grpc)
+            .await
+            .is_err()
+        {
+            grpc.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flusher).await;
+        flush(&self.plane).await;
+    }
+
+    /// A handle that asks the servers to stop (e.g. from a signal handler).
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}

@@ -1,0 +1,604 @@
+//! The control plane's state in one SQLite file (WAL): the versions pushed to the
+//! Envoys, the Envoy nodes with their ACK/NACK state, and an audit log.
+//!
+//! Every version is one row of `versions`, numbered from one sequence: a new map, and
+//! (with rollouts) the fenced old map and a rollback, each get the next number, so the
+//! number Envoy reports (`x-shard-map-version`) names exactly one configuration and
+//! content once NACKed is never sent again under a number. The highest row is the
+//! configuration every Envoy must run.
+//!
+//! Every write is one transaction. Schema changes are numbered migrations recorded in
+//! `schema_migrations`; a later feature adds a migration, never edits one.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+use shardmap::{Fence, RouterConfig, ShardMap};
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: corrupt row: {0}")]
+    Corrupt(String),
+    #[error("the active version is {active}, not {expected}: someone else changed the map")]
+    Conflict { expected: u64, active: u64 },
+    #[error("store: a thread panicked while holding the database")]
+    Poisoned,
+}
+
+/// Numbered schema migrations, applied in order, each once.
+const MIGRATIONS: &[&str] = &[
+    // 1: versions, nodes, audit.
+    "CREATE TABLE versions (
+        version    INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        map        TEXT NOT NULL,
+        fence      TEXT NOT NULL,
+        author     TEXT NOT NULL,
+        comment    TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE nodes (
+        id              TEXT PRIMARY KEY,
+        cluster         TEXT NOT NULL,
+        first_seen      INTEGER NOT NULL,
+        connected_since INTEGER,
+        last_seen       INTEGER NOT NULL,
+        transport       TEXT NOT NULL
+     );
+     CREATE TABLE node_types (
+        node_id        TEXT NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        type           TEXT NOT NULL,
+        acked_version  TEXT,
+        acked_at       INTEGER,
+        nacked_version TEXT,
+        nack_error     TEXT,
+        nacked_at      INTEGER,
+        PRIMARY KEY (node_id, type)
+     );
+     CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        version INTEGER,
+        detail  TEXT NOT NULL DEFAULT '{}'
+     );",
+];
+
+/// What a version is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionKind {
+    /// The first map, from the configuration.
+    Initial,
+    /// A map pushed by an operator.
+    Map,
+    /// The active map with the bases of a rollout fenced.
+    Fence,
+    /// The map before a failed rollout, pushed again.
+    Rollback,
+}
+
+impl VersionKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            VersionKind::Initial => "initial",
+            VersionKind::Map => "map",
+            VersionKind::Fence => "fence",
+            VersionKind::Rollback => "rollback",
+        }
+    }
+
+    fn parse(s: &str) -> Option<VersionKind> {
+        Some(match s {
+            "initial" => VersionKind::Initial,
+            "map" => VersionKind::Map,
+            "fence" => VersionKind::Fence,
+            "rollback" => VersionKind::Rollback,
+            _ => return None,
+        })
+    }
+}
+
+/// One stored version: a map, its fence, who pushed it and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Version {
+    pub version: u64,
+    pub kind: VersionKind,
+    pub map: ShardMap,
+    pub fence: Fence,
+    pub author: String,
+    pub comment: String,
+    /// Unix time, milliseconds.
+    pub created_at: i64,
+}
+
+impl Version {
+    /// The filter configuration of this version, with the filter's header and retry-after.
+    pub fn router_config(&self, header: &str, retry_after: u32) -> RouterConfig {
+        RouterConfig {
+            version: self.version,
+            header: header.to_owned(),
+            retry_after,
+            fence: self.fence.clone(),
+            map: self.map.clone(),
+        }
+    }
+}
+
+/// A version to append.
+#[derive(Debug, Clone)]
+pub struct NewVersion<'a> {
+    pub kind: VersionKind,
+    pub map: &'a ShardMap,
+    pub fence: &'a Fence,
+    pub author: &'a str,
+    pub comment: &'a str,
+}
+
+/// The ACK/NACK state of one node for one resource type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypeRecord {
+    pub acked_version: Option<String>,
+    pub acked_at: Option<i64>,
+    pub nacked_version: Option<String>,
+    pub nack_error: Option<String>,
+    pub nacked_at: Option<i64>,
+}
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub cluster: String,
+    pub first_seen: i64,
+    /// Set while connected.
+    pub connected_since: Option<i64>,
+    pub last_seen: i64,
+    /// `grpc` or `rest`.
+    pub transport: String,
+    /// Per type (`ecds`, `cds`).
+    pub types: Vec<(String, TypeRecord)>,
+}
+
+/// One audit entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub version: Option<u64>,
+    pub detail: serde_json::Value,
+}
+
+/// The SQLite store. Calls are short and synchronous; one connection, one lock.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+/// Now, as unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, in WAL mode, migrated to the latest schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        Store::init(conn)
+    }
+
+    /// A store in memory (tests, benchmarks).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )?;
+        let applied: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let n = i as i64 + 1;
+            if n > applied {
+                tx.execute_batch(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                    params![n, now_ms()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn()?.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The highest version: what every Envoy must run. `None` in a new store.
+    pub fn active(&self) -> Result<Option<Version>, StoreError> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT version, kind, map, fence, author, comment, created_at
+             FROM versions ORDER BY version DESC LIMIT 1",
+            [],
+            row_to_raw,
+        )
+        .optional()?
+        .map(RawVersion::parse)
+        .transpose()
+    }
+
+    /// One version.
+    pub fn version(&self, version: u64) -> Result<Option<Version>, StoreError> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT version, kind, map, fence, author, comment, created_at
+             FROM versions WHERE version = ?1",
+            params![version as i64],
+            row_to_raw,
+        )
+        .optional()?
+        .map(RawVersion::parse)
+        .transpose()
+    }
+
+    /// The latest `limit` versions, newest first.
+    pub fn history(&self, limit: u32) -> Result<Vec<Version>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT version, kind, map, fence, author, comment, created_at
+             FROM versions ORDER BY version DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], row_to_raw)?;
+        rows.map(|r| r.map_err(StoreError::from).and_then(RawVersion::parse))
+            .collect()
+    }
+
+    /// Appends the next version, if the active one is still `expected` (0: none yet),
+    /// with its audit entry, in one transaction. Returns the new version number.
+    pub fn append_version(&self, expected: u64, new: &NewVersion<'_>) -> Result<u64, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let active: i64 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM versions", [], |r| {
+                r.get(0)
+            })?;
+        if active as u64 != expected {
+            return Err(StoreError::Conflict {
+                expected,
+                active: active as u64,
+            });
+        }
+        let version = active + 1;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO versions (version, kind, map, fence, author, comment, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                version,
+                new.kind.as_str(),
+                to_json(new.map),
+                to_json(new.fence),
+                new.author,
+                new.comment,
+                now
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, version, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now,
+                new.author,
+                format!("push.{}", new.kind.as_str()),
+                version,
+                serde_json::json!({ "comment": new.comment }).to_string()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(version as u64)
+    }
+
+    /// Records an audit entry on its own.
+    pub fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        version: Option<u64>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "INSERT INTO audit (at, actor, action, version, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now_ms(),
+                actor,
+                action,
+                version.map(|v| v as i64),
+                detail.to_string()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The latest `limit` audit entries, newest first.
+    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, at, actor, action, version, detail FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                version: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                detail: serde_json::from_str(&r.get::<_, String>(5)?)
+                    .unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Writes the given nodes (and their per-type state) in one transaction.
+    pub fn save_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        {
+            let mut node = tx.prepare_cached(
+                "INSERT INTO nodes (id, cluster, first_seen, connected_since, last_seen, transport)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(id) DO UPDATE SET cluster = ?2, connected_since = ?4,
+                    last_seen = ?5, transport = ?6",
+            )?;
+            let mut ty = tx.prepare_cached(
+                "INSERT OR REPLACE INTO node_types
+                   (node_id, type, acked_version, acked_at, nacked_version, nack_error, nacked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for n in nodes {
+                node.execute(params![
+                    n.id,
+                    n.cluster,
+                    n.first_seen,
+                    n.connected_since,
+                    n.last_seen,
+                    n.transport
+                ])?;
+                for (t, r) in &n.types {
+                    ty.execute(params![
+                        n.id,
+                        t,
+                        r.acked_version,
+                        r.acked_at,
+                        r.nacked_version,
+                        r.nack_error,
+                        r.nacked_at
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every stored node, by id.
+    pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, cluster, first_seen, connected_since, last_seen, transport
+             FROM nodes ORDER BY id",
+        )?;
+        let mut nodes: Vec<NodeRecord> = stmt
+            .query_map([], |r| {
+                Ok(NodeRecord {
+                    id: r.get(0)?,
+                    cluster: r.get(1)?,
+                    first_seen: r.get(2)?,
+                    connected_since: r.get(3)?,
+                    last_seen: r.get(4)?,
+                    transport: r.get(5)?,
+                    types: Vec::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare(
+            "SELECT node_id, type, acked_version, acked_at, nacked_version, nack_error, nacked_at
+             FROM node_types ORDER BY node_id, type",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                TypeRecord {
+                    acked_version: r.get(2)?,
+                    acked_at: r.get(3)?,
+                    nacked_version: r.get(4)?,
+                    nack_error: r.get(5)?,
+                    nacked_at: r.get(6)?,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (id, t, rec) = row?;
+            if let Some(n) = nodes.iter_mut().find(|n| n.id == id) {
+                n.types.push((t, rec));
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Forgets a node (an Envoy taken out of service).
+    pub fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()?
+            .execute("DELETE FROM nodes WHERE id = ?1", params![id])?
+            > 0)
+    }
+}
+
+/// JSON of a column value (maps and fences always serialize).
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+struct RawVersion {
+    version: i64,
+    kind: String,
+    map: String,
+    fence: String,
+    author: String,
+    comment: String,
+    created_at: i64,
+}
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVersion> {
+    Ok(RawVersion {
+        version: r.get(0)?,
+        kind: r.get(1)?,
+        map: r.get(2)?,
+        fence: r.get(3)?,
+        author: r.get(4)?,
+        comment: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+impl RawVersion {
+    fn parse(self) -> Result<Version, StoreError> {
+        let corrupt = |what: &str, e: String| {
+            StoreError::Corrupt(format!("version {}: {what}: {e}", self.version))
+        };
+        Ok(Version {
+            version: self.version as u64,
+            kind: VersionKind::parse(&self.kind)
+                .ok_or_else(|| corrupt("kind", self.kind.clone()))?,
+            map: serde_json::from_str(&self.map).map_err(|e| corrupt("map", e.to_string()))?,
+            fence: serde_json::from_str(&self.fence)
+                .map_err(|e| corrupt("fence", e.to_string()))?,
+            author: self.author,
+            comment: self.comment,
+            created_at: self.created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(default: &str) -> ShardMap {
+        ShardMap {
+            default: default.into(),
+            ..ShardMap::default()
+        }
+    }
+
+    fn push(store: &Store, expected: u64, m: &ShardMap) -> Result<u64, StoreError> {
+        store.append_version(
+            expected,
+            &NewVersion {
+                kind: VersionKind::Map,
+                map: m,
+                fence: &Fence::default(),
+                author: "alice",
+                comment: "test",
+            },
+        )
+    }
+
+    #[test]
+    fn versions_survive_reopening_and_conflicts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.active().unwrap(), None);
+            assert_eq!(push(&s, 0, &map("a")).unwrap(), 1);
+            assert_eq!(push(&s, 1, &map("b")).unwrap(), 2);
+            assert!(matches!(
+                push(&s, 1, &map("c")),
+                Err(StoreError::Conflict {
+                    expected: 1,
+                    active: 2
+                })
+            ));
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let active = s.active().unwrap().unwrap();
+        assert_eq!((active.version, active.map.default.as_str()), (2, "b"));
+        assert_eq!(s.history(10).unwrap().len(), 2);
+        assert_eq!(s.version(1).unwrap().unwrap().author, "alice");
+        let audit = s.audit_log(10).unwrap();
+        assert_eq!(audit.len(), 2);
+        assert_eq!(audit[0].action, "push.map");
+        let mode: String = s
+            .conn()
+            .unwrap()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn nodes_round_trip() {
+        let s = Store::open_in_memory().unwrap();
+        let mut n = NodeRecord {
+            id: "edge-1".into(),
+            cluster: "edge".into(),
+            first_seen: 1,
+            connected_since: Some(2),
+            last_seen: 3,
+            transport: "grpc".into(),
+            types: vec![(
+                "ecds".into(),
+                TypeRecord {
+                    acked_version: Some("1".into()),
+                    acked_at: Some(3),
+                    nacked_version: Some("2".into()),
+                    nack_error: Some("bad".into()),
+                    nacked_at: Some(4),
+                },
+            )],
+        };
+        s.save_nodes(std::slice::from_ref(&n)).unwrap();
+        n.connected_since = None;
+        s.save_nodes(std::slice::from_ref(&n)).unwrap();
+        assert_eq!(s.load_nodes().unwrap(), vec![n]);
+        assert!(s.delete_node("edge-1").unwrap());
+        assert!(s.load_nodes().unwrap().is_empty());
+    }
+}
