@@ -12,23 +12,16 @@ impl BaseUuid {
         let b = s.as_bytes();
         let mut out = [0u8; 32];
         match b.len() {
-            32 => {
-                for (o, &c) in out.iter_mut().zip(b) {
-                    *o = lower_hex(c)?;
-                }
-            }
+            32 => lower_into(&mut out, b)?,
             36 => {
-                let mut j = 0;
-                for (i, &c) in b.iter().enumerate() {
-                    if matches!(i, 8 | 13 | 18 | 23) {
-                        if c != b'-' {
-                            return None;
-                        }
-                    } else {
-                        *out.get_mut(j)? = lower_hex(c)?;
-                        j += 1;
-                    }
+                if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+                    return None;
                 }
+                lower_into(&mut out[..8], &b[..8])?;
+                lower_into(&mut out[8..12], &b[9..13])?;
+                lower_into(&mut out[12..16], &b[14..18])?;
+                lower_into(&mut out[16..20], &b[19..23])?;
+                lower_into(&mut out[20..], &b[24..])?;
             }
             _ => return None,
         }
@@ -87,15 +80,12 @@ pub fn extract(path_and_query: &str) -> Option<BaseUuid> {
         Some(i) => (&path_and_query[..i], Some(&path_and_query[i + 1..])),
         None => (path_and_query, None),
     };
-    let path = path.split('#').next().unwrap_or(path);
     for segment in path.split('/') {
         if let Some(u) = BaseUuid::parse(segment) {
             return Some(u);
         }
     }
-    let query = query?;
-    let query = query.split('#').next().unwrap_or(query);
-    for pair in query.split('&') {
+    for pair in query?.split('&') {
         if let Some(value) = pair.strip_prefix("dtable_uuid=") {
             return BaseUuid::parse(value);
         }
@@ -103,12 +93,37 @@ pub fn extract(path_and_query: &str) -> Option<BaseUuid> {
     None
 }
 
-pub(crate) fn lower_hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' | b'a'..=b'f' => Some(c),
-        b'A'..=b'F' => Some(c + 32),
-        _ => None,
+/// Each byte's lowercase hex digit, or 0 when it is not a hex digit.
+static LOWER_HEX: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = match c as u8 {
+            b @ (b'0'..=b'9' | b'a'..=b'f') => b,
+            b @ b'A'..=b'F' => b + 32,
+            _ => 0,
+        };
+        c += 1;
     }
+    t
+};
+
+pub(crate) fn lower_hex(c: u8) -> Option<u8> {
+    match LOWER_HEX[usize::from(c)] {
+        0 => None,
+        h => Some(h),
+    }
+}
+
+/// Writes the lowercase form of the hex digits `from` into `to` (same length).
+fn lower_into(to: &mut [u8], from: &[u8]) -> Option<()> {
+    let mut bad = false;
+    for (o, &c) in to.iter_mut().zip(from) {
+        let h = LOWER_HEX[usize::from(c)];
+        bad |= h == 0;
+        *o = h;
+    }
+    (!bad).then_some(())
 }
 
 /// The value of a lowercase hex digit (callers only pass hex digits).
