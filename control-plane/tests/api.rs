@@ -1,0 +1,379 @@
+//! The HTTP API against the real server on 127.0.0.1 with a temporary SQLite file.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_plane::{Config, ControlPlane, Running};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-token-0123";
+
+/// A control plane serving on loopback in its own runtime; dropped = killed.
+struct Cp {
+    rt: tokio::runtime::Runtime,
+    running: Option<Running>,
+    base: String,
+    plane: Arc<ControlPlane>,
+}
+
+fn config(dir: &Path, ping: &str) -> Config {
+    let text = format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        [store]
+        path = "state.db"
+        [api]
+        token = "{TOKEN}"
+        [filter]
+        wasm = "/opt/base-router.wasm"
+        [[server]]
+        name = "dtable-server"
+        address = "127.0.0.1:5000"
+        health_url = "{ping}"
+        [[server]]
+        name = "dtable-server-2"
+        address = "127.0.0.1:5001"
+        health_url = "http://127.0.0.1:1/ping/"
+        "#
+    );
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+impl Cp {
+    fn start(dir: &Path) -> Cp {
+        Cp::start_with(config(dir, "http://127.0.0.1:1/ping/"))
+    }
+
+    fn start_with(config: Config) -> Cp {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let plane = ControlPlane::open(config).unwrap();
+        let running = rt
+            .block_on(control_plane::start(plane.clone(), TOKEN))
+            .unwrap();
+        let base = format!("http://{}", running.http_addr);
+        Cp {
+            rt,
+            running: Some(running),
+            base,
+            plane,
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            self.rt.block_on(r.shutdown());
+        }
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// (status, JSON body or Null).
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let a = agent();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match (method, body) {
+        ("GET", _) => {
+            let mut r = a.get(url);
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        ("DELETE", _) => {
+            let mut r = a.delete(url);
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        (_, b) => {
+            let mut r = a.post(url).header("Content-Type", "application/json");
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.send(b.map(|b| b.to_string()).unwrap_or_default())
+        }
+    };
+    let mut resp = resp.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn moving_map() -> Value {
+    json!({"default": "dtable-server",
+           "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}})
+}
+
+#[test]
+fn changes_without_the_token_get_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let map = json!({"default": "dtable-server", "paths": [{"prefix": "/x/", "server": "dtable-server-2"}]});
+    let url = format!("{}/v1/maps", cp.base);
+    for token in [None, Some("wrong-token-0123"), Some("")] {
+        let (status, body) = call("POST", &url, token, Some(&map));
+        assert_eq!(status, 401, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("Bearer"));
+    }
+    let (status, _) = call("DELETE", &format!("{}/v1/nodes/x", cp.base), None, None);
+    assert_eq!(status, 401);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    assert_eq!(active["version"], 1);
+    let (status, _) = call("POST", &url, Some(TOKEN), Some(&map));
+    assert_eq!(status, 200);
+    cp.stop();
+}
+
+#[test]
+fn an_invalid_map_gets_422_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let bad = json!({
+        "default": "dtable-server",
+        "slots": {"0-6": "dtable-server", "8-f": "dtable-server-9"},
+        "pins": {"not-hex": "dtable-server"},
+        "paths": [{"prefix": "no-slash", "server": "dtable-server"}]
+    });
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps", cp.base),
+        Some(TOKEN),
+        Some(&bad),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"], "the map is invalid");
+    let problems = body["problems"].as_array().unwrap();
+    let at: Vec<&str> = problems.iter().map(|p| p["at"].as_str().unwrap()).collect();
+    assert!(at.contains(&"slots"), "the gap 7: {body}");
+    assert!(at.iter().any(|a| a.starts_with("pins.")), "{body}");
+    assert!(at.contains(&"paths[0].prefix"), "{body}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["message"].as_str().unwrap().contains("dtable-server-9")),
+        "the unknown server: {body}"
+    );
+    // Not JSON at all, and not a map: 422 too.
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps", cp.base),
+        Some(TOKEN),
+        Some(&json!({"default": "dtable-server", "colour": 1})),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour")
+    );
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    assert_eq!(active["version"], 1);
+    cp.stop();
+}
+
+#[test]
+fn a_concurrent_change_gets_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v1/maps", cp.base);
+    let a = json!({"map": {"default": "dtable-server", "paths": [{"prefix": "/a/", "server": "dtable-server-2"}]},
+                   "base_version": 1, "comment": "a"});
+    let b = json!({"map": {"default": "dtable-server", "paths": [{"prefix": "/b/", "server": "dtable-server-2"}]},
+                   "base_version": 1, "comment": "b"});
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&a));
+    assert_eq!((status, &body["version"]), (200, &json!(2)), "{body}");
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&b));
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("someone else"));
+    // A change in progress (a rollout holds the lock): 409 too.
+    let guard = cp.plane.try_begin_change().unwrap();
+    let c = json!({"default": "dtable-server", "paths": [{"prefix": "/c/", "server": "dtable-server-2"}]});
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&c));
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("in progress"));
+    drop(guard);
+    let (status, _) = call("POST", &url, Some(TOKEN), Some(&c));
+    assert_eq!(status, 200);
+    cp.stop();
+}
+
+#[test]
+fn dry_run_returns_the_plan_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v1/maps?dry_run=true", cp.base);
+    let (status, body) = call("POST", &url, None, Some(&moving_map()));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dry_run"], true);
+    assert_eq!(body["applied"], false);
+    assert_eq!(body["needs_rollout"], true);
+    assert_eq!(body["plan"]["slots"][0]["range"], "8-f");
+    assert_eq!(body["plan"]["losing"], json!(["dtable-server"]));
+    let (_, history) = call("GET", &format!("{}/v1/maps", cp.base), None, None);
+    assert_eq!(history["versions"].as_array().unwrap().len(), 1);
+    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), None, None);
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 1);
+    cp.stop();
+}
+
+#[test]
+fn a_map_that_moves_bases_is_refused_naming_the_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let mut map = moving_map();
+    map["pins"] = json!({"ff84e1a1-66e2": "dtable-server-2"});
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps", cp.base),
+        Some(TOKEN),
+        Some(&map),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("rollout"));
+    let at: Vec<&str> = body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["at"].as_str().unwrap())
+        .collect();
+    assert_eq!(at, ["slots.\"8-f\"", "pins.\"ff84e1a166e2\""], "{body}");
+    assert!(body["plan"]["fence"]["slots"].is_array());
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    assert_eq!(active["version"], 1);
+    cp.stop();
+}
+
+#[test]
+fn a_non_moving_map_is_applied_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v1/maps", cp.base);
+    let map = json!({"map": {"default": "dtable-server",
+                             "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]},
+                     "comment": "admin to server 2", "author": "alice"});
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"], true);
+    assert_eq!(body["plan"]["paths_changed"], true);
+    let ecds = cp.plane.snapshot().ecds.version.clone();
+    assert!(ecds.starts_with("2-"));
+    // The same map again: nothing to do, no new version.
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    assert_eq!((status, body["unchanged"].as_bool()), (200, Some(true)));
+    assert_eq!(body["version"], 2);
+    let (_, one) = call("GET", &format!("{}/v1/maps/2", cp.base), None, None);
+    assert_eq!(one["author"], "alice");
+    assert_eq!(one["comment"], "admin to server 2");
+    let (status, _) = call("GET", &format!("{}/v1/maps/9", cp.base), None, None);
+    assert_eq!(status, 404);
+    cp.stop();
+
+    let cp = Cp::start(dir.path());
+    assert_eq!(cp.plane.snapshot().ecds.version, ecds);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    assert_eq!(active["version"], 2);
+    assert_eq!(active["map"]["paths"][0]["server"], "dtable-server-2");
+    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), None, None);
+    assert_eq!(audit["entries"][0]["actor"], "alice");
+    cp.stop();
+}
+
+#[test]
+fn rest_xds_answers_304_when_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v3/discovery:extension_configs", cp.base);
+    let req = |version: &str| {
+        json!({"version_info": version, "node": {"id": "rest-1", "cluster": "edge"},
+               "resource_names": ["seashard.base_router"],
+               "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"})
+    };
+    let (status, body) = call("POST", &url, None, Some(&req("")));
+    assert_eq!(status, 200, "{body}");
+    let version = body["version_info"].as_str().unwrap().to_owned();
+    assert!(version.starts_with("1-"));
+    let r = &body["resources"][0];
+    assert_eq!(r["name"], "seashard.base_router");
+    let conf = r["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(conf).unwrap()["map"]["default"],
+        "dtable-server"
+    );
+    let (status, _) = call("POST", &url, None, Some(&req(&version)));
+    assert_eq!(status, 304);
+    let (_, node) = call("GET", &format!("{}/v1/nodes/rest-1", cp.base), None, None);
+    assert_eq!(node["transport"], "rest");
+    assert_eq!(node["types"]["ecds"]["acked_version"], version.as_str());
+    assert_eq!(node["state"]["ecds"], "current");
+    // Clusters.
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v3/discovery:clusters", cp.base),
+        None,
+        Some(&json!({"node": {"id": "rest-1"}})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["resources"].as_array().unwrap().len(), 2);
+    assert_eq!(body["resources"][1]["name"], "dtable-server-2");
+    cp.stop();
+}
+
+#[test]
+fn health_metrics_and_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A dtable-server that answers pong.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ping = format!("http://{}/ping/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in listener.incoming().flatten().take(4) {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npong");
+        }
+    });
+    let cp = Cp::start_with(config(dir.path(), &ping));
+    let (status, body) = call("GET", &format!("{}/healthz", cp.base), None, None);
+    assert_eq!((status, &body["ok"]), (200, &json!(true)));
+    let (status, body) = call("GET", &format!("{}/v1/servers", cp.base), None, None);
+    assert_eq!(status, 200);
+    let servers = body["servers"].as_array().unwrap();
+    assert_eq!(servers[0]["health"]["up"], true, "{body}");
+    assert_eq!(servers[0]["assigned"]["default"], true);
+    assert_eq!(servers[1]["health"]["up"], false);
+    assert_eq!(servers[1]["restart"]["kind"], "manual");
+    let metrics = agent()
+        .get(&format!("{}/metrics", cp.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("seashard_map_version 1"), "{metrics}");
+    assert!(metrics.contains("seashard_nodes{state=\"connected\"} 0"));
+    let (status, body) = call("GET", &format!("{}/v1/status", cp.base), None, None);
+    assert_eq!(status, 200);
+    assert_eq!(body["version"], 1);
+    assert!(body["ecds_version"].as_str().unwrap().starts_with("1-"));
+    cp.stop();
+}
