@@ -26,7 +26,8 @@ struct Metrics {
 
 impl Metrics {
     fn define(router: &Router) -> Metrics {
-        let counter = |name: &str| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok();
+        let counter =
+            |name: &str| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok();
         Metrics {
             per_server: router
                 .servers()
@@ -39,7 +40,11 @@ impl Metrics {
     }
 
     fn count(&self, server: &str, reason: Reason) {
-        let by_server = self.per_server.iter().find(|(s, _)| s == server).and_then(|(_, id)| *id);
+        let by_server = self
+            .per_server
+            .iter()
+            .find(|(s, _)| s == server)
+            .and_then(|(_, id)| *id);
         let by_reason = match reason {
             Reason::Default => self.default,
             Reason::Fenced => self.fenced,
@@ -72,7 +77,10 @@ impl Context for BaseRouterRoot {}
 impl RootContext for BaseRouterRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let Some(bytes) = self.get_plugin_configuration() else {
-            log(LogLevel::Error, "base-router: no plugin configuration; refusing to start");
+            log(
+                LogLevel::Error,
+                "base-router: configuration refused, previous map kept: the plugin configuration is empty",
+            );
             return false;
         };
         let config = match std::str::from_utf8(&bytes)
@@ -81,24 +89,35 @@ impl RootContext for BaseRouterRoot {
         {
             Ok(c) => c,
             Err(why) => {
-                log(LogLevel::Error, &format!("base-router: configuration refused, previous map kept: {why}"));
+                log(
+                    LogLevel::Error,
+                    &format!("base-router: configuration refused, previous map kept: {why}"),
+                );
                 return false;
             }
         };
         let router = match config.compile() {
             Ok(r) => r,
             Err(problems) => {
-                let list = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+                let list = problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 log(
                     LogLevel::Error,
-                    &format!("base-router: map version {} refused, previous map kept: {list}", config.version),
+                    &format!(
+                        "base-router: map version {} refused, previous map kept: {list}",
+                        config.version
+                    ),
                 );
                 return false;
             }
         };
-        let gauge = *self
-            .version_gauge
-            .get_or_insert_with(|| proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "seashard.map_version").unwrap_or(u32::MAX));
+        let gauge = *self.version_gauge.get_or_insert_with(|| {
+            proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "seashard.map_version")
+                .unwrap_or(u32::MAX)
+        });
         if gauge != u32::MAX {
             let _ = proxy_wasm::hostcalls::record_metric(gauge, config.version);
         }
@@ -123,7 +142,9 @@ impl RootContext for BaseRouterRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(BaseRouter { active: self.active.clone() }))
+        Some(Box::new(BaseRouter {
+            active: self.active.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -141,7 +162,11 @@ impl HttpContext for BaseRouter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(active) = self.active.as_deref() else {
             // Without a map no base can be placed safely: refuse rather than guess.
-            self.send_http_response(503, vec![("content-type", "application/json")], Some(NO_MAP_BODY.as_bytes()));
+            self.send_http_response(
+                503,
+                vec![("content-type", "application/json")],
+                Some(NO_MAP_BODY.as_bytes()),
+            );
             return Action::Pause;
         };
         let path = self.get_http_request_header(":path").unwrap_or_default();
@@ -171,7 +196,8 @@ impl HttpContext for BaseRouter {
     }
 }
 
-const NO_MAP_BODY: &str = r#"{"error":"no_shard_map","message":"base-router has no valid shard map configured"}"#;
+const NO_MAP_BODY: &str =
+    r#"{"error":"no_shard_map","message":"base-router has no valid shard map configured"}"#;
 
 fn log(level: LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);

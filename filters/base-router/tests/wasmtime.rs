@@ -1,0 +1,321 @@
+//! The built base-router `.wasm`, driven through the proxy-wasm ABI in wasmtime: it must
+//! route exactly as `shardmap` decides natively, refuse bad configuration, fence, and
+//! never trap.
+
+use shardmap::{Fence, Reason, Router, RouterConfig, ShardMap};
+use wasm_host::{Action, ContextId, Host, LogLevel, Vm, built_filter};
+
+const MAP: &str = r#"{"default": "dtable-server",
+    "slots": {"00-3f": "dtable-server-2", "40-9f": "dtable-server-3", "a-f": "dtable-server"},
+    "pins": {"ff84e1a1-66e2": "dtable-server-2", "0abc": "dtable-server", "40": "dtable-server"},
+    "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-3"},
+              {"regex": "(?i)^/api/v1/internal/stats", "server": "dtable-server-2"}]}"#;
+
+fn config(version: u64, fence: Fence) -> RouterConfig {
+    let mut c = RouterConfig::new(version, ShardMap::from_json(MAP).unwrap());
+    c.fence = fence;
+    c
+}
+
+fn vm_with(config: &RouterConfig) -> Vm {
+    let host = Host::load(built_filter("base-router").unwrap()).unwrap();
+    let mut vm = host.instantiate().unwrap();
+    assert!(vm.start(b"").unwrap());
+    assert!(
+        vm.configure(config.to_json().as_bytes()).unwrap(),
+        "{:?}",
+        vm.logs()
+    );
+    vm
+}
+
+fn request(vm: &mut Vm, headers: &[(&str, &str)]) -> (ContextId, Action) {
+    let ctx = vm.new_http_context().unwrap();
+    let action = vm.request_headers(ctx, headers, true).unwrap();
+    (ctx, action)
+}
+
+/// A deterministic stream of SeaTable request targets: every shape, every case, near
+/// misses and junk.
+fn uris(n: usize) -> Vec<String> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let stems = ["", "0abc", "40", "ff84e1a166e2", "3f", "a0"];
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let stem = stems[(r % stems.len() as u64) as usize];
+            let hex = format!("{stem}{:016x}{:016x}", next(), next());
+            let hex = &hex[..32];
+            let dashed = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            );
+            let u = if r & 0x100 != 0 {
+                dashed.to_uppercase()
+            } else {
+                dashed.clone()
+            };
+            match i % 12 {
+                0 => format!("/dtable-server/api/v1/dtables/{u}/rows/?table_name=T"),
+                1 => format!("/api/v1/dtables/{u}/"),
+                2 => format!("/api/v1/internal/dtables/{hex}/operations/"),
+                3 => format!("/api-gateway/api/v2/dtables/{u}/rows/"),
+                4 => format!("/dtable-db/api/v1/query/{u}/"),
+                5 => format!("/socket.io/?dtable_uuid={u}&EIO=4&transport=websocket"),
+                6 => format!("/socket.io/?EIO=4&dtable_uuid={hex}"),
+                7 => format!("/api/v1/dtables/{}/", &hex[..31]),
+                8 => format!("/api/v1/dtables/x{dashed}/"),
+                9 => [
+                    "/ping/",
+                    "/api/v1/admin/sys-info/",
+                    "/API/V1/INTERNAL/STATS/x",
+                    "/",
+                    "",
+                ][(r % 5) as usize]
+                    .to_owned(),
+                10 => format!("/socket.io/?other={dashed}"),
+                _ => format!("/%{}?&&=#{}", &hex[..5], &dashed[3..]),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn routes_exactly_as_shardmap_decides() {
+    let cfg = config(7, Fence::default());
+    let router = cfg.compile().unwrap();
+    let mut vm = vm_with(&cfg);
+    let all = uris(3000);
+    for uri in &all {
+        let (ctx, action) = request(
+            &mut vm,
+            &[
+                (":path", uri),
+                (":method", "GET"),
+                (":authority", "seatable"),
+            ],
+        );
+        let want = router.decide(uri);
+        assert_eq!(action, Action::Continue, "{uri}");
+        assert_eq!(
+            vm.request_header(ctx, "x-dtable-server"),
+            Some(want.server),
+            "{uri} ({:?})",
+            want.reason
+        );
+        assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("7"));
+        assert!(vm.local_response(ctx).is_none());
+        vm.finish(ctx).unwrap();
+    }
+    // Every server got requests and every count is right.
+    for server in router.servers() {
+        let want = all
+            .iter()
+            .filter(|u| router.decide(u).server == server)
+            .count() as u64;
+        let got = vm
+            .metric(&format!("seashard.requests.server.{server}"))
+            .map(|m| m.value);
+        assert_eq!(got, Some(want), "{server}");
+        assert!(want > 0, "{server}");
+    }
+    let defaults = all
+        .iter()
+        .filter(|u| router.decide(u).reason == Reason::Default)
+        .count() as u64;
+    assert_eq!(
+        vm.metric("seashard.requests.default").map(|m| m.value),
+        Some(defaults)
+    );
+    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(7));
+}
+
+#[test]
+fn a_client_sent_routing_header_never_survives() {
+    let mut vm = vm_with(&config(1, Fence::default()));
+    let uri = "/api/v1/dtables/a1b2c3d4-0000-4000-8000-000000000001/";
+    let (ctx, _) = request(
+        &mut vm,
+        &[
+            (":path", uri),
+            ("x-dtable-server", "dtable-server-2"),
+            ("X-Dtable-Server", "evil"),
+            ("x-shard-map-version", "99"),
+        ],
+    );
+    let headers = vm.request_headers_of(ctx).unwrap();
+    let routing: Vec<&str> = headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-dtable-server"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(routing, vec!["dtable-server"]);
+    assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("1"));
+}
+
+#[test]
+fn a_fenced_base_gets_503_with_retry_after() {
+    let fence = Fence {
+        slots: vec!["a-b".into()],
+        pins: vec!["ff84e1a1-66e2".into()],
+    };
+    let mut cfg = config(4, fence);
+    cfg.retry_after = 9;
+    let mut vm = vm_with(&cfg);
+    for uri in [
+        "/api/v1/dtables/a1b2c3d4-0000-4000-8000-000000000001/",
+        "/socket.io/?dtable_uuid=b1b2c3d4000040008000000000000001",
+        "/api/v1/dtables/FF84E1A1-66E2-4000-8000-000000000001/",
+    ] {
+        let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+        assert_eq!(action, Action::Pause, "{uri}");
+        let reply = vm
+            .local_response(ctx)
+            .unwrap_or_else(|| panic!("{uri}: no local reply"));
+        assert_eq!(reply.status, 503);
+        assert!(
+            reply
+                .headers
+                .iter()
+                .any(|(k, v)| k == "retry-after" && v == "9"),
+            "{:?}",
+            reply.headers
+        );
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["error"], "base_moving");
+        assert_eq!(body["retry_after"], 9);
+        assert!(vm.request_header(ctx, "x-dtable-server").is_none());
+    }
+    // Not fenced: routed.
+    let (ctx, action) = request(
+        &mut vm,
+        &[(
+            ":path",
+            "/api/v1/dtables/c1b2c3d4-0000-4000-8000-000000000001/",
+        )],
+    );
+    assert_eq!(action, Action::Continue);
+    assert_eq!(
+        vm.request_header(ctx, "x-dtable-server"),
+        Some("dtable-server")
+    );
+    assert_eq!(
+        vm.metric("seashard.requests.fenced").map(|m| m.value),
+        Some(3)
+    );
+}
+
+#[test]
+fn invalid_configuration_is_refused_and_the_previous_map_stays() {
+    let mut vm = vm_with(&config(1, Fence::default()));
+    let bad = [
+        "not json".to_owned(),
+        r#"{"version": 2, "map": {"default": "a", "slots": {"0-7": "a"}}}"#.to_owned(),
+        r#"{"version": 2, "map": {"default": "a"}, "surprise": true}"#.to_owned(),
+        r#"{"version": 2, "header": "Bad Header", "map": {"default": "a"}}"#.to_owned(),
+        String::new(),
+    ];
+    for b in &bad {
+        vm.clear_records();
+        assert!(!vm.configure(b.as_bytes()).unwrap(), "accepted {b:?}");
+        assert!(
+            vm.logs_at_least(LogLevel::Error)
+                .any(|l| l.contains("refused")),
+            "{b:?}: {:?}",
+            vm.logs()
+        );
+    }
+    // The gap is named in the log.
+    vm.clear_records();
+    assert!(!vm.configure(bad[1].as_bytes()).unwrap());
+    assert!(
+        vm.logs_at_least(LogLevel::Error)
+            .any(|l| l.contains("gap: no slot covers 8-f")),
+        "{:?}",
+        vm.logs()
+    );
+    let (ctx, _) = request(
+        &mut vm,
+        &[(
+            ":path",
+            "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
+        )],
+    );
+    assert_eq!(
+        vm.request_header(ctx, "x-dtable-server"),
+        Some("dtable-server-2")
+    );
+    assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("1"));
+    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(1));
+    // A valid new map applies.
+    assert!(
+        vm.configure(
+            RouterConfig::new(3, ShardMap::from_json(r#"{"default": "solo"}"#).unwrap())
+                .to_json()
+                .as_bytes()
+        )
+        .unwrap()
+    );
+    let (ctx, _) = request(
+        &mut vm,
+        &[(
+            ":path",
+            "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
+        )],
+    );
+    assert_eq!(vm.request_header(ctx, "x-dtable-server"), Some("solo"));
+    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(3));
+}
+
+#[test]
+fn unconfigured_filter_refuses_rather_than_guesses() {
+    let host = Host::load(built_filter("base-router").unwrap()).unwrap();
+    let mut vm = host.instantiate().unwrap();
+    assert!(vm.start(b"").unwrap());
+    assert!(!vm.configure(b"{}").unwrap());
+    let (ctx, action) = request(&mut vm, &[(":path", "/ping/")]);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(vm.local_response(ctx).map(|r| r.status), Some(503));
+}
+
+#[test]
+fn never_traps_on_odd_requests() {
+    let mut vm = vm_with(&config(1, Fence::default()));
+    let long = "/".repeat(70_000);
+    let odd: Vec<Vec<(&str, &str)>> = vec![
+        vec![],
+        vec![(":path", "")],
+        vec![(":path", long.as_str())],
+        vec![(
+            ":path",
+            "/api/v1/dtables/ÿÿÿÿÿÿÿÿ-ÿÿÿÿ-ÿÿÿÿ-ÿÿÿÿ-ÿÿÿÿÿÿÿÿÿÿÿÿ/",
+        )],
+        vec![(
+            ":path",
+            "/api/v1/dtables/\u{1F600}\u{1F600}\u{1F600}\u{1F600}\u{1F600}\u{1F600}\u{1F600}\u{1F600}x/",
+        )],
+        vec![(":path", "?dtable_uuid=?dtable_uuid=&dtable_uuid")],
+        vec![(":path", "/a"), (":path", "/b")],
+    ];
+    for headers in &odd {
+        let (ctx, action) = request(&mut vm, headers);
+        assert_eq!(action, Action::Continue, "{headers:?}");
+        assert_eq!(
+            vm.request_header(ctx, "x-dtable-server"),
+            Some("dtable-server"),
+            "{headers:?}"
+        );
+    }
+    let plain = Router::new(&ShardMap::from_json(MAP).unwrap()).unwrap();
+    assert_eq!(plain.decide("").server, "dtable-server");
+}
