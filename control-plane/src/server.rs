@@ -128,14 +128,9 @@ async fn flush(plane: &Arc<ControlPlane>) {
 }
 
 impl Running {
-    /// Serves until one of the servers fails or [`Running::shutdown`] is called elsewhere.
-    pub async fn wait(self) -> Result<(), ServeError> {
-        let Running {
-            grpc,
-            http,
-            flusher,
-            ..
-        } = self;
+    /// Serves until a server fails or the stopper (see [`Running::stopper`]) is
+    /// used; then stops everything and writes the node state.
+    pub async fn wait(mut self) -> Result<(), ServeError> {
         let joined = |r: Result<Result<(), ServeError>, tokio::task::JoinError>, what| match r {
             Ok(r) => r,
             Err(e) => Err(ServeError::Failed {
@@ -144,10 +139,10 @@ impl Running {
             }),
         };
         let result = tokio::select! {
-            r = grpc => joined(r, "ADS gRPC"),
-            r = http => joined(r, "HTTP API"),
+            r = &mut self.grpc => joined(r, "ADS gRPC"),
+            r = &mut self.http => joined(r, "HTTP API"),
         };
-        flusher.abort();
+        self.shutdown().await;
         result
     }
 
@@ -155,14 +150,18 @@ impl Running {
     /// not drained: Envoys keep their config and reconnect to the next control plane.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let mut grpc = self.grpc;
-        if tokio::time::timeout(Duration::from_secs(5), &mut grpc)
-            .await
-            .is_err()
-        {
-            grpc.abort();
+        for task in [self.grpc, self.http] {
+            // A task that ended (and was awaited by `wait`) must not be polled again.
+            if !task.is_finished() {
+                let abort = task.abort_handle();
+                if tokio::time::timeout(Duration::from_secs(5), task)
+                    .await
+                    .is_err()
+                {
+                    abort.abort();
+                }
+            }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flusher).await;
         flush(&self.plane).await;
     }

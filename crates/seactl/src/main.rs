@@ -1,7 +1,10 @@
 //! seactl: the one binary of seashard. `seactl serve` runs the control plane; every
 //! other command is a thin shell over the libraries: parse arguments, call, print.
 
+mod bootstrap;
+mod client;
 mod offline;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +67,14 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4))]
         digits: Option<u32>,
     },
+    /// Run the control plane: ADS (ECDS + CDS) for the Envoys, the HTTP API.
+    Serve(serve::ServeArgs),
+    /// Print an Envoy bootstrap that takes its map and clusters from the control plane.
+    EnvoyBootstrap(bootstrap::BootstrapArgs),
+    /// Propose a map to the control plane: show the plan, apply, follow the ACKs.
+    PushMap(client::PushMapArgs),
+    /// Show the active map version, each Envoy's ACK/NACK and each server's health.
+    Status(client::StatusArgs),
     /// Show seashard at work on sample SeaTable requests.
     Demo {
         /// Only route sample requests with a sample map; start no process.
@@ -86,6 +97,10 @@ fn main() -> ExitCode {
             digits,
         } => offline::rebalance(&map, add, remove, digits),
         Command::Demo { offline: _ } => offline::demo(),
+        Command::Serve(args) => serve::serve(args),
+        Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(args),
+        Command::PushMap(args) => client::push_map(args),
+        Command::Status(args) => client::status(args),
     };
     match result {
         Ok(code) => code,

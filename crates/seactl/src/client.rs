@@ -1,0 +1,465 @@
+//! The control plane's HTTP API, from the command line: a small blocking client and
+//! the commands built on it (`push-map`, `status`).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+/// Where the control plane is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Remote {
+    /// The control plane's HTTP API.
+    #[arg(long, env = "SEASHARD_URL", default_value = "http://127.0.0.1:18080")]
+    pub url: String,
+    /// The API token (for changes).
+    #[arg(long, env = "SEASHARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// How to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// An API answer: status and JSON body.
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+/// A blocking client of the API.
+struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(remote: &Remote) -> Client {
+        Client {
+            base: remote.url.trim_end_matches('/').to_owned(),
+            token: remote.token.clone(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Answer> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        answer(resp, &url)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Answer> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", &format!("Bearer {t}"));
+        }
+        let resp = req
+            .send(body.to_string())
+            .with_context(|| format!("POST {url}"))?;
+        answer(resp, &url)
+    }
+}
+
+fn answer(mut resp: ureq::http::Response<ureq::Body>, url: &str) -> Result<Answer> {
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer of {url}"))?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok(Answer { status, body })
+}
+
+/// An error answer as text: the reason and every problem.
+fn describe_error(a: &Answer) -> String {
+    let mut s = format!(
+        "{} ({})",
+        a.body["error"].as_str().unwrap_or("error"),
+        a.status
+    );
+    for p in a.body["problems"].as_array().into_iter().flatten() {
+        let at = p["at"].as_str().unwrap_or_default();
+        let msg = p["message"].as_str().unwrap_or_default();
+        if at.is_empty() {
+            s.push_str(&format!("\n  {msg}"));
+        } else {
+            s.push_str(&format!("\n  {at}: {msg}"));
+        }
+    }
+    s
+}
+
+/// `seactl push-map`.
+#[derive(Debug, clap::Args)]
+pub struct PushMapArgs {
+    /// The shard map (JSON); `-` for stdin.
+    pub map: PathBuf,
+    /// Show the plan only; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Apply without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Why (recorded in the history and audit log).
+    #[arg(long, short = 'm', default_value = "")]
+    pub comment: String,
+    /// How long to wait for every Envoy's ACK, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub wait: u64,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Shows the plan, asks, applies, and follows the Envoys' ACKs.
+pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
+    let text = crate::offline::read(&args.map)?;
+    let map: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", args.map.display()))?;
+    let client = Client::new(&args.remote);
+    let json_out = args.output == Output::Json;
+
+    let plan = client.post("/v1/maps?dry_run=true", &json!({ "map": map }))?;
+    if plan.status != 200 {
+        return fail(json_out, &plan);
+    }
+    if !json_out {
+        print_plan(&plan.body);
+    }
+    if args.dry_run {
+        if json_out {
+            println!("{}", pretty(&plan.body));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if plan.body["unchanged"] == true {
+        if json_out {
+            println!("{}", pretty(&plan.body));
+        } else {
+            println!("Nothing to do: the active map is already this one.");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if plan.body["needs_rollout"] == true && !json_out {
+        println!(
+            "This map moves bases: it needs a rollout (fence, restart, activate), which this \
+             control plane cannot run yet. Nothing was changed."
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if !args.yes && !confirm("Apply this map?")? {
+        println!("Not applied.");
+        return Ok(ExitCode::FAILURE);
+    }
+    let from = plan.body["from_version"].as_u64().unwrap_or(0);
+    let applied = client.post(
+        "/v1/maps",
+        &json!({
+            "map": map,
+            "base_version": from,
+            "comment": args.comment,
+            "author": author(),
+        }),
+    )?;
+    if applied.status != 200 {
+        return fail(json_out, &applied);
+    }
+    let version = applied.body["version"].as_u64().unwrap_or(0);
+    if !json_out {
+        println!("Version {version} is active; waiting for every Envoy to apply it ...");
+    }
+    let (ok, status) = wait_acked(&client, Duration::from_secs(args.wait), json_out)?;
+    if json_out {
+        println!(
+            "{}",
+            pretty(&json!({ "outcome": applied.body, "acked": ok, "nodes": status["nodes"] }))
+        );
+    } else if ok {
+        println!("Every connected Envoy runs version {version}.");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Polls the status until every connected node is current on the filter config, one
+/// NACKed it, or `timeout`. Returns whether all are current, and the last status.
+fn wait_acked(client: &Client, timeout: Duration, quiet: bool) -> Result<(bool, Value)> {
+    let start = Instant::now();
+    let mut last_owing = Vec::new();
+    loop {
+        let s = client.get("/v1/status")?;
+        if s.status != 200 {
+            bail!("{}", describe_error(&s));
+        }
+        let nodes: Vec<&Value> = s.body["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter(|n| n["connected"] == true).collect())
+            .unwrap_or_default();
+        let nacked: Vec<&Value> = nodes
+            .iter()
+            .copied()
+            .filter(|n| n["state"]["ecds"] == "nacked")
+            .collect();
+        let owing: Vec<String> = nodes
+            .iter()
+            .filter(|n| n["state"]["ecds"] != "current" && n["state"]["ecds"] != "nacked")
+            .filter_map(|n| n["id"].as_str().map(str::to_owned))
+            .collect();
+        if !nacked.is_empty() {
+            if !quiet {
+                for n in &nacked {
+                    eprintln!(
+                        "NACK from {}: {}",
+                        n["id"].as_str().unwrap_or("?"),
+                        n["types"]["ecds"]["nack_error"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            return Ok((false, s.body));
+        }
+        if owing.is_empty() {
+            if !quiet {
+                println!(
+                    "  {} Envoy(s) ACKed in {} ms",
+                    nodes.len(),
+                    start.elapsed().as_millis()
+                );
+            }
+            return Ok((true, s.body));
+        }
+        if start.elapsed() >= timeout {
+            if !quiet {
+                eprintln!(
+                    "Timed out after {}s; still owing an ACK: {}",
+                    timeout.as_secs(),
+                    owing.join(", ")
+                );
+            }
+            return Ok((false, s.body));
+        }
+        if owing != last_owing && !quiet {
+            println!("  waiting for: {}", owing.join(", "));
+            last_owing = owing;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn print_plan(o: &Value) {
+    let p = &o["plan"];
+    println!("Active version: {}", o["from_version"]);
+    if o["unchanged"] == true {
+        println!("The map is the active one: no change.");
+        return;
+    }
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    for m in p["slots"].as_array().into_iter().flatten() {
+        println!(
+            "  slots {:<12} {} → {}",
+            m["range"].as_str().unwrap_or(""),
+            m["from"].as_str().unwrap_or(""),
+            m["to"].as_str().unwrap_or("")
+        );
+    }
+    for c in p["pins"].as_array().into_iter().flatten() {
+        println!(
+            "  pin   {:<12} {} → {}",
+            c["pin"].as_str().unwrap_or(""),
+            c["before"].as_str().unwrap_or("(its slot)"),
+            c["after"].as_str().unwrap_or("(its slot)")
+        );
+    }
+    if p["default_changed"] == true {
+        println!("  the default server changes (requests without a base)");
+    }
+    if p["paths_changed"] == true {
+        println!("  path rules change (requests without a base)");
+    }
+    for s in list(&p["servers_added"]) {
+        println!("  new server: {s}");
+    }
+    for s in list(&p["servers_removed"]) {
+        println!("  server no longer used: {s}");
+    }
+    if o["needs_rollout"] == true {
+        println!(
+            "Moves bases from {} to {}.",
+            list(&p["losing"]).join(", "),
+            list(&p["gaining"]).join(", ")
+        );
+    } else {
+        println!("No base changes server.");
+    }
+}
+
+fn fail(json_out: bool, a: &Answer) -> Result<ExitCode> {
+    if json_out {
+        println!("{}", pretty(&a.body));
+    } else {
+        eprintln!("{}", describe_error(a));
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("not asking on a non-interactive stdin: pass --yes to apply, or --dry-run");
+    }
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+/// Who is pushing: `$USER@host`, for the audit log.
+fn author() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// `seactl status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Active version, each Envoy's ACK/NACK, each server's health.
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.remote);
+    let s = client.get("/v1/status")?;
+    if s.status != 200 {
+        return Err(anyhow!("{}", describe_error(&s)));
+    }
+    let b = &s.body;
+    if args.output == Output::Json {
+        println!("{}", pretty(b));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Active map: version {} ({}, by {})",
+        b["version"],
+        b["kind"].as_str().unwrap_or(""),
+        b["author"].as_str().unwrap_or("")
+    );
+    println!(
+        "  filter config {}, clusters {}",
+        b["ecds_version"].as_str().unwrap_or(""),
+        b["cds_version"].as_str().unwrap_or("")
+    );
+    let mut healthy = true;
+    println!("\nEnvoys:");
+    let nodes = b["nodes"].as_array().cloned().unwrap_or_default();
+    if nodes.is_empty() {
+        println!("  (none has connected yet)");
+    }
+    println!(
+        "  {:<20} {:<16} {:<13} {:<8} {:<8} last NACK",
+        "node", "cluster", "state", "map", "clusters"
+    );
+    for n in &nodes {
+        let ecds = &n["types"]["ecds"];
+        let nack = match (ecds["nacked_version"].as_str(), ecds["nack_error"].as_str()) {
+            (Some(v), Some(e)) => format!("{v}: {e}"),
+            _ => String::new(),
+        };
+        let state = n["state"]["ecds"].as_str().unwrap_or("");
+        healthy &= state == "current" || state == "disconnected";
+        println!(
+            "  {:<20} {:<16} {:<13} {:<8} {:<8} {}",
+            n["id"].as_str().unwrap_or(""),
+            n["cluster"].as_str().unwrap_or(""),
+            state,
+            n["map_version"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            n["state"]["cds"].as_str().unwrap_or(""),
+            nack
+        );
+    }
+    println!("\ndtable-servers:");
+    for sv in b["servers"].as_array().into_iter().flatten() {
+        let h = &sv["health"];
+        let up = h["up"] == true;
+        healthy &= up;
+        let assigned = &sv["assigned"];
+        let mut what: Vec<String> = Vec::new();
+        if assigned["default"] == true {
+            what.push("default".into());
+        }
+        let slots: Vec<&str> = assigned["slots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !slots.is_empty() {
+            what.push(format!("slots {}", slots.join(",")));
+        }
+        let pins = assigned["pins"].as_array().map(Vec::len).unwrap_or(0);
+        if pins > 0 {
+            what.push(format!("{pins} pin(s)"));
+        }
+        println!(
+            "  {:<20} {:<22} {:<5} {}{}",
+            sv["name"].as_str().unwrap_or(""),
+            sv["address"].as_str().unwrap_or(""),
+            if up { "up" } else { "DOWN" },
+            what.join("; "),
+            h["error"]
+                .as_str()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

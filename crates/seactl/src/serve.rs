@@ -1,0 +1,73 @@
+//! `seactl serve --config FILE`: runs the control plane until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use control_plane::{Config, ControlPlane};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML).
+    #[arg(long, short = 'c', env = "SEASHARD_CONFIG")]
+    pub config: PathBuf,
+    /// Check the configuration and the store, then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(&args.config)?;
+    let token = config.api_token()?;
+    let plane = ControlPlane::open(config)
+        .with_context(|| format!("starting from {}", args.config.display()))?;
+    if args.check {
+        let active = plane.active()?;
+        println!(
+            "{}: valid; active map version {} ({} servers)",
+            args.config.display(),
+            active.version,
+            plane.config().servers.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let running = control_plane::start(plane, &token).await?;
+        let stop = running.stopper();
+        let signalled = tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping");
+            let _ = stop.send(true);
+        });
+        let result = running.wait().await;
+        signalled.abort();
+        result
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
