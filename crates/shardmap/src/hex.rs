@@ -72,7 +72,7 @@ impl SlotRange {
         for digits in 1..granularity {
             let shift = 4 * (granularity - digits);
             let unit = 1usize << shift;
-            if start % unit == 0 && end % unit == 0 {
+            if start.is_multiple_of(unit) && end.is_multiple_of(unit) {
                 return SlotRange {
                     digits,
                     lo: (start >> shift) as u32,

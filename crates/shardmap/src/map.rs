@@ -311,14 +311,14 @@ fn check_tiling(ranges: &[(SlotRange, &str, u16)], digits: u32, problems: &mut P
                 ),
             );
         }
-        if let Some((end, other)) = widest {
-            if a < end {
-                let overlap = SlotRange::covering(a, b.min(end), digits);
-                problems.push(
-                    format!("slots.\"{key}\""),
-                    format!("overlaps slot `{other}` on {overlap}"),
-                );
-            }
+        if let Some((end, other)) = widest
+            && a < end
+        {
+            let overlap = SlotRange::covering(a, b.min(end), digits);
+            problems.push(
+                format!("slots.\"{key}\""),
+                format!("overlaps slot `{other}` on {overlap}"),
+            );
         }
         if widest.is_none_or(|(end, _)| b > end) {
             widest = Some((b, key));

@@ -227,7 +227,7 @@ mod tests {
             format!("/api/v1/dtables/{DASHED}.json"),
             format!("/api/v1/dtables/{HEX}-/"),
             format!("/api/v1/dtables/{}/", DASHED.replace('-', "_")),
-            format!("/api/v1/dtables/ff84e1a166e2-4a3b-9c1d-0123456789ab/"),
+            "/api/v1/dtables/ff84e1a166e2-4a3b-9c1d-0123456789ab/".to_owned(),
             format!("/api/v1/dtables/g{}/", &HEX[1..]),
             format!("/socket.io/?other_uuid={DASHED}"),
             format!("/socket.io/?xdtable_uuid={DASHED}"),

@@ -179,7 +179,9 @@ proptest! {
         // drops to the largest share.
         let share_hi = n.div_ceil(ca.len());
         for (s, c) in &cb {
-            if let Some(a) = ca.get(s) { if a < c { prop_assert!(*a >= share_hi - 1 && *c > share_hi - 1); } }
+            if let Some(a) = ca.get(s) && a < c {
+                prop_assert!(*a >= share_hi - 1 && *c > share_hi - 1);
+            }
         }
         match &change {
             Change::Add(s) => prop_assert!(ca.contains_key(s.as_str())),
