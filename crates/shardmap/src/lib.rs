@@ -25,7 +25,7 @@ pub use map::{
     MAX_PATH_RULES, MAX_PINS, MAX_REGEX_LEN, MAX_REGEX_SIZE, MAX_SERVER_NAME_LEN, MAX_SERVERS,
     PathRule, ShardMap, check_server_name,
 };
-pub use plan::{Move, PinChange, Plan, SlotMove, diff};
+pub use plan::{Move, PinChange, Plan, SlotMove, diff, owners_within};
 pub use problem::{Problem, Problems};
 pub use rebalance::{Change, Rebalance, RebalanceError, rebalance};
 pub use router::{Decision, Fence, Reason, Router};

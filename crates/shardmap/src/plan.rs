@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use crate::hex::SlotRange;
+use crate::hex::{SlotRange, canonical_pin};
 use crate::map::ShardMap;
 use crate::problem::Problems;
 use crate::router::{Fence, Router};
@@ -98,27 +98,21 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, Problems> {
         ..Plan::default()
     };
 
-    let mut pins: Vec<&str> = ro
-        .compiled()
-        .pins
-        .iter()
-        .chain(&rn.compiled().pins)
-        .map(|(p, _)| p.as_str())
-        .collect();
-    pins.sort_unstable();
-    pins.dedup();
-    let walk = Walk {
-        ro: &ro,
-        rn: &rn,
-        pins: &pins,
-    };
-    let mut moved = Vec::new();
     let mut moves = BTreeSet::new();
-    walk.visit(&mut String::with_capacity(32), &mut moved, &mut moves);
+    let moved = Cells::new(&[&ro, &rn]).select("", &mut |base| {
+        let (from, to) = (ro.owner_of(base), rn.owner_of(base));
+        if from != to {
+            moves.insert(Move {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            });
+        }
+        from != to
+    });
     plan.fence = fence_of(&moved);
     plan.losing = moves
         .iter()
-        .map(|m: &Move| m.from.clone())
+        .map(|m| m.from.clone())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -137,54 +131,103 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, Problems> {
     Ok(plan)
 }
 
-/// A walk down the trie of hex prefixes, splitting only where pins or slot boundaries
-/// of either map make a prefix's bases differ.
-struct Walk<'a> {
-    ro: &'a Router,
-    rn: &'a Router,
-    pins: &'a [&'a str],
+/// The servers that own at least one base inside `fence` under `map`: the servers that
+/// may have loaded one of those bases while `map` was active.
+pub fn owners_within(map: &ShardMap, fence: &Fence) -> Result<BTreeSet<String>, Problems> {
+    let router = Router::new(map)?;
+    let mut problems = Problems::default();
+    let mut prefixes: Vec<String> = Vec::new();
+    for (i, s) in fence.slots.iter().enumerate() {
+        match SlotRange::parse(s) {
+            Ok(r) => {
+                let w = r.digits as usize;
+                prefixes.extend((r.lo..=r.hi).map(|v| format!("{v:0w$x}")));
+            }
+            Err(e) => problems.push(format!("fence.slots[{i}]"), e),
+        }
+    }
+    for (i, pin) in fence.pins.iter().enumerate() {
+        match canonical_pin(pin) {
+            Ok(p) => prefixes.push(p),
+            Err(e) => problems.push(format!("fence.pins[{i}]"), e),
+        }
+    }
+    let prefixes = problems.into_result(prefixes)?;
+    let cells = Cells::new(&[&router]);
+    let mut owners = BTreeSet::new();
+    for prefix in &prefixes {
+        cells.select(prefix, &mut |base| {
+            owners.insert(router.owner_of(base).to_owned());
+            false
+        });
+    }
+    Ok(owners)
 }
 
-impl Walk<'_> {
-    /// Pushes the moved prefixes under `prefix` onto `moved`; true when all of it moved.
+/// The trie of hex prefixes, cut into cells: a prefix is split only where a pin or a
+/// slot boundary of one of the routers makes its bases resolve differently.
+struct Cells<'a> {
+    routers: Vec<&'a Router>,
+    /// Every pin of every router, sorted.
+    pins: Vec<&'a str>,
+}
+
+impl<'a> Cells<'a> {
+    fn new(routers: &[&'a Router]) -> Cells<'a> {
+        let mut pins: Vec<&str> = routers
+            .iter()
+            .flat_map(|r| r.compiled().pins.iter().map(|(p, _)| p.as_str()))
+            .collect();
+        pins.sort_unstable();
+        pins.dedup();
+        Cells {
+            routers: routers.to_vec(),
+            pins,
+        }
+    }
+
+    /// Calls `pick` with a representative base of every cell under `prefix`; returns the
+    /// picked cells as disjoint sorted prefixes, with fully picked siblings merged.
+    fn select(&self, prefix: &str, pick: &mut impl FnMut(&BaseUuid) -> bool) -> Vec<String> {
+        let mut out = Vec::new();
+        self.visit(&mut prefix.to_owned(), &mut out, pick);
+        out
+    }
+
+    /// True when all of `prefix` was picked.
     fn visit(
         &self,
         prefix: &mut String,
-        moved: &mut Vec<String>,
-        moves: &mut BTreeSet<Move>,
+        out: &mut Vec<String>,
+        pick: &mut impl FnMut(&BaseUuid) -> bool,
     ) -> bool {
         if self.is_uniform(prefix) {
             let mut rep = prefix.clone();
-            rep.extend(std::iter::repeat_n('0', 32 - prefix.len()));
-            let Some(base) = BaseUuid::parse(&rep) else {
-                return false;
-            };
-            let (from, to) = (self.ro.owner_of(&base), self.rn.owner_of(&base));
-            if from == to {
-                return false;
+            rep.extend(std::iter::repeat_n(
+                '0',
+                32usize.saturating_sub(prefix.len()),
+            ));
+            let picked = BaseUuid::parse(&rep).is_some_and(|base| pick(&base));
+            if picked {
+                out.push(prefix.clone());
             }
-            moves.insert(Move {
-                from: from.to_owned(),
-                to: to.to_owned(),
-            });
-            moved.push(prefix.clone());
-            return true;
+            return picked;
         }
-        let start = moved.len();
+        let start = out.len();
         let mut all = true;
         for c in "0123456789abcdef".chars() {
             prefix.push(c);
-            all &= self.visit(prefix, moved, moves);
+            all &= self.visit(prefix, out, pick);
             prefix.pop();
         }
         if all {
-            moved.truncate(start);
-            moved.push(prefix.clone());
+            out.truncate(start);
+            out.push(prefix.clone());
         }
         all
     }
 
-    /// True when every base under `prefix` resolves the same way in both maps.
+    /// True when every base under `prefix` resolves the same way in every router.
     fn is_uniform(&self, prefix: &str) -> bool {
         let k = prefix.len();
         let first = self.pins.partition_point(|p| *p < prefix);
@@ -192,7 +235,7 @@ impl Walk<'_> {
             .iter()
             .take_while(|p| p.starts_with(prefix))
             .any(|p| p.len() > k);
-        !deeper_pin && slots_uniform(self.ro, prefix) && slots_uniform(self.rn, prefix)
+        !deeper_pin && self.routers.iter().all(|r| slots_uniform(r, prefix))
     }
 }
 

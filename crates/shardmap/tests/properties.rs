@@ -122,6 +122,24 @@ proptest! {
         prop_assert_eq!(plan.moves_bases(), !plan.moves.is_empty());
     }
 
+    /// Every base inside a fence is owned by one of `owners_within`, and each of those
+    /// owns a base inside it.
+    #[test]
+    fn owners_within_is_exact(old in valid_map(), new in valid_map(), other in valid_map(), uuids in prop::collection::vec(uuid(), 64)) {
+        let fence = diff(&old, &new).unwrap().fence;
+        let owners = shardmap::owners_within(&other, &fence).unwrap();
+        let fenced = Router::with_fence(&other, &fence).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for u in &uuids {
+            if fenced.is_fenced(u) {
+                prop_assert!(owners.contains(fenced.owner_of(u)), "{} owned by {}, not in {:?}", u, fenced.owner_of(u), owners);
+                seen.insert(fenced.owner_of(u).to_owned());
+            }
+        }
+        prop_assert!(seen.is_subset(&owners));
+        prop_assert_eq!(owners.is_empty(), fence.is_empty());
+    }
+
     /// A slot is said to move exactly when its slot owner differs.
     #[test]
     fn slot_moves_are_exact(old in valid_map(), new in valid_map()) {

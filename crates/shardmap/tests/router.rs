@@ -182,3 +182,64 @@ fn diff_keeps_pinned_bases_out_of_the_fence() {
     let plan = diff(&old, &paths).unwrap();
     assert!(!plan.moves_bases() && plan.paths_changed && !plan.is_empty());
 }
+
+#[test]
+fn owners_within_a_fence() {
+    use shardmap::owners_within;
+    let map = ShardMap::from_json(
+        r#"{"default": "a", "slots": {"0-7": "a", "8-b": "b", "c-f": "c"}, "pins": {"1234": "p", "9": "a"}}"#,
+    )
+    .unwrap();
+    let names = |f: Fence| {
+        owners_within(&map, &f)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(Fence {
+            slots: vec!["8-9".into()],
+            pins: vec![]
+        }),
+        ["a", "b"]
+    );
+    assert_eq!(
+        names(Fence {
+            slots: vec!["0".into()],
+            pins: vec![]
+        }),
+        ["a"]
+    );
+    assert_eq!(
+        names(Fence {
+            slots: vec!["1".into()],
+            pins: vec![]
+        }),
+        ["a", "p"]
+    );
+    assert_eq!(
+        names(Fence {
+            slots: vec![],
+            pins: vec!["12345".into()]
+        }),
+        ["p"]
+    );
+    assert_eq!(
+        names(Fence {
+            slots: vec!["d0-d1".into()],
+            pins: vec!["a".into()]
+        }),
+        ["b", "c"]
+    );
+    assert!(names(Fence::default()).is_empty());
+    assert!(
+        owners_within(
+            &map,
+            &Fence {
+                slots: vec!["x".into()],
+                pins: vec![]
+            }
+        )
+        .is_err()
+    );
+}
