@@ -305,11 +305,6 @@ impl Vm {
         Ok(results)
     }
 
-    /// The root context's id.
-    pub fn root_context(&self) -> u32 {
-        ROOT_CONTEXT
-    }
-
     /// The request headers of `context` as the filter left them; `None` for an
     /// unknown (or deleted) context.
     pub fn request_headers_of(&self, context: ContextId) -> Option<&[(String, String)]> {
