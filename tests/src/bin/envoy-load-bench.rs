@@ -1,0 +1,319 @@
+//! `envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] [--threads 2]
+//! [--connections 32] [--bases 60] [--out FILE]`
+//!
+//! Proxy CPU per request of three Envoys (one worker each, `--concurrency 1`),
+//! all built from `envoy/edge-static.yaml` on loopback:
+//!   1. passthrough: the wasm filter removed, the fallback route to `dtable-server`;
+//!   2. + `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
+//!   3. + `base_router.wasm` with the shipped shard map.
+//! Over several rounds, interleaved (the order rotates each round), `wrk` drives
+//! each one with keep-alive connections cycling through a fixed set of SeaTable
+//! request targets; the Envoy process's utime+stime over the run (from
+//! `/proc/PID/stat`) divided by the requests wrk completed is its CPU per request.
+//! Reports per configuration the median and range across rounds and the ratio to
+//! passthrough (median and range of the per-round ratios), as a Markdown table
+//! printed and written to `target/bench/envoy-load.md`.
+//!
+//! Needs `wrk` and Envoy (`bash .ci/setup`; set `ENVOY_BIN` to the real binary)
+//! and the two filters:
+//! `cargo build -p base-router -p bench-noop --target wasm32-wasip1 --profile wasm`.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use seashard_tests::bench::{self, Variant};
+use seashard_tests::{Connection, Envoy, envoy_bin, wasm_file, workspace_dir};
+
+struct Args {
+    rounds: usize,
+    duration: Duration,
+    warmup: Duration,
+    threads: u32,
+    connections: u32,
+    bases: usize,
+    out: PathBuf,
+}
+
+const USAGE: &str = "usage: envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] \
+                     [--threads 2] [--connections 32] [--bases 60] [--out FILE]";
+
+/// Whole seconds, `5s` or `5` (wrk's own resolution).
+fn parse_duration(s: &str) -> Result<Duration> {
+    let n: u64 = s
+        .strip_suffix('s')
+        .unwrap_or(s)
+        .parse()
+        .with_context(|| format!("duration {s:?}: whole seconds, e.g. 5s"))?;
+    Ok(Duration::from_secs(n))
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut a = Args {
+        rounds: 5,
+        duration: Duration::from_secs(5),
+        warmup: Duration::from_secs(2),
+        threads: 2,
+        connections: 32,
+        bases: 60,
+        out: workspace_dir().join("target/bench/envoy-load.md"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().ok_or_else(|| anyhow!("{arg} needs a value"));
+        match arg.as_str() {
+            "--rounds" => a.rounds = val()?.parse()?,
+            "--duration" => a.duration = parse_duration(&val()?)?,
+            "--warmup" => a.warmup = parse_duration(&val()?)?,
+            "--threads" => a.threads = val()?.parse()?,
+            "--connections" => a.connections = val()?.parse()?,
+            "--bases" => a.bases = val()?.parse()?,
+            "--out" => a.out = PathBuf::from(val()?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if a.rounds == 0 || a.duration.is_zero() {
+        bail!("--rounds and --duration must be positive");
+    }
+    Ok(Some(a))
+}
+
+/// An echo upstream in this process (its CPU is not Envoy's, which is all
+/// that is measured).
+fn echo_upstream(name: &'static str) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || seashard_tests::echo::serve(name, listener));
+    Ok(addr)
+}
+
+struct Run {
+    cpu_us_per_req: f64,
+    rps: f64,
+}
+
+fn measure(
+    (envoy, pid): (&Envoy, u32),
+    args: &Args,
+    script: &std::path::Path,
+    d: Duration,
+) -> Result<Run> {
+    let before = bench::cpu_ticks(pid)?;
+    let r = bench::run_wrk(
+        envoy.listener_addr,
+        args.threads,
+        args.connections,
+        d,
+        script,
+    )?;
+    let after = bench::cpu_ticks(pid)?;
+    if r.non_2xx > 0 || r.requests == 0 {
+        bail!(
+            "wrk got {} non-2xx answers of {} requests; Envoy log:\n{}",
+            r.non_2xx,
+            r.requests,
+            envoy.logs()
+        );
+    }
+    let secs = (after - before) as f64 / bench::clock_ticks_per_sec() as f64;
+    Ok(Run {
+        cpu_us_per_req: secs * 1e6 / r.requests as f64,
+        rps: r.requests as f64 / r.seconds,
+    })
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("envoy-load-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let noop = wasm_file("bench_noop.wasm")?;
+    let router = wasm_file("base_router.wasm")?;
+    let ups = [
+        echo_upstream("dtable-server")?,
+        echo_upstream("dtable-server-2")?,
+    ];
+
+    let out_dir = args
+        .out
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&out_dir)?;
+    let mix = bench::request_mix(args.bases);
+    let script = out_dir.join("envoy-load-requests.lua");
+    std::fs::write(&script, bench::wrk_script(&mix))?;
+
+    let mut envoys = Vec::new();
+    for v in Variant::ALL {
+        let yaml = bench::bootstrap_for(v, &noop, &router, ups)?;
+        let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
+        let pid = envoy.process().pid();
+        // Routed as intended: a base of slot 0-9 reaches dtable-server-2 only
+        // through base-router; the others send everything to dtable-server.
+        let r = Connection::open(envoy.listener_addr)?
+            .get("/api/v1/dtables/5f3e2d1c-0b9a-4876-9543-210fedcba987/", &[])?;
+        let want = if v == Variant::BaseRouter {
+            "dtable-server-2"
+        } else {
+            "dtable-server"
+        };
+        if r.status != 200 || r.header("x-served-by") != Some(want) {
+            bail!(
+                "{}: expected 200 from {want}, got {} {:?}",
+                v.label(),
+                r.status,
+                r.header("x-served-by")
+            );
+        }
+        envoys.push((v, envoy, pid));
+    }
+
+    eprintln!(
+        "envoy-load-bench: {} rounds x {} configurations x {:?} (warm-up {:?}), wrk -t{} -c{}, {} request targets",
+        args.rounds,
+        envoys.len(),
+        args.duration,
+        args.warmup,
+        args.threads,
+        args.connections,
+        mix.len()
+    );
+    if !args.warmup.is_zero() {
+        for (_, envoy, pid) in &envoys {
+            measure((envoy, *pid), &args, &script, args.warmup)?;
+        }
+    }
+
+    // runs[variant][round]
+    let mut runs: Vec<Vec<Run>> = (0..envoys.len()).map(|_| Vec::new()).collect();
+    for round in 0..args.rounds {
+        for k in 0..envoys.len() {
+            let i = (round + k) % envoys.len();
+            let (v, envoy, pid) = &envoys[i];
+            let run = measure((envoy, *pid), &args, &script, args.duration)?;
+            eprintln!(
+                "  round {} {:<45} {:>7.2} us/request {:>9.0} req/s",
+                round + 1,
+                v.label(),
+                run.cpu_us_per_req,
+                run.rps
+            );
+            runs[i].push(run);
+        }
+    }
+
+    let report = render(&args, &envoys, &runs, mix.len())?;
+    std::fs::write(&args.out, &report).with_context(|| format!("write {}", args.out.display()))?;
+    println!("{report}");
+    eprintln!("envoy-load-bench: wrote {}", args.out.display());
+    Ok(())
+}
+
+fn render(
+    args: &Args,
+    envoys: &[(Variant, Envoy, u32)],
+    runs: &[Vec<Run>],
+    n_targets: usize,
+) -> Result<String> {
+    let base: Vec<f64> = runs[0].iter().map(|r| r.cpu_us_per_req).collect();
+    let mut s = String::new();
+    writeln!(s, "# Envoy load benchmark: proxy CPU per request\n")?;
+    writeln!(
+        s,
+        "`envoy-load-bench --rounds {} --duration {}s`: {} rounds, configurations interleaved \
+         (order rotated each round), {} s each after a {} s warm-up; wrk -t{} -c{} keep-alive, \
+         {} SeaTable request targets in turn; Envoy `--concurrency 1`; CPU = utime+stime of \
+         the Envoy process / requests completed.\n",
+        args.rounds,
+        args.duration.as_secs(),
+        args.rounds,
+        args.duration.as_secs(),
+        args.warmup.as_secs(),
+        args.threads,
+        args.connections,
+        n_targets
+    )?;
+    writeln!(
+        s,
+        "| configuration | CPU µs/request, median | range | ratio to passthrough, median | ratio range | req/s, median |"
+    )?;
+    writeln!(s, "|---|---|---|---|---|---|")?;
+    for (i, (v, _, _)) in envoys.iter().enumerate() {
+        let cpu: Vec<f64> = runs[i].iter().map(|r| r.cpu_us_per_req).collect();
+        let rps: Vec<f64> = runs[i].iter().map(|r| r.rps).collect();
+        let ratios: Vec<f64> = cpu.iter().zip(&base).map(|(c, b)| c / b).collect();
+        let (lo, hi) = bench::range(&cpu);
+        let (rlo, rhi) = bench::range(&ratios);
+        writeln!(
+            s,
+            "| {} | {:.2} | {:.2} – {:.2} | {:.2}× | {:.2} – {:.2} | {:.0} |",
+            v.label(),
+            bench::median(&cpu),
+            lo,
+            hi,
+            bench::median(&ratios),
+            rlo,
+            rhi,
+            bench::median(&rps)
+        )?;
+    }
+    // base-router relative to the empty filter, per round.
+    let noop: Vec<f64> = runs[1].iter().map(|r| r.cpu_us_per_req).collect();
+    let vs_noop: Vec<f64> = runs[2]
+        .iter()
+        .zip(&noop)
+        .map(|(r, n)| r.cpu_us_per_req / n)
+        .collect();
+    let (lo, hi) = bench::range(&vs_noop);
+    writeln!(
+        s,
+        "\nbase-router / empty filter, per round: median {:.2}× (range {:.2} – {:.2}).\n",
+        bench::median(&vs_noop),
+        lo,
+        hi
+    )?;
+    writeln!(s, "Per round, CPU µs/request:\n")?;
+    for (i, (v, _, _)) in envoys.iter().enumerate() {
+        let vals: Vec<String> = runs[i]
+            .iter()
+            .map(|r| format!("{:.2}", r.cpu_us_per_req))
+            .collect();
+        writeln!(s, "- {}: {}", v.label(), vals.join(", "))?;
+    }
+    let envoy = envoy_bin()?;
+    let version = std::process::Command::new(&envoy)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    writeln!(
+        s,
+        "\nMachine: {cores} cores (shared with wrk and the upstreams), clock ticks {} Hz.\n{}",
+        bench::clock_ticks_per_sec(),
+        version
+            .lines()
+            .find(|l| l.contains("version"))
+            .unwrap_or("")
+    )?;
+    Ok(s)
+}
