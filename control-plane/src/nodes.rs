@@ -647,7 +647,7 @@ mod tests {
                 Event::Ack { version: v.clone() }
             ]
         );
-        assert_eq!(sent, [v.clone()]);
+        assert_eq!(sent, std::slice::from_ref(&v));
         let node = reg.node("edge-1").unwrap();
         assert!(node.connected);
         assert_eq!(node.cluster, "edge");
@@ -724,7 +724,7 @@ mod tests {
             &[req("", "", None), req("", "1", Some("no"))],
             &mut n,
         );
-        assert_eq!(sent, [vb.clone()]);
+        assert_eq!(sent, std::slice::from_ref(&vb));
         reg.close(&s);
         // Same node id, new process (empty version_info): it never saw the content.
         let mut s2 = Stream::default();
@@ -788,7 +788,7 @@ mod tests {
         };
         let (events, sent) = play(&reg, &mut s, &snap, &[cds, lds], &mut n);
         assert_eq!(events[1], Event::UnknownType);
-        assert_eq!(sent, [snap.cds.version.clone()]);
+        assert_eq!(sent, std::slice::from_ref(&snap.cds.version));
         let node = reg.node("edge-1").unwrap();
         assert_eq!(node.types.len(), 1);
         assert_eq!(
