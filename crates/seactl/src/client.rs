@@ -205,13 +205,14 @@ pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
     })
 }
 
-/// Polls the status until every connected node is current on the filter config, one
-/// NACKed it, or `timeout`. Returns whether all are current, and the last status.
+/// Polls the nodes (not the status: that also checks every server's health) until
+/// every connected node is current on the filter config, one NACKed it, or `timeout`.
+/// Returns whether all are current, and the last answer.
 fn wait_acked(client: &Client, timeout: Duration, quiet: bool) -> Result<(bool, Value)> {
     let start = Instant::now();
     let mut last_owing = Vec::new();
     loop {
-        let s = client.get("/v1/status")?;
+        let s = client.get("/v1/nodes")?;
         if s.status != 200 {
             bail!("{}", describe_error(&s));
         }

@@ -3,6 +3,7 @@
 
 mod bootstrap;
 mod client;
+mod demo;
 mod offline;
 mod serve;
 
@@ -96,7 +97,8 @@ fn main() -> ExitCode {
             remove,
             digits,
         } => offline::rebalance(&map, add, remove, digits),
-        Command::Demo { offline: _ } => offline::demo(),
+        Command::Demo { offline: true } => offline::demo(),
+        Command::Demo { offline: false } => demo::live(),
         Command::Serve(args) => serve::serve(args),
         Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(args),
         Command::PushMap(args) => client::push_map(args),

@@ -229,3 +229,41 @@ fn a_bad_config_is_a_clear_error() {
     let t = text(&o);
     assert!(t.contains("bad.toml") && t.contains("http"), "{t}");
 }
+
+/// The README's main job: control plane, a real Envoy with the filter, sample
+/// dtable-servers, requests routed, a map pushed.
+#[test]
+fn the_demo_routes_requests_through_a_real_envoy() {
+    let mut child = seactl()
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("seactl demo did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let line = |server: &str, version: &str, path: &str| {
+        t.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w == [server, version, path]
+        })
+    };
+    let high = "/api/v1/dtables/9f8e7d6c5b4a439281706f5e4d3c2b1a/";
+    assert!(line("dtable-server-2", "1", high), "{t}");
+    assert!(line("dtable-server", "1", "/api/v1/admin/sys-info/"), "{t}");
+    assert!(
+        line("dtable-server-2", "2", "/api/v1/admin/sys-info/"),
+        "{t}"
+    );
+    assert!(line("dtable-server-2", "2", high), "{t}");
+}
