@@ -550,6 +550,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let c = Config::parse(include_str!("../seashard.example.toml")).unwrap();
+        assert_eq!(c.servers.len(), 3);
+        assert_eq!(c.servers[2].restart, RestartHook::Manual);
+        assert!(
+            matches!(c.servers[1].restart, RestartHook::Http { ref headers, .. } if headers.len() == 1)
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("10").is_err());

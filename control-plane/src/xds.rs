@@ -149,14 +149,27 @@ async fn send(
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> bool {
     let set = snap.get(t);
+    let resources: Vec<_> = set
+        .select(stream.names(t))
+        .into_iter()
+        .map(|r| r.any.clone())
+        .collect();
+    if resources.is_empty() && t == ResourceType::Ecds {
+        // An empty answer would be ACKed while the filter keeps its default config:
+        // leave the node visibly behind instead.
+        tracing::warn!(
+            node = ?stream.node_id(),
+            asked = ?stream.names(t),
+            served = ?set.resources.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            "the node asks for filter configurations this control plane does not serve \
+             (check the HttpFilter name in its bootstrap against `filter.name`)"
+        );
+        return true;
+    }
     let nonce = next_nonce();
     let response = DiscoveryResponse {
         version_info: set.version.clone(),
-        resources: set
-            .select(stream.names(t))
-            .into_iter()
-            .map(|r| r.any.clone())
-            .collect(),
+        resources,
         type_url: t.type_url().to_owned(),
         nonce: nonce.clone(),
         ..Default::default()

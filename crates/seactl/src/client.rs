@@ -369,7 +369,8 @@ pub struct StatusArgs {
     pub remote: Remote,
 }
 
-/// Active version, each Envoy's ACK/NACK, each server's health.
+/// Active version, each Envoy's ACK/NACK, each server's health. Exits 1 when a
+/// connected Envoy does not run the current version or a server is down.
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let client = Client::new(&args.remote);
     let s = client.get("/v1/status")?;
