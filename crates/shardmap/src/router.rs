@@ -63,6 +63,8 @@ impl Reason {
 pub struct Decision<'r> {
     /// The server (Envoy cluster). For a fenced base: its owner under the active map.
     pub server: &'r str,
+    /// The server's index in [`Router::servers`].
+    pub server_index: usize,
     pub reason: Reason,
     /// The base the request is about, in canonical form.
     pub base: Option<BaseUuid>,
@@ -142,18 +144,10 @@ impl Router {
                 let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
                 for (matcher, server) in &self.map.paths {
                     if matcher.matches(path) {
-                        return Decision {
-                            server: self.name(*server),
-                            reason: Reason::Path,
-                            base: None,
-                        };
+                        return self.decision(*server, Reason::Path, None);
                     }
                 }
-                Decision {
-                    server: self.name(self.map.default),
-                    reason: Reason::Default,
-                    base: None,
-                }
+                self.decision(self.map.default, Reason::Default, None)
             }
         }
     }
@@ -166,10 +160,15 @@ impl Router {
         } else {
             reason
         };
+        self.decision(server, reason, Some(*base))
+    }
+
+    fn decision(&self, server: u16, reason: Reason, base: Option<BaseUuid>) -> Decision<'_> {
         Decision {
             server: self.name(server),
+            server_index: usize::from(server),
             reason,
-            base: Some(*base),
+            base,
         }
     }
 

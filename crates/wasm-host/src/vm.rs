@@ -292,6 +292,13 @@ impl Vm {
         self.delete(context)
     }
 
+    /// Calls `proxy_on_tick` on the root context, as Envoy does every tick period.
+    pub fn tick(&mut self) -> Result<(), HostError> {
+        self.ensure_started()?;
+        self.call_export("proxy_on_tick", &[Val::I32(ROOT_CONTEXT as i32)])
+            .map(|_| ())
+    }
+
     /// Calls any export of the filter with raw arguments, in the root context.
     pub fn call_export(&mut self, name: &str, args: &[Val]) -> Result<Vec<Val>, HostError> {
         let func = self

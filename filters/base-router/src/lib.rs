@@ -6,7 +6,9 @@
 //! once, decided, and either the routing header is overwritten (a client-sent value
 //! never survives) or a fenced base is answered locally with `503`.
 
+use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -17,42 +19,53 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(BaseRouterRoot::default()) });
 }}
 
-/// Counts requests per server, default and fenced, and the applied map version.
+/// Counts requests per server, default and fenced. Counted in the VM and flushed to
+/// Envoy's counters every tick, so a request costs no metric host call.
 struct Metrics {
-    per_server: Vec<(String, Option<u32>)>,
-    default: Option<u32>,
-    fenced: Option<u32>,
+    /// Counter ids, parallel to `Router::servers()`, then default, then fenced.
+    ids: Vec<Option<u32>>,
+    pending: Vec<Cell<u64>>,
 }
 
 impl Metrics {
     fn define(router: &Router) -> Metrics {
         let counter =
             |name: &str| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok();
+        let mut ids: Vec<Option<u32>> = router
+            .servers()
+            .iter()
+            .map(|s| counter(&format!("seashard.requests.server.{s}")))
+            .collect();
+        ids.push(counter("seashard.requests.default"));
+        ids.push(counter("seashard.requests.fenced"));
         Metrics {
-            per_server: router
-                .servers()
-                .iter()
-                .map(|s| (s.clone(), counter(&format!("seashard.requests.server.{s}"))))
-                .collect(),
-            default: counter("seashard.requests.default"),
-            fenced: counter("seashard.requests.fenced"),
+            pending: ids.iter().map(|_| Cell::new(0)).collect(),
+            ids,
         }
     }
 
-    fn count(&self, server: &str, reason: Reason) {
-        let by_server = self
-            .per_server
-            .iter()
-            .find(|(s, _)| s == server)
-            .and_then(|(_, id)| *id);
+    fn count(&self, server: usize, reason: Reason) {
+        let n = self.ids.len();
         let by_reason = match reason {
-            Reason::Default => self.default,
-            Reason::Fenced => self.fenced,
+            Reason::Default => n.checked_sub(2),
+            Reason::Fenced => n.checked_sub(1),
             _ => None,
         };
-        for id in [by_server, by_reason].into_iter().flatten() {
-            // A metric the host refuses to count is not worth failing a request for.
-            let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
+        for i in [Some(server), by_reason].into_iter().flatten() {
+            if let Some(c) = self.pending.get(i) {
+                c.set(c.get() + 1);
+            }
+        }
+    }
+
+    /// Adds what was counted since the last flush to Envoy's counters.
+    fn flush(&self) {
+        for (id, pending) in self.ids.iter().zip(&self.pending) {
+            let delta = pending.take();
+            if let (Some(id), 1..) = (id, delta) {
+                // A counter the host refuses is not worth failing anything for.
+                let _ = proxy_wasm::hostcalls::increment_metric(*id, delta as i64);
+            }
         }
     }
 }
@@ -131,6 +144,10 @@ impl RootContext for BaseRouterRoot {
                 config.fence.pins.len()
             ),
         );
+        if let Some(old) = &self.active {
+            old.metrics.flush();
+        }
+        self.set_tick_period(FLUSH_PERIOD);
         self.active = Some(Rc::new(Active {
             metrics: Metrics::define(&router),
             router,
@@ -139,6 +156,12 @@ impl RootContext for BaseRouterRoot {
             retry_after: config.retry_after.to_string(),
         }));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(active) = &self.active {
+            active.metrics.flush();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -171,7 +194,7 @@ impl HttpContext for BaseRouter {
         };
         let path = self.get_http_request_header(":path").unwrap_or_default();
         let decision = active.router.decide(&path);
-        active.metrics.count(decision.server, decision.reason);
+        active.metrics.count(decision.server_index, decision.reason);
         if decision.reason == Reason::Fenced {
             let base = decision.base.map(|b| b.dashed()).unwrap_or_default();
             let body = format!(
@@ -195,6 +218,9 @@ impl HttpContext for BaseRouter {
         Action::Continue
     }
 }
+
+/// How often counted requests reach Envoy's counters.
+const FLUSH_PERIOD: Duration = Duration::from_secs(1);
 
 const NO_MAP_BODY: &str =
     r#"{"error":"no_shard_map","message":"base-router has no valid shard map configured"}"#;

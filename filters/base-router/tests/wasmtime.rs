@@ -117,6 +117,9 @@ fn routes_exactly_as_shardmap_decides() {
         assert!(vm.local_response(ctx).is_none());
         vm.finish(ctx).unwrap();
     }
+    // Counts reach Envoy's counters on the tick, not per request.
+    assert_eq!(vm.tick_period_ms(), 1000);
+    vm.tick().unwrap();
     // Every server got requests and every count is right.
     for server in router.servers() {
         let want = all
@@ -209,6 +212,7 @@ fn a_fenced_base_gets_503_with_retry_after() {
         vm.request_header(ctx, "x-dtable-server"),
         Some("dtable-server")
     );
+    vm.tick().unwrap();
     assert_eq!(
         vm.metric("seashard.requests.fenced").map(|m| m.value),
         Some(3)

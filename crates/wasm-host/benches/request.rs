@@ -1,0 +1,86 @@
+//! One request through base-router beside the `bench-noop` baseline (a filter that only
+//! sets a header), in one run: the whole request (context, headers, done/log/delete)
+//! and the request-headers call alone.
+//!
+//! `cargo bench -p wasm-host --bench request`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use wasm_host::{Action, Host, HostError, Vm, built_filter};
+
+/// Typical request headers of a SeaTable client, as Envoy hands them over.
+const HEADERS: &[(&str, &str)] = &[
+    (":method", "GET"),
+    (":scheme", "https"),
+    (":authority", "cloud.seatable.io"),
+    (
+        ":path",
+        "/dtable-server/api/v1/dtables/0b43d4d4-3c3d-4d4e-9a9b-1c2d3e4f5a6b/rows/?table_name=Table1",
+    ),
+    ("user-agent", "python-requests/2.32.3"),
+    ("accept", "*/*"),
+    ("accept-encoding", "gzip, deflate"),
+    (
+        "authorization",
+        "Token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE3MDAwMDAwMDB9.c2lnbmF0dXJl",
+    ),
+];
+
+/// A started and configured VM of `package`.
+fn vm(package: &str, plugin_configuration: &[u8]) -> Result<Vm, HostError> {
+    let mut vm = Host::load(built_filter(package)?)?.instantiate()?;
+    assert!(vm.start(b"")?);
+    assert!(vm.configure(plugin_configuration)?);
+    Ok(vm)
+}
+
+/// A whole request: new context, request headers, done/log/delete.
+fn one_request(vm: &mut Vm) -> Result<(), HostError> {
+    let context = vm.new_http_context()?;
+    let action = vm.request_headers(context, black_box(HEADERS), true)?;
+    assert_eq!(action, Action::Continue);
+    vm.finish(context)
+}
+
+/// base-router's configuration: the sample map with a pin, two-digit slots, a path rule.
+const BASE_ROUTER_CONFIG: &str = r#"{"version": 1, "map": {"default": "dtable-server",
+    "slots": {"00-7f": "dtable-server-2", "80-ff": "dtable-server"},
+    "pins": {"ff84e1a1-66e2": "dtable-server-2"},
+    "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server"}]}}"#;
+
+fn request(c: &mut Criterion) {
+    let filters = [("bench-noop", ""), ("base-router", BASE_ROUTER_CONFIG)];
+    let mut group = c.benchmark_group("request");
+    for (package, config) in filters {
+        let mut vm = vm(package, config.as_bytes()).unwrap();
+        group.bench_function(package, |b| b.iter(|| one_request(&mut vm).unwrap()));
+    }
+    group.finish();
+
+    // The request-headers call alone: what the filter does per request, host calls included.
+    let mut group = c.benchmark_group("request_headers");
+    for (package, config) in filters {
+        let mut vm = vm(package, config.as_bytes()).unwrap();
+        group.bench_function(package, |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    let context = vm.new_http_context().unwrap();
+                    let start = std::time::Instant::now();
+                    let action = vm
+                        .request_headers(context, black_box(HEADERS), true)
+                        .unwrap();
+                    total += start.elapsed();
+                    assert_eq!(action, Action::Continue);
+                    vm.finish(context).unwrap();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, request);
+criterion_main!(benches);
