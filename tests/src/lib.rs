@@ -18,6 +18,8 @@
 
 pub mod bench;
 pub mod bootstrap;
+pub mod dtable;
+pub mod dtable_server;
 pub mod echo;
 pub mod http;
 pub mod process;

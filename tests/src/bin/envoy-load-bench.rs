@@ -6,6 +6,7 @@
 //!   1. passthrough: the wasm filter removed, the fallback route to `dtable-server`;
 //!   2. + `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
 //!   3. + `base_router.wasm` with the shipped shard map.
+//!
 //! Over several rounds, interleaved (the order rotates each round), `wrk` drives
 //! each one with keep-alive connections cycling through a fixed set of SeaTable
 //! request targets; the Envoy process's utime+stime over the run (from
