@@ -1,9 +1,10 @@
 //! Envoy bootstraps managed by the control plane (`seactl envoy-bootstrap`).
 //!
 //! The listener and route are static; the clusters (CDS) and the base-router
-//! filter's configuration (ECDS) come over one ADS stream. Until the first ECDS
-//! answer, the filter runs `default_config`: every base to the default server, the
-//! same as SeaTable with a single dtable-server.
+//! filter's configuration (ECDS) come over one ADS stream (or, where gRPC cannot
+//! pass, by REST-JSON polling). Until the first ECDS answer, the filter runs
+//! `default_config`: every base to the default server, the same as SeaTable with a
+//! single dtable-server.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use shardmap::{RouterConfig, ShardMap};
 
 use crate::config::{DEFAULT_FILTER_NAME, split_host_port};
+use crate::resources::proto_json_duration;
 
 /// Where the Envoy sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,16 @@ impl Kind {
     }
 }
 
+/// How Envoy reaches the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xds {
+    /// ADS over gRPC (`--control-plane` is the gRPC address): ACK/NACK with detail.
+    Grpc,
+    /// REST-JSON polling (`--control-plane` is the HTTP API address): the fallback
+    /// where gRPC cannot pass.
+    Rest,
+}
+
 /// What a bootstrap is made of.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -39,8 +51,11 @@ pub struct Options {
     pub node_id: String,
     /// The node cluster (a group name shown in `status`).
     pub node_cluster: String,
-    /// The control plane's ADS address, `host:port`.
+    /// The control plane's address, `host:port`: ADS (gRPC), or the HTTP API (REST).
     pub control_plane: String,
+    pub xds: Xds,
+    /// How often a REST poller asks (REST only).
+    pub refresh_delay: std::time::Duration,
     /// The listener's port (0: any free port, for tests).
     pub listen_port: u16,
     /// The admin interface's port, on 127.0.0.1 (0: any).
@@ -63,6 +78,8 @@ impl Options {
             node_id: format!("{}-1", kind.as_str()),
             node_cluster: format!("seashard-{}", kind.as_str()),
             control_plane: "seashard-control-plane:18000".into(),
+            xds: Xds::Grpc,
+            refresh_delay: std::time::Duration::from_secs(1),
             listen_port: 5000,
             admin_port: 9901,
             wasm: "/opt/seashard/base-router.wasm".into(),
@@ -125,6 +142,70 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
              # listens on loopback only: point the client's dtable-server URL at it.",
         ),
     };
+    let (dynamic, ecds_source, cp_cluster_head) = match o.xds {
+        Xds::Grpc => (
+            "dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    # The node is sent once per stream, not with every request.
+    set_node_on_first_message_only: true
+    grpc_services:
+    - envoy_grpc: { cluster_name: seashard_control_plane }
+  cds_config:
+    ads: {}
+    resource_api_version: V3
+"
+            .to_owned(),
+            "                ads: {}
+                resource_api_version: V3
+"
+            .to_owned(),
+            format!(
+                "  # The control plane (ADS over gRPC: HTTP/2).
+  - name: seashard_control_plane
+    type: {cp_type}
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options:
+            connection_keepalive:
+              interval: 30s
+              timeout: 10s
+"
+            ),
+        ),
+        Xds::Rest => {
+            let source = |indent: &str| {
+                format!(
+                    "{indent}resource_api_version: V3
+{indent}# REST-JSON polling, where gRPC cannot pass: no NACK detail, a poll every
+{indent}# refresh_delay (the control plane answers 304 while nothing changed).
+{indent}api_config_source:
+{indent}  api_type: REST
+{indent}  transport_api_version: V3
+{indent}  cluster_names: [seashard_control_plane]
+{indent}  refresh_delay: {}
+{indent}  request_timeout: 5s
+",
+                    proto_json_duration(o.refresh_delay)
+                )
+            };
+            (
+                format!("dynamic_resources:\n  cds_config:\n{}", source("    ")),
+                source("                "),
+                format!(
+                    "  # The control plane (REST xDS over HTTP/1.1, its HTTP API port).
+  - name: seashard_control_plane
+    type: {cp_type}
+    connect_timeout: 5s
+"
+                ),
+            )
+        }
+    };
     let mut y = String::new();
     let w = &mut y;
     // The text is assembled line by line so that every value is quoted for YAML.
@@ -132,9 +213,9 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
         w,
         "{intro}
 #
-# Generated by `seactl envoy-bootstrap --kind {kind}`. The listener and route are
+# Generated by `seactl envoy-bootstrap --kind {kind}{xds_flag}`. The listener and route are
 # static; the dtable-server clusters (CDS) and the base-router filter's shard map
-# (ECDS) come from `seactl serve` over one ADS stream. A new map reaches Envoy
+# (ECDS) come from `seactl serve` {over}. A new map reaches Envoy
 # without draining any connection. Until the first map arrives the filter runs
 # `default_config`: every request to {default}.
 
@@ -146,18 +227,7 @@ admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
 
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    # The node is sent once per stream, not with every request.
-    set_node_on_first_message_only: true
-    grpc_services:
-    - envoy_grpc: {{ cluster_name: seashard_control_plane }}
-  cds_config:
-    ads: {{}}
-    resource_api_version: V3
-
+{dynamic}
 static_resources:
   listeners:
   - name: dtable_server_proxy
@@ -202,9 +272,7 @@ static_resources:
             # The filter's configuration (the shard map) comes by ECDS over ADS.
             config_discovery:
               config_source:
-                ads: {{}}
-                resource_api_version: V3
-              type_urls:
+{ecds_source}              type_urls:
               - type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               # Serve with the default at once instead of waiting for the control
               # plane (without it, requests would get 500 until the first map).
@@ -232,25 +300,18 @@ static_resources:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 
   clusters:
-  # The control plane (ADS over gRPC: HTTP/2).
-  - name: seashard_control_plane
-    type: {cp_type}
-    connect_timeout: 5s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options:
-            connection_keepalive:
-              interval: 30s
-              timeout: 10s
-    load_assignment:
+{cp_cluster_head}    load_assignment:
       cluster_name: seashard_control_plane
       endpoints:
       - lb_endpoints:
         - endpoint:
             address:
               socket_address: {{ address: {cp_host}, port_value: {cp_port} }}",
+        dynamic = dynamic,
+        xds_flag = if o.xds == Xds::Rest { " --xds rest" } else { "" },
+        over = if o.xds == Xds::Rest { "by REST polling" } else { "over one ADS stream" },
+        ecds_source = ecds_source,
+        cp_cluster_head = cp_cluster_head,
         kind = o.kind.as_str(),
         default = yaml_str(&o.default_server),
         node_id = yaml_str(&o.node_id),

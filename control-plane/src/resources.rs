@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use shardmap::RouterConfig;
 
-use crate::config::{FilterConfig, ServerConfig, format_duration};
+use crate::config::{FilterConfig, ServerConfig};
 
 /// Type URL of ECDS resources.
 pub const ECDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -254,7 +254,7 @@ pub fn cluster_resource(server: &ServerConfig) -> Resource {
         "@type": CDS_TYPE_URL,
         "name": server.name,
         "type": if is_ip { "STATIC" } else { "STRICT_DNS" },
-        "connect_timeout": format_duration(server.connect_timeout),
+        "connect_timeout": proto_json_duration(server.connect_timeout),
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": server.name,
@@ -267,6 +267,17 @@ pub fn cluster_resource(server: &ServerConfig) -> Resource {
         name: server.name.clone(),
         any: pack_any(c),
         json,
+    }
+}
+
+/// A `google.protobuf.Duration` in proto3 JSON: seconds, with up to 9 decimals.
+pub fn proto_json_duration(d: Duration) -> String {
+    match d.subsec_nanos() {
+        0 => format!("{}s", d.as_secs()),
+        n => {
+            let frac = format!("{n:09}");
+            format!("{}.{}s", d.as_secs(), frac.trim_end_matches('0'))
+        }
     }
 }
 
@@ -363,6 +374,13 @@ mod tests {
         c.servers.pop();
         let e = Snapshot::build(&rc, &c.filter, &c.servers);
         assert_ne!(a.cds.version, e.cds.version);
+    }
+
+    #[test]
+    fn durations_in_proto_json() {
+        assert_eq!(proto_json_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(proto_json_duration(Duration::from_millis(200)), "0.2s");
+        assert_eq!(proto_json_duration(Duration::from_millis(1500)), "1.5s");
     }
 
     #[test]

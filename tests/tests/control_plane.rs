@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use control_plane::bootstrap::{Kind, Options, render};
+use control_plane::bootstrap::{Kind, Options, Xds, render};
 use control_plane::{Config, ControlPlane, Running};
 use seashard_tests::http::Connection;
 use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file};
@@ -148,13 +148,20 @@ fn initial_map() -> Value {
 
 /// An Envoy bootstrapped by the generator (`seactl envoy-bootstrap`), on loopback.
 fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result<Envoy> {
-    let yaml = render(&Options {
+    start_envoy_with(Options {
         node_id: node_id.into(),
         control_plane: cp.to_string(),
-        listen_port: 0,
-        admin_port: 0,
         wasm: wasm.to_path_buf(),
         ..Options::new(kind)
+    })
+}
+
+/// As [`start_envoy`], with every option given (ports are set to 0 here).
+fn start_envoy_with(options: Options) -> Result<Envoy> {
+    let yaml = render(&Options {
+        listen_port: 0,
+        admin_port: 0,
+        ..options
     })?;
     // The edge listens on every interface; the tests stay on loopback.
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
@@ -381,6 +388,40 @@ fn a_nacked_config_is_recorded_not_resent_and_a_restarted_control_plane_keeps_st
     assert_eq!(cp.metric("seashard_xds_responses_total{type=\"ecds\"}")?, 0);
     let history = cp.get_json("/v1/maps")?;
     assert_eq!(history["versions"].as_array().map(Vec::len), Some(1));
+    cp.kill();
+    Ok(())
+}
+
+#[test]
+fn an_envoy_polling_rest_xds_routes_and_follows_a_push() -> Result<()> {
+    let f = Fixture::new()?;
+    let cp = Cp::start(f.config(0, &f.wasm)?)?;
+    let envoy = start_envoy_with(Options {
+        node_id: "rest-1".into(),
+        control_plane: cp.http.to_string(),
+        xds: Xds::Rest,
+        refresh_delay: Duration::from_millis(200),
+        wasm: f.wasm.clone(),
+        ..Options::new(Kind::Sidecar)
+    })?;
+    let s = cp.wait_nodes(&["rest-1"], "current")?;
+    assert_eq!(s["nodes"][0]["transport"], "rest", "{s}");
+    assert_initial_routing(&[&envoy], "1")?;
+
+    let mut map = initial_map();
+    map["paths"] = json!([{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]);
+    let (status, body) = cp.post_map(&map)?;
+    assert_eq!(status, 200, "{body}");
+    cp.wait_nodes(&["rest-1"], "current")?;
+    let r = wait_until(Duration::from_secs(5), "map 2 through REST xDS", || {
+        let r = route(&envoy, "/api/v1/admin/sys-info/")?;
+        Ok((r.1 == "2").then_some(r))
+    })?;
+    assert_eq!(r.0, "dtable-server-2");
+    // Polls of a current node are answered 304: one response per type and version.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(cp.metric("seashard_rest_polls_total")? >= 4);
+    assert_eq!(cp.metric("seashard_xds_responses_total{type=\"ecds\"}")?, 2);
     cp.kill();
     Ok(())
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use control_plane::bootstrap::{Kind, Options, render};
+use control_plane::bootstrap::{Kind, Options, Xds, render};
+use control_plane::config::parse_duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KindArg {
@@ -13,6 +14,14 @@ pub enum KindArg {
     Edge,
     /// Next to one client of dtable-server: listens on 127.0.0.1.
     Sidecar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsArg {
+    /// ADS over gRPC: `--control-plane` is the control plane's gRPC address.
+    Grpc,
+    /// REST-JSON polling, where gRPC cannot pass: `--control-plane` is its HTTP address.
+    Rest,
 }
 
 #[derive(Debug, clap::Args)]
@@ -28,6 +37,12 @@ pub struct BootstrapArgs {
     /// The control plane's ADS address, HOST:PORT [default: seashard-control-plane:18000].
     #[arg(long)]
     pub control_plane: Option<String>,
+    /// How Envoy reaches the control plane.
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub xds: XdsArg,
+    /// How often a REST poller asks, e.g. `1s` (with `--xds rest`) [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub refresh_delay: Option<std::time::Duration>,
     /// The listener's port [default: 5000].
     #[arg(long)]
     pub listen_port: Option<u16>,
@@ -64,6 +79,11 @@ impl BootstrapArgs {
             node_id: self.node_id.clone().unwrap_or(d.node_id),
             node_cluster: self.node_cluster.clone().unwrap_or(d.node_cluster),
             control_plane: self.control_plane.clone().unwrap_or(d.control_plane),
+            xds: match self.xds {
+                XdsArg::Grpc => Xds::Grpc,
+                XdsArg::Rest => Xds::Rest,
+            },
+            refresh_delay: self.refresh_delay.unwrap_or(d.refresh_delay),
             listen_port: self.listen_port.unwrap_or(d.listen_port),
             admin_port: self.admin_port.unwrap_or(d.admin_port),
             wasm: self.wasm.clone().unwrap_or(d.wasm),
