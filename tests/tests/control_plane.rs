@@ -381,6 +381,25 @@ fn a_nacked_config_is_recorded_not_resent_and_a_restarted_control_plane_keeps_st
     assert_initial_routing(&[&edge, &side], "1")?;
     cp.kill();
 
+    // A filter build that refuses the configuration in `on_configure` (here the
+    // bench-noop filter, whose configuration schema differs: version skew between
+    // the control plane and the filter deployed on the Envoys).
+    let other = wasm_file("bench_noop.wasm")?;
+    let cp = Cp::start(f.config(port, &other)?)?;
+    let s = cp.wait_nodes(&["edge-1", "sidecar-1"], "nacked")?;
+    for n in s["nodes"].as_array().unwrap_or(&Vec::new()) {
+        let error = n["types"]["ecds"]["nack_error"]
+            .as_str()
+            .unwrap_or_default();
+        eprintln!("{} NACKed: {error}", n["id"]);
+        assert!(!error.is_empty(), "{n}");
+        assert_eq!(n["types"]["ecds"]["acked_version"], ecds_version, "{n}");
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(cp.metric("seashard_xds_responses_total{type=\"ecds\"}")?, 2);
+    assert_initial_routing(&[&edge, &side], "1")?;
+    cp.kill();
+
     // Fixed: back to the configuration they run, still nothing to send.
     let cp = Cp::start(f.config(port, &f.wasm)?)?;
     let s = cp.wait_nodes(&["edge-1", "sidecar-1"], "current")?;
