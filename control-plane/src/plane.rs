@@ -264,8 +264,13 @@ impl ControlPlane {
     }
 
     /// Appends a version (if `expected` is still the active one) and makes it what
-    /// every Envoy is sent. The caller holds the change lock.
-    pub fn publish(&self, expected: u64, new: &NewVersion<'_>) -> Result<Version, StoreError> {
+    /// every Envoy is sent. The caller holds the change lock. The map and its fence
+    /// are checked first: nothing an Envoy would refuse is ever stored or sent.
+    pub fn publish(&self, expected: u64, new: &NewVersion<'_>) -> Result<Version, ProposeError> {
+        let problems = check_against(&self.config, new.map, new.fence);
+        if !problems.is_empty() {
+            return Err(ProposeError::Invalid(problems));
+        }
         let n = self.store.append_version(expected, new)?;
         let version = self
             .store
@@ -350,4 +355,128 @@ fn initial_map(config: &Config) -> Result<ShardMap, StartError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     ShardMap::from_json(&text).map_err(|p| err(p.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::plugin_configuration;
+
+    fn plane() -> Arc<ControlPlane> {
+        let config = Config::parse(
+            r#"
+            [listen]
+            grpc = "127.0.0.1:0"
+            http = "127.0.0.1:0"
+            [store]
+            path = "x.db"
+            [api]
+            token = "01234567"
+            [filter]
+            wasm = "/a.wasm"
+            [[server]]
+            name = "a"
+            address = "127.0.0.1:1"
+            [[server]]
+            name = "b"
+            address = "127.0.0.1:2"
+            "#,
+        )
+        .unwrap();
+        ControlPlane::with_store(config, Store::open_in_memory().unwrap()).unwrap()
+    }
+
+    fn map(json: &str) -> ShardMap {
+        ShardMap::from_json(json).unwrap()
+    }
+
+    #[test]
+    fn a_fence_is_published_as_a_new_version_and_blocks_proposals() {
+        let p = plane();
+        let active = p.active().unwrap();
+        assert_eq!((active.version, active.kind), (1, VersionKind::Initial));
+        let fence = Fence {
+            slots: vec!["8-f".into()],
+            pins: vec![],
+        };
+        let v = p
+            .publish(
+                1,
+                &NewVersion {
+                    kind: VersionKind::Fence,
+                    map: &active.map,
+                    fence: &fence,
+                    author: "rollout",
+                    comment: "",
+                },
+            )
+            .unwrap();
+        assert_eq!(v.version, 2);
+        let snap = p.snapshot();
+        assert!(snap.ecds.version.starts_with("2-"));
+        let json = plugin_configuration(&snap.ecds.resources[0].any).unwrap();
+        assert_eq!(RouterConfig::from_json(&json).unwrap().fence, fence);
+        let proposal = Proposal {
+            map: map(r#"{"default": "a", "paths": [{"prefix": "/x/", "server": "b"}]}"#),
+            base_version: None,
+            author: "t".into(),
+            comment: String::new(),
+            dry_run: false,
+        };
+        assert!(matches!(p.propose(&proposal), Err(ProposeError::Busy)));
+        // A dry run still plans.
+        let dry = p
+            .propose(&Proposal {
+                dry_run: true,
+                ..proposal
+            })
+            .unwrap();
+        assert!(dry.plan.paths_changed && !dry.applied);
+    }
+
+    #[test]
+    fn publish_refuses_what_an_envoy_would_refuse() {
+        let p = plane();
+        let active = p.active().unwrap();
+        let bad_fence = Fence {
+            slots: vec!["zz".into()],
+            pins: vec![],
+        };
+        let r = p.publish(
+            1,
+            &NewVersion {
+                kind: VersionKind::Fence,
+                map: &active.map,
+                fence: &bad_fence,
+                author: "rollout",
+                comment: "",
+            },
+        );
+        assert!(matches!(r, Err(ProposeError::Invalid(_))));
+        let unknown = map(r#"{"default": "c"}"#);
+        let r = p.publish(
+            1,
+            &NewVersion {
+                kind: VersionKind::Map,
+                map: &unknown,
+                fence: &Fence::default(),
+                author: "t",
+                comment: "",
+            },
+        );
+        let Err(ProposeError::Invalid(problems)) = r else {
+            panic!("published a map naming an unknown server")
+        };
+        assert!(problems.to_string().contains("`c` is not a server"));
+        assert_eq!(p.active().unwrap().version, 1);
+    }
+
+    #[test]
+    fn the_change_lock_is_exclusive() {
+        let p = plane();
+        let guard = p.try_begin_change().unwrap();
+        assert!(matches!(p.try_begin_change(), Err(ProposeError::Busy)));
+        drop(guard);
+        assert!(p.try_begin_change().is_ok());
+    }
 }
