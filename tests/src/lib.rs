@@ -22,6 +22,7 @@ pub mod dtable;
 pub mod dtable_server;
 pub mod echo;
 pub mod http;
+pub mod lost_writes;
 pub mod process;
 
 use std::net::{SocketAddr, TcpListener};

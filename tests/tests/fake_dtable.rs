@@ -5,15 +5,10 @@
 
 use std::time::Duration;
 
-use seashard_tests::dtable::{
-    Cluster, DoubleService, FakeDtableServer, Writers, double_service, missing_writes,
-    seatable_nginx_conf, spread_bases,
-};
+use seashard_tests::dtable::{FakeDtableServer, missing_writes, spread_bases};
 use seashard_tests::dtable_server::{base_file, read_stored_rows};
-use seashard_tests::{
-    Connection, Envoy, Nginx, bootstrap, free_port, loopback, render_edge_static, wait_until,
-    wasm_file,
-};
+use seashard_tests::lost_writes::{Outcome, envoy_experiment, moved, nginx_experiment};
+use seashard_tests::{Connection, wait_until};
 use serde_json::json;
 
 const BASE: &str = "c0ffee00-1234-4abc-9def-0123456789ab";
@@ -180,143 +175,31 @@ fn the_restart_hook_stops_gracefully_and_starts_on_the_same_address() {
 
 // ---------------------------------------------------------------------------
 // The lost-write experiment, part (a): SeaTable's documented procedure
+// (see `seashard_tests::lost_writes`)
 // ---------------------------------------------------------------------------
 
-/// Long enough that a base moved off a server always has unsaved writes on it,
-/// short as SeaTable's (300 s) is not.
-const SAVE_INTERVAL: Duration = Duration::from_millis(2000);
-const BASES: usize = 32;
-const WRITERS: usize = 4;
-const MAX_WRITES_PER_THREAD: usize = 50_000;
-const WAIT: Duration = Duration::from_secs(30);
-
-/// What one run of the experiment found.
-#[derive(Debug)]
-struct Outcome {
-    acknowledged: usize,
-    failed: usize,
-    missing: Vec<(String, String)>,
-    double: Vec<DoubleService>,
-}
-
-impl Outcome {
-    fn print(&self, what: &str) {
-        println!(
-            "{what}: {} acknowledged writes, {} missing from storage, {} unacknowledged, \
-             {} bases held by two servers at once",
-            self.acknowledged,
-            self.missing.len(),
-            self.failed,
-            self.double.len()
-        );
-    }
-}
-
-/// The bases the map change moves (first hex digit 4-7: from the first server
-/// to the second).
-fn moved(base: &str) -> bool {
-    matches!(base.as_bytes()[0], b'4'..=b'7')
-}
-
-/// Waits until `server` has loaded some moved base: the new map is live.
-fn wait_until_a_moved_base_is_loaded_by(cluster: &Cluster, server: &str) {
-    wait_until(WAIT, &format!("{server} to load a moved base"), || {
-        Ok(cluster
-            .events()?
-            .iter()
-            .any(|e| {
-                e.server == server && e.event == "load" && e.base.as_deref().is_some_and(moved)
-            })
-            .then_some(()))
-    })
-    .unwrap();
-}
-
-/// The documented procedure: with writers running, change the proxy's map
-/// (`change_map`, or not at all), then restart the first server and then the
-/// second, as an operator would; then stop the writers, stop every server
-/// (final saves) and count acknowledged writes missing from storage.
-fn naive_procedure(
-    cluster: &mut Cluster,
-    writers: Writers,
-    names: [&str; 2],
-    change_map: Option<&mut dyn FnMut(&Writers)>,
-) -> Outcome {
-    // Every base loaded on its old owner, writes acknowledged.
-    writers.wait_for_more(500, WAIT).unwrap();
-    let changed = change_map.is_some();
-    if let Some(change) = change_map {
-        change(&writers);
-        // The new map is live: the second server loaded a moved base; some
-        // writes land on it before the operator gets to the restarts.
-        wait_until_a_moved_base_is_loaded_by(cluster, names[1]);
-    }
-    writers.wait_for_more(200, WAIT).unwrap();
-    cluster.server(names[0]).restart().unwrap();
-    writers.wait_for_more(200, WAIT).unwrap();
-    cluster.server(names[1]).restart().unwrap();
-    writers.wait_for_more(200, WAIT).unwrap();
-    let log = writers.stop();
-    cluster.stop_all().unwrap();
-
-    let acked = log.acknowledged();
-    let outcome = Outcome {
-        acknowledged: acked.len(),
-        failed: log.failed,
-        missing: cluster.missing(&acked).unwrap(),
-        double: double_service(&cluster.events().unwrap()),
-    };
-    if changed {
-        // Only moved bases can lose writes.
-        assert!(
-            outcome.missing.iter().all(|(b, _)| moved(b)),
-            "{:?}",
-            outcome.missing
-        );
-    }
-    outcome
-}
-
-const A: &str = "dtable_server_1";
-const B: &str = "dtable_server_2";
-const UUID_TAIL: &str = "([0-9a-f]{7}-[0-9a-f]{4})";
-
-fn nginx_rules(first_to_a: &str, first_to_b: &str) -> Vec<(String, &'static str)> {
-    vec![
-        (format!("([{first_to_a}]){UUID_TAIL}"), A),
-        (format!("([{first_to_b}]){UUID_TAIL}"), B),
-    ]
-}
-
-fn nginx_conf(cluster: &Cluster, listen: std::net::SocketAddr, rules: &[(String, &str)]) -> String {
-    let rules: Vec<(&str, &str)> = rules.iter().map(|(r, s)| (r.as_str(), *s)).collect();
-    seatable_nginx_conf(listen, &cluster.addrs(), A, &rules)
-}
-
-/// SeaTable's nginx map in front of two fake servers; the map change moves
-/// the bases starting 4-7 from A to B (nginx reload, as documented).
-fn nginx_experiment(change: bool) -> Outcome {
-    let mut cluster = Cluster::start(&[A, B], SAVE_INTERVAL).unwrap();
-    let listen = loopback(free_port().unwrap());
-    let old = nginx_conf(&cluster, listen, &nginx_rules("0-7", "89a-f"));
-    let new = nginx_conf(&cluster, listen, &nginx_rules("0-3", "4-9a-f"));
-    let nginx = Nginx::start(&old, listen).unwrap_or_else(|e| panic!("{e:#}"));
-    let writers = Writers::start(listen, &spread_bases(BASES), WRITERS, MAX_WRITES_PER_THREAD);
-    let mut reload = |_: &Writers| nginx.reload(&new).unwrap();
-    let outcome = naive_procedure(
-        &mut cluster,
-        writers,
-        [A, B],
-        change.then_some(&mut reload as &mut dyn FnMut(&Writers)),
+fn check_naive_loses(o: &Outcome) {
+    assert!(o.acknowledged > 1000, "{o:?}");
+    assert!(
+        o.missing.iter().all(|(b, _)| moved(b)),
+        "only moved bases may lose writes: {:?}",
+        o.missing
     );
-    drop(nginx);
-    outcome
+    assert!(
+        !o.double.is_empty() && o.double.iter().all(|d| moved(&d.base)),
+        "the moved bases were held by both servers: {:?}",
+        o.double
+    );
+    assert!(
+        !o.missing.is_empty(),
+        "the naive procedure lost nothing this time: the experiment is not sensitive"
+    );
 }
 
 #[test]
 fn with_nginx_restarts_without_a_map_change_lose_nothing() {
-    let o = nginx_experiment(false);
-    o.print("nginx, restarts without a map change");
+    let o = nginx_experiment(false).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("nginx, restarts without a map change: {}", o.summary());
     assert!(o.acknowledged > 1000, "{o:?}");
     assert_eq!(o.missing, [], "the harness itself loses writes");
     assert_eq!(o.double, [], "no base moved, none may be held twice");
@@ -324,73 +207,32 @@ fn with_nginx_restarts_without_a_map_change_lose_nothing() {
 
 #[test]
 fn with_nginx_the_documented_map_change_loses_acknowledged_writes() {
-    let o = nginx_experiment(true);
-    o.print("nginx, documented procedure (reload with the new map, restart both servers)");
-    assert!(o.acknowledged > 1000, "{o:?}");
-    assert!(
-        !o.double.is_empty(),
-        "a moved base must have been held by both servers"
+    let o = nginx_experiment(true).unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "nginx, documented procedure (reload with the new map, restart both servers): {}",
+        o.summary()
     );
-    assert!(
-        !o.missing.is_empty(),
-        "the naive procedure lost nothing this time: the experiment is not sensitive"
-    );
-}
-
-// The same with Envoy + base-router: the new map arrives by starting an Envoy
-// with it and moving the clients over (the static bootstrap's only way; the
-// product pushes maps by ECDS, and fences moved bases first).
-
-const EA: &str = "dtable-server";
-const EB: &str = "dtable-server-2";
-
-/// The edge bootstrap with base-router and `slots` as its map, the clusters
-/// pointed at the fake servers (whose addresses survive restarts).
-fn envoy_yaml(cluster: &Cluster, version: u64, slots: serde_json::Value) -> String {
-    let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
-    let addrs = cluster.addrs();
-    let clusters: Vec<(&str, std::net::SocketAddr)> =
-        addrs.iter().map(|(n, a)| (n.as_str(), *a)).collect();
-    let yaml = render_edge_static(&wasm, loopback(0), loopback(0), &clusters).unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
-    let config = json!({
-        "version": version,
-        "map": {"default": EA, "slots": slots, "pins": {}, "paths": []}
-    });
-    bootstrap::set_plugin_configuration(&mut doc, &config).unwrap();
-    bootstrap::to_yaml(&doc).unwrap()
+    check_naive_loses(&o);
 }
 
 #[test]
 fn with_envoy_the_naive_map_change_loses_acknowledged_writes() {
-    let mut cluster = Cluster::start(&[EA, EB], SAVE_INTERVAL).unwrap();
-    let old_yaml = envoy_yaml(&cluster, 1, json!({"0-7": EA, "8-f": EB}));
-    let new_yaml = envoy_yaml(&cluster, 2, json!({"0-3": EA, "4-f": EB}));
-    let old = Envoy::start(&old_yaml).unwrap_or_else(|e| panic!("{e:#}"));
-    let writers = Writers::start(
-        old.listener_addr,
-        &spread_bases(BASES),
-        WRITERS,
-        MAX_WRITES_PER_THREAD,
+    let o = envoy_experiment(true).unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "Envoy + base-router, new map by a new Envoy, then restart both servers: {}",
+        o.summary()
     );
-    let mut old = Some(old);
-    let mut new: Option<Envoy> = None;
-    let mut change = |w: &Writers| {
-        let e = Envoy::start(&new_yaml).unwrap_or_else(|e| panic!("{e:#}"));
-        w.retarget(e.listener_addr);
-        new = Some(e);
-        // The old Envoy goes once the clients have moved.
-        old = None;
-    };
-    let o = naive_procedure(&mut cluster, writers, [EA, EB], Some(&mut change));
-    o.print("Envoy + base-router, new map by a new Envoy, then restart both servers");
+    check_naive_loses(&o);
+}
+
+#[test]
+fn with_envoy_restarts_without_a_map_change_lose_nothing() {
+    let o = envoy_experiment(false).unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "Envoy + base-router, restarts without a map change: {}",
+        o.summary()
+    );
     assert!(o.acknowledged > 1000, "{o:?}");
-    assert!(
-        !o.double.is_empty(),
-        "a moved base must have been held by both servers"
-    );
-    assert!(
-        !o.missing.is_empty(),
-        "the naive procedure lost nothing this time: the experiment is not sensitive"
-    );
+    assert_eq!(o.missing, [], "the harness itself loses writes");
+    assert_eq!(o.double, [], "no base moved, none may be held twice");
 }

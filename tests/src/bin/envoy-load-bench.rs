@@ -220,7 +220,18 @@ fn run() -> Result<()> {
         }
     }
 
-    let report = render(&args, &envoys, &runs, mix.len())?;
+    let mut report = render(&args, &envoys, &runs, mix.len())?;
+    for w in [&noop, &router] {
+        let size = std::fs::metadata(w).map(|m| m.len()).unwrap_or(0);
+        writeln!(report, "Filter: {} ({size} bytes).", w.display())?;
+    }
+    let head = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(workspace_dir())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    writeln!(report, "Source: git {head}.")?;
     std::fs::write(&args.out, &report).with_context(|| format!("write {}", args.out.display()))?;
     println!("{report}");
     eprintln!("envoy-load-bench: wrote {}", args.out.display());
