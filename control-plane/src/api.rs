@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -68,6 +68,7 @@ pub fn router(plane: Arc<ControlPlane>, token: &str) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v3/discovery:extension_configs", post(rest_ecds))
         .route("/v3/discovery:clusters", post(rest_cds))
+        .fallback(not_found)
         .with_state(api)
 }
 
@@ -171,6 +172,13 @@ pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
         diff |= e ^ given.get(i).copied().unwrap_or(!e);
     }
     diff == 0
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such route: {}", uri.path()),
+    )
 }
 
 async fn healthz(State(api): State<Api>) -> Json<Value> {
@@ -338,20 +346,32 @@ async fn active_map(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     ))
 }
 
-#[derive(Debug, Deserialize)]
-struct Limit {
-    limit: Option<u32>,
+/// `limit` from the query string, bounded; `default` when absent or unreadable.
+fn limit(query: Option<&str>, default: u32) -> u32 {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|p| p.strip_prefix("limit="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .min(1000)
 }
 
-async fn history(State(api): State<Api>, Query(q): Query<Limit>) -> Result<Json<Value>, ApiError> {
-    let versions = api.plane.store().history(q.limit.unwrap_or(50).min(1000))?;
+async fn history(State(api): State<Api>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
+    let versions = api.plane.store().history(limit(uri.query(), 50))?;
     Ok(Json(json!({ "versions": versions })))
 }
 
 async fn one_version(
     State(api): State<Api>,
-    Path(version): Path<u64>,
+    Path(version): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let version: u64 = version.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{version}` is not a version number"),
+        )
+    })?;
     match api.plane.store().version(version)? {
         Some(v) => Ok(Json(serde_json::to_value(v).unwrap_or(Value::Null))),
         None => Err(ApiError::new(
@@ -361,10 +381,22 @@ async fn one_version(
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ProposeQuery {
-    #[serde(default)]
-    dry_run: bool,
+/// `dry_run` from the query string: `true`, `1` or bare; absent means false.
+fn dry_run(query: Option<&str>) -> Result<bool, ApiError> {
+    for pair in query.unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        if k == "dry_run" {
+            return match v {
+                "true" | "1" | "" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("dry_run={v}: use true or false"),
+                )),
+            };
+        }
+    }
+    Ok(false)
 }
 
 /// The body of `POST /v1/maps`: an envelope, or a bare map.
@@ -382,11 +414,12 @@ struct Envelope {
 
 async fn propose(
     State(api): State<Api>,
-    Query(q): Query<ProposeQuery>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    if !q.dry_run {
+    let is_dry_run = dry_run(uri.query())?;
+    if !is_dry_run {
         authorize(&api, &headers)?;
     }
     let unprocessable = |at: &str, message: String| ApiError {
@@ -425,7 +458,7 @@ async fn propose(
         base_version: envelope.base_version,
         author,
         comment: envelope.comment,
-        dry_run: q.dry_run,
+        dry_run: is_dry_run,
     };
     let plane = api.plane.clone();
     let outcome = tokio::task::spawn_blocking(move || plane.propose(&proposal))
@@ -489,11 +522,8 @@ async fn rollouts() -> Json<Value> {
     Json(json!({ "rollouts": [] }))
 }
 
-async fn audit(State(api): State<Api>, Query(q): Query<Limit>) -> Result<Json<Value>, ApiError> {
-    let entries = api
-        .plane
-        .store()
-        .audit_log(q.limit.unwrap_or(100).min(1000))?;
+async fn audit(State(api): State<Api>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
+    let entries = api.plane.store().audit_log(limit(uri.query(), 100))?;
     Ok(Json(json!({ "entries": entries })))
 }
 

@@ -225,3 +225,120 @@ pub fn request_of(req: &DiscoveryRequest) -> nodes::Request {
 fn node_of(n: &PbNode) -> (String, String) {
     (n.id.clone(), n.cluster.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The tracking fed with `DiscoveryRequest`s as Envoy 1.40 sends them with
+    //! `set_node_on_first_message_only: true`: the node on the first request only,
+    //! ECDS named, CDS wildcard, a NACK carrying `error_detail` (gRPC status).
+
+    use super::*;
+    use crate::config::Config;
+    use crate::nodes::Registry;
+    use crate::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use shardmap::RouterConfig;
+
+    fn snapshot(version: u64, wasm: &str) -> Arc<Snapshot> {
+        let c = Config::parse(&format!(
+            "[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n[store]\npath = \"x\"\n\
+             [api]\ntoken = \"01234567\"\n[filter]\nwasm = \"{wasm}\"\n\
+             [[server]]\nname = \"dtable-server\"\naddress = \"127.0.0.1:5000\"\n"
+        ))
+        .unwrap();
+        Snapshot::build(
+            &RouterConfig::new(version, c.fallback_map()),
+            &c.filter,
+            &c.servers,
+        )
+    }
+
+    fn request(
+        node: bool,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        error: Option<&str>,
+    ) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: node.then(|| PbNode {
+                id: "edge-1".into(),
+                cluster: "seashard-edge".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            resource_names: if type_url == ECDS_TYPE_URL {
+                vec!["seashard.base_router".into()]
+            } else {
+                vec![]
+            },
+            error_detail: error.map(|m| RpcStatus {
+                code: 13,
+                message: m.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_envoy_session_subscribes_acks_and_nacks() {
+        let reg = Registry::default();
+        let good = snapshot(1, "/a.wasm");
+        let bad = snapshot(2, "/missing.wasm");
+        let (cds, g, b) = (
+            good.cds.version.clone(),
+            good.ecds.version.clone(),
+            bad.ecds.version.clone(),
+        );
+        let mut s = Stream::default();
+        let handle = |req: DiscoveryRequest, snap: &Snapshot, s: &mut Stream| {
+            reg.handle(s, &request_of(&req), "grpc", snap).unwrap()
+        };
+        // Envoy starts: CDS (with the node), then ECDS (without).
+        let (_, due) = handle(request(true, CDS_TYPE_URL, "", "", None), &good, &mut s);
+        assert_eq!(due, Some(ResourceType::Cds));
+        reg.sent(&mut s, ResourceType::Cds, &cds, "n1");
+        let (_, due) = handle(request(false, ECDS_TYPE_URL, "", "", None), &good, &mut s);
+        assert_eq!(due, Some(ResourceType::Ecds));
+        reg.sent(&mut s, ResourceType::Ecds, &g, "n2");
+        // Both ACKed.
+        handle(
+            request(false, CDS_TYPE_URL, &cds, "n1", None),
+            &good,
+            &mut s,
+        );
+        let (e, due) = handle(request(false, ECDS_TYPE_URL, &g, "n2", None), &good, &mut s);
+        assert_eq!((e, due), (Event::Ack { version: g.clone() }, None));
+        // A bad config is pushed and NACKed with the detail; the old one still runs.
+        assert_eq!(reg.due(&s, &bad), [ResourceType::Ecds]);
+        reg.sent(&mut s, ResourceType::Ecds, &b, "n3");
+        let (e, due) = handle(
+            request(
+                false,
+                ECDS_TYPE_URL,
+                &g,
+                "n3",
+                Some("Unable to create Wasm plugin"),
+            ),
+            &bad,
+            &mut s,
+        );
+        assert_eq!(
+            e,
+            Event::Nack {
+                version: b.clone(),
+                running: g.clone(),
+                error: "Unable to create Wasm plugin".into()
+            }
+        );
+        assert_eq!(due, None, "never resent");
+        let node = reg.node("edge-1").unwrap();
+        assert_eq!(node.cluster, "seashard-edge");
+        assert_eq!(node.acked(ResourceType::Ecds), Some(g.as_str()));
+        assert_eq!(node.acked(ResourceType::Cds), Some(cds.as_str()));
+        assert_eq!(node.nacked(ResourceType::Ecds), Some(b.as_str()));
+    }
+}

@@ -231,6 +231,34 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
     assert_eq!(history["versions"].as_array().unwrap().len(), 1);
     let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), None, None);
     assert_eq!(audit["entries"].as_array().unwrap().len(), 1);
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps?dry_run=maybe", cp.base),
+        Some(TOKEN),
+        Some(&moving_map()),
+    );
+    assert_eq!(status, 400, "{body}");
+    cp.stop();
+}
+
+#[test]
+fn every_error_is_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let (status, body) = call("GET", &format!("{}/v1/maps/abc", cp.base), None, None);
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("abc"));
+    let (status, body) = call("GET", &format!("{}/v2/nothing", cp.base), None, None);
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("/v2/nothing"));
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v3/discovery:clusters", cp.base),
+        None,
+        Some(&json!({"node": {}})),
+    );
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("node"));
     cp.stop();
 }
 
