@@ -40,7 +40,12 @@ impl Cp {
             .enable_all()
             .build()?;
         let plane = ControlPlane::open(config)?;
-        let running = rt.block_on(control_plane::start(plane.clone(), TOKEN))?;
+        // A killed predecessor's listener may take a moment to be gone.
+        let running = wait_until(Duration::from_secs(10), "the ADS port to be free", || {
+            rt.block_on(control_plane::start(plane.clone(), TOKEN))
+                .map(Some)
+                .map_err(Into::into)
+        })?;
         Ok(Cp {
             http: running.http_addr,
             grpc: running.grpc_addr,
