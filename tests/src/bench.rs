@@ -25,6 +25,10 @@ pub enum Variant {
     NoopWasm,
     /// `base_router.wasm` with the shipped shard map.
     BaseRouter,
+    /// Diagnostic: `base_router.wasm` with a map sending every base to
+    /// `dtable-server`, i.e. the routing of the empty filter: separates the
+    /// filter's own cost from the cost of routing to two clusters.
+    BaseRouterOneServer,
 }
 
 impl Variant {
@@ -35,6 +39,7 @@ impl Variant {
             Variant::Passthrough => "Envoy passthrough (no filter)",
             Variant::NoopWasm => "Envoy + bench_noop.wasm (sets one header)",
             Variant::BaseRouter => "Envoy + base_router.wasm (shipped map)",
+            Variant::BaseRouterOneServer => "Envoy + base_router.wasm (one-server map)",
         }
     }
 }
@@ -66,6 +71,14 @@ pub fn bootstrap_for(
     let mut doc: Value = serde_yaml::from_str(&yaml)?;
     match variant {
         Variant::BaseRouter => {}
+        Variant::BaseRouterOneServer => {
+            let config = serde_json::json!({
+                "version": 1,
+                "map": {"default": "dtable-server", "slots": {"0-f": "dtable-server"},
+                        "pins": {}, "paths": []}
+            });
+            bootstrap::set_plugin_configuration(&mut doc, &config)?;
+        }
         Variant::NoopWasm => {
             bootstrap::set_plugin_configuration(&mut doc, &serde_json::json!({}))?;
         }
@@ -369,7 +382,11 @@ mod tests {
         let pass = bootstrap_for(Variant::Passthrough, w, w, [a, a]).unwrap();
         assert!(!pass.contains(FILTER_NAME), "{pass}");
         assert!(pass.contains("envoy.filters.http.router"));
-        for v in [Variant::NoopWasm, Variant::BaseRouter] {
+        for v in [
+            Variant::NoopWasm,
+            Variant::BaseRouter,
+            Variant::BaseRouterOneServer,
+        ] {
             assert!(
                 bootstrap_for(v, w, w, [a, a])
                     .unwrap()

@@ -1,11 +1,14 @@
 //! `envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] [--threads 2]
-//! [--connections 32] [--bases 60] [--out FILE]`
+//! [--connections 32] [--bases 60] [--diagnose] [--out FILE]`
 //!
 //! Proxy CPU per request of three Envoys (one worker each, `--concurrency 1`),
 //! all built from `envoy/edge-static.yaml` on loopback:
 //!   1. passthrough: the wasm filter removed, the fallback route to `dtable-server`;
 //!   2. + `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
-//!   3. + `base_router.wasm` with the shipped shard map.
+//!   3. + `base_router.wasm` with the shipped shard map;
+//!   4. with `--diagnose`: + `base_router.wasm` with a map that sends every base
+//!      to `dtable-server` (the empty filter's routing): the filter's own cost
+//!      apart from routing to two clusters.
 //!
 //! Over several rounds, interleaved (the order rotates each round), `wrk` drives
 //! each one with keep-alive connections cycling through a fixed set of SeaTable
@@ -36,11 +39,12 @@ struct Args {
     threads: u32,
     connections: u32,
     bases: usize,
+    diagnose: bool,
     out: PathBuf,
 }
 
 const USAGE: &str = "usage: envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] \
-                     [--threads 2] [--connections 32] [--bases 60] [--out FILE]";
+                     [--threads 2] [--connections 32] [--bases 60] [--diagnose] [--out FILE]";
 
 /// Whole seconds, `5s` or `5` (wrk's own resolution).
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -60,6 +64,7 @@ fn parse_args() -> Result<Option<Args>> {
         threads: 2,
         connections: 32,
         bases: 60,
+        diagnose: false,
         out: workspace_dir().join("target/bench/envoy-load.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -73,6 +78,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--connections" => a.connections = val()?.parse()?,
             "--bases" => a.bases = val()?.parse()?,
             "--out" => a.out = PathBuf::from(val()?),
+            "--diagnose" => a.diagnose = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -162,7 +168,11 @@ fn run() -> Result<()> {
     std::fs::write(&script, bench::wrk_script(&mix))?;
 
     let mut envoys = Vec::new();
-    for v in Variant::ALL {
+    let mut variants = Variant::ALL.to_vec();
+    if args.diagnose {
+        variants.push(Variant::BaseRouterOneServer);
+    }
+    for v in variants {
         let yaml = bench::bootstrap_for(v, &noop, &router, ups)?;
         let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
         let pid = envoy.process().pid();
@@ -288,19 +298,24 @@ fn render(
     }
     // base-router relative to the empty filter, per round.
     let noop: Vec<f64> = runs[1].iter().map(|r| r.cpu_us_per_req).collect();
-    let vs_noop: Vec<f64> = runs[2]
-        .iter()
-        .zip(&noop)
-        .map(|(r, n)| r.cpu_us_per_req / n)
-        .collect();
-    let (lo, hi) = bench::range(&vs_noop);
-    writeln!(
-        s,
-        "\nbase-router / empty filter, per round: median {:.2}× (range {:.2} – {:.2}).\n",
-        bench::median(&vs_noop),
-        lo,
-        hi
-    )?;
+    writeln!(s)?;
+    for (i, (v, _, _)) in envoys.iter().enumerate().skip(2) {
+        let vs_noop: Vec<f64> = runs[i]
+            .iter()
+            .zip(&noop)
+            .map(|(r, n)| r.cpu_us_per_req / n)
+            .collect();
+        let (lo, hi) = bench::range(&vs_noop);
+        writeln!(
+            s,
+            "- {} / empty filter, per round: median {:.2}× (range {:.2} – {:.2}).",
+            v.label(),
+            bench::median(&vs_noop),
+            lo,
+            hi
+        )?;
+    }
+    writeln!(s)?;
     writeln!(s, "Per round, CPU µs/request:\n")?;
     for (i, (v, _, _)) in envoys.iter().enumerate() {
         let vals: Vec<String> = runs[i]
