@@ -349,6 +349,11 @@ impl FakeDtableServer {
         }
     }
 
+    /// Its health URL, for a control plane: `http://ADDR/ping/` (answers `pong`).
+    pub fn health_url(&self) -> String {
+        format!("http://{}/ping/", self.addr)
+    }
+
     /// `GET /ping/` answers `pong`.
     pub fn ping(&self) -> bool {
         crate::get(self.addr, "/ping/", &[])

@@ -236,3 +236,43 @@ fn with_envoy_restarts_without_a_map_change_lose_nothing() {
     assert_eq!(o.missing, [], "the harness itself loses writes");
     assert_eq!(o.double, [], "no base moved, none may be held twice");
 }
+
+#[test]
+fn the_restart_hook_reports_failures_by_its_exit_status() {
+    let dir = storage();
+    let mut s = FakeDtableServer::start("s1", dir.path(), Duration::from_secs(600)).unwrap();
+    assert_eq!(s.health_url(), format!("http://{}/ping/", s.addr));
+    let ctl = seashard_tests::dtable::fake_dtable_ctl_bin().unwrap();
+    let pid_file = s.pid_file().display().to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&ctl)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    // Bad usage: 2, and the server is untouched.
+    assert_eq!(run(&[]), Some(2));
+    assert_eq!(run(&["restart", "--pid-file", &pid_file]), Some(2));
+    assert_eq!(run(&["frobnicate", "--pid-file", &pid_file]), Some(2));
+    assert!(s.ping());
+    // A start command that fails: 1 (after the graceful stop).
+    let code = run(&[
+        "restart",
+        "--pid-file",
+        &pid_file,
+        "--timeout-ms",
+        "5000",
+        "--",
+        "false",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(!s.ping());
+    // `stop` of a server that is not running succeeds; then the handle starts it again.
+    assert_eq!(run(&["stop", "--pid-file", &pid_file]), Some(0));
+    s.start_again().unwrap();
+    assert!(s.ping());
+    assert_eq!(run(&["stop", "--pid-file", &pid_file]), Some(0));
+    assert!(!s.ping());
+}
