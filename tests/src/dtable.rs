@@ -623,12 +623,30 @@ impl Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let target = Arc::new(Mutex::new(target));
         let acked = Arc::new(AtomicUsize::new(0));
+        // Write ids are unique across every `Writers` of this process too, so
+        // runs sharing a storage never confuse each other's writes.
+        static RUN: AtomicUsize = AtomicUsize::new(0);
+        let run = format!(
+            "{}.{}",
+            std::process::id(),
+            RUN.fetch_add(1, Ordering::Relaxed)
+        );
         let handles = (0..threads)
             .map(|t| {
+                let prefix = format!("{run}-w{t}");
                 let (stop, target, acked) = (stop.clone(), target.clone(), acked.clone());
                 let bases = bases.to_vec();
                 thread::spawn(move || {
-                    write_loop(t, threads, &bases, max_per_thread, &stop, &target, &acked)
+                    write_loop(
+                        t,
+                        threads,
+                        &prefix,
+                        &bases,
+                        max_per_thread,
+                        &stop,
+                        &target,
+                        &acked,
+                    )
                 })
             })
             .collect();
@@ -672,9 +690,11 @@ impl Writers {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_loop(
     t: usize,
     threads: usize,
+    prefix: &str,
     bases: &[BaseUuid],
     max: usize,
     stop: &AtomicBool,
@@ -689,7 +709,7 @@ fn write_loop(
             break;
         }
         let base = &bases[(t + i * threads) % bases.len()];
-        let write_id = format!("w{t}-{i}");
+        let write_id = format!("{prefix}-{i}");
         let addr = *target.lock().unwrap_or_else(|p| p.into_inner());
         if conn.as_ref().is_some_and(|(a, _)| *a != addr) {
             conn = None;
