@@ -8,14 +8,17 @@
 //! | `GET /v1/map` | the active version (map, fence, author, ...) |
 //! | `GET /v1/maps?limit=N` | history, newest first |
 //! | `GET /v1/maps/{version}` | one version |
-//! | `POST /v1/maps[?dry_run=true]` | propose a map: `{"map": {...}, "base_version": N, "comment": "..."}` or a bare map |
+//! | `POST /v1/maps[?dry_run=true]` | propose a map: `{"map": {...}, "base_version": N, "comment": "..."}` or a bare map; a map that moves bases starts a rollout (`202`, `{"rollout": ID, "plan", "restart", "skipped"}`); dry, the plan with the servers to restart and why |
 //! | `GET /v1/nodes`, `GET /v1/nodes/{id}`, `DELETE /v1/nodes/{id}` | Envoy nodes |
 //! | `GET /v1/servers` | the dtable-servers and their health (`/ping/` → `pong`) |
-//! | `GET /v1/rollouts` | rollouts (none until rollouts exist) |
+//! | `GET /v1/rollouts?limit=N` | rollouts, newest first |
+//! | `GET /v1/rollouts/{id}`, `GET /v1/rollouts/current` | one rollout: steps with times, Envoys owing an ACK, the server restarting |
+//! | `POST /v1/rollouts/current/confirm` | `{"server": NAME}`: an operator restarted it (manual hook) |
+//! | `POST /v1/rollouts/current/abort` | roll back the running rollout (`409` once activation began) |
 //! | `GET /v1/audit?limit=N` | who changed what |
 //! | `POST /v3/discovery:extension_configs`, `POST /v3/discovery:clusters` | REST xDS: 304 when current |
 //!
-//! Changes (`POST /v1/maps` without `dry_run`, `DELETE`) need `Authorization: Bearer
+//! Changes (`POST /v1/maps` without `dry_run`, `DELETE`, rollout confirm/abort) need `Authorization: Bearer
 //! TOKEN` (compared in constant time), else `401`. Errors are
 //! `{"error": reason, "problems": [{"at", "message"}]}`: `422` invalid map (every
 //! problem), `409` concurrent change or a map that moves bases (the moves named), `404`.
@@ -36,6 +39,7 @@ use crate::health::{self, Health};
 use crate::nodes::Node;
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
+use crate::rollout::{self, RolloutError};
 use crate::store::StoreError;
 
 /// How long one server's health check may take in an API call.
@@ -65,6 +69,9 @@ pub fn router(plane: Arc<ControlPlane>, token: &str) -> Router {
         .route("/v1/nodes/{id}", get(one_node).delete(forget_node))
         .route("/v1/servers", get(servers))
         .route("/v1/rollouts", get(rollouts))
+        .route("/v1/rollouts/current/confirm", post(rollout_confirm))
+        .route("/v1/rollouts/current/abort", post(rollout_abort))
+        .route("/v1/rollouts/{id}", get(one_rollout))
         .route("/v1/audit", get(audit))
         .route("/v3/discovery:extension_configs", post(rest_ecds))
         .route("/v3/discovery:clusters", post(rest_cds))
@@ -336,7 +343,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         "cds_version": snap.cds.version,
         "nodes": nodes,
         "servers": servers,
-        "rollout": Value::Null,
+        "rollout": current_rollout(&api)?,
     })))
 }
 
@@ -417,7 +424,7 @@ async fn propose(
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let is_dry_run = dry_run(uri.query())?;
     if !is_dry_run {
         authorize(&api, &headers)?;
@@ -461,11 +468,40 @@ async fn propose(
         dry_run: is_dry_run,
     };
     let plane = api.plane.clone();
-    let outcome = tokio::task::spawn_blocking(move || plane.propose(&proposal))
+    let p2 = proposal.clone();
+    let outcome = tokio::task::spawn_blocking(move || plane.propose(&p2))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match outcome {
-        Ok(o) => Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null))),
+        Ok(o) => {
+            let mut v = serde_json::to_value(&o).unwrap_or(Value::Null);
+            if o.needs_rollout {
+                let (restart, skipped) = rollout::restart_plan(&api.plane, &o.plan.fence)?;
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("restart".into(), json!(restart));
+                    obj.insert("skipped".into(), json!(skipped));
+                }
+            }
+            Ok((StatusCode::OK, Json(v)))
+        }
+        Err(ProposeError::MovesBases(_)) => match rollout::begin(&api.plane, &proposal) {
+            Ok(r) => Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "rollout": r.id,
+                    "from_version": r.from_version,
+                    "needs_rollout": true,
+                    "applied": false,
+                    "plan": r.plan,
+                    "restart": r.restart,
+                    "skipped": r.skipped,
+                })),
+            )),
+            Err(e) => {
+                api.plane.metrics().api_error();
+                Err(e.into())
+            }
+        },
         Err(e) => {
             api.plane.metrics().api_error();
             Err(e.into())
@@ -518,8 +554,112 @@ async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "servers": server_statuses(&api).await? })))
 }
 
-async fn rollouts() -> Json<Value> {
-    Json(json!({ "rollouts": [] }))
+impl From<RolloutError> for ApiError {
+    fn from(e: RolloutError) -> Self {
+        let reason = e.to_string();
+        match e {
+            RolloutError::Propose(p) => p.into(),
+            RolloutError::Store(s) => s.into(),
+            RolloutError::NoneRunning => ApiError::new(StatusCode::NOT_FOUND, reason),
+            RolloutError::TooLate(_) | RolloutError::NotWaiting { .. } => {
+                ApiError::new(StatusCode::CONFLICT, reason)
+            }
+            RolloutError::Corrupt(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason),
+        }
+    }
+}
+
+/// The running rollout as shown, or `null`.
+fn current_rollout(api: &Api) -> Result<Value, ApiError> {
+    Ok(match api.plane.store().unfinished_rollout()? {
+        Some(stored) => rollout::view(&api.plane, &rollout::parse(stored.record)?),
+        None => Value::Null,
+    })
+}
+
+async fn rollouts(State(api): State<Api>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for stored in api.plane.store().rollouts(limit(uri.query(), 50))? {
+        out.push(rollout::view(&api.plane, &rollout::parse(stored.record)?));
+    }
+    Ok(Json(json!({ "rollouts": out })))
+}
+
+async fn one_rollout(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id == "current" {
+        return match current_rollout(&api)? {
+            Value::Null => Err(RolloutError::NoneRunning.into()),
+            v => Ok(Json(v)),
+        };
+    }
+    let n: u64 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{id}` is not a rollout id (or `current`)"),
+        )
+    })?;
+    match api.plane.store().rollout(n)? {
+        Some(stored) => Ok(Json(rollout::view(
+            &api.plane,
+            &rollout::parse(stored.record)?,
+        ))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no rollout {n}"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfirmBody {
+    server: String,
+}
+
+async fn rollout_confirm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers)?;
+    let b: ConfirmBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"server\": NAME}}: {e}"),
+        )
+    })?;
+    let id = rollout::confirm(&api.plane, &b.server)?;
+    api.plane.store().audit(
+        &actor(&headers),
+        "rollout.confirm",
+        None,
+        &json!({ "rollout": id, "server": b.server }),
+    )?;
+    Ok(Json(json!({ "rollout": id, "confirmed": b.server })))
+}
+
+async fn rollout_abort(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers)?;
+    let who = actor(&headers);
+    let id = rollout::abort(&api.plane, &format!("aborted by {who}"))?;
+    api.plane
+        .store()
+        .audit(&who, "rollout.abort", None, &json!({ "rollout": id }))?;
+    Ok(Json(json!({ "rollout": id, "aborting": true })))
+}
+
+/// Who calls: the `x-seashard-author` header, else `api`.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-seashard-author")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| "api".to_owned())
 }
 
 async fn audit(State(api): State<Api>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {

@@ -48,6 +48,15 @@ pub async fn check(url: &str, timeout: Duration) -> Health {
 
 /// `GET url` → (status, body).
 async fn get(url: &str) -> Result<(u16, String), String> {
+    request("GET", url, &[]).await
+}
+
+/// `METHOD url` with extra headers and no body → (status, body). Plain `http://` only.
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+) -> Result<(u16, String), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{url}` is not an http:// URL"))?;
@@ -63,9 +72,19 @@ async fn get(url: &str) -> Result<(u16, String), String> {
     let mut conn = TcpStream::connect(&addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: seashard\r\nConnection: close\r\n\r\n"
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: seashard\r\nConnection: close\r\n"
     );
+    for (k, v) in headers {
+        if k.contains(['\r', '\n']) || v.contains(['\r', '\n']) {
+            return Err(format!("header `{k}` holds a line break"));
+        }
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method != "GET" && method != "HEAD" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
     conn.write_all(request.as_bytes())
         .await
         .map_err(|e| format!("send to {addr}: {e}"))?;

@@ -9,6 +9,8 @@
 //! - [`resources`]: what Envoys are sent, as protobuf and as JSON, with versions.
 //! - [`nodes`]: per-node, per-type ACK/NACK tracking; never resend NACKed content.
 //! - [`plane`]: the core: propose/publish a map, wait until every Envoy ACKed.
+//! - [`rollout`]: a map that moves bases: plan, fence, restart, activate, done (or
+//!   roll back), each step stored before it acts, resumed after a restart.
 //! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum).
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
 //!
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod plane;
 pub mod resources;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod xds;
@@ -31,5 +34,6 @@ pub use config::{Config, ConfigError, RestartHook, ServerConfig};
 pub use nodes::{Convergence, Registry};
 pub use plane::{ControlPlane, Outcome, Proposal, ProposeError, StartError};
 pub use resources::{ResourceType, Snapshot};
+pub use rollout::{Rollout, RolloutError, Step};
 pub use server::{Running, ServeError, start};
 pub use store::{Store, StoreError, Version, VersionKind};

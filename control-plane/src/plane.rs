@@ -102,6 +102,8 @@ pub struct ControlPlane {
     /// Held by whoever changes the map: a second change meanwhile gets `Busy`.
     change: Arc<Mutex<()>>,
     metrics: Metrics,
+    /// Abort requests and manual confirmations for the running rollout.
+    signals: crate::rollout::Signals,
 }
 
 impl ControlPlane {
@@ -155,6 +157,7 @@ impl ControlPlane {
             snapshot: watch::channel(snapshot).0,
             change: Arc::new(Mutex::new(())),
             metrics: Metrics::default(),
+            signals: crate::rollout::Signals::default(),
         }))
     }
 
@@ -172,6 +175,11 @@ impl ControlPlane {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// What the API and the running rollout share in memory.
+    pub fn rollout_signals(&self) -> &crate::rollout::Signals {
+        &self.signals
     }
 
     /// What every Envoy must converge to now.

@@ -92,6 +92,11 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
             })
     });
     let flusher = tokio::spawn(flush_loop(plane.clone(), stopped));
+    match crate::rollout::resume(&plane) {
+        Ok(Some(id)) => tracing::warn!(rollout = id, "resumed an unfinished rollout"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot resume the stored rollout"),
+    }
     tracing::info!(%grpc_addr, %http_addr, "control plane listening");
     Ok(Running {
         grpc_addr,

@@ -69,6 +69,22 @@ const MIGRATIONS: &[&str] = &[
         version INTEGER,
         detail  TEXT NOT NULL DEFAULT '{}'
      );",
+    // 2: rollouts (one JSON record each, rewritten at every step) and, per
+    // dtable-server, the map versions it may hold since seashard last restarted it.
+    "CREATE TABLE rollouts (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        state           TEXT NOT NULL,
+        record          TEXT NOT NULL,
+        abort_requested TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+     );
+     CREATE TABLE server_state (
+        name            TEXT PRIMARY KEY,
+        may_hold        TEXT NOT NULL,
+        last_restart_at INTEGER,
+        last_rollout    INTEGER
+     );",
 ];
 
 /// What a version is.
@@ -460,6 +476,178 @@ impl Store {
         Ok(nodes)
     }
 
+    /// Records a new rollout (its state and JSON record); returns its id.
+    pub fn insert_rollout(
+        &self,
+        state: &str,
+        record: &serde_json::Value,
+    ) -> Result<u64, StoreError> {
+        let conn = self.conn()?;
+        let now = now_ms();
+        conn.execute(
+            "INSERT INTO rollouts (state, record, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+            params![state, record.to_string(), now],
+        )?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    /// Rewrites a rollout's state and record (one transaction, committed on return).
+    pub fn save_rollout(
+        &self,
+        id: u64,
+        state: &str,
+        record: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE rollouts SET state = ?2, record = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id as i64, state, record.to_string(), now_ms()],
+        )?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!("rollout {id} vanished")))
+        }
+    }
+
+    /// One rollout: its record and the abort reason, if one was asked for.
+    pub fn rollout(&self, id: u64) -> Result<Option<StoredRollout>, StoreError> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT id, state, record, abort_requested FROM rollouts WHERE id = ?1",
+            params![id as i64],
+            row_to_rollout,
+        )
+        .optional()?
+        .transpose()
+    }
+
+    /// The latest `limit` rollouts, newest first.
+    pub fn rollouts(&self, limit: u32) -> Result<Vec<StoredRollout>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, state, record, abort_requested FROM rollouts ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], row_to_rollout)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// The rollout that has not finished (`done` or `rolled_back`), if any.
+    pub fn unfinished_rollout(&self) -> Result<Option<StoredRollout>, StoreError> {
+        let conn = self.conn()?;
+        conn.query_row(
+            "SELECT id, state, record, abort_requested FROM rollouts
+             WHERE state NOT IN ('done', 'rolled_back') ORDER BY id DESC LIMIT 1",
+            [],
+            row_to_rollout,
+        )
+        .optional()?
+        .transpose()
+    }
+
+    /// Records that an abort was asked for (it survives a restart of the control plane).
+    pub fn request_abort(&self, id: u64, reason: &str) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE rollouts SET abort_requested = ?2 WHERE id = ?1",
+            params![id as i64, reason],
+        )?;
+        Ok(())
+    }
+
+    /// The map versions `server` may hold since seashard last restarted it; `None`
+    /// when seashard never restarted it (it may hold anything).
+    pub fn may_hold(&self, server: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        let conn = self.conn()?;
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT may_hold FROM server_state WHERE name = ?1",
+                params![server],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| StoreError::Corrupt(format!("may_hold of {server}: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Every server's stored state: `(name, may_hold, last_restart_at, last_rollout)`.
+    pub fn server_states(&self) -> Result<Vec<ServerState>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT name, may_hold, last_restart_at, last_rollout FROM server_state ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, may_hold, last_restart_at, last_rollout) = row?;
+            out.push(ServerState {
+                may_hold: serde_json::from_str(&may_hold)
+                    .map_err(|e| StoreError::Corrupt(format!("may_hold of {name}: {e}")))?,
+                name,
+                last_restart_at,
+                last_rollout: last_rollout.map(|v| v as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Ends a rollout in one transaction: its final state and record, every server's
+    /// new `may_hold` (with the restart time of those seashard restarted), and the audit entry.
+    pub fn finish_rollout(&self, finish: &FinishRollout<'_>) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE rollouts SET state = ?2, record = ?3, updated_at = ?4 WHERE id = ?1",
+            params![
+                finish.id as i64,
+                finish.state,
+                finish.record.to_string(),
+                now
+            ],
+        )?;
+        for (name, versions, restarted_at) in finish.may_hold {
+            let json = serde_json::to_string(versions).unwrap_or_else(|_| "[]".into());
+            match restarted_at {
+                Some(at) => tx.execute(
+                    "INSERT INTO server_state (name, may_hold, last_restart_at, last_rollout)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name) DO UPDATE SET may_hold = ?2, last_restart_at = ?3,
+                        last_rollout = ?4",
+                    params![name, json, at, finish.id as i64],
+                )?,
+                None => tx.execute(
+                    "UPDATE server_state SET may_hold = ?2 WHERE name = ?1",
+                    params![name, json],
+                )?,
+            };
+        }
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, version, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now,
+                finish.actor,
+                format!("rollout.{}", finish.state),
+                finish.version.map(|v| v as i64),
+                finish.detail.to_string()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Forgets a node (an Envoy taken out of service).
     pub fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
@@ -467,6 +655,56 @@ impl Store {
             .execute("DELETE FROM nodes WHERE id = ?1", params![id])?
             > 0)
     }
+}
+
+/// A rollout as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRollout {
+    pub id: u64,
+    pub state: String,
+    pub record: serde_json::Value,
+    /// Why an abort was asked for, when one was.
+    pub abort_requested: Option<String>,
+}
+
+fn row_to_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRollout, StoreError>> {
+    let id: i64 = r.get(0)?;
+    let state: String = r.get(1)?;
+    let record: String = r.get(2)?;
+    let abort_requested: Option<String> = r.get(3)?;
+    Ok(serde_json::from_str(&record)
+        .map_err(|e| StoreError::Corrupt(format!("rollout {id}: {e}")))
+        .map(|record| StoredRollout {
+            id: id as u64,
+            state,
+            record,
+            abort_requested,
+        }))
+}
+
+/// A server's stored rollout state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerState {
+    pub name: String,
+    /// The map versions it may hold since seashard last restarted it.
+    pub may_hold: Vec<u64>,
+    pub last_restart_at: Option<i64>,
+    pub last_rollout: Option<u64>,
+}
+
+/// What ending a rollout writes, in one transaction.
+#[derive(Debug)]
+pub struct FinishRollout<'a> {
+    pub id: u64,
+    /// `done` or `rolled_back`.
+    pub state: &'a str,
+    pub record: &'a serde_json::Value,
+    /// `(server, may_hold, restarted_at)`: `restarted_at` set for the servers seashard
+    /// restarted (their row is created or reset); otherwise only an existing row changes.
+    pub may_hold: &'a [(String, Vec<u64>, Option<i64>)],
+    pub actor: &'a str,
+    pub version: Option<u64>,
+    pub detail: &'a serde_json::Value,
 }
 
 /// JSON of a column value (maps and fences always serialize).

@@ -161,14 +161,13 @@ pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if plan.body["needs_rollout"] == true && !json_out {
-        println!(
-            "This map moves bases: it needs a rollout (fence, restart, activate), which this \
-             control plane cannot run yet. Nothing was changed."
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    if !args.yes && !confirm("Apply this map?")? {
+    let rollout = plan.body["needs_rollout"] == true;
+    let question = if rollout {
+        "Start the rollout (fence the moved bases, restart the servers above, activate)?"
+    } else {
+        "Apply this map?"
+    };
+    if !args.yes && !confirm(question)? {
         println!("Not applied.");
         return Ok(ExitCode::FAILURE);
     }
@@ -182,6 +181,13 @@ pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
             "author": author(),
         }),
     )?;
+    if applied.status == 202 {
+        let id = applied.body["rollout"].as_u64().unwrap_or(0);
+        if !json_out {
+            println!("Rollout {id} started.");
+        }
+        return follow(&client, id, json_out);
+    }
     if applied.status != 200 {
         return fail(json_out, &applied);
     }
@@ -314,10 +320,31 @@ fn print_plan(o: &Value) {
     }
     if o["needs_rollout"] == true {
         println!(
-            "Moves bases from {} to {}.",
+            "Moves bases from {} to {}: a rollout (fence, restart, activate).",
             list(&p["losing"]).join(", "),
             list(&p["gaining"]).join(", ")
         );
+        let restart = o["restart"].as_array().cloned().unwrap_or_default();
+        if restart.is_empty() {
+            println!("Servers to restart: none.");
+        } else {
+            println!("Servers to restart:");
+        }
+        for r in &restart {
+            println!(
+                "  {:<20} ({} hook) {}",
+                r["server"].as_str().unwrap_or(""),
+                r["hook"].as_str().unwrap_or(""),
+                r["why"].as_str().unwrap_or("")
+            );
+        }
+        for r in o["skipped"].as_array().into_iter().flatten() {
+            println!(
+                "  not restarted: {:<20} {}",
+                r["server"].as_str().unwrap_or(""),
+                r["why"].as_str().unwrap_or("")
+            );
+        }
     } else {
         println!("No base changes server.");
     }
@@ -360,6 +387,215 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
+/// How long `follow` keeps polling a rollout, at most.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Follows rollout `id` until it ends: prints each step with the elapsed time, the
+/// Envoys owing an ACK and the server restarting. Exit 0 only when `done`.
+fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCode> {
+    let start = Instant::now();
+    let mut last_line = String::new();
+    loop {
+        let a = client.get(&format!("/v1/rollouts/{id}"))?;
+        if a.status != 200 {
+            bail!("{}", describe_error(&a));
+        }
+        let r = &a.body;
+        let state = r["state"].as_str().unwrap_or("?");
+        if !json_out {
+            let line = progress_line(r);
+            if line != last_line {
+                println!("  [{:>7.2}s] {line}", start.elapsed().as_secs_f64());
+                last_line = line;
+            }
+        }
+        if state == "done" || state == "rolled_back" {
+            if json_out {
+                println!("{}", pretty(r));
+            } else {
+                print_end(r);
+            }
+            return Ok(if state == "done" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        if start.elapsed() > FOLLOW_LIMIT {
+            bail!("rollout {id} still runs after {FOLLOW_LIMIT:?}; stopped following");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One line of a rollout's progress.
+fn progress_line(r: &Value) -> String {
+    let state = r["state"].as_str().unwrap_or("?");
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut line = match state {
+        "plan" => "plan".to_owned(),
+        "fence" => format!(
+            "fence: version {} (the moved bases answer 503)",
+            r["fence_version"]
+        ),
+        "restart" => "restart".to_owned(),
+        "activate" => format!("activate: version {}", r["new_version"]),
+        "rolling_back" => format!("rolling back: {}", r["reason"].as_str().unwrap_or("")),
+        other => other.to_owned(),
+    };
+    let owing = names(&r["owing_ack"]["pending"]);
+    if !owing.is_empty() {
+        line.push_str(&format!("; owing an ACK: {}", owing.join(", ")));
+    }
+    if let Some(s) = r["restarting"].as_str() {
+        line.push_str(&format!("; restarting {s}"));
+    }
+    if let Some(s) = r["waiting_for_confirm"].as_str() {
+        line.push_str(&format!(
+            "; restart {s} yourself, then run `seactl rollout confirm {s}`"
+        ));
+    }
+    line
+}
+
+fn print_end(r: &Value) {
+    let id = &r["id"];
+    for s in r["restart"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20} {}{}",
+            s["server"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            s["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for w in r["warnings"].as_array().into_iter().flatten() {
+        println!("  warning: {}", w.as_str().unwrap_or(""));
+    }
+    if r["state"] == "done" {
+        println!(
+            "Rollout {id} done: version {} is active ({} ms, of which {} ms beyond the restarts).",
+            r["new_version"], r["elapsed_ms"], r["overhead_ms"]
+        );
+    } else {
+        eprintln!(
+            "Rollout {id} rolled back: {}. The old map is active again (version {}).",
+            r["reason"].as_str().unwrap_or("?"),
+            r["rollback_version"]
+        );
+    }
+}
+
+/// `seactl rollout`.
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub command: RolloutCommand,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// What to do with the running rollout.
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Tell the rollout that SERVER was restarted by hand (its hook is `manual`).
+    Confirm { server: String },
+    /// Roll the running rollout back (refused once activation began).
+    Abort,
+    /// Show a rollout (the running one by default) and follow it to its end.
+    Follow {
+        /// The rollout id; default the running one.
+        id: Option<u64>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List the latest rollouts.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// `seactl rollout confirm|abort|follow|list`.
+pub fn rollout(args: RolloutArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.remote);
+    match args.command {
+        RolloutCommand::Confirm { server } => {
+            let a = client.post("/v1/rollouts/current/confirm", &json!({ "server": server }))?;
+            if a.status != 200 {
+                return fail(false, &a);
+            }
+            println!(
+                "Confirmed: {server} was restarted (rollout {}).",
+                a.body["rollout"]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Abort => {
+            let a = client.post("/v1/rollouts/current/abort", &json!({}))?;
+            if a.status != 200 {
+                return fail(false, &a);
+            }
+            println!("Rollout {} is rolling back.", a.body["rollout"]);
+            Ok(ExitCode::SUCCESS)
+        }
+        RolloutCommand::Follow { id, output } => {
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let a = client.get("/v1/rollouts/current")?;
+                    if a.status != 200 {
+                        return fail(output == Output::Json, &a);
+                    }
+                    a.body["id"].as_u64().unwrap_or(0)
+                }
+            };
+            follow(&client, id, output == Output::Json)
+        }
+        RolloutCommand::List { output } => {
+            let a = client.get("/v1/rollouts?limit=20")?;
+            if a.status != 200 {
+                return fail(output == Output::Json, &a);
+            }
+            if output == Output::Json {
+                println!("{}", pretty(&a.body));
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "  {:<4} {:<13} {:<6} {:<6} {:<24} reason",
+                "id", "state", "from", "to", "restarted"
+            );
+            for r in a.body["rollouts"].as_array().into_iter().flatten() {
+                let restarted: Vec<&str> = r["restart"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["state"] == "healthy")
+                    .filter_map(|s| s["server"].as_str())
+                    .collect();
+                println!(
+                    "  {:<4} {:<13} {:<6} {:<6} {:<24} {}",
+                    r["id"],
+                    r["state"].as_str().unwrap_or(""),
+                    r["from_version"],
+                    r["new_version"],
+                    restarted.join(","),
+                    r["reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// `seactl status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -394,6 +630,15 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         b["cds_version"].as_str().unwrap_or("")
     );
     let mut healthy = true;
+    if b["rollout"].is_object() {
+        healthy = false;
+        println!(
+            "\nRollout {} running ({:.1}s): {}",
+            b["rollout"]["id"],
+            b["rollout"]["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+            progress_line(&b["rollout"])
+        );
+    }
     println!("\nEnvoys:");
     let nodes = b["nodes"].as_array().cloned().unwrap_or_default();
     if nodes.is_empty() {

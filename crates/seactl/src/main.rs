@@ -72,10 +72,12 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print an Envoy bootstrap that takes its map and clusters from the control plane.
     EnvoyBootstrap(bootstrap::BootstrapArgs),
-    /// Propose a map to the control plane: show the plan, apply, follow the ACKs.
+    /// Propose a map: show the plan, apply (a rollout when bases move), follow it to the end.
     PushMap(client::PushMapArgs),
     /// Show the active map version, each Envoy's ACK/NACK and each server's health.
     Status(client::StatusArgs),
+    /// Steer the running rollout: confirm a manual restart, abort, follow, list.
+    Rollout(client::RolloutArgs),
     /// Show seashard at work on sample SeaTable requests.
     Demo {
         /// Only route sample requests with a sample map; start no process.
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(args),
         Command::PushMap(args) => client::push_map(args),
         Command::Status(args) => client::status(args),
+        Command::Rollout(args) => client::rollout(args),
     };
     match result {
         Ok(code) => code,

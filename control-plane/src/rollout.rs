@@ -1,0 +1,1066 @@
+//! Rollouts: the safe way to change a map that moves bases.
+//!
+//! ```text
+//! plan ─▶ fence ─▶ restart ─▶ activate ─▶ done
+//!   │        │         │
+//!   └────────┴─────────┴──▶ rolling_back ─▶ rolled_back
+//! ```
+//!
+//! - **plan**: `shardmap::diff` gives the fence (exactly the moved bases); the servers
+//!   to restart are those whose `may_hold` history meets the fence (see
+//!   [`restart_plan`]). The Envoys connected now are recorded: each must ACK.
+//! - **fence**: the old map is published again with `fence = plan.fence` (a
+//!   [`VersionKind::Fence`] version); every recorded or connected Envoy must ACK it
+//!   within `ack_timeout` (a NACK or a timeout rolls back).
+//! - **restart**: the Envoys are checked again (one may have reconnected), then each
+//!   server to restart runs its hook (command, HTTP call, or manual confirmation)
+//!   and must answer `pong` on its health URL within `health_timeout`.
+//! - **activate**: the new map is published without fence; from here on the rollout
+//!   only goes forward (an Envoy may already serve the new map). Missing ACKs become
+//!   warnings: an Envoy still on the fence answers 503 for the moved bases, never
+//!   routes them to their old server.
+//! - **done**: every server's `may_hold` is updated, with the audit entry, in one
+//!   transaction.
+//!
+//! A failure before activation, or `abort`, goes to **rolling_back**: the old map is
+//! published without fence (a [`VersionKind::Rollback`] version).
+//!
+//! Each state change is written to the store (a transaction, committed) before the
+//! step acts, and every action is idempotent on resume: a control plane killed at any
+//! point and started again ([`resume`]) continues from the stored step: it adopts a
+//! version it had published before dying, re-waits the ACKs, re-runs the hook of every
+//! server not recorded healthy.
+//!
+//! `may_hold`, per server: the map versions whose bases it may have loaded since
+//! seashard last restarted it; unknown (never restarted by seashard) means anything.
+//! A server restarted during a rollout's fence can load only the unfenced bases it
+//! owns under the old map, which it also owns under the new one (they did not move):
+//! so after `done` its history is just the new version, after `rolled_back` just the
+//! old one. A server not restarted adds the new version to its history.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shardmap::{Fence, ShardMap, diff, owners_within};
+use tokio::sync::{OwnedMutexGuard, watch};
+
+use crate::config::RestartHook;
+use crate::health;
+use crate::plane::{ControlPlane, Proposal, ProposeError};
+use crate::resources::ResourceType;
+use crate::store::{FinishRollout, NewVersion, StoreError, VersionKind, now_ms};
+
+/// How often a restarted server's health URL is polled.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// How long one health check may take.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the driver retries after the store failed.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Plan,
+    Fence,
+    Restart,
+    Activate,
+    Done,
+    RollingBack,
+    RolledBack,
+}
+
+impl Step {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Plan => "plan",
+            Step::Fence => "fence",
+            Step::Restart => "restart",
+            Step::Activate => "activate",
+            Step::Done => "done",
+            Step::RollingBack => "rolling_back",
+            Step::RolledBack => "rolled_back",
+        }
+    }
+
+    /// `done` or `rolled_back`.
+    pub fn finished(self) -> bool {
+        matches!(self, Step::Done | Step::RolledBack)
+    }
+
+    /// Before activation: a failure or an abort still rolls back.
+    pub fn may_roll_back(self) -> bool {
+        matches!(self, Step::Plan | Step::Fence | Step::Restart)
+    }
+}
+
+/// Where one server's restart is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartState {
+    /// Not started.
+    Pending,
+    /// Its hook runs (or, manual, the operator is asked to restart it).
+    Restarting,
+    /// The hook succeeded; waiting for `pong`.
+    Restarted,
+    /// It answered `pong`.
+    Healthy,
+    /// Its hook or health check failed.
+    Failed,
+}
+
+/// A server the rollout restarts, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRestart {
+    pub server: String,
+    pub why: String,
+    /// `command`, `http` or `manual`.
+    pub hook: String,
+    pub state: RestartState,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub started_at: Option<i64>,
+    #[serde(default)]
+    pub restarted_at: Option<i64>,
+    #[serde(default)]
+    pub healthy_at: Option<i64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A server the rollout leaves running, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub server: String,
+    pub why: String,
+}
+
+/// One step as it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub started_at: i64,
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A rollout as stored (one JSON record, rewritten at every step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: u64,
+    pub state: Step,
+    /// The active version when it began (the old map).
+    pub from_version: u64,
+    pub old_map: ShardMap,
+    pub new_map: ShardMap,
+    /// Exactly the moved bases.
+    pub fence: Fence,
+    /// `shardmap::diff(old, new)` as JSON (moved slot ranges and pins, moves).
+    pub plan: Value,
+    pub restart: Vec<ServerRestart>,
+    pub skipped: Vec<Skipped>,
+    /// The Envoys connected when it began: each must ACK the fence.
+    pub envoys: Vec<String>,
+    #[serde(default)]
+    pub fence_version: Option<u64>,
+    #[serde(default)]
+    pub new_version: Option<u64>,
+    #[serde(default)]
+    pub rollback_version: Option<u64>,
+    pub author: String,
+    pub comment: String,
+    /// Why it rolled back.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    pub steps: Vec<StepRecord>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    /// Time spent in the restart step, ms.
+    #[serde(default)]
+    pub restart_ms: Option<u64>,
+    /// Everything but the restarts (plan, fence ACKs, activation ACKs), ms.
+    #[serde(default)]
+    pub overhead_ms: Option<u64>,
+    /// How many times a control plane resumed it.
+    #[serde(default)]
+    pub resumed: u32,
+}
+
+impl Rollout {
+    /// Closes the current step and opens `next`.
+    fn enter(&mut self, next: Step, note: Option<String>) {
+        let now = now_ms();
+        if let Some(last) = self.steps.last_mut()
+            && last.finished_at.is_none()
+        {
+            last.finished_at = Some(now);
+        }
+        self.state = next;
+        self.steps.push(StepRecord {
+            step: next,
+            started_at: now,
+            finished_at: None,
+            note,
+        });
+    }
+
+    fn roll_back(&mut self, reason: String) {
+        tracing::warn!(rollout = self.id, %reason, "rolling back");
+        self.reason = Some(reason.clone());
+        self.enter(Step::RollingBack, Some(reason));
+    }
+
+    /// The server whose restart is under way.
+    pub fn restarting(&self) -> Option<&ServerRestart> {
+        self.restart
+            .iter()
+            .find(|s| matches!(s.state, RestartState::Restarting | RestartState::Restarted))
+    }
+
+    fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Why a rollout could not be started or steered.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No rollout runs.
+    #[error("no rollout is running")]
+    NoneRunning,
+    /// Activation began: the rollout can only complete.
+    #[error("rollout {0} is activating the new map: it can no longer be aborted")]
+    TooLate(u64),
+    /// `confirm` of a server the rollout does not wait for.
+    #[error("rollout {id} is not waiting for a manual restart of `{server}`")]
+    NotWaiting { id: u64, server: String },
+    #[error("stored rollout: {0}")]
+    Corrupt(String),
+}
+
+/// What the API and the running rollout share in memory: abort requests and manual
+/// confirmations, and a counter that wakes the driver.
+pub struct Signals {
+    abort: Mutex<Option<String>>,
+    confirmed: Mutex<HashSet<String>>,
+    /// The server a manual hook waits for.
+    waiting_for: Mutex<Option<String>>,
+    bump: watch::Sender<u64>,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            abort: Mutex::new(None),
+            confirmed: Mutex::new(HashSet::new()),
+            waiting_for: Mutex::new(None),
+            bump: watch::channel(0).0,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Signals {
+    fn reset(&self) {
+        *lock(&self.abort) = None;
+        lock(&self.confirmed).clear();
+        *lock(&self.waiting_for) = None;
+    }
+
+    fn wake(&self) {
+        self.bump.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        lock(&self.abort).clone()
+    }
+
+    /// Resolves when an abort is asked for, with its reason.
+    async fn aborted(&self) -> String {
+        let mut rx = self.bump.subscribe();
+        loop {
+            if let Some(r) = self.abort_reason() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves when `server`'s manual restart is confirmed.
+    async fn confirmed(&self, server: &str) {
+        let mut rx = self.bump.subscribe();
+        loop {
+            if lock(&self.confirmed).remove(server) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// The servers a rollout with this fence must restart, and those it leaves, each
+/// with the reason: a server is restarted when seashard never restarted it, or when
+/// it owned a base of the fence under a map version it may still hold.
+pub fn restart_plan(
+    plane: &ControlPlane,
+    fence: &Fence,
+) -> Result<(Vec<ServerRestart>, Vec<Skipped>), ProposeError> {
+    let mut owners: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut restart = Vec::new();
+    let mut skipped = Vec::new();
+    for s in &plane.config().servers {
+        let hook = match s.restart {
+            RestartHook::Command { .. } => "command",
+            RestartHook::Http { .. } => "http",
+            RestartHook::Manual => "manual",
+        };
+        let why = match plane.store().may_hold(&s.name)? {
+            None => {
+                Some("seashard never restarted it: it may hold any base (first rollout)".to_owned())
+            }
+            Some(versions) => {
+                let mut found = None;
+                for v in &versions {
+                    if !owners.contains_key(v) {
+                        let Some(version) = plane.store().version(*v)? else {
+                            found = Some(format!(
+                                "its history names version {v}, which the store lacks"
+                            ));
+                            break;
+                        };
+                        let o =
+                            owners_within(&version.map, fence).map_err(ProposeError::Invalid)?;
+                        owners.insert(*v, o);
+                    }
+                    if owners.get(v).is_some_and(|o| o.contains(&s.name)) {
+                        found = Some(format!(
+                            "it owned moved bases under map version {v}, active since its last restart"
+                        ));
+                        break;
+                    }
+                }
+                if found.is_none() {
+                    skipped.push(Skipped {
+                        server: s.name.clone(),
+                        why: format!(
+                            "since its last restart it owned none of the moved bases (map versions {})",
+                            versions
+                                .iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+                found
+            }
+        };
+        if let Some(why) = why {
+            restart.push(ServerRestart {
+                server: s.name.clone(),
+                why,
+                hook: hook.to_owned(),
+                state: RestartState::Pending,
+                attempts: 0,
+                started_at: None,
+                restarted_at: None,
+                healthy_at: None,
+                error: None,
+            });
+        }
+    }
+    Ok((restart, skipped))
+}
+
+/// Starts a rollout of `p.map` (which must move bases): plans it, records it, and
+/// runs it in the background. Returns the rollout as first stored.
+pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, RolloutError> {
+    plane.check_map(&p.map).map_err(ProposeError::Invalid)?;
+    let guard = plane.try_begin_change()?;
+    let active = plane.active()?;
+    if let Some(expected) = p.base_version
+        && expected != active.version
+    {
+        return Err(ProposeError::Conflict {
+            expected,
+            active: active.version,
+        }
+        .into());
+    }
+    if !active.fence.is_empty() {
+        return Err(ProposeError::Busy.into());
+    }
+    let plan = diff(&active.map, &p.map).map_err(ProposeError::Invalid)?;
+    let (restart, skipped) = restart_plan(plane, &plan.fence)?;
+    let envoys = plane
+        .registry()
+        .nodes()
+        .into_iter()
+        .filter(|n| n.connected)
+        .map(|n| n.id)
+        .collect();
+    let now = now_ms();
+    let mut r = Rollout {
+        id: 0,
+        state: Step::Plan,
+        from_version: active.version,
+        old_map: active.map.clone(),
+        new_map: p.map.clone(),
+        fence: plan.fence.clone(),
+        plan: serde_json::to_value(&plan).unwrap_or(Value::Null),
+        restart,
+        skipped,
+        envoys,
+        fence_version: None,
+        new_version: None,
+        rollback_version: None,
+        author: p.author.clone(),
+        comment: p.comment.clone(),
+        reason: None,
+        warnings: Vec::new(),
+        steps: vec![StepRecord {
+            step: Step::Plan,
+            started_at: now,
+            finished_at: None,
+            note: None,
+        }],
+        created_at: now,
+        finished_at: None,
+        restart_ms: None,
+        overhead_ms: None,
+        resumed: 0,
+    };
+    r.id = plane
+        .store()
+        .insert_rollout(Step::Plan.as_str(), &r.to_value())?;
+    plane
+        .store()
+        .save_rollout(r.id, r.state.as_str(), &r.to_value())?;
+    plane.store().audit(
+        &p.author,
+        "rollout.begin",
+        Some(active.version),
+        &json!({ "rollout": r.id, "comment": p.comment,
+                 "restart": r.restart.iter().map(|s| &s.server).collect::<Vec<_>>() }),
+    )?;
+    tracing::info!(
+        rollout = r.id,
+        from = active.version,
+        restart = ?r.restart.iter().map(|s| &s.server).collect::<Vec<_>>(),
+        "rollout planned"
+    );
+    plane.rollout_signals().reset();
+    tokio::spawn(drive(plane.clone(), guard, r.clone()));
+    Ok(r)
+}
+
+/// Resumes the stored unfinished rollout, if any, from its stored step.
+pub fn resume(plane: &Arc<ControlPlane>) -> Result<Option<u64>, RolloutError> {
+    let Some(stored) = plane.store().unfinished_rollout()? else {
+        return Ok(None);
+    };
+    let mut r: Rollout = serde_json::from_value(stored.record)
+        .map_err(|e| RolloutError::Corrupt(format!("rollout {}: {e}", stored.id)))?;
+    let guard = plane.try_begin_change()?;
+    let signals = plane.rollout_signals();
+    signals.reset();
+    if let Some(reason) = stored.abort_requested {
+        *lock(&signals.abort) = Some(reason);
+    }
+    r.resumed += 1;
+    if let Some(last) = r.steps.last_mut() {
+        let note = format!("resumed by a restarted control plane ({})", r.resumed);
+        last.note = Some(match last.note.take() {
+            Some(n) => format!("{n}; {note}"),
+            None => note,
+        });
+    }
+    plane
+        .store()
+        .save_rollout(r.id, r.state.as_str(), &r.to_value())?;
+    tracing::warn!(
+        rollout = r.id,
+        step = r.state.as_str(),
+        "resuming the stored rollout"
+    );
+    let id = r.id;
+    tokio::spawn(drive(plane.clone(), guard, r));
+    Ok(Some(id))
+}
+
+/// Asks the running rollout to roll back (refused once activation began).
+pub fn abort(plane: &ControlPlane, reason: &str) -> Result<u64, RolloutError> {
+    let stored = plane
+        .store()
+        .unfinished_rollout()?
+        .ok_or(RolloutError::NoneRunning)?;
+    let state: Rollout = serde_json::from_value(stored.record)
+        .map_err(|e| RolloutError::Corrupt(format!("rollout {}: {e}", stored.id)))?;
+    if !state.state.may_roll_back() {
+        if state.state == Step::RollingBack {
+            return Ok(stored.id);
+        }
+        return Err(RolloutError::TooLate(stored.id));
+    }
+    plane.store().request_abort(stored.id, reason)?;
+    let signals = plane.rollout_signals();
+    *lock(&signals.abort) = Some(reason.to_owned());
+    signals.wake();
+    Ok(stored.id)
+}
+
+/// Confirms that an operator restarted `server` (manual hook).
+pub fn confirm(plane: &ControlPlane, server: &str) -> Result<u64, RolloutError> {
+    let stored = plane
+        .store()
+        .unfinished_rollout()?
+        .ok_or(RolloutError::NoneRunning)?;
+    let signals = plane.rollout_signals();
+    if lock(&signals.waiting_for).as_deref() != Some(server) {
+        return Err(RolloutError::NotWaiting {
+            id: stored.id,
+            server: server.to_owned(),
+        });
+    }
+    lock(&signals.confirmed).insert(server.to_owned());
+    signals.wake();
+    Ok(stored.id)
+}
+
+/// A rollout as the API shows it: the record, plus which Envoys still owe an ACK,
+/// which server is restarting, and the elapsed time.
+pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
+    let mut v = r.to_value();
+    let live = !r.state.finished();
+    let owing = if live && r.state != Step::Plan {
+        let (pending, nacked) = owing(plane, &r.envoys);
+        json!({ "pending": pending, "nacked": nacked.iter().map(|(n, e)| json!({"node": n, "error": e})).collect::<Vec<_>>() })
+    } else {
+        Value::Null
+    };
+    let end = r.finished_at.unwrap_or_else(now_ms);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("owing_ack".into(), owing);
+        obj.insert(
+            "restarting".into(),
+            r.restarting()
+                .map(|s| json!(s.server))
+                .unwrap_or(Value::Null),
+        );
+        obj.insert(
+            "waiting_for_confirm".into(),
+            if live {
+                lock(&plane.rollout_signals().waiting_for)
+                    .clone()
+                    .map(Value::String)
+                    .unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            },
+        );
+        obj.insert("elapsed_ms".into(), json!((end - r.created_at).max(0)));
+    }
+    v
+}
+
+/// Parses a stored record.
+pub fn parse(record: Value) -> Result<Rollout, RolloutError> {
+    serde_json::from_value(record).map_err(|e| RolloutError::Corrupt(e.to_string()))
+}
+
+/// Envoys that owe an ACK of the current filter configuration: every connected
+/// one, and every one in `required` (the rollout's Envoys, even disconnected).
+fn owing(plane: &ControlPlane, required: &[String]) -> (Vec<String>, Vec<(String, String)>) {
+    let version = plane.snapshot().ecds.version.clone();
+    let c = plane.registry().convergence(ResourceType::Ecds, &version);
+    let mut pending = c.pending;
+    let mut nacked = c.nacked;
+    for id in required {
+        if c.acked.contains(id) || pending.contains(id) || nacked.iter().any(|(n, _)| n == id) {
+            continue;
+        }
+        // Not connected now: it counts once it ACKed this version before.
+        if let Some(n) = plane.registry().node(id) {
+            if n.nacked(ResourceType::Ecds) == Some(version.as_str()) {
+                nacked.push((id.clone(), "NACKed (disconnected since)".into()));
+            } else if n.acked(ResourceType::Ecds) != Some(version.as_str()) {
+                pending.push(id.clone());
+            }
+        }
+    }
+    (pending, nacked)
+}
+
+/// Waits until every Envoy that must ACK did; `Err(reason)` on a NACK, a timeout or
+/// (when `abortable`) an abort.
+async fn wait_acks(
+    plane: &ControlPlane,
+    required: &[String],
+    timeout: Duration,
+    abortable: bool,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut rx = plane.registry().watch();
+    let signals = plane.rollout_signals();
+    loop {
+        rx.borrow_and_update();
+        if abortable && let Some(r) = signals.abort_reason() {
+            return Err(r);
+        }
+        let (pending, nacked) = owing(plane, required);
+        if let Some((node, error)) = nacked.first() {
+            return Err(format!(
+                "Envoy {node} refused (NACKed) version {}: {error}",
+                plane.snapshot().map_version
+            ));
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let aborted = async {
+            if abortable {
+                signals.aborted().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx.changed()) => {
+                if r.is_err() {
+                    let (pending, _) = owing(plane, required);
+                    if pending.is_empty() {
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "no ACK of version {} within {timeout:?} from: {}",
+                        plane.snapshot().map_version,
+                        pending.join(", ")
+                    ));
+                }
+            }
+            reason = aborted => return Err(reason),
+        }
+    }
+}
+
+/// Runs one server's restart hook.
+async fn run_hook(
+    plane: &ControlPlane,
+    server: &str,
+    hook: &RestartHook,
+    default_timeout: Duration,
+) -> Result<(), String> {
+    match hook {
+        RestartHook::Command { argv, timeout } => {
+            let timeout = timeout.unwrap_or(default_timeout);
+            let Some((program, args)) = argv.split_first() else {
+                return Err("the restart command is empty".into());
+            };
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args)
+                .env("SEASHARD_SERVER", server)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot run {program}: {e}"))?;
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => Ok(()),
+                Ok(Ok(status)) => Err(format!("`{}` exited with {status}", argv.join(" "))),
+                Ok(Err(e)) => Err(format!("waiting for {program}: {e}")),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    Err(format!(
+                        "`{}` did not finish within {timeout:?}",
+                        argv.join(" ")
+                    ))
+                }
+            }
+        }
+        RestartHook::Http {
+            method,
+            url,
+            headers,
+            timeout,
+        } => {
+            let timeout = timeout.unwrap_or(default_timeout);
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            match tokio::time::timeout(timeout, health::request(method, url, &headers)).await {
+                Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
+                Ok(Ok((status, body))) => Err(format!(
+                    "{method} {url} answered {status}: {}",
+                    body.chars().take(200).collect::<String>()
+                )),
+                Ok(Err(e)) => Err(format!("{method} {url}: {e}")),
+                Err(_) => Err(format!("{method} {url}: no answer within {timeout:?}")),
+            }
+        }
+        RestartHook::Manual => {
+            let signals = plane.rollout_signals();
+            *lock(&signals.waiting_for) = Some(server.to_owned());
+            tracing::warn!(
+                server,
+                "restart it now, then run `seactl rollout confirm {server}`"
+            );
+            let r = tokio::time::timeout(default_timeout, signals.confirmed(server)).await;
+            *lock(&signals.waiting_for) = None;
+            r.map_err(|_| {
+                format!("no `seactl rollout confirm {server}` within {default_timeout:?}")
+            })
+        }
+    }
+}
+
+/// Polls `url` until it answers `pong` or `timeout` passed.
+async fn wait_healthy(url: &str, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let h = health::check(url, HEALTH_CHECK_TIMEOUT.min(timeout)).await;
+        if h.up {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{url} did not answer pong within {timeout:?}: {}",
+                h.error.unwrap_or_default()
+            ));
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// Runs `f` unless an abort comes first.
+async fn abortable<T>(
+    plane: &ControlPlane,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let signals = plane.rollout_signals();
+    if let Some(r) = signals.abort_reason() {
+        return Err(r);
+    }
+    tokio::select! {
+        r = f => r,
+        reason = signals.aborted() => Err(reason),
+    }
+}
+
+/// Writes the rollout's state (committed before the next action).
+fn save(plane: &ControlPlane, r: &Rollout) -> Result<(), StoreError> {
+    plane
+        .store()
+        .save_rollout(r.id, r.state.as_str(), &r.to_value())
+}
+
+/// Runs the rollout to its end, holding the change lock.
+async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rollout) {
+    let mut failures = 0u32;
+    loop {
+        match advance(&plane, &mut r).await {
+            Ok(true) => failures = 0,
+            Ok(false) => break,
+            Err(e) => {
+                failures += 1;
+                tracing::error!(rollout = r.id, step = r.state.as_str(), error = %e, "rollout step failed; retrying");
+                if failures >= 30 {
+                    tracing::error!(
+                        rollout = r.id,
+                        "giving up: a restarted control plane resumes this rollout"
+                    );
+                    break;
+                }
+                // Re-read the stored state: it is what was last committed.
+                if let Ok(Some(stored)) = plane.store().rollout(r.id)
+                    && let Ok(stored) = parse(stored.record)
+                {
+                    r = stored;
+                }
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Performs the current step; `Ok(false)` once finished.
+async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, RolloutError> {
+    let cfg = plane.config().rollout.clone();
+    match r.state {
+        Step::Plan => {
+            r.enter(Step::Fence, None);
+            save(plane, r)?;
+        }
+        Step::Fence => {
+            if let Some(reason) = plane.rollout_signals().abort_reason() {
+                r.roll_back(format!("aborted: {reason}"));
+                save(plane, r)?;
+                return Ok(true);
+            }
+            if r.fence_version.is_none() {
+                let active = plane.active()?;
+                if active.version == r.from_version {
+                    let v = plane.publish(
+                        active.version,
+                        &NewVersion {
+                            kind: VersionKind::Fence,
+                            map: &r.old_map,
+                            fence: &r.fence,
+                            author: &r.author,
+                            comment: &format!("rollout {}: fence the moved bases", r.id),
+                        },
+                    )?;
+                    r.fence_version = Some(v.version);
+                } else if active.kind == VersionKind::Fence
+                    && active.map == r.old_map
+                    && active.fence == r.fence
+                {
+                    r.fence_version = Some(active.version);
+                } else {
+                    r.roll_back(format!(
+                        "the active version changed to {} during the rollout",
+                        active.version
+                    ));
+                    save(plane, r)?;
+                    return Ok(true);
+                }
+                save(plane, r)?;
+            }
+            match wait_acks(plane, &r.envoys, cfg.ack_timeout, true).await {
+                Ok(()) => r.enter(Step::Restart, None),
+                Err(reason) => r.roll_back(format!("fence: {reason}")),
+            }
+            save(plane, r)?;
+        }
+        Step::Restart => {
+            // An Envoy may have reconnected (or this control plane restarted): every
+            // one must run the fence before any server restarts.
+            if let Err(reason) = wait_acks(plane, &r.envoys, cfg.ack_timeout, true).await {
+                r.roll_back(format!("fence: {reason}"));
+                save(plane, r)?;
+                return Ok(true);
+            }
+            for i in 0..r.restart.len() {
+                if r.restart[i].state == RestartState::Healthy {
+                    continue;
+                }
+                let name = r.restart[i].server.clone();
+                let Some(server) = plane.config().server(&name).cloned() else {
+                    r.roll_back(format!("`{name}` is no longer a configured server"));
+                    save(plane, r)?;
+                    return Ok(true);
+                };
+                {
+                    let s = &mut r.restart[i];
+                    s.state = RestartState::Restarting;
+                    s.attempts += 1;
+                    s.started_at = Some(now_ms());
+                    s.error = None;
+                }
+                save(plane, r)?;
+                tracing::info!(rollout = r.id, server = %name, "restarting");
+                let hooked = abortable(
+                    plane,
+                    run_hook(plane, &name, &server.restart, cfg.restart_timeout),
+                )
+                .await;
+                if let Err(e) = hooked {
+                    r.restart[i].state = RestartState::Failed;
+                    r.restart[i].error = Some(e.clone());
+                    r.roll_back(format!("restart of {name}: {e}"));
+                    save(plane, r)?;
+                    return Ok(true);
+                }
+                r.restart[i].state = RestartState::Restarted;
+                r.restart[i].restarted_at = Some(now_ms());
+                save(plane, r)?;
+                let url = server.health_url();
+                if let Err(e) = abortable(plane, wait_healthy(&url, cfg.health_timeout)).await {
+                    r.restart[i].state = RestartState::Failed;
+                    r.restart[i].error = Some(e.clone());
+                    r.roll_back(format!("health of {name}: {e}"));
+                    save(plane, r)?;
+                    return Ok(true);
+                }
+                r.restart[i].state = RestartState::Healthy;
+                r.restart[i].healthy_at = Some(now_ms());
+                save(plane, r)?;
+                tracing::info!(rollout = r.id, server = %name, "restarted and healthy");
+            }
+            if let Some(reason) = plane.rollout_signals().abort_reason() {
+                r.roll_back(format!("aborted: {reason}"));
+            } else {
+                r.enter(Step::Activate, None);
+            }
+            save(plane, r)?;
+        }
+        Step::Activate => {
+            if r.new_version.is_none() {
+                let active = plane.active()?;
+                if active.map == r.new_map && active.fence.is_empty() {
+                    r.new_version = Some(active.version);
+                } else {
+                    let v = plane.publish(
+                        active.version,
+                        &NewVersion {
+                            kind: VersionKind::Map,
+                            map: &r.new_map,
+                            fence: &Fence::default(),
+                            author: &r.author,
+                            comment: &if r.comment.is_empty() {
+                                format!("rollout {}", r.id)
+                            } else {
+                                format!("rollout {}: {}", r.id, r.comment)
+                            },
+                        },
+                    )?;
+                    r.new_version = Some(v.version);
+                }
+                save(plane, r)?;
+            }
+            if let Err(reason) = wait_acks(plane, &r.envoys, cfg.ack_timeout, false).await {
+                // Safe: an Envoy still on the fence answers 503 for the moved bases.
+                r.warnings.push(format!("activation: {reason}"));
+            }
+            finish(plane, r, Step::Done)?;
+            return Ok(false);
+        }
+        Step::RollingBack => {
+            if r.rollback_version.is_none() {
+                let active = plane.active()?;
+                if active.map == r.old_map && active.fence.is_empty() {
+                    // Never fenced, or the rollback is already published.
+                    if active.version != r.from_version {
+                        r.rollback_version = Some(active.version);
+                    }
+                } else {
+                    let v = plane.publish(
+                        active.version,
+                        &NewVersion {
+                            kind: VersionKind::Rollback,
+                            map: &r.old_map,
+                            fence: &Fence::default(),
+                            author: &r.author,
+                            comment: &format!(
+                                "rollout {} rolled back: {}",
+                                r.id,
+                                r.reason.as_deref().unwrap_or("")
+                            ),
+                        },
+                    )?;
+                    r.rollback_version = Some(v.version);
+                }
+                save(plane, r)?;
+            }
+            if let Err(reason) = wait_acks(plane, &[], cfg.ack_timeout, false).await {
+                r.warnings.push(format!("rollback: {reason}"));
+            }
+            finish(plane, r, Step::RolledBack)?;
+            return Ok(false);
+        }
+        Step::Done | Step::RolledBack => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Ends the rollout: its final state, every server's `may_hold`, the audit entry,
+/// in one transaction.
+fn finish(plane: &ControlPlane, r: &mut Rollout, end: Step) -> Result<(), RolloutError> {
+    r.enter(end, r.reason.clone());
+    let now = now_ms();
+    if let Some(last) = r.steps.last_mut() {
+        last.finished_at = Some(now);
+    }
+    r.finished_at = Some(now);
+    let restart_ms: i64 = r
+        .steps
+        .iter()
+        .filter(|s| s.step == Step::Restart)
+        .map(|s| s.finished_at.unwrap_or(now) - s.started_at)
+        .sum();
+    r.restart_ms = Some(restart_ms.max(0) as u64);
+    r.overhead_ms = Some((now - r.created_at - restart_ms).max(0) as u64);
+    let mut may_hold = Vec::new();
+    for s in &plane.config().servers {
+        let restarted = r
+            .restart
+            .iter()
+            .find(|x| x.server == s.name && x.state == RestartState::Healthy);
+        let current = plane.store().may_hold(&s.name)?;
+        match (end, restarted, r.new_version) {
+            (Step::Done, Some(x), Some(v)) => {
+                may_hold.push((s.name.clone(), vec![v], x.healthy_at.or(Some(now))));
+            }
+            (Step::Done, None, Some(v)) => {
+                if let Some(mut h) = current {
+                    if !h.contains(&v) {
+                        h.push(v);
+                    }
+                    may_hold.push((s.name.clone(), h, None));
+                }
+            }
+            (Step::RolledBack, Some(x), _) => {
+                may_hold.push((
+                    s.name.clone(),
+                    vec![r.from_version],
+                    x.healthy_at.or(Some(now)),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let version = match end {
+        Step::Done => r.new_version,
+        _ => r.rollback_version,
+    };
+    let detail = json!({
+        "rollout": r.id,
+        "reason": r.reason,
+        "restarted": r.restart.iter().filter(|s| s.state == RestartState::Healthy).map(|s| &s.server).collect::<Vec<_>>(),
+        "overhead_ms": r.overhead_ms,
+        "restart_ms": r.restart_ms,
+        "warnings": r.warnings,
+    });
+    let record = r.to_value();
+    plane.store().finish_rollout(&FinishRollout {
+        id: r.id,
+        state: end.as_str(),
+        record: &record,
+        may_hold: &may_hold,
+        actor: &r.author,
+        version,
+        detail: &detail,
+    })?;
+    tracing::info!(
+        rollout = r.id,
+        state = end.as_str(),
+        overhead_ms = r.overhead_ms,
+        restart_ms = r.restart_ms,
+        reason = r.reason.as_deref().unwrap_or(""),
+        "rollout finished"
+    );
+    Ok(())
+}
