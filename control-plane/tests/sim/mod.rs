@@ -45,11 +45,24 @@ pub async fn start(dir: &std::path::Path) -> Running {
 }
 
 /// One simulated Envoy: subscribes, then ACKs every response, until the stream ends.
+/// Like Envoy, it reconnects when a connection fails before any response (500
+/// connecting at once can overflow the listen backlog on a busy machine).
 pub async fn envoy(addr: SocketAddr, id: String) {
+    for _ in 0..100 {
+        if session(addr, &id).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One ADS stream; true when it got at least one response.
+async fn session(addr: SocketAddr, id: &str) -> bool {
     let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
     else {
-        return;
+        return false;
     };
+    let id = id.to_owned();
     let (tx, rx) = mpsc::channel(8);
     let node = Some(Node {
         id,
@@ -70,17 +83,19 @@ pub async fn envoy(addr: SocketAddr, id: String) {
     ];
     for r in first {
         if tx.send(r).await.is_err() {
-            return;
+            return false;
         }
     }
     let Ok(resp) = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
     else {
-        return;
+        return false;
     };
     let mut inbound = resp.into_inner();
+    let mut answered = false;
     while let Ok(Some(r)) = inbound.message().await {
+        answered = true;
         let names = if r.type_url == ECDS_TYPE_URL {
             vec!["seashard.base_router".into()]
         } else {
@@ -94,9 +109,10 @@ pub async fn envoy(addr: SocketAddr, id: String) {
             ..Default::default()
         };
         if tx.send(ack).await.is_err() {
-            return;
+            break;
         }
     }
+    answered
 }
 
 /// Starts `n` simulated Envoys and waits until all run the current versions.
