@@ -263,7 +263,7 @@ fn every_error_is_json() {
 }
 
 #[test]
-fn a_map_that_moves_bases_is_refused_naming_the_moves() {
+fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Cp::start(dir.path());
     let mut map = moving_map();
@@ -274,18 +274,40 @@ fn a_map_that_moves_bases_is_refused_naming_the_moves() {
         Some(TOKEN),
         Some(&map),
     );
-    assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("rollout"));
-    let at: Vec<&str> = body["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["at"].as_str().unwrap())
-        .collect();
-    assert_eq!(at, ["slots.\"8-f\"", "pins.\"ff84e1a166e2\""], "{body}");
+    assert_eq!(status, 202, "{body}");
+    let id = body["rollout"].as_u64().unwrap();
+    assert_eq!(body["plan"]["slots"][0]["range"], "8-f", "{body}");
+    assert_eq!(body["plan"]["pins"][0]["pin"], "ff84e1a166e2", "{body}");
     assert!(body["plan"]["fence"]["slots"].is_array());
+    // Both servers have manual hooks: the rollout waits for the first one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), None, None);
+        if r["waiting_for_confirm"] == "dtable-server" {
+            assert_eq!(r["state"], "restart");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
-    assert_eq!(active["version"], 1);
+    assert_eq!(active["kind"], "fence");
+    // Abort without the token: 401; with it: rolled back to the old map.
+    let abort = format!("{}/v1/rollouts/current/abort", cp.base);
+    assert_eq!(call("POST", &abort, None, Some(&json!({}))).0, 401);
+    assert_eq!(call("POST", &abort, Some(TOKEN), Some(&json!({}))).0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), None, None);
+        if r["state"] == "rolled_back" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    assert_eq!(active["kind"], "rollback");
+    assert_eq!(active["version"], 3);
     cp.stop();
 }
 

@@ -1,0 +1,701 @@
+//! Rollouts against the real control plane on loopback: simulated Envoys (ADS
+//! clients that ACK up to a chosen map version), dtable-server health URLs served by
+//! threads, restart hooks that are real commands. A control plane is killed by
+//! dropping its runtime (no shutdown, no last flush), as a SIGKILL would.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
+use control_plane::rollout::{self, RestartState, Rollout, Step};
+use control_plane::{Config, ControlPlane, Proposal, Running, VersionKind};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use serde_json::{Value, json};
+use shardmap::ShardMap;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const TOKEN: &str = "rollout-token-0123";
+
+/// A health URL answering `pong` while `up`.
+struct Pong {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+}
+
+impl Pong {
+    fn start() -> Pong {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = c.read(&mut buf);
+                let answer = if flag.load(Ordering::SeqCst) {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong"
+                } else {
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+        Pong { addr, up }
+    }
+}
+
+/// One server of the test configuration.
+struct Srv {
+    name: &'static str,
+    pong: SocketAddr,
+    hook: String,
+}
+
+fn command_hook(script: &str) -> String {
+    format!(
+        r#"{{ kind = "command", argv = ["sh", "-c", {}], timeout = "20s" }}"#,
+        toml_str(script)
+    )
+}
+
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn write_config(dir: &Path, servers: &[Srv], ack_timeout: &str) -> Config {
+    let mut text = format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        [store]
+        path = "state.db"
+        [api]
+        token = "{TOKEN}"
+        [filter]
+        wasm = "/opt/base-router.wasm"
+        [rollout]
+        ack_timeout = "{ack_timeout}"
+        health_timeout = "1s"
+        restart_timeout = "20s"
+        "#
+    );
+    for s in servers {
+        text.push_str(&format!(
+            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nhealth_url = \"http://{}/ping/\"\nrestart = {}\n",
+            s.name, s.pong, s.pong, s.hook
+        ));
+    }
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+/// A control plane in its own runtime; dropping it kills it.
+struct Cp {
+    rt: tokio::runtime::Runtime,
+    running: Running,
+    plane: Arc<ControlPlane>,
+}
+
+impl Cp {
+    fn start(config: Config) -> Cp {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let plane = ControlPlane::open(config).unwrap();
+        let running = rt
+            .block_on(control_plane::start(plane.clone(), TOKEN))
+            .unwrap();
+        Cp { rt, running, plane }
+    }
+
+    /// Simulated Envoy `id` that ACKs every version up to `*limit` (and ignores newer).
+    fn envoy(&self, id: &str, limit: Arc<AtomicU64>) {
+        self.rt
+            .spawn(sim_envoy(self.running.grpc_addr, id.to_owned(), limit));
+    }
+
+    /// Waits until `n` Envoys are connected and current.
+    fn wait_connected(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = self
+                .rt
+                .block_on(self.plane.wait_ecds_converged(Duration::from_millis(200)));
+            if c.acked.len() == n && c.complete() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "Envoys not connected: {c:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn begin(&self, map: &ShardMap) -> Rollout {
+        let _enter = self.rt.enter();
+        rollout::begin(
+            &self.plane,
+            &Proposal {
+                map: map.clone(),
+                base_version: None,
+                author: "test".into(),
+                comment: "test rollout".into(),
+                dry_run: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn rollout(&self, id: u64) -> Rollout {
+        rollout::parse(self.plane.store().rollout(id).unwrap().unwrap().record).unwrap()
+    }
+
+    /// Waits until rollout `id` reaches a state accepted by `until`.
+    fn wait_for(&self, id: u64, what: &str, until: impl Fn(&Rollout) -> bool) -> Rollout {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.rollout(id);
+            if until(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollout {id} never reached {what}: {r:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finished(&self, id: u64) -> Rollout {
+        self.wait_for(id, "its end", |r| r.state.finished())
+    }
+
+    fn api(&self) -> String {
+        format!("http://{}", self.running.http_addr)
+    }
+}
+
+/// An ADS client: subscribes to CDS and ECDS, ACKs what it is sent while the map
+/// version is at most `limit`, stays silent otherwise (as a stopped Envoy).
+async fn sim_envoy(addr: SocketAddr, id: String, limit: Arc<AtomicU64>) {
+    let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
+    else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let first = [
+        DiscoveryRequest {
+            node: Some(Node {
+                id,
+                cluster: "sim".into(),
+                ..Default::default()
+            }),
+            type_url: CDS_TYPE_URL.into(),
+            ..Default::default()
+        },
+        DiscoveryRequest {
+            type_url: ECDS_TYPE_URL.into(),
+            resource_names: vec!["seashard.base_router".into()],
+            ..Default::default()
+        },
+    ];
+    for r in first {
+        if tx.send(r).await.is_err() {
+            return;
+        }
+    }
+    let Ok(resp) = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut inbound = resp.into_inner();
+    while let Ok(Some(r)) = inbound.message().await {
+        let ecds = r.type_url == ECDS_TYPE_URL;
+        if ecds {
+            let v: u64 = r
+                .version_info
+                .split('-')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if v > limit.load(Ordering::SeqCst) {
+                continue;
+            }
+        }
+        let ack = DiscoveryRequest {
+            version_info: r.version_info,
+            response_nonce: r.nonce,
+            type_url: r.type_url,
+            resource_names: if ecds {
+                vec!["seashard.base_router".into()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn map(v: Value) -> ShardMap {
+    serde_json::from_value(v).unwrap()
+}
+
+/// Every base on `a` but slots 8-f on `b`.
+fn half() -> ShardMap {
+    map(json!({"default": "a", "slots": {"0-7": "a", "8-f": "b"}}))
+}
+
+/// Two servers whose hooks append their name to `log`.
+fn two_servers(dir: &Path, pongs: &[&Pong; 2]) -> (Vec<Srv>, PathBuf) {
+    let log = dir.join("restarts.log");
+    let srv = |name: &'static str, p: &Pong| Srv {
+        name,
+        pong: p.addr,
+        hook: command_hook(&format!("echo {name} >> {}", log.display())),
+    };
+    (vec![srv("a", pongs[0]), srv("b", pongs[1])], log)
+}
+
+fn restarted(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn unlimited() -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(u64::MAX))
+}
+
+#[test]
+fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    cp.envoy("edge-1", unlimited());
+    cp.envoy("edge-2", unlimited());
+    cp.wait_connected(2);
+
+    // First rollout after adopting seashard: every server restarts.
+    let r = cp.begin(&half());
+    assert_eq!(r.fence.slots, vec!["8-f".to_owned()]);
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["a", "b"]);
+    assert!(r.restart[0].why.contains("never restarted"), "{r:?}");
+    assert_eq!(r.envoys, ["edge-1", "edge-2"]);
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(restarted(&log), ["a", "b"]);
+    let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Plan,
+            Step::Fence,
+            Step::Restart,
+            Step::Activate,
+            Step::Done
+        ]
+    );
+    let fence = cp.plane.store().version(2).unwrap().unwrap();
+    assert_eq!(fence.kind, VersionKind::Fence);
+    assert_eq!(fence.fence, r.fence);
+    let active = cp.plane.active().unwrap();
+    assert_eq!((active.version, active.kind), (3, VersionKind::Map));
+    assert_eq!(active.map, half());
+    assert!(active.fence.is_empty());
+    assert_eq!(r.new_version, Some(3));
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    eprintln!(
+        "rollout 1 (restart a, b; 2 simulated Envoys): overhead {} ms, restarts {} ms",
+        r.overhead_ms.unwrap(),
+        r.restart_ms.unwrap()
+    );
+    let states = cp.plane.store().server_states().unwrap();
+    assert_eq!(states.len(), 2);
+    assert!(states.iter().all(|s| s.may_hold == vec![3]), "{states:?}");
+
+    // A later rollout moving 4-7 from a to b: only a may hold them.
+    let quarter = map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}));
+    let r = cp.begin(&quarter);
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["a"], "{r:#?}");
+    assert_eq!(r.skipped[0].server, "b");
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::Done);
+    assert_eq!(restarted(&log), ["a", "b", "a"]);
+    eprintln!(
+        "rollout 2 (restart a): overhead {} ms, restarts {} ms",
+        r.overhead_ms.unwrap(),
+        r.restart_ms.unwrap()
+    );
+    assert!(
+        r.overhead_ms.unwrap() < 1000,
+        "overhead {} ms",
+        r.overhead_ms.unwrap()
+    );
+    let states = cp.plane.store().server_states().unwrap();
+    let a = states.iter().find(|s| s.name == "a").unwrap();
+    let b = states.iter().find(|s| s.name == "b").unwrap();
+    assert_eq!(a.may_hold, vec![5]);
+    assert_eq!(b.may_hold, vec![3, 5]);
+
+    // Moving 4-7 back to a: b owned them under version 5, a did not since its restart.
+    let r = cp.begin(&half());
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["b"], "{r:#?}");
+    assert_eq!(cp.finished(r.id).state, Step::Done);
+
+    // The audit log records both ends.
+    let audit = cp.plane.store().audit_log(50).unwrap();
+    assert!(audit.iter().any(|e| e.action == "rollout.done"));
+    assert!(audit.iter().any(|e| e.action == "rollout.begin"));
+}
+
+#[test]
+fn a_failing_hook_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
+    servers[1].hook = command_hook("echo no >&2; exit 3");
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    let r = cp.begin(&half());
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    let reason = r.reason.clone().unwrap();
+    assert!(
+        reason.contains("restart of b") && reason.contains("exit"),
+        "{reason}"
+    );
+    assert_eq!(r.restart[1].state, RestartState::Failed);
+    let active = cp.plane.active().unwrap();
+    assert_eq!(active.kind, VersionKind::Rollback);
+    assert!(active.fence.is_empty());
+    assert_eq!(
+        active.map,
+        cp.plane.store().version(1).unwrap().unwrap().map
+    );
+    assert_eq!(r.rollback_version, Some(active.version));
+    // a restarted (under the fence): it holds at most the old map; b is still unknown.
+    let states = cp.plane.store().server_states().unwrap();
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert_eq!(
+        (states[0].name.as_str(), &states[0].may_hold),
+        ("a", &vec![1])
+    );
+    // Every Envoy ACKed the rollback.
+    let c = cp
+        .rt
+        .block_on(cp.plane.wait_ecds_converged(Duration::from_secs(2)));
+    assert!(c.complete() && c.acked.len() == 1, "{c:?}");
+}
+
+#[test]
+fn a_server_that_never_answers_pong_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    pa.up.store(false, Ordering::SeqCst);
+    let (servers, _) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let r = cp.begin(&half());
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::RolledBack);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("health of a") && reason.contains("pong"),
+        "{reason}"
+    );
+    assert_eq!(cp.plane.active().unwrap().kind, VersionKind::Rollback);
+}
+
+#[test]
+fn an_envoy_that_never_acks_the_fence_rolls_back_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "700ms"));
+    cp.envoy("edge-1", unlimited());
+    cp.envoy("stuck", Arc::new(AtomicU64::new(1)));
+    cp.wait_connected(2);
+    let start = Instant::now();
+    let r = cp.begin(&half());
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::RolledBack);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("no ACK") && reason.contains("stuck"),
+        "{reason}"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(700));
+    assert!(
+        restarted(&log).is_empty(),
+        "nothing restarts without the fence"
+    );
+}
+
+#[test]
+fn abort_and_manual_confirmation_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
+    for s in &mut servers {
+        s.hook = r#"{ kind = "manual" }"#.into();
+    }
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let post = |path: &str, body: Value| -> (u16, Value) {
+        let mut r = agent
+            .post(format!("{}{path}", cp.api()))
+            .header("authorization", &format!("Bearer {TOKEN}"))
+            .send(body.to_string())
+            .unwrap();
+        let s = r.status().as_u16();
+        (
+            s,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null),
+        )
+    };
+    let get = |path: &str| -> Value {
+        let mut r = agent.get(format!("{}{path}", cp.api())).call().unwrap();
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    };
+
+    // Dry run: the plan with the servers to restart and why.
+    let (status, body) = post("/v1/maps?dry_run=true", json!({"map": half()}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart"][0]["server"], "a");
+    assert!(body["restart"][0]["why"].is_string());
+
+    // A moving map starts a rollout: 202.
+    let (status, body) = post("/v1/maps", json!({"map": half(), "comment": "split"}));
+    assert_eq!(status, 202, "{body}");
+    let id = body["rollout"].as_u64().unwrap();
+    cp.wait_for(id, "a waiting for a", |r| {
+        r.restart[0].state == RestartState::Restarting
+    });
+    let view = get("/v1/rollouts/current");
+    assert_eq!(view["restarting"], "a", "{view}");
+    assert_eq!(view["waiting_for_confirm"], "a", "{view}");
+    assert_eq!(get("/v1/status")["rollout"]["id"], id);
+    // A second change meanwhile: 409.
+    let (status, _) = post("/v1/maps", json!({"map": half()}));
+    assert_eq!(status, 409);
+    // Confirming a server it does not wait for: 409.
+    let (status, _) = post("/v1/rollouts/current/confirm", json!({"server": "b"}));
+    assert_eq!(status, 409);
+    let (status, body) = post("/v1/rollouts/current/confirm", json!({"server": "a"}));
+    assert_eq!(status, 200, "{body}");
+    cp.wait_for(id, "b waiting", |r| {
+        r.restart[1].state == RestartState::Restarting
+    });
+    let (status, body) = post("/v1/rollouts/current/abort", json!({}));
+    assert_eq!(status, 200, "{body}");
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::RolledBack);
+    assert!(r.reason.unwrap().contains("aborted"));
+    assert_eq!(get("/v1/rollouts")["rollouts"][0]["state"], "rolled_back");
+    assert_eq!(get("/v1/status")["rollout"], Value::Null);
+    let (status, _) = post("/v1/rollouts/current/abort", json!({}));
+    assert_eq!(status, 404);
+
+    // Again, confirmed all the way.
+    let (status, body) = post("/v1/maps", json!({"map": half()}));
+    assert_eq!(status, 202, "{body}");
+    let id = body["rollout"].as_u64().unwrap();
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        cp.wait_for(id, "waiting", |r| {
+            r.restart.get(i).map(|s| s.state) == Some(RestartState::Restarting)
+        });
+        // The wait begins right after the state is stored.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (status, _) = post("/v1/rollouts/current/confirm", json!({"server": name}));
+            if status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    // Abort after the end: nothing runs.
+    let (status, _) = post("/v1/rollouts/current/abort", json!({}));
+    assert_eq!(status, 404);
+}
+
+/// Kills the control plane while the rollout is at `step` (held there by a silent
+/// Envoy or a slow hook), starts a new one on the same store, and checks the
+/// rollout completes from that step without skipping one.
+fn killed_at(step: Step) {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (mut servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let slow = step == Step::Restart;
+    if slow {
+        servers[1].hook = command_hook(&format!("echo b-slow >> {}; sleep 30", log.display()));
+    }
+    let cp = Cp::start(write_config(dir.path(), &servers, "30s"));
+    // Version 1 is the initial map; the fence will be 2, the new map 3.
+    let limit = match step {
+        Step::Fence => 1,
+        Step::Activate => 2,
+        _ => u64::MAX,
+    };
+    cp.envoy("edge-1", unlimited());
+    cp.envoy("edge-2", Arc::new(AtomicU64::new(limit)));
+    cp.wait_connected(2);
+    let r = cp.begin(&half());
+    let id = r.id;
+    let held = cp.wait_for(id, step.as_str(), |r| match step {
+        Step::Restart => r.restart[1].state == RestartState::Restarting,
+        s => r.state == s,
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(cp);
+
+    if slow {
+        servers[1].hook = command_hook(&format!("echo b >> {}", log.display()));
+    }
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    cp.envoy("edge-1", unlimited());
+    cp.envoy("edge-2", unlimited());
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(r.resumed, 1);
+    let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Plan,
+            Step::Fence,
+            Step::Restart,
+            Step::Activate,
+            Step::Done
+        ],
+        "held at {:?}",
+        held.state
+    );
+    // One fence version, one new version: nothing published twice.
+    let kinds: Vec<VersionKind> = cp
+        .plane
+        .store()
+        .history(10)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|v| v.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [VersionKind::Initial, VersionKind::Fence, VersionKind::Map]
+    );
+    let log = restarted(&log);
+    if slow {
+        // a was healthy before the kill: not restarted again; b's hook re-ran.
+        assert_eq!(log, ["a", "b-slow", "b"]);
+    } else if step == Step::Activate {
+        assert_eq!(log, ["a", "b"]);
+    } else {
+        assert_eq!(log, ["a", "b"]);
+    }
+    assert_eq!(cp.plane.active().unwrap().map, half());
+}
+
+#[test]
+fn a_control_plane_killed_during_the_fence_resumes_and_completes() {
+    killed_at(Step::Fence);
+}
+
+#[test]
+fn a_control_plane_killed_during_a_restart_resumes_and_completes() {
+    killed_at(Step::Restart);
+}
+
+#[test]
+fn a_control_plane_killed_during_activation_resumes_and_completes() {
+    killed_at(Step::Activate);
+}
+
+#[test]
+fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
+    // A rollout stored at its first step (as if killed before it acted).
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let config = write_config(dir.path(), &servers, "5s");
+    let id = {
+        let plane = ControlPlane::open(config.clone()).unwrap();
+        let old = plane.active().unwrap();
+        let plan = shardmap::diff(&old.map, &half()).unwrap();
+        let (restart, skipped) = rollout::restart_plan(&plane, &plan.fence).unwrap();
+        let r = Rollout {
+            id: 0,
+            state: Step::Plan,
+            from_version: old.version,
+            old_map: old.map.clone(),
+            new_map: half(),
+            fence: plan.fence.clone(),
+            plan: serde_json::to_value(&plan).unwrap(),
+            restart,
+            skipped,
+            envoys: vec![],
+            fence_version: None,
+            new_version: None,
+            rollback_version: None,
+            author: "test".into(),
+            comment: String::new(),
+            reason: None,
+            warnings: vec![],
+            steps: vec![rollout::StepRecord {
+                step: Step::Plan,
+                started_at: control_plane::store::now_ms(),
+                finished_at: None,
+                note: None,
+            }],
+            created_at: control_plane::store::now_ms(),
+            finished_at: None,
+            restart_ms: None,
+            overhead_ms: None,
+            resumed: 0,
+        };
+        plane
+            .store()
+            .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
+            .unwrap()
+    };
+    // The stored record says id 0: rewrite it with its id, as `begin` does.
+    {
+        let store = control_plane::Store::open(&config.store.path).unwrap();
+        let mut rec = store.rollout(id).unwrap().unwrap().record;
+        rec["id"] = json!(id);
+        store.save_rollout(id, "plan", &rec).unwrap();
+    }
+    let cp = Cp::start(config);
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(restarted(&log), ["a", "b"]);
+}
