@@ -1,0 +1,468 @@
+//! End to end: rollouts with the control plane (in-process, on loopback), two real
+//! Envoys 1.40 with the built base-router filter, and fake dtable-servers restarted
+//! by their real restart hook (`fake-dtable-ctl restart`, SIGTERM = final save).
+//!
+//! The control plane runs in its own tokio runtime: dropping that runtime without
+//! any shutdown is its SIGKILL (sockets closed, nothing flushed).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use control_plane::bootstrap::{Kind, Options, render};
+use control_plane::rollout::{self, Rollout, Step};
+use control_plane::{Config, ControlPlane, Running};
+use seashard_tests::dtable::{Cluster, double_service};
+use seashard_tests::http::Connection;
+use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "e2e-rollout-token-01";
+const CONVERGE: Duration = Duration::from_secs(30);
+const A: &str = "dtable-server";
+const B: &str = "dtable-server-2";
+
+/// Slot 0-3: stays on A in the first move.
+const BASE_STAY: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+/// Slot 4-7: moves from A to B.
+const BASE_MOVED: &str = "4c1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+/// Slot 8-f: always B.
+const BASE_HIGH: &str = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a";
+
+fn initial_map() -> Value {
+    json!({"default": A, "slots": {"0-7": A, "8-f": B}})
+}
+
+/// Moves 4-7 from A to B.
+fn moved_map() -> Value {
+    json!({"default": A, "slots": {"0-3": A, "4-f": B}})
+}
+
+/// The control plane under test.
+struct Cp {
+    rt: tokio::runtime::Runtime,
+    running: Option<Running>,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    plane: Arc<ControlPlane>,
+}
+
+impl Cp {
+    fn start(config: Config) -> Result<Cp> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let plane = ControlPlane::open(config)?;
+        let running = wait_until(Duration::from_secs(10), "the ADS port to be free", || {
+            rt.block_on(control_plane::start(plane.clone(), TOKEN))
+                .map(Some)
+                .map_err(Into::into)
+        })?;
+        Ok(Cp {
+            http: running.http_addr,
+            grpc: running.grpc_addr,
+            running: Some(running),
+            rt,
+            plane,
+        })
+    }
+
+    /// Gone at once, as with SIGKILL.
+    fn kill(mut self) {
+        self.running.take();
+        let Cp { rt, .. } = self;
+        rt.shutdown_background();
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let mut c = Connection::open(self.http)?;
+        let auth = format!("Bearer {TOKEN}");
+        let r = c.request(
+            "POST",
+            path,
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )?;
+        Ok((r.status, r.json()?))
+    }
+
+    /// Starts a rollout of `map`; its id.
+    fn start_rollout(&self, map: &Value) -> Result<u64> {
+        let (status, body) = self.post("/v1/maps", &json!({"map": map, "comment": "e2e"}))?;
+        if status != 202 {
+            bail!("POST /v1/maps: {status} {body}");
+        }
+        body["rollout"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no rollout id in {body}"))
+    }
+
+    fn rollout(&self, id: u64) -> Result<Rollout> {
+        let stored = self
+            .plane
+            .store()
+            .rollout(id)?
+            .ok_or_else(|| anyhow!("no rollout {id}"))?;
+        Ok(rollout::parse(stored.record)?)
+    }
+
+    fn wait_rollout(
+        &self,
+        id: u64,
+        what: &str,
+        until: impl Fn(&Rollout) -> bool,
+    ) -> Result<Rollout> {
+        wait_until(Duration::from_secs(60), what, || {
+            let r = self.rollout(id)?;
+            Ok(until(&r).then_some(r))
+        })
+        .with_context(|| format!("rollout: {:#?}", self.rollout(id).ok()))
+    }
+
+    fn finished(&self, id: u64) -> Result<Rollout> {
+        self.wait_rollout(id, "the rollout to end", |r| r.state.finished())
+    }
+
+    /// Waits until every node in `ids` is connected and ACKed the current filter config.
+    fn wait_current(&self, ids: &[&str]) -> Result<()> {
+        wait_until(CONVERGE, &format!("nodes {ids:?} to be current"), || {
+            let s = get(self.http, "/v1/status", &[])?.json()?;
+            let ok = ids.iter().all(|id| {
+                s["nodes"].as_array().is_some_and(|a| {
+                    a.iter().any(|n| {
+                        n["id"] == *id && n["connected"] == true && n["state"]["ecds"] == "current"
+                    })
+                })
+            });
+            Ok(ok.then_some(()))
+        })
+    }
+}
+
+/// The hook argv of each server, optionally delayed by `delay` seconds (so a test
+/// can look at the Envoys while the restart step runs).
+fn hooks(cluster: &Cluster, delay: f64) -> Result<Vec<Vec<String>>> {
+    cluster
+        .servers
+        .iter()
+        .map(|s| {
+            let argv = s.restart_hook()?;
+            if delay <= 0.0 {
+                return Ok(argv);
+            }
+            let mut v = vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                format!("sleep {delay}; exec \"$@\""),
+                "sh".to_owned(),
+            ];
+            v.extend(argv);
+            Ok(v)
+        })
+        .collect()
+}
+
+fn cp_config(
+    dir: &Path,
+    grpc_port: u16,
+    wasm: &Path,
+    cluster: &Cluster,
+    hooks: &[Vec<String>],
+    ack_timeout: &str,
+) -> Result<Config> {
+    std::fs::write(dir.join("initial.json"), initial_map().to_string())?;
+    let mut text = format!(
+        "initial_map = \"initial.json\"\n\
+         [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
+         [store]\npath = \"seashard.db\"\n\
+         [api]\ntoken = \"{TOKEN}\"\n\
+         [filter]\nwasm = {wasm:?}\nretry_after = 2\n\
+         [rollout]\nack_timeout = \"{ack_timeout}\"\nhealth_timeout = \"10s\"\nrestart_timeout = \"30s\"\n"
+    );
+    for (s, hook) in cluster.servers.iter().zip(hooks) {
+        text.push_str(&format!(
+            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
+            s.name,
+            s.addr,
+            serde_json::to_string(hook)?
+        ));
+    }
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text)?;
+    Ok(Config::load(&path)?)
+}
+
+fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result<Envoy> {
+    let yaml = render(&Options {
+        node_id: node_id.into(),
+        control_plane: cp.to_string(),
+        wasm: wasm.to_path_buf(),
+        listen_port: 0,
+        admin_port: 0,
+        ..Options::new(kind)
+    })?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
+    Envoy::start(&bootstrap::to_yaml(&doc)?)
+}
+
+fn rows(base: &str) -> String {
+    format!("/dtable-server/api/v1/dtables/{base}/rows/")
+}
+
+/// Status and serving server of a GET of `base` through `envoy`.
+fn fetch(envoy: &Envoy, base: &str) -> Result<(u16, String, Option<String>)> {
+    let r = get(envoy.listener_addr, &rows(base), &[])?;
+    let server = if r.status == 200 {
+        r.json()?["server"].as_str().unwrap_or_default().to_owned()
+    } else {
+        r.text()
+    };
+    Ok((r.status, server, r.header("retry-after").map(str::to_owned)))
+}
+
+fn served_by(envoy: &Envoy, base: &str) -> Result<String> {
+    let (status, server, _) = fetch(envoy, base)?;
+    if status != 200 {
+        bail!("{base}: {status} {server}");
+    }
+    Ok(server)
+}
+
+/// Waits until `base` is served by `server` through `envoy`.
+fn wait_served_by(envoy: &Envoy, base: &str, server: &str) -> Result<()> {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{base} on {server}"),
+        || {
+            Ok(fetch(envoy, base)
+                .ok()
+                .filter(|(s, by, _)| *s == 200 && by == server)
+                .map(|_| ()))
+        },
+    )
+}
+
+/// The pid listening on the Envoy's admin port.
+fn envoy_pid(envoy: &Envoy) -> Result<i32> {
+    let out = std::process::Command::new("lsof")
+        .args([
+            "-t",
+            "-a",
+            &format!("-iTCP:{}", envoy.admin_addr.port()),
+            "-sTCP:LISTEN",
+        ])
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no process listens on {}", envoy.admin_addr))
+}
+
+fn signal(pid: i32, sig: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// No base was ever held in memory by two servers at once.
+fn assert_no_double_service(cluster: &Cluster) -> Result<()> {
+    let doubles = double_service(&cluster.events()?);
+    assert!(doubles.is_empty(), "bases held twice: {doubles:#?}");
+    Ok(())
+}
+
+fn starts(cluster: &Cluster, server: &str) -> Result<usize> {
+    Ok(cluster
+        .events()?
+        .iter()
+        .filter(|e| e.server == server && e.event == "start")
+        .count())
+}
+
+#[test]
+fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
+    let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 1.5)?, "5s")?;
+    let cp = Cp::start(config)?;
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    for e in [&edge, &side] {
+        assert_eq!(served_by(e, BASE_MOVED)?, A);
+        assert_eq!(served_by(e, BASE_STAY)?, A);
+        assert_eq!(served_by(e, BASE_HIGH)?, B);
+    }
+
+    // The first rollout: every server restarts (seashard never restarted them).
+    let id = cp.start_rollout(&moved_map())?;
+    let r = cp.wait_rollout(id, "the restart step", |r| r.state == Step::Restart)?;
+    assert_eq!(r.fence.slots, vec!["4-7".to_owned()]);
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, [A, B]);
+    // While the servers restart, the moved base answers 503 + retry-after through
+    // both Envoys; the others are still routed.
+    for e in [&edge, &side] {
+        let (status, body, retry) = fetch(e, BASE_MOVED)?;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_eq!(served_by(e, BASE_HIGH)?, B);
+    }
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_MOVED, B)?;
+        assert_eq!(served_by(e, BASE_STAY)?, A);
+    }
+    assert_eq!(starts(&cluster, A)?, 2);
+    assert_eq!(starts(&cluster, B)?, 2);
+    eprintln!(
+        "rollout 1 (2 real Envoys, restart {A} and {B}): total {} ms, restarts {} ms, overhead {} ms",
+        r.finished_at.unwrap_or(0) - r.created_at,
+        r.restart_ms.unwrap_or(0),
+        r.overhead_ms.unwrap_or(0)
+    );
+
+    // A later rollout moving 0-3 from A to B: only A may hold those bases.
+    let id = cp.start_rollout(&json!({"default": A, "slots": {"0-3": B, "4-f": B}}))?;
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, [A], "{r:#?}");
+    assert_eq!(starts(&cluster, A)?, 3);
+    assert_eq!(starts(&cluster, B)?, 2);
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_STAY, B)?;
+    }
+    let overhead = r.overhead_ms.unwrap_or(u64::MAX);
+    eprintln!(
+        "rollout 2 (2 real Envoys, restart {A}): total {} ms, restarts {} ms, overhead {overhead} ms",
+        r.finished_at.unwrap_or(0) - r.created_at,
+        r.restart_ms.unwrap_or(0),
+    );
+    assert!(overhead <= 1000, "rollout overhead {overhead} ms > 1 s");
+    assert_no_double_service(&cluster)?;
+    cp.kill();
+    Ok(())
+}
+
+#[test]
+fn an_envoy_that_never_acks_the_fence_rolls_back() -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
+    let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 0.0)?, "1s")?;
+    let cp = Cp::start(config)?;
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let pid = envoy_pid(&side)?;
+    signal(pid, libc::SIGSTOP)?;
+    let id = cp.start_rollout(&moved_map());
+    let r = id.and_then(|id| cp.finished(id));
+    signal(pid, libc::SIGCONT)?;
+    let r = r?;
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    let reason = r.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("no ACK") && reason.contains("sidecar-1"),
+        "{reason}"
+    );
+    // No server was restarted, the rollback reaches both Envoys, the base stays on A.
+    assert_eq!(starts(&cluster, A)?, 1);
+    assert_eq!(starts(&cluster, B)?, 1);
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_MOVED, A)?;
+    }
+    cp.kill();
+    Ok(())
+}
+
+#[test]
+fn a_failing_hook_rolls_back_and_an_envoy_restarted_mid_rollout_gets_the_fence() -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
+    let mut h = hooks(&cluster, 2.0)?;
+    // B's hook fails after A restarted.
+    h[1] = vec!["sh".into(), "-c".into(), "sleep 0.5; exit 7".into()];
+    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "5s")?)?;
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let id = cp.start_rollout(&moved_map())?;
+    cp.wait_rollout(id, "the restart step", |r| r.state == Step::Restart)?;
+    // The sidecar restarts while A's hook runs: it comes back with the fence.
+    drop(side);
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    wait_until(Duration::from_secs(10), "the new sidecar to fence", || {
+        let (status, body, _) = fetch(&side, BASE_MOVED)?;
+        if status == 200 && body != A {
+            bail!("the moved base reached {body} during the fence");
+        }
+        Ok((status == 503).then_some(()))
+    })?;
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    let reason = r.reason.clone().unwrap_or_default();
+    assert!(reason.contains(B) && reason.contains("exit"), "{reason}");
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_MOVED, A)?;
+    }
+    assert_no_double_service(&cluster)?;
+    cp.kill();
+    Ok(())
+}
+
+#[test]
+fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
+    let slow = hooks(&cluster, 3.0)?;
+    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &slow, "5s")?)?;
+    let port = cp.grpc.port();
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    assert_eq!(served_by(&edge, BASE_MOVED)?, A);
+    let id = cp.start_rollout(&moved_map())?;
+    cp.wait_rollout(id, "A's restart", |r| r.restarting().is_some())?;
+    let killed_at = Instant::now();
+    cp.kill();
+    // The Envoys keep the fence while no control plane runs.
+    for e in [&edge, &side] {
+        assert_eq!(fetch(e, BASE_MOVED)?.0, 503);
+    }
+    let fast = hooks(&cluster, 0.0)?;
+    let cp = Cp::start(cp_config(dir.path(), port, &wasm, &cluster, &fast, "5s")?)?;
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(r.resumed, 1);
+    eprintln!(
+        "killed during the restart step, resumed and done {:?} later",
+        killed_at.elapsed()
+    );
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_MOVED, B)?;
+    }
+    // A's slow hook was killed with the control plane; the new one ran it again.
+    assert_eq!(starts(&cluster, A)?, 2);
+    assert_eq!(starts(&cluster, B)?, 2);
+    assert_no_double_service(&cluster)?;
+    cp.kill();
+    Ok(())
+}
