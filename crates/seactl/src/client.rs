@@ -389,22 +389,63 @@ fn pretty(v: &Value) -> String {
 
 /// How long `follow` keeps polling a rollout, at most.
 const FOLLOW_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// How long `follow` waits for an unreachable control plane to come back.
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Follows rollout `id` until it ends: prints each step with the elapsed time, the
 /// Envoys owing an ACK and the server restarting. Exit 0 only when `done`.
 fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCode> {
     let start = Instant::now();
     let mut last_line = String::new();
+    let mut steps_shown = 0;
+    let mut unreachable_since: Option<Instant> = None;
     loop {
-        let a = client.get(&format!("/v1/rollouts/{id}"))?;
+        // The control plane may be restarting: it resumes the rollout; keep following.
+        let a = match client.get(&format!("/v1/rollouts/{id}")) {
+            Ok(a) => {
+                unreachable_since = None;
+                a
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(|| {
+                    if !json_out {
+                        eprintln!("  control plane unreachable ({e:#}); retrying ...");
+                    }
+                    Instant::now()
+                });
+                if since.elapsed() > UNREACHABLE_LIMIT {
+                    return Err(e.context(format!(
+                        "the control plane stayed unreachable for {UNREACHABLE_LIMIT:?}; \
+                         `seactl rollout follow {id}` follows it again"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
         if a.status != 200 {
             bail!("{}", describe_error(&a));
         }
         let r = &a.body;
         let state = r["state"].as_str().unwrap_or("?");
         if !json_out {
+            // Every step as stored (a fast one may pass between two polls).
+            let steps = r["steps"].as_array().cloned().unwrap_or_default();
+            let created = r["created_at"].as_i64().unwrap_or(0);
+            for st in steps.iter().skip(steps_shown) {
+                println!(
+                    "  step {:<12} at +{:.2}s{}",
+                    st["step"].as_str().unwrap_or("?"),
+                    (st["started_at"].as_i64().unwrap_or(created) - created) as f64 / 1000.0,
+                    st["note"]
+                        .as_str()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
+            }
+            steps_shown = steps.len().max(steps_shown);
             let line = progress_line(r);
-            if line != last_line {
+            if line != last_line && !r["state"].as_str().is_some_and(|s| s == "done") {
                 println!("  [{:>7.2}s] {line}", start.elapsed().as_secs_f64());
                 last_line = line;
             }
@@ -440,12 +481,15 @@ fn progress_line(r: &Value) -> String {
     };
     let mut line = match state {
         "plan" => "plan".to_owned(),
-        "fence" => format!(
-            "fence: version {} (the moved bases answer 503)",
-            r["fence_version"]
-        ),
+        "fence" => match r["fence_version"].as_u64() {
+            Some(v) => format!("fence: version {v} (the moved bases answer 503)"),
+            None => "fence".to_owned(),
+        },
         "restart" => "restart".to_owned(),
-        "activate" => format!("activate: version {}", r["new_version"]),
+        "activate" => match r["new_version"].as_u64() {
+            Some(v) => format!("activate: version {v}"),
+            None => "activate".to_owned(),
+        },
         "rolling_back" => format!("rolling back: {}", r["reason"].as_str().unwrap_or("")),
         other => other.to_owned(),
     };
@@ -581,12 +625,13 @@ pub fn rollout(args: RolloutArgs) -> Result<ExitCode> {
                     .filter(|s| s["state"] == "healthy")
                     .filter_map(|s| s["server"].as_str())
                     .collect();
+                let num = |v: &Value| v.as_u64().map(|n| n.to_string()).unwrap_or("-".into());
                 println!(
                     "  {:<4} {:<13} {:<6} {:<6} {:<24} {}",
-                    r["id"],
+                    num(&r["id"]),
                     r["state"].as_str().unwrap_or(""),
-                    r["from_version"],
-                    r["new_version"],
+                    num(&r["from_version"]),
+                    num(&r["new_version"]),
                     restarted.join(","),
                     r["reason"].as_str().unwrap_or("")
                 );
