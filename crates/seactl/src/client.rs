@@ -445,7 +445,7 @@ fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCode> {
             }
             steps_shown = steps.len().max(steps_shown);
             let line = progress_line(r);
-            if line != last_line && !r["state"].as_str().is_some_and(|s| s == "done") {
+            if line != last_line && state != "done" {
                 println!("  [{:>7.2}s] {line}", start.elapsed().as_secs_f64());
                 last_line = line;
             }
