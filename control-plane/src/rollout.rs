@@ -8,7 +8,9 @@
 //!
 //! - **plan**: `shardmap::diff` gives the fence (exactly the moved bases); the servers
 //!   to restart are those whose `may_hold` history meets the fence (see
-//!   [`restart_plan`]). The Envoys connected now are recorded: each must ACK.
+//!   [`restart_plan`]). Every Envoy known now is recorded: each must ACK, even if
+//!   disconnected (it may still serve with the old map); forget one taken out of
+//!   service with `DELETE /v1/nodes/{id}` (it is then no longer waited for).
 //! - **fence**: the old map is published again with `fence = plan.fence` (a
 //!   [`VersionKind::Fence`] version); every recorded or connected Envoy must ACK it
 //!   within `ack_timeout` (a NACK or a timeout rolls back).
@@ -167,7 +169,7 @@ pub struct Rollout {
     pub plan: Value,
     pub restart: Vec<ServerRestart>,
     pub skipped: Vec<Skipped>,
-    /// The Envoys connected when it began: each must ACK the fence.
+    /// The Envoys known when it began (connected or not): each must ACK the fence.
     pub envoys: Vec<String>,
     #[serde(default)]
     pub fence_version: Option<u64>,
@@ -414,13 +416,10 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
     }
     let plan = diff(&active.map, &p.map).map_err(ProposeError::Invalid)?;
     let (restart, skipped) = restart_plan(plane, &plan.fence)?;
-    let envoys = plane
-        .registry()
-        .nodes()
-        .into_iter()
-        .filter(|n| n.connected)
-        .map(|n| n.id)
-        .collect();
+    // Every known Envoy, connected or not: one that is disconnected may still serve
+    // requests with the old map. One taken out of service is forgotten first
+    // (`DELETE /v1/nodes/{id}`).
+    let envoys = plane.registry().nodes().into_iter().map(|n| n.id).collect();
     let now = now_ms();
     let mut r = Rollout {
         id: 0,
@@ -606,7 +605,9 @@ fn owing(plane: &ControlPlane, required: &[String]) -> (Vec<String>, Vec<(String
             if n.nacked(ResourceType::Ecds) == Some(version.as_str()) {
                 nacked.push((id.clone(), "NACKed (disconnected since)".into()));
             } else if n.acked(ResourceType::Ecds) != Some(version.as_str()) {
-                pending.push(id.clone());
+                pending.push(format!(
+                    "{id} (disconnected; if it is out of service: DELETE /v1/nodes/{id})"
+                ));
             }
         }
     }
@@ -823,7 +824,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
             if r.fence_version.is_none() {
                 let active = plane.active()?;
                 if active.version == r.from_version {
-                    let v = plane.publish(
+                    let published = plane.publish(
                         active.version,
                         &NewVersion {
                             kind: VersionKind::Fence,
@@ -832,8 +833,17 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                             author: &r.author,
                             comment: &format!("rollout {}: fence the moved bases", r.id),
                         },
-                    )?;
-                    r.fence_version = Some(v.version);
+                    );
+                    match published {
+                        Ok(v) => r.fence_version = Some(v.version),
+                        Err(ProposeError::Invalid(problems)) => {
+                            // E.g. the configuration changed under a resumed rollout.
+                            r.roll_back(format!("the fence cannot be published: {problems}"));
+                            save(plane, r)?;
+                            return Ok(true);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 } else if active.kind == VersionKind::Fence
                     && active.map == r.old_map
                     && active.fence == r.fence

@@ -127,6 +127,15 @@ impl Cp {
             .spawn(sim_envoy(self.running.grpc_addr, id.to_owned(), limit));
     }
 
+    /// As [`Cp::envoy`], with a handle to disconnect it.
+    fn envoy_handle(&self, id: &str) -> tokio::task::JoinHandle<()> {
+        self.rt.spawn(sim_envoy(
+            self.running.grpc_addr,
+            id.to_owned(),
+            unlimited(),
+        ))
+    }
+
     /// Waits until `n` Envoys are connected and current.
     fn wait_connected(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -696,4 +705,40 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
     let r = cp.finished(id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
     assert_eq!(restarted(&log), ["a", "b"]);
+}
+
+#[test]
+fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "500ms"));
+    cp.envoy("edge-1", unlimited());
+    let gone = cp.envoy_handle("gone");
+    cp.wait_connected(2);
+    gone.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cp
+        .plane
+        .registry()
+        .node("gone")
+        .is_some_and(|n| n.connected)
+    {
+        assert!(Instant::now() < deadline, "never disconnected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // It may still route with the old map: the fence waits for it, then rolls back.
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::RolledBack);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("gone (disconnected") && reason.contains("DELETE /v1/nodes/gone"),
+        "{reason}"
+    );
+    assert!(restarted(&log).is_empty());
+    // Forgotten (taken out of service): the next rollout goes through.
+    assert!(cp.plane.registry().forget("gone"));
+    cp.plane.store().delete_node("gone").unwrap();
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
 }
