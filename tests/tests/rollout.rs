@@ -466,3 +466,121 @@ fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Res
     cp.kill();
     Ok(())
 }
+
+#[test]
+fn writes_through_envoy_during_a_rollout_lose_nothing() -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(&[A, B], Duration::from_millis(300))?;
+    let cp = Cp::start(cp_config(
+        dir.path(),
+        0,
+        &wasm,
+        &cluster,
+        &hooks(&cluster, 0.3)?,
+        "5s",
+    )?)?;
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let bases = seashard_tests::dtable::spread_bases(32);
+    let writers = seashard_tests::dtable::Writers::start(edge.listener_addr, &bases, 4, 100_000);
+    writers.wait_for_more(200, Duration::from_secs(20))?;
+    // Moved bases are loaded by A before the change.
+    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&cluster, A)?;
+    let id = cp.start_rollout(&moved_map())?;
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&cluster, B)?;
+    writers.wait_for_more(200, Duration::from_secs(20))?;
+    let outcome = seashard_tests::lost_writes::Outcome::collect(&mut cluster, writers)?;
+    eprintln!(
+        "writes during a rollout (overhead {} ms): {}",
+        r.overhead_ms.unwrap_or(0),
+        outcome.summary()
+    );
+    assert!(outcome.missing.is_empty(), "{:?}", outcome.missing);
+    assert!(outcome.double.is_empty(), "{:#?}", outcome.double);
+    drop(side);
+    cp.kill();
+    Ok(())
+}
+
+/// Kills the control plane while the rollout waits in `step` for the sidecar's ACK
+/// (the sidecar is stopped with SIGSTOP), lets the sidecar go, starts a new control
+/// plane on the same port and store: the rollout completes from that step.
+fn killed_while_waiting_for_acks(step: Step) -> Result<()> {
+    let wasm = wasm_file("base_router.wasm")?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
+    let h = hooks(&cluster, 0.5)?;
+    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "60s")?)?;
+    let port = cp.grpc.port();
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let pid = envoy_pid(&side)?;
+    if step == Step::Fence {
+        signal(pid, libc::SIGSTOP)?;
+    }
+    let id = cp.start_rollout(&moved_map())?;
+    if step == Step::Activate {
+        cp.wait_rollout(id, "the restart step", |r| r.state == Step::Restart)?;
+        signal(pid, libc::SIGSTOP)?;
+    }
+    let held = cp.wait_rollout(id, step.as_str(), |r| {
+        r.state == step
+            && (r.fence_version.is_some() && (step == Step::Fence || r.new_version.is_some()))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    cp.kill();
+    signal(pid, libc::SIGCONT)?;
+    let held = held?;
+    let cp = Cp::start(cp_config(dir.path(), port, &wasm, &cluster, &h, "10s")?)?;
+    let r = cp.finished(id)?;
+    assert_eq!(r.state, Step::Done, "held at {:?}: {r:#?}", held.state);
+    assert_eq!(r.resumed, 1);
+    let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Plan,
+            Step::Fence,
+            Step::Restart,
+            Step::Activate,
+            Step::Done
+        ]
+    );
+    let kinds: Vec<_> = cp
+        .plane
+        .store()
+        .history(10)?
+        .into_iter()
+        .rev()
+        .map(|v| v.kind)
+        .collect();
+    use control_plane::VersionKind as K;
+    assert_eq!(
+        kinds,
+        [K::Initial, K::Fence, K::Map],
+        "one fence, one activation"
+    );
+    for e in [&edge, &side] {
+        wait_served_by(e, BASE_MOVED, B)?;
+    }
+    assert_eq!(starts(&cluster, A)?, 2);
+    assert_eq!(starts(&cluster, B)?, 2);
+    assert_no_double_service(&cluster)?;
+    cp.kill();
+    Ok(())
+}
+
+#[test]
+fn a_control_plane_killed_while_the_fence_waits_for_an_ack_resumes_and_completes() -> Result<()> {
+    killed_while_waiting_for_acks(Step::Fence)
+}
+
+#[test]
+fn a_control_plane_killed_while_activating_resumes_and_completes() -> Result<()> {
+    killed_while_waiting_for_acks(Step::Activate)
+}
