@@ -257,6 +257,11 @@ struct ServerStatus {
     /// Slot ranges, pins and path rules the active map gives it, and whether it is the default.
     assigned: Assigned,
     health: Health,
+    /// The map versions it may hold since seashard last restarted it; `null`: unknown
+    /// (never restarted by seashard: its next rollout restarts it).
+    may_hold: Option<Vec<u64>>,
+    /// When seashard last restarted it (unix ms).
+    last_restart_at: Option<i64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -301,23 +306,29 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
             *slot = Some(h);
         }
     }
+    let states = api.plane.store().server_states()?;
     Ok(api
         .plane
         .config()
         .servers
         .iter()
         .zip(healths)
-        .map(|(s, h)| ServerStatus {
-            name: s.name.clone(),
-            address: s.address.clone(),
-            restart: s.restart.clone(),
-            assigned: assigned(&active.map, &s.name),
-            health: h.unwrap_or_else(|| Health {
-                up: false,
-                url: s.health_url(),
-                elapsed_ms: 0,
-                error: Some("the check did not finish".into()),
-            }),
+        .map(|(s, h)| {
+            let state = states.iter().find(|x| x.name == s.name);
+            ServerStatus {
+                may_hold: state.map(|x| x.may_hold.clone()),
+                last_restart_at: state.and_then(|x| x.last_restart_at),
+                name: s.name.clone(),
+                address: s.address.clone(),
+                restart: s.restart.clone(),
+                assigned: assigned(&active.map, &s.name),
+                health: h.unwrap_or_else(|| Health {
+                    up: false,
+                    url: s.health_url(),
+                    elapsed_ms: 0,
+                    error: Some("the check did not finish".into()),
+                }),
+            }
         })
         .collect())
 }

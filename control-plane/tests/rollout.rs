@@ -527,6 +527,11 @@ fn abort_and_manual_confirmation_through_the_api() {
     assert!(r.reason.unwrap().contains("aborted"));
     assert_eq!(get("/v1/rollouts")["rollouts"][0]["state"], "rolled_back");
     assert_eq!(get("/v1/status")["rollout"], Value::Null);
+    // a restarted under the fence, then the rollback: it may hold the old map only;
+    // b was never restarted: unknown.
+    let servers = get("/v1/servers");
+    assert_eq!(servers["servers"][0]["may_hold"], json!([1]), "{servers}");
+    assert_eq!(servers["servers"][1]["may_hold"], Value::Null, "{servers}");
     let (status, _) = post("/v1/rollouts/current/abort", json!({}));
     assert_eq!(status, 404);
 
