@@ -286,10 +286,18 @@ impl Config {
                 RestartHook::Command { argv, .. } if argv.is_empty() => {
                     p.push(format!("{at}.restart.argv: empty"));
                 }
-                RestartHook::Http { url, .. }
-                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                RestartHook::Http { url, .. } if !url.starts_with("http://") => {
+                    p.push(format!(
+                        "{at}.restart.url: `{url}` is not an http:// URL (hooks are called \
+                         on the private network, without TLS)"
+                    ));
+                }
+                RestartHook::Http { method, .. }
+                    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) =>
                 {
-                    p.push(format!("{at}.restart.url: `{url}` is not an http(s) URL"));
+                    p.push(format!(
+                        "{at}.restart.method: `{method}` is not an HTTP method (e.g. POST)"
+                    ));
                 }
                 _ => {}
             }

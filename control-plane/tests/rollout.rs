@@ -27,6 +27,8 @@ const TOKEN: &str = "rollout-token-0123";
 struct Pong {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
+    /// The head of every request received.
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Pong {
@@ -35,12 +37,16 @@ impl Pong {
         let addr = l.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let flag = up.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { continue };
                 let mut buf = [0u8; 1024];
                 let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-                let _ = c.read(&mut buf);
+                let n = c.read(&mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                log.lock().unwrap().push(head);
                 let answer = if flag.load(Ordering::SeqCst) {
                     "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong"
                 } else {
@@ -49,7 +55,7 @@ impl Pong {
                 let _ = c.write_all(answer.as_bytes());
             }
         });
-        Pong { addr, up }
+        Pong { addr, up, seen }
     }
 }
 
@@ -746,4 +752,39 @@ fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
     cp.plane.store().delete_node("gone").unwrap();
     let r = cp.finished(cp.begin(&half()).id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
+}
+
+#[test]
+fn http_hooks_are_called_with_their_method_and_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
+    servers[0].hook = format!(
+        r#"{{ kind = "http", method = "POST", url = "http://{}/restart", headers = {{ authorization = "Bearer hook" }}, timeout = "5s" }}"#,
+        pa.addr
+    );
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    servers[1].hook =
+        format!(r#"{{ kind = "http", method = "PUT", url = "http://{closed}/restart" }}"#);
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains(&format!("PUT http://{closed}/restart")),
+        "{:?}",
+        r.reason
+    );
+    assert_eq!(r.restart[0].state, RestartState::Healthy);
+    let seen = pa.seen.lock().unwrap().clone();
+    let hook = seen
+        .iter()
+        .find(|h| h.starts_with("POST /restart HTTP/1.1"))
+        .expect("the hook was called");
+    assert!(hook.contains("authorization: Bearer hook"), "{hook}");
 }
