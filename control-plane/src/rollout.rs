@@ -454,9 +454,6 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
     r.id = plane
         .store()
         .insert_rollout(Step::Plan.as_str(), &r.to_value())?;
-    plane
-        .store()
-        .save_rollout(r.id, r.state.as_str(), &r.to_value())?;
     plane.store().audit(
         &p.author,
         "rollout.begin",

@@ -705,13 +705,6 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
             .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
             .unwrap()
     };
-    // The stored record says id 0: rewrite it with its id, as `begin` does.
-    {
-        let store = control_plane::Store::open(&config.store.path).unwrap();
-        let mut rec = store.rollout(id).unwrap().unwrap().record;
-        rec["id"] = json!(id);
-        store.save_rollout(id, "plan", &rec).unwrap();
-    }
     let cp = Cp::start(config);
     let r = cp.finished(id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
