@@ -476,19 +476,31 @@ impl Store {
         Ok(nodes)
     }
 
-    /// Records a new rollout (its state and JSON record); returns its id.
+    /// Records a new rollout (its state and JSON record, whose `id` is set to the new
+    /// row's) in one transaction; returns its id.
     pub fn insert_rollout(
         &self,
         state: &str,
         record: &serde_json::Value,
     ) -> Result<u64, StoreError> {
-        let conn = self.conn()?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
-        conn.execute(
+        tx.execute(
             "INSERT INTO rollouts (state, record, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
             params![state, record.to_string(), now],
         )?;
-        Ok(conn.last_insert_rowid() as u64)
+        let id = tx.last_insert_rowid();
+        let mut record = record.clone();
+        if let Some(obj) = record.as_object_mut() {
+            obj.insert("id".into(), serde_json::json!(id));
+        }
+        tx.execute(
+            "UPDATE rollouts SET record = ?2 WHERE id = ?1",
+            params![id, record.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(id as u64)
     }
 
     /// Rewrites a rollout's state and record (one transaction, committed on return).
