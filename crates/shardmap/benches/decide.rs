@@ -59,6 +59,13 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    g.bench_function("extract_only", |b| {
+        b.iter(|| {
+            for u in &uris {
+                black_box(shardmap::extract(black_box(u)));
+            }
+        })
+    });
     g.throughput(Throughput::Elements(plain.len() as u64));
     g.bench_function("uuid_less_uris", |b| {
         b.iter(|| {

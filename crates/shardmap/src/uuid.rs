@@ -9,7 +9,10 @@ pub struct BaseUuid([u8; 32]);
 impl BaseUuid {
     /// Parses a dashed 36-char (`8-4-4-4-12`) or a 32-hex uuid, any case.
     pub fn parse(s: &str) -> Option<BaseUuid> {
-        let b = s.as_bytes();
+        BaseUuid::parse_bytes(s.as_bytes())
+    }
+
+    fn parse_bytes(b: &[u8]) -> Option<BaseUuid> {
         let mut out = [0u8; 32];
         match b.len() {
             32 => lower_into(&mut out, b)?,
@@ -76,21 +79,39 @@ impl fmt::Debug for BaseUuid {
 /// The base a request target (`path?query`) is about: the first path segment that is a
 /// uuid, else the value of the `dtable_uuid` query parameter; `None` when neither is.
 pub fn extract(path_and_query: &str) -> Option<BaseUuid> {
-    let (path, query) = match path_and_query.find('?') {
-        Some(i) => (&path_and_query[..i], Some(&path_and_query[i + 1..])),
-        None => (path_and_query, None),
-    };
-    for segment in path.split('/') {
-        if let Some(u) = BaseUuid::parse(segment) {
-            return Some(u);
+    let bytes = path_and_query.as_bytes();
+    // One pass over the path: only segments of 32 or 36 bytes are looked at.
+    let mut start = 0;
+    let mut end = bytes.len();
+    for (i, &c) in bytes.iter().enumerate() {
+        if c == b'/' || c == b'?' {
+            if let Some(u) = segment(&bytes[start..i]) {
+                return Some(u);
+            }
+            if c == b'?' {
+                end = i;
+                break;
+            }
+            start = i + 1;
         }
     }
-    for pair in query?.split('&') {
+    if end == bytes.len() {
+        return segment(&bytes[start..]);
+    }
+    let query = path_and_query.get(end + 1..)?;
+    for pair in query.split('&') {
         if let Some(value) = pair.strip_prefix("dtable_uuid=") {
             return BaseUuid::parse(value);
         }
     }
     None
+}
+
+fn segment(s: &[u8]) -> Option<BaseUuid> {
+    match s.len() {
+        32 | 36 => BaseUuid::parse_bytes(s),
+        _ => None,
+    }
 }
 
 /// Each byte's lowercase hex digit, or 0 when it is not a hex digit.
