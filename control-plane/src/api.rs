@@ -495,7 +495,7 @@ async fn propose(
             }
             Ok((StatusCode::OK, Json(v)))
         }
-        Err(ProposeError::MovesBases(_)) => match rollout::begin(&api.plane, &proposal) {
+        Err(ProposeError::MovesBases(_)) => match begin_rollout(&api, proposal).await? {
             Ok(r) => Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({
@@ -563,6 +563,17 @@ async fn forget_node(
 
 async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "servers": server_statuses(&api).await? })))
+}
+
+/// Starts a rollout off the async workers (taking the change lock may wait a moment).
+async fn begin_rollout(
+    api: &Api,
+    proposal: Proposal,
+) -> Result<Result<rollout::Rollout, RolloutError>, ApiError> {
+    let plane = api.plane.clone();
+    tokio::task::spawn_blocking(move || rollout::begin(&plane, &proposal))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 impl From<RolloutError> for ApiError {

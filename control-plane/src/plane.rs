@@ -20,6 +20,9 @@ use crate::nodes::{Convergence, Registry};
 use crate::resources::{ResourceType, Snapshot};
 use crate::store::{NewVersion, Store, StoreError, Version, VersionKind};
 
+/// How long a change waits for a finishing rollout to release the change lock.
+pub const FINISHING_GRACE: Duration = Duration::from_millis(200);
+
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -211,11 +214,24 @@ impl ControlPlane {
 
     /// Takes the change lock (held for a whole rollout), or `Busy` when another
     /// change holds it.
+    ///
+    /// A rollout that just stored its end releases the lock a moment later: when the
+    /// store holds no unfinished rollout, this waits for the lock up to
+    /// [`FINISHING_GRACE`] (blocking: call it off the async workers).
     pub fn try_begin_change(&self) -> Result<OwnedMutexGuard<()>, ProposeError> {
-        self.change
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| ProposeError::Busy)
+        let deadline = std::time::Instant::now() + FINISHING_GRACE;
+        loop {
+            match self.change.clone().try_lock_owned() {
+                Ok(g) => return Ok(g),
+                Err(_) => {
+                    let finishing = self.store.unfinished_rollout()?.is_none();
+                    if !finishing || std::time::Instant::now() >= deadline {
+                        return Err(ProposeError::Busy);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
     }
 
     /// Validates, plans and (unless dry, and if no base moves) applies a map.
