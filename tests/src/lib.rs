@@ -14,6 +14,7 @@
 //! | bootstraps | [`bootstrap::render_edge_static`] and the structural edits of [`bootstrap`] |
 //! | stateful dtable-server (saves, restarts) | [`dtable::FakeDtableServer::start`] (`restart`, `restart_hook`, `log_events`), [`dtable::Cluster`] |
 //! | lost writes | [`dtable::Writers`], [`dtable::missing_writes`], [`dtable::double_service`], the steps of [`lost_writes`] |
+//! | seashard rollout (part b) | [`rollout::ControlPlaneProcess`] (a real `seactl serve`, SIGKILL and restart), [`rollout::seashard_experiment`] |
 //! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
@@ -27,6 +28,7 @@ pub mod echo;
 pub mod http;
 pub mod lost_writes;
 pub mod process;
+pub mod rollout;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
