@@ -69,7 +69,8 @@ impl Client {
         let mut req = self
             .agent
             .post(&url)
-            .header("content-type", "application/json");
+            .header("content-type", "application/json")
+            .header("x-seashard-author", &author());
         if let Some(t) = &self.token {
             req = req.header("authorization", &format!("Bearer {t}"));
         }

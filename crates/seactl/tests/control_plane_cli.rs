@@ -39,6 +39,15 @@ impl Drop for Serve {
 }
 
 fn serve(dir: &Path) -> Serve {
+    serve_with(
+        dir,
+        "[[server]]\nname = \"dtable-server\"\naddress = \"127.0.0.1:1\"\n\
+         [[server]]\nname = \"dtable-server-2\"\naddress = \"127.0.0.1:2\"\n",
+    )
+}
+
+/// `seactl serve` with `extra` (servers, `[rollout]`) appended to its configuration.
+fn serve_with(dir: &Path, extra: &str) -> Serve {
     let http = free_port();
     let config = dir.join("seashard.toml");
     std::fs::write(
@@ -54,12 +63,7 @@ fn serve(dir: &Path) -> Serve {
             token_env = "CLI_TEST_TOKEN"
             [filter]
             wasm = "/opt/seashard/base-router.wasm"
-            [[server]]
-            name = "dtable-server"
-            address = "127.0.0.1:1"
-            [[server]]
-            name = "dtable-server-2"
-            address = "127.0.0.1:2"
+            {extra}
             "#,
             free_port()
         ),
@@ -152,16 +156,47 @@ fn serve_status_and_push_map() {
         "no Envoy connected: nothing to wait for"
     );
 
-    // A map that moves bases: refused, the moves named.
+    // A map that moves bases: a rollout; the plan names the moves and the servers
+    // to restart. Their hooks are manual: the rollout waits; `rollout abort` rolls
+    // it back and push-map exits non-zero.
     std::fs::write(
         &map,
         r#"{"default": "dtable-server", "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}}"#,
     )
     .unwrap();
-    let o = run(&s.url, &["push-map", m, "--yes"]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("slots 8-f"), "{}", text(&o));
-    assert!(text(&o).contains("needs a rollout"), "{}", text(&o));
+    let push = seactl()
+        .args(["push-map", m, "--yes"])
+        .env("SEASHARD_URL", &s.url)
+        .env("SEASHARD_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(&s.url, &["status", "--output", "json"]);
+        let status: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if status["rollout"]["waiting_for_confirm"] == "dtable-server" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = run(&s.url, &["status"]);
+    assert!(text(&o).contains("Rollout 1 running"), "{}", text(&o));
+    let o = run(&s.url, &["rollout", "confirm", "dtable-server-2"]);
+    assert!(!o.status.success(), "not the server waited for");
+    let o = run(&s.url, &["rollout", "abort"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = push.wait_with_output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("slots 8-f"), "{t}");
+    assert!(t.contains("Servers to restart"), "{t}");
+    assert!(t.contains("rolled back"), "{t}");
+    let o = run(&s.url, &["rollout", "list"]);
+    assert!(text(&o).contains("rolled_back"), "{}", text(&o));
 
     // An invalid map: every problem.
     std::fs::write(
@@ -190,7 +225,83 @@ fn serve_status_and_push_map() {
     assert!(text(&o).contains("401"), "{}", text(&o));
     let o = run(&s.url, &["status", "--output", "json"]);
     let status: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(status["version"], 2);
+    // 3: the fence, 4: the rollback.
+    assert_eq!(status["version"], 4);
+    assert_eq!(status["kind"], "rollback");
+}
+
+/// A health URL answering `pong`, on a thread.
+fn pong() -> u16 {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong",
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn push_map_follows_a_rollout_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (pong(), pong());
+    let log = dir.path().join("restarts.log");
+    let hook = |name: &str| {
+        format!(
+            r#"{{ kind = "command", argv = ["sh", "-c", "sleep 0.3; echo {name} >> {}"] }}"#,
+            log.display()
+        )
+    };
+    let extra = format!(
+        "[rollout]\nack_timeout = \"2s\"\nhealth_timeout = \"2s\"\n\
+         [[server]]\nname = \"a\"\naddress = \"127.0.0.1:{a}\"\nrestart = {}\n\
+         [[server]]\nname = \"b\"\naddress = \"127.0.0.1:{b}\"\nrestart = {}\n",
+        hook("a"),
+        hook("b")
+    );
+    let s = serve_with(dir.path(), &extra);
+    let map = dir.path().join("split.json");
+    std::fs::write(
+        &map,
+        r#"{"default": "a", "slots": {"0-7": "a", "8-f": "b"}}"#,
+    )
+    .unwrap();
+    let m = map.to_str().unwrap();
+    let o = run(&s.url, &["push-map", m, "--dry-run"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("never restarted"), "{t}");
+    let o = run(&s.url, &["push-map", m, "--yes"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for step in ["plan", "fence", "restart", "activate", "done"] {
+        assert!(t.contains(&format!("step {step}")), "{step}: {t}");
+    }
+    assert!(t.contains("restarting a"), "{t}");
+    assert!(t.contains("Rollout 1 done: version 3 is active"), "{t}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\n");
+
+    // Slots 4-7 from a to b, as JSON for scripts: only a restarts.
+    std::fs::write(
+        &map,
+        r#"{"default": "a", "slots": {"0-3": "a", "4-f": "b"}}"#,
+    )
+    .unwrap();
+    let o = run(&s.url, &["push-map", m, "--yes", "--output", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "done");
+    assert_eq!(r["restart"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["restart"][0]["server"], "a");
+    assert_eq!(r["skipped"][0]["server"], "b");
+    assert!(r["overhead_ms"].as_u64().unwrap() < 1000, "{r}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\na\n");
 }
 
 #[test]
@@ -266,4 +377,9 @@ fn the_demo_routes_requests_through_a_real_envoy() {
         "{t}"
     );
     assert!(line("dtable-server-2", "2", high), "{t}");
+    // The rollout moved slots 4-7 to dtable-server-2 (version 4, after the fence).
+    let moved = "/dtable-server/api/v1/dtables/4c1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d/rows/";
+    assert!(line("dtable-server", "2", moved), "{t}");
+    assert!(line("dtable-server-2", "4", moved), "{t}");
+    assert!(t.contains("(503)"), "a moved base during the restarts: {t}");
 }
