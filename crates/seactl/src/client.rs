@@ -400,6 +400,7 @@ fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCode> {
     let mut last_line = String::new();
     let mut steps_shown = 0;
     let mut unreachable_since: Option<Instant> = None;
+    let mut resumed_shown = 0;
     loop {
         // The control plane may be restarting: it resumes the rollout; keep following.
         let a = match client.get(&format!("/v1/rollouts/{id}")) {
@@ -445,6 +446,14 @@ fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCode> {
                 );
             }
             steps_shown = steps.len().max(steps_shown);
+            let resumed = r["resumed"].as_u64().unwrap_or(0);
+            if resumed > resumed_shown {
+                println!(
+                    "  [{:>7.2}s] resumed by a restarted control plane at step {state}",
+                    start.elapsed().as_secs_f64()
+                );
+                resumed_shown = resumed;
+            }
             let line = progress_line(r);
             if line != last_line && state != "done" {
                 println!("  [{:>7.2}s] {line}", start.elapsed().as_secs_f64());

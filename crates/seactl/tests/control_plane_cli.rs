@@ -69,9 +69,14 @@ fn serve_with(dir: &Path, extra: &str) -> Serve {
         ),
     )
     .unwrap();
+    serve_config(&config, http)
+}
+
+/// `seactl serve --config CONFIG` whose API listens on `http`.
+fn serve_config(config: &Path, http: u16) -> Serve {
     let child = seactl()
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(config)
         .env("CLI_TEST_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -382,4 +387,74 @@ fn the_demo_routes_requests_through_a_real_envoy() {
     assert!(line("dtable-server", "2", moved), "{t}");
     assert!(line("dtable-server-2", "4", moved), "{t}");
     assert!(t.contains("(503)"), "a moved base during the restarts: {t}");
+}
+
+#[test]
+fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (pong(), pong());
+    let log = dir.path().join("restarts.log");
+    let hook = |name: &str| {
+        format!(
+            r#"{{ kind = "command", argv = ["sh", "-c", "sleep 1; echo {name} >> {}"] }}"#,
+            log.display()
+        )
+    };
+    let extra = format!(
+        "[rollout]\nack_timeout = \"2s\"\nhealth_timeout = \"2s\"\n\
+         [[server]]\nname = \"a\"\naddress = \"127.0.0.1:{a}\"\nrestart = {}\n\
+         [[server]]\nname = \"b\"\naddress = \"127.0.0.1:{b}\"\nrestart = {}\n",
+        hook("a"),
+        hook("b")
+    );
+    let mut s = serve_with(dir.path(), &extra);
+    let http: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();
+    let map = dir.path().join("split.json");
+    std::fs::write(
+        &map,
+        r#"{"default": "a", "slots": {"0-7": "a", "8-f": "b"}}"#,
+    )
+    .unwrap();
+    let push = seactl()
+        .args(["push-map", map.to_str().unwrap(), "--yes"])
+        .env("SEASHARD_URL", &s.url)
+        .env("SEASHARD_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(&s.url, &["status", "--output", "json"]);
+        let status: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if status["rollout"]["restarting"] == "a" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL, mid-restart of a; then the same configuration and store again.
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = serve_config(&dir.path().join("seashard.toml"), http);
+    let o = push.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("unreachable"), "{t}");
+    assert!(t.contains("resumed by a restarted control plane at step restart"), "{t}");
+    assert!(t.contains("Rollout 1 done"), "{t}");
+    let o = run(&s2.url, &["rollout", "follow", "1", "--output", "json"]);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["resumed"], 1);
+    assert_eq!(r["state"], "done");
+    // The killed plane's hook of a may have finished on its own (a real SIGKILL
+    // leaves its children): a restarted at least once more by the resumed one.
+    let restarts = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        restarts.lines().filter(|l| *l == "a").count() >= 1,
+        "{restarts}"
+    );
+    assert!(restarts.lines().any(|l| l == "b"), "{restarts}");
 }
