@@ -16,6 +16,11 @@ pub struct Metrics {
     nacks: [AtomicU64; 2],
     rest_polls: AtomicU64,
     api_errors: AtomicU64,
+    rollouts_done: AtomicU64,
+    rollouts_rolled_back: AtomicU64,
+    server_restarts: AtomicU64,
+    /// 1 while a rollout runs here.
+    rollout_running: AtomicU64,
 }
 
 fn slot(t: ResourceType) -> usize {
@@ -43,6 +48,24 @@ impl Metrics {
     }
     pub fn api_error(&self) {
         self.api_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A rollout ended: `done` or rolled back.
+    pub fn rollout_finished(&self, done: bool) {
+        let c = if done {
+            &self.rollouts_done
+        } else {
+            &self.rollouts_rolled_back
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A restart hook succeeded.
+    pub fn server_restarted(&self) {
+        self.server_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A rollout's driver started (`true`) or stopped.
+    pub fn rollout_running(&self, running: bool) {
+        self.rollout_running
+            .store(u64::from(running), Ordering::Relaxed);
     }
 
     /// Responses of type `t` sent so far.
@@ -111,6 +134,33 @@ impl Metrics {
             "counter",
             "API requests answered with an error.",
             &[(String::new(), self.api_errors.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_rollouts_total",
+            "counter",
+            "Rollouts ended, by outcome.",
+            &[
+                (
+                    "{state=\"done\"}".into(),
+                    self.rollouts_done.load(Ordering::Relaxed),
+                ),
+                (
+                    "{state=\"rolled_back\"}".into(),
+                    self.rollouts_rolled_back.load(Ordering::Relaxed),
+                ),
+            ],
+        );
+        metric(
+            "seashard_server_restarts_total",
+            "counter",
+            "dtable-servers restarted by a rollout's hook.",
+            &[(String::new(), self.server_restarts.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_rollout_running",
+            "gauge",
+            "1 while a rollout runs.",
+            &[(String::new(), self.rollout_running.load(Ordering::Relaxed))],
         );
         let connected = nodes.iter().filter(|n| n.connected).count() as u64;
         metric(

@@ -777,6 +777,7 @@ fn save(plane: &ControlPlane, r: &Rollout) -> Result<(), StoreError> {
 
 /// Runs the rollout to its end, holding the change lock.
 async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rollout) {
+    plane.metrics().rollout_running(true);
     let mut failures = 0u32;
     loop {
         match advance(&plane, &mut r).await {
@@ -802,6 +803,7 @@ async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rol
             }
         }
     }
+    plane.metrics().rollout_running(false);
 }
 
 /// Performs the current step; `Ok(false)` once finished.
@@ -901,6 +903,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                     save(plane, r)?;
                     return Ok(true);
                 }
+                plane.metrics().server_restarted();
                 r.restart[i].state = RestartState::Restarted;
                 r.restart[i].restarted_at = Some(now_ms());
                 save(plane, r)?;
@@ -1061,6 +1064,7 @@ fn finish(plane: &ControlPlane, r: &mut Rollout, end: Step) -> Result<(), Rollou
         version,
         detail: &detail,
     })?;
+    plane.metrics().rollout_finished(end == Step::Done);
     tracing::info!(
         rollout = r.id,
         state = end.as_str(),

@@ -379,6 +379,20 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
     assert_eq!(restart, ["b"], "{r:#?}");
     assert_eq!(cp.finished(r.id).state, Step::Done);
 
+    let metrics = ureq::get(format!("{}/metrics", cp.api()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("seashard_rollouts_total{state=\"done\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("seashard_server_restarts_total 4"),
+        "{metrics}"
+    );
     // The audit log records both ends.
     let audit = cp.plane.store().audit_log(50).unwrap();
     assert!(audit.iter().any(|e| e.action == "rollout.done"));
