@@ -795,3 +795,29 @@ fn http_hooks_are_called_with_their_method_and_headers() {
         .expect("the hook was called");
     assert!(hook.contains("authorization: Bearer hook"), "{hook}");
 }
+
+#[test]
+fn a_pin_moves_one_base_and_restarts_only_its_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);
+    // A pin moves one base of a's slots to b: only a may hold it.
+    let mut pinned = half();
+    pinned.pins.insert("4c1b2c3d-4e5f".into(), "b".into());
+    let r = cp.begin(&pinned);
+    assert!(r.fence.slots.is_empty(), "{:?}", r.fence);
+    assert_eq!(r.fence.pins, vec!["4c1b2c3d4e5f".to_owned()]);
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["a"]);
+    assert_eq!(cp.finished(r.id).state, Step::Done);
+    // Removing the pin moves it back: now only b may hold it.
+    let r = cp.begin(&half());
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["b"]);
+    assert_eq!(cp.finished(r.id).state, Step::Done);
+    assert_eq!(restarted(&log), ["a", "b", "a", "b"]);
+}

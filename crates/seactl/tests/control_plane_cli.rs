@@ -443,7 +443,10 @@ fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("unreachable"), "{t}");
-    assert!(t.contains("resumed by a restarted control plane at step restart"), "{t}");
+    assert!(
+        t.contains("resumed by a restarted control plane at step restart"),
+        "{t}"
+    );
     assert!(t.contains("Rollout 1 done"), "{t}");
     let o = run(&s2.url, &["rollout", "follow", "1", "--output", "json"]);
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
