@@ -401,6 +401,8 @@ pub fn restart_plan(
 pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, RolloutError> {
     plane.check_map(&p.map).map_err(ProposeError::Invalid)?;
     let guard = plane.try_begin_change()?;
+    // Before the rollout is stored: an abort asked for from then on is kept.
+    plane.rollout_signals().reset();
     let active = plane.active()?;
     if let Some(expected) = p.base_version
         && expected != active.version
@@ -467,7 +469,6 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
         restart = ?r.restart.iter().map(|s| &s.server).collect::<Vec<_>>(),
         "rollout planned"
     );
-    plane.rollout_signals().reset();
     tokio::spawn(drive(plane.clone(), guard, r.clone()));
     Ok(r)
 }
