@@ -3,13 +3,14 @@
 //! The listener and route are static; the clusters (CDS) and the base-router
 //! filter's configuration (ECDS) come over one ADS stream (or, where gRPC cannot
 //! pass, by REST-JSON polling). Until the first ECDS answer, the filter runs
-//! `default_config`: every base to the default server, the same as SeaTable with a
-//! single dtable-server.
+//! `default_config`: every base fenced (503 with `retry-after`), uuid-less requests
+//! to the default server. A fresh Envoy never guesses a base's server: a guess could
+//! open the base on a second server.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use shardmap::{RouterConfig, ShardMap};
+use shardmap::{Fence, RouterConfig, ShardMap};
 
 use crate::config::{DEFAULT_FILTER_NAME, split_host_port};
 use crate::resources::proto_json_duration;
@@ -109,6 +110,10 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
     shardmap::check_server_name(&o.default_server).map_err(BootstrapError)?;
     let default_config = RouterConfig {
         header: o.header.clone(),
+        fence: Fence {
+            slots: vec!["0-f".into()],
+            pins: vec![],
+        },
         ..RouterConfig::new(
             0,
             ShardMap {
@@ -217,7 +222,8 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
 # static; the dtable-server clusters (CDS) and the base-router filter's shard map
 # (ECDS) come from `seactl serve` {over}. A new map reaches Envoy
 # without draining any connection. Until the first map arrives the filter runs
-# `default_config`: every request to {default}.
+# `default_config`: every base fenced (503 + retry-after, never a guessed server),
+# uuid-less requests to {default}.
 
 node:
   id: {node_id}
@@ -377,7 +383,13 @@ mod tests {
         let json: String = serde_json::from_str(quoted).unwrap();
         let rc = RouterConfig::from_json(&json).unwrap();
         assert_eq!(rc.map.default, "dtable-server");
-        assert!(rc.compile().is_ok());
+        let router = rc.compile().unwrap();
+        let base = shardmap::BaseUuid::parse("0123456789abcdef0123456789abcdef").unwrap();
+        assert!(
+            router.is_fenced(&base),
+            "a fresh Envoy must not guess a base's server"
+        );
+        assert_eq!(router.decide("/ping/").server, "dtable-server");
     }
 
     #[test]
