@@ -7,86 +7,28 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use control_plane::Config;
 use control_plane::bootstrap::{Kind, Options, Xds, render};
-use control_plane::{Config, ControlPlane, Running};
 use seashard_tests::http::Connection;
 use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file};
 use serde_json::{Value, json};
 
-const TOKEN: &str = "e2e-token-0123456";
+mod common;
+
+use common::{Cp, TOKEN};
+
 const CONVERGE: Duration = Duration::from_secs(30);
 
 /// Bases on either side of the initial map's split (`0-7` | `8-f`).
 const BASE_LOW: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const BASE_HIGH: &str = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a";
 
-/// The control plane under test.
-struct Cp {
-    rt: tokio::runtime::Runtime,
-    running: Option<Running>,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    plane: Arc<ControlPlane>,
-}
-
 impl Cp {
-    fn start(config: Config) -> Result<Cp> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let plane = ControlPlane::open(config)?;
-        // A killed predecessor's listener may take a moment to be gone.
-        let running = wait_until(Duration::from_secs(10), "the ADS port to be free", || {
-            rt.block_on(control_plane::start(plane.clone(), TOKEN))
-                .map(Some)
-                .map_err(Into::into)
-        })?;
-        Ok(Cp {
-            http: running.http_addr,
-            grpc: running.grpc_addr,
-            running: Some(running),
-            rt,
-            plane,
-        })
-    }
-
-    /// Gone at once, as with SIGKILL: no shutdown, no flush.
-    fn kill(mut self) {
-        self.running.take();
-        let Cp { rt, .. } = self;
-        rt.shutdown_background();
-    }
-
-    fn get_json(&self, path: &str) -> Result<Value> {
-        get(self.http, path, &[])?.json()
-    }
-
-    fn status(&self) -> Result<Value> {
-        self.get_json("/v1/status")
-    }
-
     fn post_map(&self, body: &Value) -> Result<(u16, Value)> {
-        self.post_to("/v1/maps", body)
-    }
-
-    fn post_to(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let mut c = Connection::open(self.http)?;
-        let auth = format!("Bearer {TOKEN}");
-        let r = c.request(
-            "POST",
-            path,
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )?;
-        Ok((r.status, r.json()?))
+        self.post("/v1/maps", body)
     }
 
     /// A counter of `/metrics`.
@@ -314,9 +256,7 @@ fn two_envoys_route_per_the_map_and_take_a_push_without_draining() -> Result<()>
         let start = Instant::now();
         let (status, body) = cp.post_map(&map)?;
         assert_eq!(status, 200, "{body}");
-        let c = cp
-            .rt
-            .block_on(cp.plane.wait_ecds_converged(Duration::from_secs(10)));
+        let c = cp.block_on(cp.plane.wait_ecds_converged(Duration::from_secs(10)));
         assert!(c.complete() && c.acked.len() == 2, "{c:?}");
         times.push(start.elapsed());
     }
@@ -332,7 +272,7 @@ fn two_envoys_route_per_the_map_and_take_a_push_without_draining() -> Result<()>
     // what moves and changes nothing.
     let moving = json!({"default": "dtable-server",
                         "slots": {"0-3": "dtable-server", "4-f": "dtable-server-2"}});
-    let (status, body) = cp.post_to("/v1/maps?dry_run=true", &moving)?;
+    let (status, body) = cp.post("/v1/maps?dry_run=true", &moving)?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["needs_rollout"], true, "{body}");
     assert_eq!(body["plan"]["fence"]["slots"][0], "4-7", "{body}");

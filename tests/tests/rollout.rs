@@ -7,19 +7,20 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use control_plane::Config;
 use control_plane::bootstrap::{Kind, Options, render};
 use control_plane::rollout::{self, Rollout, Step};
-use control_plane::{Config, ControlPlane, Running};
 use seashard_tests::dtable::{Cluster, double_service};
-use seashard_tests::http::Connection;
 use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};
 use serde_json::{Value, json};
 
-const TOKEN: &str = "e2e-rollout-token-01";
+mod common;
+
+use common::{Cp, TOKEN};
+
 const CONVERGE: Duration = Duration::from_secs(30);
 const A: &str = "dtable-server";
 const B: &str = "dtable-server-2";
@@ -40,58 +41,7 @@ fn moved_map() -> Value {
     json!({"default": A, "slots": {"0-3": A, "4-f": B}})
 }
 
-/// The control plane under test.
-struct Cp {
-    rt: tokio::runtime::Runtime,
-    running: Option<Running>,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    plane: Arc<ControlPlane>,
-}
-
 impl Cp {
-    fn start(config: Config) -> Result<Cp> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let plane = ControlPlane::open(config)?;
-        let running = wait_until(Duration::from_secs(10), "the ADS port to be free", || {
-            rt.block_on(control_plane::start(plane.clone(), TOKEN))
-                .map(Some)
-                .map_err(Into::into)
-        })?;
-        Ok(Cp {
-            http: running.http_addr,
-            grpc: running.grpc_addr,
-            running: Some(running),
-            rt,
-            plane,
-        })
-    }
-
-    /// Gone at once, as with SIGKILL.
-    fn kill(mut self) {
-        self.running.take();
-        let Cp { rt, .. } = self;
-        rt.shutdown_background();
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let mut c = Connection::open(self.http)?;
-        let auth = format!("Bearer {TOKEN}");
-        let r = c.request(
-            "POST",
-            path,
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )?;
-        Ok((r.status, r.json()?))
-    }
-
     /// Starts a rollout of `map`; its id.
     fn start_rollout(&self, map: &Value) -> Result<u64> {
         let (status, body) = self.post("/v1/maps", &json!({"map": map, "comment": "e2e"}))?;

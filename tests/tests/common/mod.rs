@@ -1,0 +1,90 @@
+//! The control plane in-process for end-to-end tests: on loopback, in its own tokio
+//! runtime, so that dropping the runtime without any shutdown is its SIGKILL
+//! (sockets closed, nothing flushed).
+
+// Each test file uses the part it needs.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use control_plane::{Config, ControlPlane, Running};
+use seashard_tests::http::Connection;
+use seashard_tests::{get, wait_until};
+use serde_json::Value;
+
+/// The API token of the tests' control planes.
+pub const TOKEN: &str = "e2e-token-0123456";
+
+/// The control plane under test.
+pub struct Cp {
+    rt: tokio::runtime::Runtime,
+    running: Option<Running>,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub plane: Arc<ControlPlane>,
+}
+
+impl Cp {
+    /// Opens the store of `config` and serves ADS and the HTTP API.
+    pub fn start(config: Config) -> Result<Cp> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let plane = ControlPlane::open(config)?;
+        // A killed predecessor's listener may take a moment to be gone.
+        let running = wait_until(Duration::from_secs(10), "the ADS port to be free", || {
+            rt.block_on(control_plane::start(plane.clone(), TOKEN))
+                .map(Some)
+                .map_err(Into::into)
+        })?;
+        Ok(Cp {
+            http: running.http_addr,
+            grpc: running.grpc_addr,
+            running: Some(running),
+            rt,
+            plane,
+        })
+    }
+
+    /// Gone at once, as with SIGKILL: no shutdown, no flush.
+    pub fn kill(mut self) {
+        self.running.take();
+        let Cp { rt, .. } = self;
+        rt.shutdown_background();
+    }
+
+    /// Runs `future` on the control plane's runtime.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+
+    /// `GET path` as JSON.
+    pub fn get_json(&self, path: &str) -> Result<Value> {
+        get(self.http, path, &[])?.json()
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Result<Value> {
+        self.get_json("/v1/status")
+    }
+
+    /// `POST path` with the token; status and JSON body.
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let mut c = Connection::open(self.http)?;
+        let auth = format!("Bearer {TOKEN}");
+        let r = c.request(
+            "POST",
+            path,
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )?;
+        Ok((r.status, r.json()?))
+    }
+}
