@@ -162,6 +162,14 @@ fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result
     Envoy::start(&bootstrap::to_yaml(&doc)?)
 }
 
+/// An edge (`edge-1`) and a sidecar (`sidecar-1`) Envoy on `cp`, both current.
+fn two_envoys(cp: &Cp, wasm: &Path) -> Result<(Envoy, Envoy)> {
+    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, wasm)?;
+    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    Ok((edge, side))
+}
+
 fn rows(base: &str) -> String {
     format!("/dtable-server/api/v1/dtables/{base}/rows/")
 }
@@ -246,9 +254,7 @@ fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Re
     let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
     let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 1.5)?, "5s")?;
     let cp = Cp::start(config)?;
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     for e in [&edge, &side] {
         assert_eq!(served_by(e, BASE_MOVED)?, A);
         assert_eq!(served_by(e, BASE_STAY)?, A);
@@ -314,9 +320,7 @@ fn an_envoy_that_never_acks_the_fence_rolls_back() -> Result<()> {
     let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
     let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 0.0)?, "1s")?;
     let cp = Cp::start(config)?;
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     let pid = envoy_pid(&side)?;
     signal(pid, libc::SIGSTOP)?;
     let id = cp.start_rollout(&moved_map());
@@ -349,9 +353,7 @@ fn a_failing_hook_rolls_back_and_an_envoy_restarted_mid_rollout_gets_the_fence()
     // B's hook fails after A restarted.
     h[1] = vec!["sh".into(), "-c".into(), "sleep 0.5; exit 7".into()];
     let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "5s")?)?;
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     let id = cp.start_rollout(&moved_map())?;
     cp.wait_rollout(id, "the restart step", |r| r.state == Step::Restart)?;
     // The sidecar restarts while A's hook runs: it comes back with the fence.
@@ -385,9 +387,7 @@ fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Res
     let slow = hooks(&cluster, 3.0)?;
     let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &slow, "5s")?)?;
     let port = cp.grpc.port();
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     assert_eq!(served_by(&edge, BASE_MOVED)?, A);
     let id = cp.start_rollout(&moved_map())?;
     cp.wait_rollout(id, "A's restart", |r| r.restarting().is_some())?;
@@ -430,9 +430,7 @@ fn writes_through_envoy_during_a_rollout_lose_nothing() -> Result<()> {
         &hooks(&cluster, 0.3)?,
         "5s",
     )?)?;
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     let bases = seashard_tests::dtable::spread_bases(32);
     let writers = seashard_tests::dtable::Writers::start(edge.listener_addr, &bases, 4, 100_000);
     writers.wait_for_more(200, Duration::from_secs(20))?;
@@ -466,9 +464,7 @@ fn killed_while_waiting_for_acks(step: Step) -> Result<()> {
     let h = hooks(&cluster, 0.5)?;
     let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "60s")?)?;
     let port = cp.grpc.port();
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
+    let (edge, side) = two_envoys(&cp, &wasm)?;
     let pid = envoy_pid(&side)?;
     if step == Step::Fence {
         signal(pid, libc::SIGSTOP)?;
