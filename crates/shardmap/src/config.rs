@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::map::ShardMap;
+use crate::map::{ShardMap, check_server_name};
 use crate::problem::Problems;
 use crate::router::{Fence, Router};
 
@@ -12,13 +12,17 @@ pub const DEFAULT_HEADER: &str = "x-dtable-server";
 pub const DEFAULT_RETRY_AFTER: u32 = 5;
 
 /// The base-router plugin configuration: a map with its version, the routing header,
-/// the fence of a running rollout and how long fenced clients should wait.
+/// the fence of a running rollout, how long fenced clients should wait and, for a
+/// guard, the server it guards.
 ///
 /// ```json
 /// { "version": 7, "header": "x-dtable-server", "retry_after": 5,
 ///   "fence": { "slots": ["0-3"], "pins": [] },
 ///   "map": { "default": "dtable-server", "slots": { "0-f": "dtable-server" } } }
 /// ```
+///
+/// With `"guard": "dtable-server-2"` the filter is that server's guard: it routes
+/// nothing and passes only requests for bases the server owns (see [`crate::Gate`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
@@ -30,6 +34,10 @@ pub struct RouterConfig {
     pub retry_after: u32,
     #[serde(default, skip_serializing_if = "Fence::is_empty")]
     pub fence: Fence,
+    /// The server this filter guards (guard mode); `None` for an edge. It need not
+    /// appear in the map: then it owns no base and every base is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
     pub map: ShardMap,
 }
 
@@ -49,6 +57,7 @@ impl RouterConfig {
             header: default_header(),
             retry_after: DEFAULT_RETRY_AFTER,
             fence: Fence::default(),
+            guard: None,
             map,
         }
     }
@@ -62,7 +71,8 @@ impl RouterConfig {
         })
     }
 
-    /// Validates everything and compiles the router: every problem at once.
+    /// Validates everything and compiles the router: every problem at once. The filter
+    /// compiles a [`crate::Gate`] instead ([`RouterConfig::compile_gate`]).
     pub fn compile(&self) -> Result<Router, Problems> {
         let mut problems = Problems::default();
         if !is_header_name(&self.header) {
@@ -73,6 +83,9 @@ impl RouterConfig {
         }
         if self.retry_after == 0 || self.retry_after > 3600 {
             problems.push("retry_after", "must be between 1 and 3600 seconds");
+        }
+        if let Some(Err(e)) = self.guard.as_deref().map(check_server_name) {
+            problems.push("guard", e);
         }
         match Router::with_fence(&self.map, &self.fence) {
             Ok(r) if problems.is_empty() => Ok(r),

@@ -3,6 +3,9 @@
 //! A [`ShardMap`] (what an operator writes) is validated — every problem reported at
 //! once — and compiled into a [`Router`], whose [`Router::decide`] takes a request
 //! target and answers with a [`Decision`]: the server, the [`Reason`] and the base.
+//! A [`RouterConfig`] (the filter's configuration) compiles into a [`Gate`], whose
+//! [`Gate::verdict`] is the filter's whole per-request decision, edge or guard: route,
+//! pass, or refuse with a ready answer.
 //! [`diff`] turns two maps into the [`Plan`] of a rollout, [`nginx`] imports SeaTable's
 //! nginx map and [`rebalance`] evens slots out across servers.
 //!
@@ -10,6 +13,7 @@
 //! crate, so they can never disagree about where a base lives.
 
 mod config;
+mod gate;
 mod hex;
 mod map;
 pub mod nginx;
@@ -20,6 +24,7 @@ mod router;
 mod uuid;
 
 pub use config::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, RouterConfig};
+pub use gate::{AWAITING_MAP_VERSION, Gate, Refusal, RefusalKind, Verdict};
 pub use hex::{MAX_SLOT_DIGITS, SlotRange, canonical_pin};
 pub use map::{
     MAX_PATH_RULES, MAX_PINS, MAX_REGEX_LEN, MAX_REGEX_SIZE, MAX_SERVER_NAME_LEN, MAX_SERVERS,

@@ -1,9 +1,13 @@
-//! Property tests: tiling, the exactness of `diff`'s fence, and `rebalance`'s economy.
+//! Property tests: tiling, the exactness of `diff`'s fence, `rebalance`'s economy, and
+//! the gate: a guard passes exactly its own unfenced bases, an edge routes as `decide`.
 
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use shardmap::{BaseUuid, Change, Router, ShardMap, SlotRange, diff, rebalance};
+use shardmap::{
+    BaseUuid, Change, Fence, Reason, RefusalKind, Router, RouterConfig, ShardMap, SlotRange,
+    Verdict, diff, rebalance,
+};
 
 const SERVERS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 
@@ -79,8 +83,102 @@ fn uuid() -> impl Strategy<Value = BaseUuid> {
         .prop_map(|(stem, rest)| BaseUuid::parse(&format!("{stem}{rest}")[..32]).unwrap())
 }
 
+/// A fence of a few slot ranges and pins near the interesting places.
+fn fence() -> impl Strategy<Value = Fence> {
+    let slots = prop::sample::subsequence(vec!["0", "0-3", "7f", "80-9f", "a", "ff84"], 0..3);
+    let pins = prop::collection::vec(pin().prop_map(|(p, _)| p), 0..3);
+    (slots, pins).prop_map(|(slots, pins)| Fence {
+        slots: slots.into_iter().map(str::to_owned).collect(),
+        pins,
+    })
+}
+
+/// The request targets of `u` a client may send: dashed, 32-hex, in the query.
+fn targets(u: &BaseUuid) -> [String; 3] {
+    [
+        format!("/api/v1/dtables/{}/rows/", u.dashed()),
+        format!(
+            "/dtable-server/api/v1/dtables/{}/",
+            u.as_str().to_uppercase()
+        ),
+        format!("/socket.io/?EIO=4&dtable_uuid={u}"),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// For any uuid, the guard of server S passes it iff it is not fenced and S owns
+    /// it; else it is refused 503 (fenced) or 421 naming the owner.
+    #[test]
+    fn a_guard_passes_exactly_its_servers_unfenced_bases(
+        map in valid_map(), fence in fence(), guard in prop::sample::select(vec!["s0", "s1", "s2", "s3", "s9"]),
+        version in 0u64..3, uuids in prop::collection::vec(uuid(), 32),
+    ) {
+        let config = RouterConfig { fence, guard: Some(guard.into()), ..RouterConfig::new(version, map.clone()) };
+        let gate = config.compile_gate().unwrap();
+        let router = Router::with_fence(&map, &config.fence).unwrap();
+        for u in &uuids {
+            let fenced = router.is_fenced(u);
+            let owner = router.owner_of(u);
+            for t in targets(u) {
+                match gate.verdict(&t) {
+                    Verdict::Pass { base } => {
+                        prop_assert!(!fenced && owner == guard, "{} passed: fenced={} owner={}", t, fenced, owner);
+                        prop_assert_eq!(base, Some(*u));
+                    }
+                    Verdict::Refuse(r) => {
+                        prop_assert!(fenced || owner != guard, "{} refused", t);
+                        prop_assert_eq!(r.base, *u);
+                        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                        prop_assert_eq!(body["base_uuid"].as_str().map(str::to_owned), Some(u.dashed()));
+                        let want = match (fenced, version) {
+                            (true, 0) => RefusalKind::AwaitingMap,
+                            (true, _) => RefusalKind::BaseMoving,
+                            (false, _) => RefusalKind::Misdirected,
+                        };
+                        prop_assert_eq!(r.kind, want);
+                        if !fenced {
+                            prop_assert_eq!(r.status, 421);
+                            prop_assert_eq!(body["owner"].as_str(), Some(owner));
+                            prop_assert_eq!(body["server"].as_str(), Some(guard));
+                        } else {
+                            prop_assert_eq!(r.status, 503);
+                            prop_assert_eq!(r.retry_after, Some(config.retry_after));
+                        }
+                    }
+                    Verdict::Route(d) => prop_assert!(false, "a guard routed {} to {}", t, d.server),
+                }
+            }
+        }
+    }
+
+    /// An edge's verdict is `decide`'s decision, and a fenced base is refused 503.
+    #[test]
+    fn an_edge_routes_as_decide(map in valid_map(), fence in fence(), version in 0u64..3, uuids in prop::collection::vec(uuid(), 32)) {
+        let config = RouterConfig { fence, ..RouterConfig::new(version, map) };
+        let gate = config.compile_gate().unwrap();
+        for u in &uuids {
+            let targets = targets(u);
+            for t in targets.iter().map(String::as_str).chain(["/ping/", ""]) {
+                let d = gate.router().decide(t);
+                match gate.verdict(t) {
+                    Verdict::Route(got) => {
+                        prop_assert_ne!(d.reason, Reason::Fenced);
+                        prop_assert_eq!(got, d);
+                    }
+                    Verdict::Refuse(r) => {
+                        prop_assert_eq!(d.reason, Reason::Fenced);
+                        prop_assert_eq!(Some(r.base), d.base);
+                        prop_assert_eq!(r.status, 503);
+                        let want = if version == 0 { RefusalKind::AwaitingMap } else { RefusalKind::BaseMoving };
+                        prop_assert_eq!(r.kind, want);
+                    }
+                    Verdict::Pass { .. } => prop_assert!(false, "an edge passed {}", t),
+                }
+            }
+        }
+    }
 
     /// Validation accepts a set of slot ranges exactly when they tile the space once.
     #[test]
