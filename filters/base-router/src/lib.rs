@@ -1,10 +1,12 @@
 //! base-router: the proxy-wasm filter that sends each SeaTable request to the
-//! dtable-server owning its base.
+//! dtable-server owning its base, or, as a guard in front of one dtable-server, lets
+//! through only the requests for bases that server owns.
 //!
 //! Thin glue over `shardmap`: the plugin configuration (a [`RouterConfig`] as JSON) is
-//! compiled into a [`Router`] once in `on_configure`; each request's `:path` is read
-//! once, decided, and either the routing header is overwritten (a client-sent value
-//! never survives) or a fenced base is answered locally with `503`.
+//! compiled into a [`Gate`] once in `on_configure`; each request's `:path` is read
+//! once and the gate's [`Verdict`] applied: route (overwrite the routing header, so a
+//! client-sent value never survives, and set `x-shard-map-version`), pass (a guard
+//! touches no header), or refuse with the verdict's status, headers and JSON body.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -12,49 +14,88 @@ use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use shardmap::{Reason, Router, RouterConfig};
+use shardmap::{Gate, Reason, RefusalKind, RouterConfig, Verdict};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(BaseRouterRoot::default()) });
 }}
 
-/// Counts requests per server, default and fenced. Counted in the VM and flushed to
-/// Envoy's counters every tick, so a request costs no metric host call.
+/// Counters after the per-server ones, in this order.
+const COUNTERS: [&str; 5] = [
+    // An edge's requests routed to the default server (no base, no path rule).
+    "seashard.requests.default",
+    // Refused 503: the base is fenced by a rollout.
+    "seashard.requests.fenced",
+    // A guard's 421: another server owns the base.
+    "seashard.requests.misdirected",
+    // Let through by a guard.
+    "seashard.requests.passed",
+    // Refused 503 before the first map (the bootstrap's placeholder).
+    "seashard.requests.no_map",
+];
+const DEFAULT: usize = 0;
+const FENCED: usize = 1;
+const MISDIRECTED: usize = 2;
+const PASSED: usize = 3;
+const NO_MAP: usize = 4;
+
+/// Counts requests: an edge's per server it routed to, and by outcome. Counted in the
+/// VM and flushed to Envoy's counters every tick, so a request costs no metric host
+/// call.
 struct Metrics {
-    /// Counter ids, parallel to `Router::servers()`, then default, then fenced.
+    /// Counter ids: one per server of the map (edge only), then [`COUNTERS`].
     ids: Vec<Option<u32>>,
     pending: Vec<Cell<u64>>,
+    /// Where [`COUNTERS`] begin in `ids`.
+    first: usize,
 }
 
 impl Metrics {
-    fn define(router: &Router) -> Metrics {
+    fn define(gate: &Gate) -> Metrics {
         let counter =
             |name: &str| proxy_wasm::hostcalls::define_metric(MetricType::Counter, name).ok();
-        let mut ids: Vec<Option<u32>> = router
-            .servers()
+        let servers: &[String] = if gate.guard().is_some() {
+            &[]
+        } else {
+            gate.router().servers()
+        };
+        let mut ids: Vec<Option<u32>> = servers
             .iter()
             .map(|s| counter(&format!("seashard.requests.server.{s}")))
             .collect();
-        ids.push(counter("seashard.requests.default"));
-        ids.push(counter("seashard.requests.fenced"));
+        let first = ids.len();
+        ids.extend(COUNTERS.iter().map(|name| counter(name)));
         Metrics {
             pending: ids.iter().map(|_| Cell::new(0)).collect(),
             ids,
+            first,
         }
     }
 
-    fn count(&self, server: usize, reason: Reason) {
-        let n = self.ids.len();
-        let by_reason = match reason {
-            Reason::Default => n.checked_sub(2),
-            Reason::Fenced => n.checked_sub(1),
-            _ => None,
-        };
-        for i in [Some(server), by_reason].into_iter().flatten() {
-            if let Some(c) = self.pending.get(i) {
-                c.set(c.get() + 1);
+    fn bump(&self, i: usize) {
+        if let Some(c) = self.pending.get(i) {
+            c.set(c.get() + 1);
+        }
+    }
+
+    fn count(&self, verdict: &Verdict<'_>) {
+        match verdict {
+            Verdict::Route(d) => {
+                self.bump(d.server_index);
+                if d.reason == Reason::Default {
+                    self.bump(self.first + DEFAULT);
+                }
             }
+            Verdict::Pass { .. } => self.bump(self.first + PASSED),
+            Verdict::Refuse(r) => self.bump(
+                self.first
+                    + match r.kind {
+                        RefusalKind::BaseMoving => FENCED,
+                        RefusalKind::Misdirected => MISDIRECTED,
+                        RefusalKind::AwaitingMap => NO_MAP,
+                    },
+            ),
         }
     }
 
@@ -72,8 +113,7 @@ impl Metrics {
 
 /// What every request of one configuration shares.
 struct Active {
-    router: Router,
-    header: String,
+    gate: Gate,
     version: String,
     retry_after: String,
     metrics: Metrics,
@@ -109,8 +149,8 @@ impl RootContext for BaseRouterRoot {
                 return false;
             }
         };
-        let router = match config.compile() {
-            Ok(r) => r,
+        let gate = match config.compile_gate() {
+            Ok(g) => g,
             Err(problems) => {
                 let list = problems
                     .iter()
@@ -134,14 +174,23 @@ impl RootContext for BaseRouterRoot {
         if gauge != u32::MAX {
             let _ = proxy_wasm::hostcalls::record_metric(gauge, config.version);
         }
+        let role = match gate.guard() {
+            Some(server) => format!("guard of {server}"),
+            None => "edge".to_owned(),
+        };
         log(
             LogLevel::Info,
             &format!(
-                "base-router: map version {} applied ({} servers, fence: {} slot ranges, {} pins)",
+                "base-router: map version {} applied, {role} ({} servers, fence: {} slot ranges, {} pins){}",
                 config.version,
-                router.servers().len(),
+                gate.router().servers().len(),
                 config.fence.slots.len(),
-                config.fence.pins.len()
+                config.fence.pins.len(),
+                if gate.is_awaiting_map() {
+                    "; placeholder until the control plane's first map: every base refused"
+                } else {
+                    ""
+                }
             ),
         );
         if let Some(old) = &self.active {
@@ -149,11 +198,10 @@ impl RootContext for BaseRouterRoot {
         }
         self.set_tick_period(FLUSH_PERIOD);
         self.active = Some(Rc::new(Active {
-            metrics: Metrics::define(&router),
-            router,
-            header: config.header,
-            version: config.version.to_string(),
-            retry_after: config.retry_after.to_string(),
+            metrics: Metrics::define(&gate),
+            version: gate.version().to_string(),
+            retry_after: gate.retry_after().to_string(),
+            gate,
         }));
         true
     }
@@ -193,29 +241,33 @@ impl HttpContext for BaseRouter {
             return Action::Pause;
         };
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        let decision = active.router.decide(&path);
-        active.metrics.count(decision.server_index, decision.reason);
-        if decision.reason == Reason::Fenced {
-            let base = decision.base.map(|b| b.dashed()).unwrap_or_default();
-            let body = format!(
-                r#"{{"error":"base_moving","message":"this base is moving to another server; retry shortly","base_uuid":"{base}","retry_after":{}}}"#,
-                active.retry_after
-            );
-            self.send_http_response(
-                503,
-                vec![
+        let verdict = active.gate.verdict(&path);
+        active.metrics.count(&verdict);
+        match verdict {
+            Verdict::Route(decision) => {
+                self.set_http_request_header(active.gate.header(), Some(decision.server));
+                self.set_http_request_header("x-shard-map-version", Some(&active.version));
+                Action::Continue
+            }
+            // A guard routes nothing: the request goes on to its one upstream as it came.
+            Verdict::Pass { .. } => Action::Continue,
+            Verdict::Refuse(refusal) => {
+                let mut headers = vec![
                     ("content-type", "application/json"),
-                    ("retry-after", active.retry_after.as_str()),
                     ("cache-control", "no-store"),
                     ("x-shard-map-version", active.version.as_str()),
-                ],
-                Some(body.as_bytes()),
-            );
-            return Action::Pause;
+                ];
+                if refusal.retry_after.is_some() {
+                    headers.push(("retry-after", active.retry_after.as_str()));
+                }
+                self.send_http_response(
+                    u32::from(refusal.status),
+                    headers,
+                    Some(refusal.body.as_bytes()),
+                );
+                Action::Pause
+            }
         }
-        self.set_http_request_header(&active.header, Some(decision.server));
-        self.set_http_request_header("x-shard-map-version", Some(&active.version));
-        Action::Continue
     }
 }
 

@@ -323,3 +323,221 @@ fn never_traps_on_odd_requests() {
     let plain = Router::new(&ShardMap::from_json(MAP).unwrap()).unwrap();
     assert_eq!(plain.decide("").server, "dtable-server");
 }
+
+/// A guard of `server` under `MAP` at `version` with `fence`.
+fn guard_vm(server: &str, version: u64, fence: Fence) -> Vm {
+    let mut cfg = config(version, fence);
+    cfg.guard = Some(server.into());
+    cfg.retry_after = 6;
+    vm_with(&cfg)
+}
+
+fn header<'a>(reply: &'a wasm_host::LocalResponse, name: &str) -> Option<&'a str> {
+    reply
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Owned by dtable-server-2 under `MAP` (slot 00-3f).
+const OWNED_BY_2: &str = "/api/v1/dtables/1abcdef0-0000-4000-8000-000000000001/rows/";
+/// Owned by dtable-server-3 under `MAP` (slot 40-9f; the pin `40` is dtable-server's).
+const OWNED_BY_3: &str = "/socket.io/?EIO=4&dtable_uuid=5abcdef0000040008000000000000001";
+
+#[test]
+fn a_guard_passes_its_servers_bases_untouched() {
+    let mut vm = guard_vm("dtable-server-2", 8, Fence::default());
+    assert!(
+        vm.logs()
+            .iter()
+            .any(|l| l.message.contains("guard of dtable-server-2")),
+        "{:?}",
+        vm.logs()
+    );
+    for uri in [
+        OWNED_BY_2,
+        "/api/v1/dtables/FF84E1A1-66E2-4000-8000-000000000001/",
+        "/ping/",
+        "/api/v1/admin/sys-info/",
+    ] {
+        let (ctx, action) = request(
+            &mut vm,
+            &[(":path", uri), ("x-dtable-server", "client-choice")],
+        );
+        assert_eq!(action, Action::Continue, "{uri}");
+        assert!(vm.local_response(ctx).is_none(), "{uri}");
+        // A guard routes nothing: the request goes on as it came.
+        assert_eq!(
+            vm.request_header(ctx, "x-dtable-server"),
+            Some("client-choice")
+        );
+        assert_eq!(vm.request_header(ctx, "x-shard-map-version"), None);
+        vm.finish(ctx).unwrap();
+    }
+    vm.tick().unwrap();
+    assert_eq!(
+        vm.metric("seashard.requests.passed").map(|m| m.value),
+        Some(4)
+    );
+    assert!(
+        vm.metric("seashard.requests.server.dtable-server-2")
+            .is_none()
+    );
+}
+
+#[test]
+fn a_guard_refuses_another_servers_base_with_421_naming_the_owner() {
+    let mut vm = guard_vm("dtable-server-2", 8, Fence::default());
+    let (ctx, action) = request(&mut vm, &[(":path", OWNED_BY_3)]);
+    assert_eq!(action, Action::Pause);
+    let reply = vm.local_response(ctx).expect("a local reply");
+    assert_eq!(reply.status, 421);
+    assert_eq!(header(reply, "content-type"), Some("application/json"));
+    assert_eq!(header(reply, "cache-control"), Some("no-store"));
+    assert_eq!(header(reply, "x-shard-map-version"), Some("8"));
+    assert_eq!(header(reply, "retry-after"), None);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"], "misdirected");
+    assert_eq!(body["base_uuid"], "5abcdef0-0000-4000-8000-000000000001");
+    assert_eq!(body["owner"], "dtable-server-3");
+    assert_eq!(body["server"], "dtable-server-2");
+    vm.tick().unwrap();
+    assert_eq!(
+        vm.metric("seashard.requests.misdirected").map(|m| m.value),
+        Some(1)
+    );
+}
+
+#[test]
+fn a_guard_refuses_a_fenced_base_with_503_and_retry_after() {
+    let fence = Fence {
+        slots: vec!["1".into()],
+        pins: vec![],
+    };
+    let mut vm = guard_vm("dtable-server-2", 9, fence);
+    let (ctx, action) = request(&mut vm, &[(":path", OWNED_BY_2)]);
+    assert_eq!(action, Action::Pause);
+    let reply = vm.local_response(ctx).expect("a local reply");
+    assert_eq!(reply.status, 503);
+    assert_eq!(header(reply, "retry-after"), Some("6"));
+    assert_eq!(header(reply, "x-shard-map-version"), Some("9"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"], "base_moving");
+    assert_eq!(body["retry_after"], 6);
+    assert_eq!(body["base_uuid"], "1abcdef0-0000-4000-8000-000000000001");
+    // Outside the fence, the server's other bases still pass.
+    let (_, action) = request(
+        &mut vm,
+        &[(
+            ":path",
+            "/api/v1/dtables/2abcdef0-0000-4000-8000-000000000001/",
+        )],
+    );
+    assert_eq!(action, Action::Continue);
+    vm.tick().unwrap();
+    assert_eq!(
+        vm.metric("seashard.requests.fenced").map(|m| m.value),
+        Some(1)
+    );
+}
+
+/// The bootstrap's placeholder: version 0, every base fenced, for a guard and an edge.
+#[test]
+fn before_the_first_map_bases_get_no_shard_map_yet() {
+    let placeholder = |guard: Option<&str>| RouterConfig {
+        guard: guard.map(str::to_owned),
+        fence: Fence {
+            slots: vec!["0-f".into()],
+            pins: vec![],
+        },
+        ..RouterConfig::new(
+            shardmap::AWAITING_MAP_VERSION,
+            ShardMap::from_json(r#"{"default": "dtable-server-2"}"#).unwrap(),
+        )
+    };
+    for guard in [Some("dtable-server-2"), None] {
+        let mut vm = vm_with(&placeholder(guard));
+        for uri in [OWNED_BY_2, OWNED_BY_3] {
+            let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+            assert_eq!(action, Action::Pause, "{guard:?} {uri}");
+            let reply = vm.local_response(ctx).expect("a local reply");
+            assert_eq!(reply.status, 503);
+            assert_eq!(header(reply, "retry-after"), Some("5"));
+            assert_eq!(header(reply, "x-shard-map-version"), Some("0"));
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(body["error"], "no_shard_map_yet", "{guard:?}");
+            assert_eq!(body["retry_after"], 5);
+            assert!(body["base_uuid"].is_string());
+        }
+        // Without a base: passed by the guard, to the default server by the edge.
+        let (ctx, action) = request(&mut vm, &[(":path", "/ping/")]);
+        assert_eq!(action, Action::Continue);
+        let routed = vm.request_header(ctx, "x-dtable-server");
+        assert_eq!(routed, guard.is_none().then_some("dtable-server-2"));
+        vm.tick().unwrap();
+        assert_eq!(
+            vm.metric("seashard.requests.no_map").map(|m| m.value),
+            Some(2)
+        );
+        assert_eq!(
+            vm.metric("seashard.requests.fenced").map(|m| m.value),
+            Some(0)
+        );
+    }
+}
+
+#[test]
+fn a_guard_with_an_invalid_server_name_is_refused() {
+    let mut vm = vm_with(&config(1, Fence::default()));
+    let mut bad = config(2, Fence::default());
+    bad.guard = Some("two words".into());
+    assert!(!vm.configure(bad.to_json().as_bytes()).unwrap());
+    assert!(
+        vm.logs_at_least(LogLevel::Error)
+            .any(|l| l.contains("guard")),
+        "{:?}",
+        vm.logs()
+    );
+}
+
+/// On generated requests, a guard and an edge under a fence answer exactly as the
+/// gate's verdict natively.
+#[test]
+fn edge_and_guard_answer_exactly_as_the_gate_decides() {
+    let fence = Fence {
+        slots: vec!["3f".into(), "a".into()],
+        pins: vec!["0abc".into()],
+    };
+    for guard in [None, Some("dtable-server-3"), Some("dtable-server-9")] {
+        let mut cfg = config(12, fence.clone());
+        cfg.guard = guard.map(str::to_owned);
+        let gate = cfg.compile_gate().unwrap();
+        let mut vm = vm_with(&cfg);
+        for uri in uris(1200) {
+            let (ctx, action) = request(&mut vm, &[(":path", &uri)]);
+            let routed = vm.request_header(ctx, "x-dtable-server");
+            let reply = vm.local_response(ctx);
+            match gate.verdict(&uri) {
+                shardmap::Verdict::Route(d) => {
+                    assert_eq!(
+                        (action, routed),
+                        (Action::Continue, Some(d.server)),
+                        "{uri}"
+                    );
+                }
+                shardmap::Verdict::Pass { .. } => {
+                    assert_eq!((action, routed), (Action::Continue, None), "{uri}");
+                    assert!(reply.is_none());
+                }
+                shardmap::Verdict::Refuse(r) => {
+                    assert_eq!(action, Action::Pause, "{uri}");
+                    let reply = reply.expect("a local reply");
+                    assert_eq!(reply.status, u32::from(r.status), "{uri}");
+                    assert_eq!(reply.body, r.body.as_bytes(), "{uri}");
+                }
+            }
+            vm.finish(ctx).unwrap();
+        }
+    }
+}
