@@ -193,10 +193,11 @@ async fn healthz(State(api): State<Api>) -> Json<Value> {
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
-    let text = api
-        .plane
-        .metrics()
-        .render(&api.plane.snapshot(), &api.plane.registry().nodes());
+    let text = api.plane.metrics().render(
+        &api.plane.snapshot(),
+        &api.plane.registry().nodes(),
+        &api.plane.registry().conflicts(),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -224,7 +225,9 @@ fn node_status(api: &Api, node: Node) -> NodeStatus {
         .map(|t| {
             let current = snap.get(*t).version.as_str();
             let s = node.types.get(t);
-            let word = if !node.connected {
+            let word = if s.is_none() {
+                "unsubscribed"
+            } else if !node.connected {
                 "disconnected"
             } else if node.acked(*t) == Some(current) {
                 "current"
@@ -238,10 +241,7 @@ fn node_status(api: &Api, node: Node) -> NodeStatus {
             (*t, word)
         })
         .collect();
-    let map_version = node
-        .acked(ResourceType::Ecds)
-        .and_then(|v| v.split('-').next())
-        .and_then(|v| v.parse().ok());
+    let map_version = acked_map_version(&node);
     NodeStatus {
         node,
         state,
@@ -249,11 +249,22 @@ fn node_status(api: &Api, node: Node) -> NodeStatus {
     }
 }
 
+/// The map version of the filter configuration `node` ACKed last.
+fn acked_map_version(node: &Node) -> Option<u64> {
+    node.acked(ResourceType::Ecds)
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse().ok())
+}
+
 #[derive(Debug, Serialize)]
 struct ServerStatus {
     name: String,
     address: String,
     restart: crate::config::RestartHook,
+    /// Every request reaches it through its guard.
+    guarded: bool,
+    /// Its guards (instance keys) and whether each is connected.
+    guards: Vec<GuardStatus>,
     /// Slot ranges, pins and path rules the active map gives it, and whether it is the default.
     assigned: Assigned,
     health: Health,
@@ -262,6 +273,14 @@ struct ServerStatus {
     may_hold: Option<Vec<u64>>,
     /// When seashard last restarted it (unix ms).
     last_restart_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct GuardStatus {
+    instance: String,
+    connected: bool,
+    /// The map version of the filter configuration it ACKed last.
+    map_version: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -307,6 +326,7 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
         }
     }
     let states = api.plane.store().server_states()?;
+    let nodes = api.plane.registry().nodes();
     Ok(api
         .plane
         .config()
@@ -321,6 +341,16 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
                 name: s.name.clone(),
                 address: s.address.clone(),
                 restart: s.restart.clone(),
+                guarded: s.guarded,
+                guards: nodes
+                    .iter()
+                    .filter(|n| n.role.guarded() == Some(s.name.as_str()))
+                    .map(|n| GuardStatus {
+                        instance: n.instance.clone(),
+                        connected: n.connected,
+                        map_version: acked_map_version(n),
+                    })
+                    .collect(),
                 assigned: assigned(&active.map, &s.name),
                 health: h.unwrap_or_else(|| Health {
                     up: false,
@@ -353,6 +383,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         "ecds_version": snap.ecds.version,
         "cds_version": snap.cds.version,
         "nodes": nodes,
+        "conflicts": api.plane.registry().conflicts(),
         "servers": servers,
         "rollout": current_rollout(&api)?,
     })))
@@ -528,7 +559,7 @@ async fn nodes(State(api): State<Api>) -> Json<Value> {
         .into_iter()
         .map(|n| node_status(&api, n))
         .collect();
-    Json(json!({ "nodes": nodes }))
+    Json(json!({ "nodes": nodes, "conflicts": api.plane.registry().conflicts() }))
 }
 
 async fn one_node(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -548,17 +579,21 @@ async fn forget_node(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers)?;
-    if !api.plane.registry().forget(&id) {
+    let forgotten = api.plane.registry().forget(&id);
+    if forgotten.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("node `{id}` is unknown or still connected"),
         ));
     }
-    api.plane.store().delete_node(&id)?;
-    api.plane
-        .store()
-        .audit("api", "node.forget", None, &json!({ "node": id }))?;
-    Ok(Json(json!({ "forgotten": id })))
+    api.plane.store().delete_nodes(&forgotten)?;
+    api.plane.store().audit(
+        "api",
+        "node.forget",
+        None,
+        &json!({ "node": id, "instances": forgotten }),
+    )?;
+    Ok(Json(json!({ "forgotten": forgotten })))
 }
 
 async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
@@ -583,9 +618,10 @@ impl From<RolloutError> for ApiError {
             RolloutError::Propose(p) => p.into(),
             RolloutError::Store(s) => s.into(),
             RolloutError::NoneRunning => ApiError::new(StatusCode::NOT_FOUND, reason),
-            RolloutError::TooLate(_) | RolloutError::NotWaiting { .. } => {
-                ApiError::new(StatusCode::CONFLICT, reason)
-            }
+            RolloutError::TooLate(_)
+            | RolloutError::NotWaiting { .. }
+            | RolloutError::Conflicts(_)
+            | RolloutError::NoGuard { .. } => ApiError::new(StatusCode::CONFLICT, reason),
             RolloutError::Corrupt(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason),
         }
     }

@@ -87,6 +87,23 @@ pub struct Listen {
     pub grpc: SocketAddr,
     /// The HTTP API, REST xDS and `/metrics`.
     pub http: SocketAddr,
+    /// How often an idle ADS connection is pinged (HTTP/2 PING): a half-open stream
+    /// (an Envoy gone silent behind a dead link) is found dead within
+    /// `keepalive_interval + keepalive_timeout`, and no longer counts as a live
+    /// instance of its node id.
+    #[serde(default = "default_keepalive_interval", with = "duration")]
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[serde(default = "default_keepalive_timeout", with = "duration")]
+    pub keepalive_timeout: Duration,
+}
+
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Where the state is kept.
@@ -173,6 +190,12 @@ pub struct ServerConfig {
     /// How to restart it during a rollout.
     #[serde(default)]
     pub restart: RestartHook,
+    /// Every request reaches it through its guard (an Envoy made by `seactl
+    /// envoy-bootstrap --kind guard --server NAME`, the only way in), and `address`
+    /// is the guard's. A rollout whose moved bases leave or reach only guarded
+    /// servers waits for those guards' ACKs, not for the edges'.
+    #[serde(default)]
+    pub guarded: bool,
 }
 
 impl ServerConfig {

@@ -27,6 +27,7 @@ pub mod plane;
 pub mod resources;
 pub mod rollout;
 pub mod server;
+pub mod signals;
 pub mod store;
 pub mod xds;
 

@@ -3,8 +3,15 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::nodes::Node;
+use crate::nodes::{Conflict, Node};
 use crate::resources::{ResourceType, Snapshot};
+
+/// A label value in the text format: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
 
 /// Counters since start.
 #[derive(Debug, Default)]
@@ -74,7 +81,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self, snapshot: &Snapshot, nodes: &[Node]) -> String {
+    pub fn render(&self, snapshot: &Snapshot, nodes: &[Node], conflicts: &[Conflict]) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -208,6 +215,34 @@ impl Metrics {
             "gauge",
             "Nodes that NACKed the current version.",
             &nacking,
+        );
+        metric(
+            "seashard_node_id_conflicts",
+            "gauge",
+            "Node ids held by more than one Envoy (rollouts that wait for them refuse to run).",
+            &[(String::new(), conflicts.len() as u64)],
+        );
+        let holders: Vec<(String, u64)> = conflicts
+            .iter()
+            .flat_map(|c| {
+                c.instances.iter().map(|p| {
+                    (
+                        format!(
+                            "{{node=\"{}\",instance=\"{}\",peers=\"{}\"}}",
+                            label(&c.id),
+                            label(&p.instance),
+                            label(&p.streams_from.join(" "))
+                        ),
+                        u64::from(p.connected),
+                    )
+                })
+            })
+            .collect();
+        metric(
+            "seashard_node_id_conflict_instance",
+            "gauge",
+            "Each holder of a conflicting node id: 1 connected, 0 disconnected.",
+            &holders,
         );
         out
     }

@@ -9,10 +9,24 @@
 //! NACKed exactly that content: Envoy reports content sent again after a NACK as
 //! applied while keeping its old config, so it is never resent (a new version is).
 //!
+//! **Instances, not node ids.** Two Envoys given one node id (a copied bootstrap) must
+//! never be counted as one: one of them could ACK a fence the other never saw. So the
+//! registry tracks *instances*: a node id as seen from one peer address. A stream's
+//! instance is `id@ip` (REST pollers: `id@rest`); a reconnect from the same address is
+//! the same instance, a stream from another address is another one. A node id held by
+//! two instances, or by two live streams at once, is a [`Conflict`]: shown, never
+//! merged, and a rollout that must wait for that id refuses to run. A disconnected
+//! instance is kept (it may still serve with an old map) until it reconnects or is
+//! forgotten.
+//!
+//! An instance subscribing to a guard's filter configuration
+//! (`{filter}.guard.{server}`) is a **guard** of that server.
+//!
 //! [`Registry`] is the in-memory truth (waiters watch it); changed nodes are marked
 //! dirty and written to the store in batches by [`Registry::take_dirty`]'s caller.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -79,17 +93,34 @@ struct StreamType {
     fresh: bool,
 }
 
-/// The per-connection state: which node, and per type what was sent.
+/// The per-connection state: which instance, and per type what was sent.
 #[derive(Debug, Clone, Default)]
 pub struct Stream {
+    /// The peer's socket address, when the transport knows it.
+    peer: Option<SocketAddr>,
+    /// The instance key (`id@ip`), once the first request named the node.
+    key: Option<String>,
     node: Option<String>,
     types: HashMap<ResourceType, StreamType>,
 }
 
 impl Stream {
+    /// A stream from `peer`.
+    pub fn new(peer: Option<SocketAddr>) -> Stream {
+        Stream {
+            peer,
+            ..Stream::default()
+        }
+    }
+
     /// The node id, once the first request named it.
     pub fn node_id(&self) -> Option<&str> {
         self.node.as_deref()
+    }
+
+    /// The instance key, once the first request named the node.
+    pub fn instance(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// The resource names the node asked for of type `t`.
@@ -110,10 +141,58 @@ pub struct TypeState {
     pub pending_version: Option<String>,
 }
 
-/// One Envoy, as the API shows it.
+/// What an Envoy is, from the filter configuration it asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "server")]
+pub enum Role {
+    /// Routes requests to servers (edge or sidecar).
+    #[default]
+    Edge,
+    /// Guards one server: passes only requests for bases that server owns.
+    Guard(String),
+}
+
+impl Role {
+    /// The guarded server, for a guard.
+    pub fn guarded(&self) -> Option<&str> {
+        match self {
+            Role::Guard(s) => Some(s),
+            Role::Edge => None,
+        }
+    }
+
+    fn as_stored(&self) -> String {
+        match self {
+            Role::Edge => "edge".into(),
+            Role::Guard(s) => format!("guard:{s}"),
+        }
+    }
+
+    fn from_stored(s: Option<&str>) -> Role {
+        match s.and_then(|s| s.strip_prefix("guard:")) {
+            Some(server) => Role::Guard(server.to_owned()),
+            None => Role::Edge,
+        }
+    }
+}
+
+/// The key of the instance of node `id` at `ip` (`rest` for REST pollers).
+pub fn instance_key(id: &str, ip: &str) -> String {
+    format!("{id}@{ip}")
+}
+
+/// One Envoy instance (a node id at one peer address), as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
+    /// `id@ip`: what rollouts wait for and `DELETE /v1/nodes/{key}` forgets.
+    pub instance: String,
     pub id: String,
+    /// The peer's address (IP), `rest` for a REST poller, `null` when stored by an
+    /// older control plane.
+    pub peer: Option<String>,
+    /// The socket addresses of its live streams.
+    pub streams_from: Vec<String>,
+    pub role: Role,
     pub cluster: String,
     pub transport: String,
     pub connected: bool,
@@ -127,9 +206,13 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(id: &str, cluster: &str, transport: &str, now: i64) -> Node {
+    fn new(id: &str, ip: &str, cluster: &str, transport: &str, now: i64) -> Node {
         Node {
+            instance: instance_key(id, ip),
             id: id.to_owned(),
+            peer: Some(ip.to_owned()),
+            streams_from: Vec::new(),
+            role: Role::Edge,
             cluster: cluster.to_owned(),
             transport: transport.to_owned(),
             connected: false,
@@ -153,7 +236,10 @@ impl Node {
 
     fn record(&self) -> NodeRecord {
         NodeRecord {
-            id: self.id.clone(),
+            id: self.instance.clone(),
+            node_id: self.id.clone(),
+            peer: self.peer.clone(),
+            role: self.role.as_stored(),
             cluster: self.cluster.clone(),
             first_seen: self.first_seen,
             connected_since: self.connected_since,
@@ -182,7 +268,11 @@ impl Node {
             })
             .collect();
         Node {
-            id: r.id,
+            id: r.node_id,
+            instance: r.id,
+            peer: r.peer,
+            streams_from: Vec::new(),
+            role: Role::from_stored(Some(&r.role)),
             cluster: r.cluster,
             transport: r.transport,
             connected: false,
@@ -212,28 +302,73 @@ impl Convergence {
     }
 }
 
-/// Every node, in memory; the source of truth for waiters and the API.
+/// A node id held by more than one Envoy: two instances, or two live streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub id: String,
+    pub instances: Vec<ConflictPeer>,
+}
+
+/// One holder of a conflicting node id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConflictPeer {
+    pub instance: String,
+    pub connected: bool,
+    /// The socket addresses of its live streams.
+    pub streams_from: Vec<String>,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node id `{}` is held by more than one Envoy:", self.id)?;
+        for (i, p) in self.instances.iter().enumerate() {
+            let sep = if i == 0 { " " } else { "; " };
+            if p.connected {
+                write!(
+                    f,
+                    "{sep}{} (connected, streams from {})",
+                    p.instance,
+                    p.streams_from.join(", ")
+                )?;
+            } else {
+                write!(f, "{sep}{} (disconnected)", p.instance)?;
+            }
+        }
+        write!(
+            f,
+            ". Give each Envoy its own node id (`seactl envoy-bootstrap --node-id`), and \
+             forget one taken out of service (DELETE /v1/nodes/{{instance}})"
+        )
+    }
+}
+
+/// Every node instance, in memory; the source of truth for waiters and the API.
 pub struct Registry {
     nodes: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// The filter configuration name: `{filter}.guard.{server}` names a guard's.
+    filter_name: String,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// By instance key.
     nodes: BTreeMap<String, Node>,
     dirty: HashSet<String>,
+    /// Instance keys to delete from the store (adopted legacy records).
+    removed: HashSet<String>,
     generation: u64,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry::new(Vec::new())
+        Registry::new(Vec::new(), crate::config::DEFAULT_FILTER_NAME)
     }
 }
 
 impl Registry {
     /// A registry holding the stored nodes (all disconnected until they reconnect).
-    pub fn new(stored: Vec<NodeRecord>) -> Registry {
+    pub fn new(stored: Vec<NodeRecord>, filter_name: &str) -> Registry {
         let nodes = stored
             .into_iter()
             .map(|r| (r.id.clone(), Node::from_record(r)))
@@ -244,6 +379,7 @@ impl Registry {
                 ..Inner::default()
             }),
             changed: watch::channel(0).0,
+            filter_name: filter_name.to_owned(),
         }
     }
 
@@ -254,11 +390,55 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn touch(&self, inner: &mut Inner, id: &str) {
-        inner.dirty.insert(id.to_owned());
+    fn touch(&self, inner: &mut Inner, key: &str) {
+        inner.dirty.insert(key.to_owned());
         inner.generation += 1;
         let g = inner.generation;
         self.changed.send_replace(g);
+    }
+
+    /// The server whose guard asks for `resource_name`, if it is a guard's.
+    pub fn guarded_server<'n>(&self, resource_name: &'n str) -> Option<&'n str> {
+        resource_name
+            .strip_prefix(self.filter_name.as_str())?
+            .strip_prefix(".guard.")
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The instance `id` from `ip` opens a stream (or polls): found, adopted from a
+    /// record stored without a peer, or new. Returns its key.
+    fn attach(
+        inner: &mut Inner,
+        id: &str,
+        ip: &str,
+        cluster: &str,
+        transport: &str,
+        now: i64,
+    ) -> String {
+        let key = instance_key(id, ip);
+        if !inner.nodes.contains_key(&key) {
+            // A record from a control plane that tracked node ids only: the first
+            // instance of that id takes it over.
+            let node = match inner.nodes.get(id) {
+                Some(n) if n.peer.is_none() && !n.connected => inner.nodes.remove(id),
+                _ => None,
+            };
+            let node = match node {
+                Some(mut n) => {
+                    inner.removed.insert(id.to_owned());
+                    n.instance = key.clone();
+                    n.peer = Some(ip.to_owned());
+                    n
+                }
+                None => Node::new(id, ip, cluster, transport, now),
+            };
+            inner.nodes.insert(key.clone(), node);
+        }
+        if let Some(node) = inner.nodes.get_mut(&key) {
+            node.cluster = cluster.to_owned();
+            node.transport = transport.to_owned();
+        }
+        key
     }
 
     /// Handles one request on `stream`: updates the node, and returns what it meant
@@ -272,23 +452,28 @@ impl Registry {
     ) -> Result<(Event, Option<ResourceType>), ProtocolError> {
         let now = now_ms();
         let mut inner = self.lock();
-        let id = match (&stream.node, &req.node) {
-            (Some(id), _) => id.clone(),
+        let id = match (&stream.key, &req.node) {
+            (Some(key), _) => key.clone(),
             (None, Some((id, _))) if id.is_empty() => return Err(ProtocolError::EmptyNodeId),
             (None, Some((id, cluster))) => {
-                let node = inner
-                    .nodes
-                    .entry(id.clone())
-                    .or_insert_with(|| Node::new(id, cluster, transport, now));
-                node.cluster = cluster.clone();
-                node.transport = transport.to_owned();
-                node.streams += 1;
-                if !node.connected {
-                    node.connected = true;
-                    node.connected_since = Some(now);
+                let ip = stream
+                    .peer
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                let key = Registry::attach(&mut inner, id, &ip, cluster, transport, now);
+                if let Some(node) = inner.nodes.get_mut(&key) {
+                    node.streams += 1;
+                    if let Some(p) = stream.peer {
+                        node.streams_from.push(p.to_string());
+                    }
+                    if !node.connected {
+                        node.connected = true;
+                        node.connected_since = Some(now);
+                    }
                 }
                 stream.node = Some(id.clone());
-                id.clone()
+                stream.key = Some(key.clone());
+                key
             }
             (None, None) => return Err(ProtocolError::NoNode),
         };
@@ -300,6 +485,15 @@ impl Registry {
             return Ok((Event::Stale, None));
         };
         node.last_seen = now;
+        if req.response_nonce.is_empty()
+            && t == ResourceType::Ecds
+            && let Some(server) = req
+                .resource_names
+                .iter()
+                .find_map(|n| self.guarded_server(n))
+        {
+            node.role = Role::Guard(server.to_owned());
+        }
         let state = node.types.entry(t).or_default();
         let event = if req.response_nonce.is_empty() {
             st.subscribed = true;
@@ -349,7 +543,7 @@ impl Registry {
 
     /// The types `stream`'s node must be sent now that `current` is served.
     pub fn due(&self, stream: &Stream, current: &Snapshot) -> Vec<ResourceType> {
-        let Some(id) = &stream.node else {
+        let Some(id) = &stream.key else {
             return Vec::new();
         };
         let inner = self.lock();
@@ -372,7 +566,7 @@ impl Registry {
         let st = stream.types.entry(t).or_default();
         st.version = Some(version.to_owned());
         st.nonce = Some(nonce.to_owned());
-        let Some(id) = &stream.node else { return };
+        let Some(id) = &stream.key else { return };
         let mut inner = self.lock();
         if let Some(node) = inner.nodes.get_mut(id) {
             node.types.entry(t).or_default().pending_version = Some(version.to_owned());
@@ -383,10 +577,16 @@ impl Registry {
 
     /// The stream ended: the node is disconnected once its last stream is.
     pub fn close(&self, stream: &Stream) {
-        let Some(id) = &stream.node else { return };
+        let Some(id) = &stream.key else { return };
         let mut inner = self.lock();
         if let Some(node) = inner.nodes.get_mut(id) {
             node.streams = node.streams.saturating_sub(1);
+            if let Some(p) = stream.peer {
+                let p = p.to_string();
+                if let Some(i) = node.streams_from.iter().position(|s| *s == p) {
+                    node.streams_from.remove(i);
+                }
+            }
             if node.streams == 0 {
                 node.connected = false;
                 node.connected_since = None;
@@ -414,12 +614,10 @@ impl Registry {
     ) -> bool {
         let now = now_ms();
         let mut inner = self.lock();
-        let node = inner
-            .nodes
-            .entry(id.to_owned())
-            .or_insert_with(|| Node::new(id, cluster, "rest", now));
-        node.cluster = cluster.to_owned();
-        node.transport = "rest".into();
+        let key = Registry::attach(&mut inner, id, "rest", cluster, "rest", now);
+        let Some(node) = inner.nodes.get_mut(&key) else {
+            return false;
+        };
         node.connected = true;
         node.connected_since.get_or_insert(now);
         node.last_seen = now;
@@ -442,7 +640,7 @@ impl Registry {
         if due {
             state.pending_version = Some(current.to_owned());
         }
-        self.touch(&mut inner, id);
+        self.touch(&mut inner, &key);
         due
     }
 
@@ -454,7 +652,7 @@ impl Registry {
             .nodes
             .values()
             .filter(|n| n.transport == "rest" && n.connected && n.last_seen < cutoff)
-            .map(|n| n.id.clone())
+            .map(|n| n.instance.clone())
             .collect();
         for id in stale {
             if let Some(n) = inner.nodes.get_mut(&id) {
@@ -465,35 +663,81 @@ impl Registry {
         }
     }
 
-    /// Every node, sorted by id.
+    /// Every instance, sorted by instance key.
     pub fn nodes(&self) -> Vec<Node> {
         self.lock().nodes.values().cloned().collect()
     }
 
-    /// One node.
-    pub fn node(&self, id: &str) -> Option<Node> {
-        self.lock().nodes.get(id).cloned()
-    }
-
-    /// Forgets a node that is not connected; true when it was forgotten.
-    pub fn forget(&self, id: &str) -> bool {
-        let mut inner = self.lock();
-        if inner.nodes.get(id).is_some_and(|n| !n.connected) {
-            inner.nodes.remove(id);
-            inner.dirty.remove(id);
-            true
-        } else {
-            false
+    /// One instance, by instance key; or by node id, the connected instance first.
+    pub fn node(&self, key_or_id: &str) -> Option<Node> {
+        let inner = self.lock();
+        if let Some(n) = inner.nodes.get(key_or_id) {
+            return Some(n.clone());
         }
+        let mut of_id: Vec<&Node> = inner.nodes.values().filter(|n| n.id == key_or_id).collect();
+        of_id.sort_by_key(|n| !n.connected);
+        of_id.first().map(|n| (*n).clone())
     }
 
-    /// The nodes changed since the last call, as store records.
-    pub fn take_dirty(&self) -> Vec<NodeRecord> {
+    /// Forgets the disconnected instances of a node id (or the one instance with this
+    /// key); returns the keys forgotten (none when unknown or still connected).
+    pub fn forget(&self, key_or_id: &str) -> Vec<String> {
+        let mut inner = self.lock();
+        let keys: Vec<String> = inner
+            .nodes
+            .values()
+            .filter(|n| !n.connected && (n.instance == key_or_id || n.id == key_or_id))
+            .map(|n| n.instance.clone())
+            .collect();
+        for k in &keys {
+            inner.nodes.remove(k);
+            inner.dirty.remove(k);
+            inner.removed.insert(k.clone());
+        }
+        if !keys.is_empty() {
+            inner.generation += 1;
+            let g = inner.generation;
+            self.changed.send_replace(g);
+        }
+        keys
+    }
+
+    /// The instances changed since the last call, as store records, and the keys of
+    /// the instances to delete from the store.
+    pub fn take_dirty(&self) -> (Vec<NodeRecord>, Vec<String>) {
         let mut inner = self.lock();
         let dirty = std::mem::take(&mut inner.dirty);
-        dirty
+        let removed = std::mem::take(&mut inner.removed);
+        let changed = dirty
             .iter()
-            .filter_map(|id| inner.nodes.get(id).map(Node::record))
+            .filter_map(|k| inner.nodes.get(k).map(Node::record))
+            .collect();
+        (changed, removed.into_iter().collect())
+    }
+
+    /// Every node id held by more than one Envoy: two instances (from two addresses,
+    /// connected or not: a disconnected one may still serve), or two live streams of
+    /// one instance.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let inner = self.lock();
+        let mut by_id: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
+        for n in inner.nodes.values() {
+            by_id.entry(n.id.as_str()).or_default().push(n);
+        }
+        by_id
+            .into_iter()
+            .filter(|(_, ns)| ns.len() > 1 || ns.iter().any(|n| n.streams > 1))
+            .map(|(id, ns)| Conflict {
+                id: id.to_owned(),
+                instances: ns
+                    .iter()
+                    .map(|n| ConflictPeer {
+                        instance: n.instance.clone(),
+                        connected: n.connected,
+                        streams_from: n.streams_from.clone(),
+                    })
+                    .collect(),
+            })
             .collect()
     }
 
@@ -506,16 +750,16 @@ impl Registry {
         };
         for n in inner.nodes.values().filter(|n| n.connected) {
             if n.acked(t) == Some(version) {
-                c.acked.push(n.id.clone());
+                c.acked.push(n.instance.clone());
             } else if n.nacked(t) == Some(version) {
                 let error = n
                     .types
                     .get(&t)
                     .and_then(|s| s.record.nack_error.clone())
                     .unwrap_or_default();
-                c.nacked.push((n.id.clone(), error));
+                c.nacked.push((n.instance.clone(), error));
             } else {
-                c.pending.push(n.id.clone());
+                c.pending.push(n.instance.clone());
             }
         }
         c
@@ -836,7 +1080,7 @@ mod tests {
         let c = reg
             .wait_converged(ResourceType::Ecds, "9-x", Duration::from_millis(50))
             .await;
-        assert_eq!(c.pending, ["edge-1"]);
+        assert_eq!(c.pending, ["edge-1@unknown"]);
     }
 
     #[test]
@@ -846,10 +1090,11 @@ mod tests {
         let mut s = Stream::default();
         let mut n = 0;
         play(&reg, &mut s, &snap, &[req("", "", None)], &mut n);
-        let dirty = reg.take_dirty();
+        let (dirty, removed) = reg.take_dirty();
         assert_eq!(dirty.len(), 1);
-        assert!(reg.take_dirty().is_empty());
-        let again = Registry::new(dirty);
+        assert!(removed.is_empty());
+        assert!(reg.take_dirty().0.is_empty());
+        let again = Registry::new(dirty, "seashard.base_router");
         let node = again.node("edge-1").unwrap();
         assert!(!node.connected);
         assert_eq!(node.cluster, "edge");

@@ -106,7 +106,7 @@ pub struct ControlPlane {
     change: Arc<Mutex<()>>,
     metrics: Metrics,
     /// Abort requests and manual confirmations for the running rollout.
-    signals: crate::rollout::Signals,
+    signals: crate::signals::Signals,
 }
 
 impl ControlPlane {
@@ -145,7 +145,7 @@ impl ControlPlane {
                 problems: plane_problems,
             });
         }
-        let registry = Arc::new(Registry::new(store.load_nodes()?));
+        let registry = Arc::new(Registry::new(store.load_nodes()?, &config.filter.name));
         let snapshot = build_snapshot(&config, &active);
         tracing::info!(
             version = active.version,
@@ -160,7 +160,7 @@ impl ControlPlane {
             snapshot: watch::channel(snapshot).0,
             change: Arc::new(Mutex::new(())),
             metrics: Metrics::default(),
-            signals: crate::rollout::Signals::default(),
+            signals: crate::signals::Signals::default(),
         }))
     }
 
@@ -181,7 +181,7 @@ impl ControlPlane {
     }
 
     /// What the API and the running rollout share in memory.
-    pub fn rollout_signals(&self) -> &crate::rollout::Signals {
+    pub fn rollout_signals(&self) -> &crate::signals::Signals {
         &self.signals
     }
 
@@ -324,7 +324,10 @@ impl ControlPlane {
 
     /// Writes changed nodes to the store.
     pub fn flush_nodes(&self) -> Result<usize, StoreError> {
-        let dirty = self.registry.take_dirty();
+        let (dirty, removed) = self.registry.take_dirty();
+        if !removed.is_empty() {
+            self.store.delete_nodes(&removed)?;
+        }
         if !dirty.is_empty() {
             self.store.save_nodes(&dirty)?;
         }

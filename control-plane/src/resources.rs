@@ -123,10 +123,27 @@ impl Snapshot {
         filter: &FilterConfig,
         servers: &[ServerConfig],
     ) -> Arc<Snapshot> {
-        let ecds = ecds_resource(config, filter);
+        // The edges' configuration, then one per server for its guards: the same map
+        // and fence, with `guard` naming the server.
+        let mut resources = vec![ecds_resource(config, filter, &filter.name)];
+        for s in servers {
+            let guard = RouterConfig {
+                guard: Some(s.name.clone()),
+                ..config.clone()
+            };
+            resources.push(ecds_resource(
+                &guard,
+                filter,
+                &guard_resource_name(&filter.name, &s.name),
+            ));
+        }
+        let mut bytes = Vec::new();
+        for r in &resources {
+            bytes.extend_from_slice(&r.any.value);
+        }
         let ecds = ResourceSet {
-            version: format!("{}-{:08x}", config.version, fnv1a(&ecds.any.value) as u32),
-            resources: vec![ecds],
+            version: format!("{}-{:08x}", config.version, fnv1a(&bytes) as u32),
+            resources,
         };
         let clusters: Vec<Resource> = servers.iter().map(cluster_resource).collect();
         let mut bytes = Vec::new();
@@ -153,9 +170,15 @@ impl Snapshot {
     }
 }
 
-/// The base-router `TypedExtensionConfig`: the `Wasm` filter whose plugin configuration
-/// is `config` as JSON in a `StringValue`, `FAIL_RELOAD`, its code from a local file.
-pub fn ecds_resource(config: &RouterConfig, filter: &FilterConfig) -> Resource {
+/// The ECDS resource a guard of `server` subscribes to.
+pub fn guard_resource_name(filter_name: &str, server: &str) -> String {
+    format!("{filter_name}.guard.{server}")
+}
+
+/// The base-router `TypedExtensionConfig` named `name`: the `Wasm` filter whose plugin
+/// configuration is `config` as JSON in a `StringValue`, `FAIL_RELOAD`, its code from
+/// a local file.
+pub fn ecds_resource(config: &RouterConfig, filter: &FilterConfig, name: &str) -> Resource {
     let json_config = config.to_json();
     let wasm_path = filter.wasm.to_string_lossy().into_owned();
     let wasm = Wasm {
@@ -181,12 +204,12 @@ pub fn ecds_resource(config: &RouterConfig, filter: &FilterConfig) -> Resource {
         }),
     };
     let typed = TypedExtensionConfig {
-        name: filter.name.clone(),
+        name: name.to_owned(),
         typed_config: Some(pack_any(wasm)),
     };
     let json = json!({
         "@type": ECDS_TYPE_URL,
-        "name": filter.name,
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
@@ -206,7 +229,7 @@ pub fn ecds_resource(config: &RouterConfig, filter: &FilterConfig) -> Resource {
         },
     });
     Resource {
-        name: filter.name.clone(),
+        name: name.to_owned(),
         any: pack_any(typed),
         json,
     }

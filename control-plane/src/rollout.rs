@@ -8,12 +8,18 @@
 //!
 //! - **plan**: `shardmap::diff` gives the fence (exactly the moved bases); the servers
 //!   to restart are those whose `may_hold` history meets the fence (see
-//!   [`restart_plan`]). Every Envoy known now is recorded: each must ACK, even if
-//!   disconnected (it may still serve with the old map); forget one taken out of
-//!   service with `DELETE /v1/nodes/{id}` (it is then no longer waited for).
+//!   [`restart_plan`]). The Envoy instances that must ACK are recorded (see
+//!   [`Waits`]): without guards, every instance known now, even disconnected (it
+//!   may still serve with the old map; forget one taken out of service with
+//!   `DELETE /v1/nodes/{id}`); when every server that loses or gains a moved base is
+//!   `guarded`, only the guards of those servers (a stale or cut-off edge can only
+//!   reach a guard that refuses). A node id held by two Envoys ([`Conflict`]) among
+//!   those waited for refuses the rollout: one ACK could stand for an Envoy that
+//!   never saw the fence.
 //! - **fence**: the old map is published again with `fence = plan.fence` (a
-//!   [`VersionKind::Fence`] version); every recorded or connected Envoy must ACK it
-//!   within `ack_timeout` (a NACK or a timeout rolls back).
+//!   [`VersionKind::Fence`] version); every recorded or connected Envoy waited for
+//!   must ACK it within `ack_timeout` (a NACK, a timeout or a node id conflict
+//!   appearing rolls back).
 //! - **restart**: the Envoys are checked again (one may have reconnected), then each
 //!   server to restart runs its hook (command, HTTP call, or manual confirmation)
 //!   and must answer `pong` on its health URL within `health_timeout`.
@@ -40,17 +46,18 @@
 //! so after `done` its history is just the new version, after `rolled_back` just the
 //! old one. A server not restarted adds the new version to its history.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardmap::{Fence, ShardMap, diff, owners_within};
-use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::config::RestartHook;
 use crate::health;
+use crate::nodes::{Conflict, Node};
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
 use crate::store::{FinishRollout, NewVersion, StoreError, VersionKind, now_ms};
@@ -169,8 +176,13 @@ pub struct Rollout {
     pub plan: Value,
     pub restart: Vec<ServerRestart>,
     pub skipped: Vec<Skipped>,
-    /// The Envoys known when it began (connected or not): each must ACK the fence.
+    /// The Envoy instances known when it began (connected or not) that must ACK the
+    /// fence: every one, or (guarded) the guards of `guarded`.
     pub envoys: Vec<String>,
+    /// Non-empty when every server losing or gaining a moved base is guarded: the
+    /// rollout waits for these servers' guards only (edges are reported, not waited for).
+    #[serde(default)]
+    pub guarded: Vec<String>,
     #[serde(default)]
     pub fence_version: Option<u64>,
     #[serde(default)]
@@ -223,6 +235,14 @@ impl Rollout {
         self.enter(Step::RollingBack, Some(reason));
     }
 
+    /// Whose ACKs it waits for.
+    pub fn waits(&self) -> Waits {
+        Waits {
+            envoys: self.envoys.clone(),
+            guarded: self.guarded.clone(),
+        }
+    }
+
     /// The server whose restart is under way.
     pub fn restarting(&self) -> Option<&ServerRestart> {
         self.restart
@@ -253,72 +273,87 @@ pub enum RolloutError {
     NotWaiting { id: u64, server: String },
     #[error("stored rollout: {0}")]
     Corrupt(String),
+    /// A node id the rollout would wait for is held by more than one Envoy.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Conflicts(Vec<Conflict>),
+    /// A guarded server has no guard to wait for.
+    #[error(
+        "server `{server}` is guarded, but no guard of it has connected to this control \
+         plane: start its guard (`seactl envoy-bootstrap --kind guard --server {server}`) \
+         or set `guarded = false`"
+    )]
+    NoGuard { server: String },
 }
 
-/// What the API and the running rollout share in memory: abort requests and manual
-/// confirmations, and a counter that wakes the driver.
-pub struct Signals {
-    abort: Mutex<Option<String>>,
-    confirmed: Mutex<HashSet<String>>,
-    /// The server a manual hook waits for.
-    waiting_for: Mutex<Option<String>>,
-    bump: watch::Sender<u64>,
+/// Whose ACKs a rollout waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waits {
+    /// Instance keys that must ACK, connected or not.
+    pub envoys: Vec<String>,
+    /// When non-empty: only guards of these servers are waited for.
+    pub guarded: Vec<String>,
 }
 
-impl Default for Signals {
-    fn default() -> Self {
-        Signals {
-            abort: Mutex::new(None),
-            confirmed: Mutex::new(HashSet::new()),
-            waiting_for: Mutex::new(None),
-            bump: watch::channel(0).0,
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Signals {
-    fn reset(&self) {
-        *lock(&self.abort) = None;
-        lock(&self.confirmed).clear();
-        *lock(&self.waiting_for) = None;
-    }
-
-    fn wake(&self) {
-        self.bump.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    fn abort_reason(&self) -> Option<String> {
-        lock(&self.abort).clone()
-    }
-
-    /// Resolves when an abort is asked for, with its reason.
-    async fn aborted(&self) -> String {
-        let mut rx = self.bump.subscribe();
-        loop {
-            if let Some(r) = self.abort_reason() {
-                return r;
-            }
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Resolves when `server`'s manual restart is confirmed.
-    async fn confirmed(&self, server: &str) {
-        let mut rx = self.bump.subscribe();
-        loop {
-            if lock(&self.confirmed).remove(server) {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
+impl Waits {
+    /// Whose ACKs a rollout of `plan` waits for, given the instances known now; or
+    /// why it cannot start.
+    pub fn of(
+        plane: &ControlPlane,
+        plan: &shardmap::Plan,
+        nodes: &[Node],
+        conflicts: Vec<Conflict>,
+    ) -> Result<Waits, RolloutError> {
+        let involved: BTreeSet<&str> = plan
+            .losing
+            .iter()
+            .chain(&plan.gaining)
+            .map(String::as_str)
+            .collect();
+        let all_guarded = !involved.is_empty()
+            && involved
+                .iter()
+                .all(|s| plane.config().server(s).is_some_and(|c| c.guarded));
+        let guarded: Vec<String> = if all_guarded {
+            involved.iter().map(|s| (*s).to_owned()).collect()
+        } else {
+            Vec::new()
+        };
+        let w = Waits {
+            envoys: Vec::new(),
+            guarded,
+        };
+        for s in &w.guarded {
+            if !nodes.iter().any(|n| n.role.guarded() == Some(s.as_str())) {
+                return Err(RolloutError::NoGuard { server: s.clone() });
             }
         }
+        let envoys: Vec<String> = nodes
+            .iter()
+            .filter(|n| w.counts(n))
+            .map(|n| n.instance.clone())
+            .collect();
+        let ids: BTreeSet<&str> = nodes
+            .iter()
+            .filter(|n| w.counts(n))
+            .map(|n| n.id.as_str())
+            .collect();
+        let conflicts: Vec<Conflict> = conflicts
+            .into_iter()
+            .filter(|c| ids.contains(c.id.as_str()))
+            .collect();
+        if !conflicts.is_empty() {
+            return Err(RolloutError::Conflicts(conflicts));
+        }
+        Ok(Waits { envoys, ..w })
+    }
+
+    /// Whether the rollout waits for `node` (when connected, or when recorded).
+    pub fn counts(&self, node: &Node) -> bool {
+        self.guarded.is_empty()
+            || node
+                .role
+                .guarded()
+                .is_some_and(|s| self.guarded.iter().any(|g| g == s))
     }
 }
 
@@ -418,10 +453,15 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
     }
     let plan = diff(&active.map, &p.map).map_err(ProposeError::Invalid)?;
     let (restart, skipped) = restart_plan(plane, &plan.fence)?;
-    // Every known Envoy, connected or not: one that is disconnected may still serve
-    // requests with the old map. One taken out of service is forgotten first
-    // (`DELETE /v1/nodes/{id}`).
-    let envoys = plane.registry().nodes().into_iter().map(|n| n.id).collect();
+    // Every known Envoy waited for, connected or not: one that is disconnected may
+    // still serve requests with the old map. One taken out of service is forgotten
+    // first (`DELETE /v1/nodes/{id}`).
+    let waits = Waits::of(
+        plane,
+        &plan,
+        &plane.registry().nodes(),
+        plane.registry().conflicts(),
+    )?;
     let now = now_ms();
     let mut r = Rollout {
         id: 0,
@@ -433,7 +473,8 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
         plan: serde_json::to_value(&plan).unwrap_or(Value::Null),
         restart,
         skipped,
-        envoys,
+        envoys: waits.envoys,
+        guarded: waits.guarded,
         fence_version: None,
         new_version: None,
         rollback_version: None,
@@ -484,7 +525,7 @@ pub fn resume(plane: &Arc<ControlPlane>) -> Result<Option<u64>, RolloutError> {
     let signals = plane.rollout_signals();
     signals.reset();
     if let Some(reason) = stored.abort_requested {
-        *lock(&signals.abort) = Some(reason);
+        signals.request_abort(&reason);
     }
     r.resumed += 1;
     if let Some(last) = r.steps.last_mut() {
@@ -522,9 +563,7 @@ pub fn abort(plane: &ControlPlane, reason: &str) -> Result<u64, RolloutError> {
         return Err(RolloutError::TooLate(stored.id));
     }
     plane.store().request_abort(stored.id, reason)?;
-    let signals = plane.rollout_signals();
-    *lock(&signals.abort) = Some(reason.to_owned());
-    signals.wake();
+    plane.rollout_signals().request_abort(reason);
     Ok(stored.id)
 }
 
@@ -534,15 +573,12 @@ pub fn confirm(plane: &ControlPlane, server: &str) -> Result<u64, RolloutError> 
         .store()
         .unfinished_rollout()?
         .ok_or(RolloutError::NoneRunning)?;
-    let signals = plane.rollout_signals();
-    if lock(&signals.waiting_for).as_deref() != Some(server) {
+    if !plane.rollout_signals().confirm(server) {
         return Err(RolloutError::NotWaiting {
             id: stored.id,
             server: server.to_owned(),
         });
     }
-    lock(&signals.confirmed).insert(server.to_owned());
-    signals.wake();
     Ok(stored.id)
 }
 
@@ -552,8 +588,13 @@ pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
     let mut v = r.to_value();
     let live = !r.state.finished();
     let owing = if live && r.state != Step::Plan {
-        let (pending, nacked) = owing(plane, &r.envoys);
-        json!({ "pending": pending, "nacked": nacked.iter().map(|(n, e)| json!({"node": n, "error": e})).collect::<Vec<_>>() })
+        let o = owing(plane, &r.waits());
+        json!({
+            "pending": o.pending,
+            "nacked": o.nacked.iter().map(|(n, e)| json!({"node": n, "error": e})).collect::<Vec<_>>(),
+            "not_waited_for": o.unawaited,
+            "conflicts": o.conflicts,
+        })
     } else {
         Value::Null
     };
@@ -569,8 +610,9 @@ pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
         obj.insert(
             "waiting_for_confirm".into(),
             if live {
-                lock(&plane.rollout_signals().waiting_for)
-                    .clone()
+                plane
+                    .rollout_signals()
+                    .waiting_for()
                     .map(Value::String)
                     .unwrap_or(Value::Null)
             } else {
@@ -587,59 +629,108 @@ pub fn parse(record: Value) -> Result<Rollout, RolloutError> {
     serde_json::from_value(record).map_err(|e| RolloutError::Corrupt(e.to_string()))
 }
 
-/// Envoys that owe an ACK of the current filter configuration: every connected
-/// one, and every one in `required` (the rollout's Envoys, even disconnected).
-fn owing(plane: &ControlPlane, required: &[String]) -> (Vec<String>, Vec<(String, String)>) {
-    let version = plane.snapshot().ecds.version.clone();
-    let c = plane.registry().convergence(ResourceType::Ecds, &version);
-    let mut pending = c.pending;
-    let mut nacked = c.nacked;
-    for id in required {
-        if c.acked.contains(id) || pending.contains(id) || nacked.iter().any(|(n, _)| n == id) {
-            continue;
-        }
-        // Not connected now: it counts once it ACKed this version before.
-        if let Some(n) = plane.registry().node(id) {
-            if n.nacked(ResourceType::Ecds) == Some(version.as_str()) {
-                nacked.push((id.clone(), "NACKed (disconnected since)".into()));
-            } else if n.acked(ResourceType::Ecds) != Some(version.as_str()) {
-                pending.push(format!(
-                    "{id} (disconnected; if it is out of service: DELETE /v1/nodes/{id})"
-                ));
-            }
-        }
-    }
-    (pending, nacked)
+/// Where the Envoys stand on the current filter configuration.
+#[derive(Debug, Default)]
+struct Owing {
+    /// Waited for, not ACKed yet.
+    pending: Vec<String>,
+    /// Waited for, NACKed: `(instance, error)`.
+    nacked: Vec<(String, String)>,
+    /// Not waited for (edges behind guards), not ACKed yet: reported only.
+    unawaited: Vec<String>,
+    /// Conflicts among the node ids waited for.
+    conflicts: Vec<Conflict>,
 }
 
-/// Waits until every Envoy that must ACK did; `Err(reason)` on a NACK, a timeout or
-/// (when `abortable`) an abort.
+/// Who owes an ACK of the current filter configuration: every connected instance
+/// `waits` counts, and every one in `waits.envoys` (recorded at plan, even
+/// disconnected); a node id conflict among them is reported too.
+fn owing(plane: &ControlPlane, waits: &Waits) -> Owing {
+    let version = plane.snapshot().ecds.version.clone();
+    let required: BTreeSet<&str> = waits.envoys.iter().map(String::as_str).collect();
+    let mut o = Owing::default();
+    let mut ids = BTreeSet::new();
+    for n in plane.registry().nodes() {
+        let counted = waits.counts(&n);
+        let waited = (n.connected && counted) || required.contains(n.instance.as_str());
+        if n.acked(ResourceType::Ecds) == Some(version.as_str()) && n.connected {
+            if waited {
+                ids.insert(n.id.clone());
+            }
+            continue;
+        }
+        if !waited {
+            if n.connected {
+                o.unawaited.push(n.instance.clone());
+            }
+            continue;
+        }
+        ids.insert(n.id.clone());
+        let key = &n.instance;
+        if n.nacked(ResourceType::Ecds) == Some(version.as_str()) {
+            let error = n
+                .types
+                .get(&ResourceType::Ecds)
+                .and_then(|s| s.record.nack_error.clone())
+                .unwrap_or_default();
+            let error = if n.connected {
+                error
+            } else {
+                format!("{error} (disconnected since)")
+            };
+            o.nacked.push((key.clone(), error));
+        } else if !n.connected {
+            // Not connected now: it counts once it ACKed this version before.
+            if n.acked(ResourceType::Ecds) != Some(version.as_str()) {
+                o.pending.push(format!(
+                    "{key} (disconnected; if it is out of service: DELETE /v1/nodes/{key})"
+                ));
+            }
+        } else {
+            o.pending.push(key.clone());
+        }
+    }
+    o.conflicts = plane
+        .registry()
+        .conflicts()
+        .into_iter()
+        .filter(|c| ids.contains(&c.id))
+        .collect();
+    o
+}
+
+/// Waits until every Envoy that must ACK did; `Err(reason)` on a NACK, a timeout, a
+/// node id conflict among them or (when `before_activation`) an abort.
 async fn wait_acks(
     plane: &ControlPlane,
-    required: &[String],
+    waits: &Waits,
     timeout: Duration,
-    abortable: bool,
+    before_activation: bool,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut rx = plane.registry().watch();
     let signals = plane.rollout_signals();
     loop {
         rx.borrow_and_update();
-        if abortable && let Some(r) = signals.abort_reason() {
+        if before_activation && let Some(r) = signals.abort_reason() {
             return Err(r);
         }
-        let (pending, nacked) = owing(plane, required);
-        if let Some((node, error)) = nacked.first() {
+        let o = owing(plane, waits);
+        if before_activation && !o.conflicts.is_empty() {
+            let list: Vec<String> = o.conflicts.iter().map(ToString::to_string).collect();
+            return Err(list.join("; "));
+        }
+        if let Some((node, error)) = o.nacked.first() {
             return Err(format!(
                 "Envoy {node} refused (NACKed) version {}: {error}",
                 plane.snapshot().map_version
             ));
         }
-        if pending.is_empty() {
+        if o.pending.is_empty() {
             return Ok(());
         }
         let aborted = async {
-            if abortable {
+            if before_activation {
                 signals.aborted().await
             } else {
                 std::future::pending().await
@@ -648,14 +739,14 @@ async fn wait_acks(
         tokio::select! {
             r = tokio::time::timeout_at(deadline, rx.changed()) => {
                 if r.is_err() {
-                    let (pending, _) = owing(plane, required);
-                    if pending.is_empty() {
+                    let o = owing(plane, waits);
+                    if o.pending.is_empty() && o.conflicts.is_empty() {
                         return Ok(());
                     }
                     return Err(format!(
                         "no ACK of version {} within {timeout:?} from: {}",
                         plane.snapshot().map_version,
-                        pending.join(", ")
+                        o.pending.join(", ")
                     ));
                 }
             }
@@ -722,13 +813,13 @@ async fn run_hook(
         }
         RestartHook::Manual => {
             let signals = plane.rollout_signals();
-            *lock(&signals.waiting_for) = Some(server.to_owned());
+            signals.set_waiting_for(Some(server));
             tracing::warn!(
                 server,
                 "restart it now, then run `seactl rollout confirm {server}`"
             );
             let r = tokio::time::timeout(default_timeout, signals.confirmed(server)).await;
-            *lock(&signals.waiting_for) = None;
+            signals.set_waiting_for(None);
             r.map_err(|_| {
                 format!("no `seactl rollout confirm {server}` within {default_timeout:?}")
             })
@@ -859,7 +950,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 }
                 save(plane, r)?;
             }
-            match wait_acks(plane, &r.envoys, cfg.ack_timeout, true).await {
+            match wait_acks(plane, &r.waits(), cfg.ack_timeout, true).await {
                 Ok(()) => r.enter(Step::Restart, None),
                 Err(reason) => r.roll_back(format!("fence: {reason}")),
             }
@@ -868,7 +959,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
         Step::Restart => {
             // An Envoy may have reconnected (or this control plane restarted): every
             // one must run the fence before any server restarts.
-            if let Err(reason) = wait_acks(plane, &r.envoys, cfg.ack_timeout, true).await {
+            if let Err(reason) = wait_acks(plane, &r.waits(), cfg.ack_timeout, true).await {
                 r.roll_back(format!("fence: {reason}"));
                 save(plane, r)?;
                 return Ok(true);
@@ -952,7 +1043,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 }
                 save(plane, r)?;
             }
-            if let Err(reason) = wait_acks(plane, &r.envoys, cfg.ack_timeout, false).await {
+            if let Err(reason) = wait_acks(plane, &r.waits(), cfg.ack_timeout, false).await {
                 // Safe: an Envoy still on the fence answers 503 for the moved bases.
                 r.warnings.push(format!("activation: {reason}"));
             }
@@ -986,7 +1077,11 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 }
                 save(plane, r)?;
             }
-            if let Err(reason) = wait_acks(plane, &[], cfg.ack_timeout, false).await {
+            let connected = Waits {
+                envoys: Vec::new(),
+                guarded: r.guarded.clone(),
+            };
+            if let Err(reason) = wait_acks(plane, &connected, cfg.ack_timeout, false).await {
                 r.warnings.push(format!("rollback: {reason}"));
             }
             finish(plane, r, Step::RolledBack)?;

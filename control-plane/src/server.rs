@@ -70,8 +70,8 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     let grpc = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(listen.keepalive_interval))
+            .http2_keepalive_timeout(Some(listen.keepalive_timeout))
             .add_service(ads)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stop)
             .await

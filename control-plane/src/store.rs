@@ -85,6 +85,11 @@ const MIGRATIONS: &[&str] = &[
         last_restart_at INTEGER,
         last_rollout    INTEGER
      );",
+    // 3: nodes are instances (a node id at one peer address): `id` holds the
+    // instance key; rows from before keep their id and no peer.
+    "ALTER TABLE nodes ADD COLUMN node_id TEXT;
+     ALTER TABLE nodes ADD COLUMN peer TEXT;
+     ALTER TABLE nodes ADD COLUMN role TEXT NOT NULL DEFAULT 'edge';",
 ];
 
 /// What a version is.
@@ -139,11 +144,10 @@ impl Version {
     /// The filter configuration of this version, with the filter's header and retry-after.
     pub fn router_config(&self, header: &str, retry_after: u32) -> RouterConfig {
         RouterConfig {
-            version: self.version,
             header: header.to_owned(),
             retry_after,
             fence: self.fence.clone(),
-            map: self.map.clone(),
+            ..RouterConfig::new(self.version, self.map.clone())
         }
     }
 }
@@ -168,10 +172,17 @@ pub struct TypeRecord {
     pub nacked_at: Option<i64>,
 }
 
-/// A node as stored.
+/// A node instance as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRecord {
+    /// The instance key (`id@ip`); a bare node id in rows stored before instances.
     pub id: String,
+    /// The Envoy's node id.
+    pub node_id: String,
+    /// The peer address (IP, or `rest`); `None` in rows stored before instances.
+    pub peer: Option<String>,
+    /// `edge` or `guard:SERVER`.
+    pub role: String,
     pub cluster: String,
     pub first_seen: i64,
     /// Set while connected.
@@ -394,10 +405,11 @@ impl Store {
         let tx = conn.transaction()?;
         {
             let mut node = tx.prepare_cached(
-                "INSERT INTO nodes (id, cluster, first_seen, connected_since, last_seen, transport)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO nodes (id, cluster, first_seen, connected_since, last_seen, transport,
+                                    node_id, peer, role)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(id) DO UPDATE SET cluster = ?2, connected_since = ?4,
-                    last_seen = ?5, transport = ?6",
+                    last_seen = ?5, transport = ?6, node_id = ?7, peer = ?8, role = ?9",
             )?;
             let mut ty = tx.prepare_cached(
                 "INSERT OR REPLACE INTO node_types
@@ -411,7 +423,10 @@ impl Store {
                     n.first_seen,
                     n.connected_since,
                     n.last_seen,
-                    n.transport
+                    n.transport,
+                    n.node_id,
+                    n.peer,
+                    n.role
                 ])?;
                 for (t, r) in &n.types {
                     ty.execute(params![
@@ -434,7 +449,8 @@ impl Store {
     pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
-            "SELECT id, cluster, first_seen, connected_since, last_seen, transport
+            "SELECT id, cluster, first_seen, connected_since, last_seen, transport,
+                    COALESCE(node_id, id), peer, role
              FROM nodes ORDER BY id",
         )?;
         let mut nodes: Vec<NodeRecord> = stmt
@@ -446,6 +462,9 @@ impl Store {
                     connected_since: r.get(3)?,
                     last_seen: r.get(4)?,
                     transport: r.get(5)?,
+                    node_id: r.get(6)?,
+                    peer: r.get(7)?,
+                    role: r.get(8)?,
                     types: Vec::new(),
                 })
             })?
@@ -660,12 +679,16 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets a node (an Envoy taken out of service).
-    pub fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()?
-            .execute("DELETE FROM nodes WHERE id = ?1", params![id])?
-            > 0)
+    /// Forgets node instances (Envoys taken out of service), by instance key.
+    pub fn delete_nodes(&self, keys: &[String]) -> Result<usize, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let mut n = 0;
+        for k in keys {
+            n += tx.execute("DELETE FROM nodes WHERE id = ?1", params![k])?;
+        }
+        tx.commit()?;
+        Ok(n)
     }
 }
 
@@ -827,7 +850,10 @@ mod tests {
     fn nodes_round_trip() {
         let s = Store::open_in_memory().unwrap();
         let mut n = NodeRecord {
-            id: "edge-1".into(),
+            id: "edge-1@127.0.0.2".into(),
+            node_id: "edge-1".into(),
+            peer: Some("127.0.0.2".into()),
+            role: "guard:dtable-server-2".into(),
             cluster: "edge".into(),
             first_seen: 1,
             connected_since: Some(2),
@@ -848,7 +874,7 @@ mod tests {
         n.connected_since = None;
         s.save_nodes(std::slice::from_ref(&n)).unwrap();
         assert_eq!(s.load_nodes().unwrap(), vec![n]);
-        assert!(s.delete_node("edge-1").unwrap());
+        assert_eq!(s.delete_nodes(&["edge-1@127.0.0.2".into()]).unwrap(), 1);
         assert!(s.load_nodes().unwrap().is_empty());
     }
 }

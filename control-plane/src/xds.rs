@@ -71,7 +71,7 @@ impl AggregatedDiscoveryService for Ads {
         let plane = self.plane.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            let mut stream = Stream::default();
+            let mut stream = Stream::new(peer);
             let result = tokio::select! {
                 r = run_stream(&plane, &mut stream, inbound, &tx) => r,
                 _ = stop.wait_for(|s| *s) => Err(Status::unavailable("the control plane is stopping")),
@@ -80,7 +80,7 @@ impl AggregatedDiscoveryService for Ads {
             match result {
                 Ok(()) => tracing::info!(node = ?stream.node_id(), ?peer, "ADS stream closed"),
                 Err(status) => {
-                    tracing::warn!(node = ?stream.node_id(), ?peer, %status, "ADS stream ended");
+                    tracing::warn!(node = ?stream.node_id(), ?peer, status = %status.message(), "ADS stream ended");
                     let _ = tx.send(Err(status)).await;
                 }
             }

@@ -315,7 +315,7 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
     let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
     assert_eq!(restart, ["a", "b"]);
     assert!(r.restart[0].why.contains("never restarted"), "{r:?}");
-    assert_eq!(r.envoys, ["edge-1", "edge-2"]);
+    assert_eq!(r.envoys, ["edge-1@127.0.0.1", "edge-2@127.0.0.1"]);
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
     assert_eq!(restarted(&log), ["a", "b"]);
@@ -695,6 +695,7 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
             restart,
             skipped,
             envoys: vec![],
+            guarded: vec![],
             fence_version: None,
             new_version: None,
             rollback_version: None,
@@ -750,13 +751,15 @@ fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
     assert_eq!(r.state, Step::RolledBack);
     let reason = r.reason.unwrap();
     assert!(
-        reason.contains("gone (disconnected") && reason.contains("DELETE /v1/nodes/gone"),
+        reason.contains("gone@127.0.0.1 (disconnected")
+            && reason.contains("DELETE /v1/nodes/gone@127.0.0.1"),
         "{reason}"
     );
     assert!(restarted(&log).is_empty());
     // Forgotten (taken out of service): the next rollout goes through.
-    assert!(cp.plane.registry().forget("gone"));
-    cp.plane.store().delete_node("gone").unwrap();
+    let forgotten = cp.plane.registry().forget("gone");
+    assert_eq!(forgotten, ["gone@127.0.0.1"]);
+    cp.plane.store().delete_nodes(&forgotten).unwrap();
     let r = cp.finished(cp.begin(&half()).id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
 }

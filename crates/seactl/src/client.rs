@@ -235,14 +235,14 @@ fn wait_acked(client: &Client, timeout: Duration, quiet: bool) -> Result<(bool, 
         let owing: Vec<String> = nodes
             .iter()
             .filter(|n| n["state"]["ecds"] != "current" && n["state"]["ecds"] != "nacked")
-            .filter_map(|n| n["id"].as_str().map(str::to_owned))
+            .filter_map(|n| n["instance"].as_str().map(str::to_owned))
             .collect();
         if !nacked.is_empty() {
             if !quiet {
                 for n in &nacked {
                     eprintln!(
                         "NACK from {}: {}",
-                        n["id"].as_str().unwrap_or("?"),
+                        n["instance"].as_str().unwrap_or("?"),
                         n["types"]["ecds"]["nack_error"].as_str().unwrap_or("")
                     );
                 }
@@ -700,8 +700,8 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         println!("  (none has connected yet)");
     }
     println!(
-        "  {:<20} {:<16} {:<13} {:<8} {:<8} last NACK",
-        "node", "cluster", "state", "map", "clusters"
+        "  {:<30} {:<24} {:<13} {:<8} {:<8} last NACK",
+        "instance (node@peer)", "role", "state", "map", "clusters"
     );
     for n in &nodes {
         let ecds = &n["types"]["ecds"];
@@ -711,10 +711,14 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         };
         let state = n["state"]["ecds"].as_str().unwrap_or("");
         healthy &= state == "current" || state == "disconnected";
+        let role = match n["role"]["kind"].as_str() {
+            Some("guard") => format!("guard of {}", n["role"]["server"].as_str().unwrap_or("?")),
+            _ => "edge".to_owned(),
+        };
         println!(
-            "  {:<20} {:<16} {:<13} {:<8} {:<8} {}",
-            n["id"].as_str().unwrap_or(""),
-            n["cluster"].as_str().unwrap_or(""),
+            "  {:<30} {:<24} {:<13} {:<8} {:<8} {}",
+            n["instance"].as_str().unwrap_or(""),
+            role,
             state,
             n["map_version"]
                 .as_u64()
@@ -722,6 +726,37 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| "-".into()),
             n["state"]["cds"].as_str().unwrap_or(""),
             nack
+        );
+    }
+    let conflicts = b["conflicts"].as_array().cloned().unwrap_or_default();
+    if !conflicts.is_empty() {
+        healthy = false;
+        println!("\nNode id CONFLICTS (rollouts waiting for these ids refuse to run):");
+        for c in &conflicts {
+            println!(
+                "  `{}` is held by more than one Envoy:",
+                c["id"].as_str().unwrap_or("")
+            );
+            for p in c["instances"].as_array().into_iter().flatten() {
+                let from: Vec<&str> = p["streams_from"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                println!(
+                    "    {:<30} {}",
+                    p["instance"].as_str().unwrap_or(""),
+                    if p["connected"] == true {
+                        format!("connected, streams from {}", from.join(", "))
+                    } else {
+                        "disconnected (it may still serve with an old map)".into()
+                    }
+                );
+            }
+        }
+        println!(
+            "  Give each Envoy its own --node-id; forget one out of service: DELETE /v1/nodes/INSTANCE"
         );
     }
     println!("\ndtable-servers:");
@@ -746,6 +781,37 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         let pins = assigned["pins"].as_array().map(Vec::len).unwrap_or(0);
         if pins > 0 {
             what.push(format!("{pins} pin(s)"));
+        }
+        let guards: Vec<String> = sv["guards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| {
+                format!(
+                    "{}{}",
+                    g["instance"].as_str().unwrap_or(""),
+                    if g["connected"] == true {
+                        ""
+                    } else {
+                        " (disconnected)"
+                    }
+                )
+            })
+            .collect();
+        if sv["guarded"] == true || !guards.is_empty() {
+            what.push(format!(
+                "{} by {}",
+                if sv["guarded"] == true {
+                    "guarded"
+                } else {
+                    "guards (not `guarded`)"
+                },
+                if guards.is_empty() {
+                    "NO GUARD".into()
+                } else {
+                    guards.join(", ")
+                }
+            ));
         }
         println!(
             "  {:<20} {:<22} {:<5} {}{}",

@@ -1,0 +1,102 @@
+//! What the API and the running rollout share in memory: an abort request, manual
+//! restart confirmations, the server a manual hook waits for, and a counter that
+//! wakes the rollout's driver. The plane holds one; the rollout and the API use it.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+/// Abort and confirmation signals for the running rollout.
+pub struct Signals {
+    abort: Mutex<Option<String>>,
+    confirmed: Mutex<HashSet<String>>,
+    /// The server a manual hook waits for.
+    waiting_for: Mutex<Option<String>>,
+    bump: watch::Sender<u64>,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            abort: Mutex::new(None),
+            confirmed: Mutex::new(HashSet::new()),
+            waiting_for: Mutex::new(None),
+            bump: watch::channel(0).0,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Signals {
+    /// Forgets everything: a new rollout starts.
+    pub fn reset(&self) {
+        *lock(&self.abort) = None;
+        lock(&self.confirmed).clear();
+        *lock(&self.waiting_for) = None;
+    }
+
+    fn wake(&self) {
+        self.bump.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Asks the running rollout to roll back.
+    pub fn request_abort(&self, reason: &str) {
+        *lock(&self.abort) = Some(reason.to_owned());
+        self.wake();
+    }
+
+    /// Why an abort was asked for, if it was.
+    pub fn abort_reason(&self) -> Option<String> {
+        lock(&self.abort).clone()
+    }
+
+    /// Resolves when an abort is asked for, with its reason.
+    pub async fn aborted(&self) -> String {
+        let mut rx = self.bump.subscribe();
+        loop {
+            if let Some(r) = self.abort_reason() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The server a manual hook waits for.
+    pub fn waiting_for(&self) -> Option<String> {
+        lock(&self.waiting_for).clone()
+    }
+
+    /// Sets (or clears) the server a manual hook waits for.
+    pub fn set_waiting_for(&self, server: Option<&str>) {
+        *lock(&self.waiting_for) = server.map(str::to_owned);
+    }
+
+    /// Confirms `server`'s manual restart; false when no hook waits for it.
+    pub fn confirm(&self, server: &str) -> bool {
+        if lock(&self.waiting_for).as_deref() != Some(server) {
+            return false;
+        }
+        lock(&self.confirmed).insert(server.to_owned());
+        self.wake();
+        true
+    }
+
+    /// Resolves when `server`'s manual restart is confirmed.
+    pub async fn confirmed(&self, server: &str) {
+        let mut rx = self.bump.subscribe();
+        loop {
+            if lock(&self.confirmed).remove(server) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
