@@ -1083,6 +1083,109 @@ mod tests {
         assert_eq!(c.pending, ["edge-1@unknown"]);
     }
 
+    fn from(ip: &str, port: u16) -> Stream {
+        Stream::new(Some(SocketAddr::new(ip.parse().unwrap(), port)))
+    }
+
+    #[test]
+    fn one_id_from_two_addresses_is_two_instances_and_a_conflict_until_forgotten() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut n = 0;
+        let mut a = from("10.0.0.1", 4000);
+        let mut b = from("10.0.0.2", 4000);
+        play(&reg, &mut a, &snap, &[req("", "", None)], &mut n);
+        assert!(reg.conflicts().is_empty());
+        play(&reg, &mut b, &snap, &[req("", "", None)], &mut n);
+        let keys: Vec<String> = reg.nodes().into_iter().map(|n| n.instance).collect();
+        assert_eq!(keys, ["edge-1@10.0.0.1", "edge-1@10.0.0.2"]);
+        let c = reg.conflicts();
+        assert_eq!(c.len(), 1);
+        assert!(
+            c[0].to_string()
+                .contains("edge-1@10.0.0.2 (connected, streams from 10.0.0.2:4000)")
+        );
+        // One ACK stands for one instance only.
+        let v = snap.ecds.version.clone();
+        play(&reg, &mut a, &snap, &[req(&v, "1", None)], &mut n);
+        let conv = reg.convergence(ResourceType::Ecds, &v);
+        assert_eq!(conv.acked, ["edge-1@10.0.0.1"]);
+        assert_eq!(conv.pending, ["edge-1@10.0.0.2"]);
+        // b's link dies: it may still serve, so the conflict stays.
+        reg.close(&b);
+        let c = reg.conflicts();
+        assert!(
+            c[0].to_string().contains("edge-1@10.0.0.2 (disconnected)"),
+            "{}",
+            c[0]
+        );
+        assert!(
+            reg.forget("edge-1@10.0.0.1").is_empty(),
+            "a connected one is kept"
+        );
+        assert_eq!(reg.forget("edge-1"), ["edge-1@10.0.0.2"]);
+        assert!(reg.conflicts().is_empty());
+        assert_eq!(reg.take_dirty().1, ["edge-1@10.0.0.2"]);
+    }
+
+    #[test]
+    fn a_reconnect_from_the_same_address_is_the_same_instance_and_two_live_streams_conflict() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut n = 0;
+        let mut old = from("10.0.0.1", 4000);
+        play(&reg, &mut old, &snap, &[req("", "", None)], &mut n);
+        // The old stream is half-open while the Envoy reconnects: two live streams.
+        let mut new = from("10.0.0.1", 4001);
+        play(&reg, &mut new, &snap, &[req("", "", None)], &mut n);
+        assert_eq!(reg.nodes().len(), 1);
+        assert_eq!(reg.conflicts().len(), 1);
+        // Keepalive finds the old one dead: one instance, no conflict.
+        reg.close(&old);
+        assert!(reg.conflicts().is_empty());
+        let node = reg.node("edge-1").unwrap();
+        assert!(node.connected);
+        assert_eq!(node.streams_from, ["10.0.0.1:4001"]);
+    }
+
+    #[test]
+    fn a_record_stored_before_instances_is_adopted_and_guards_are_known_by_their_resource() {
+        let legacy = NodeRecord {
+            id: "edge-1".into(),
+            node_id: "edge-1".into(),
+            peer: None,
+            role: "edge".into(),
+            cluster: "edge".into(),
+            first_seen: 1,
+            connected_since: None,
+            last_seen: 1,
+            transport: "grpc".into(),
+            types: vec![],
+        };
+        let reg = Registry::new(vec![legacy], "seashard.base_router");
+        let snap = snapshot(1, "/a.wasm");
+        let mut n = 0;
+        let mut s = from("10.0.0.1", 4000);
+        play(&reg, &mut s, &snap, &[req("", "", None)], &mut n);
+        let keys: Vec<String> = reg.nodes().into_iter().map(|n| n.instance).collect();
+        assert_eq!(keys, ["edge-1@10.0.0.1"]);
+        assert_eq!(reg.nodes()[0].first_seen, 1);
+        assert_eq!(reg.take_dirty().1, ["edge-1"]);
+        assert!(reg.conflicts().is_empty());
+
+        let mut g = from("10.0.0.9", 4000);
+        let guard = Request {
+            node: Some(("guard-a".into(), "guards".into())),
+            resource_names: vec!["seashard.base_router.guard.dtable-server".into()],
+            ..req("", "", None)
+        };
+        play(&reg, &mut g, &snap, &[guard], &mut n);
+        let node = reg.node("guard-a").unwrap();
+        assert_eq!(node.role, Role::Guard("dtable-server".into()));
+        assert_eq!(reg.guarded_server("seashard.base_router.guard."), None);
+        assert_eq!(reg.guarded_server("other.guard.x"), None);
+    }
+
     #[test]
     fn records_round_trip_through_the_store_shape() {
         let reg = Registry::default();

@@ -64,6 +64,8 @@ struct Srv {
     name: &'static str,
     pong: SocketAddr,
     hook: String,
+    /// Reached only through its guard.
+    guarded: bool,
 }
 
 fn command_hook(script: &str) -> String {
@@ -97,8 +99,8 @@ fn write_config(dir: &Path, servers: &[Srv], ack_timeout: &str) -> Config {
     );
     for s in servers {
         text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nhealth_url = \"http://{}/ping/\"\nrestart = {}\n",
-            s.name, s.pong, s.pong, s.hook
+            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nhealth_url = \"http://{}/ping/\"\nrestart = {}\nguarded = {}\n",
+            s.name, s.pong, s.pong, s.hook, s.guarded
         ));
     }
     let path = dir.join("seashard.toml");
@@ -129,16 +131,31 @@ impl Cp {
 
     /// Simulated Envoy `id` that ACKs every version up to `*limit` (and ignores newer).
     fn envoy(&self, id: &str, limit: Arc<AtomicU64>) {
-        self.rt
-            .spawn(sim_envoy(self.running.grpc_addr, id.to_owned(), limit));
+        self.envoy_handle_limited(id, EDGE, limit);
     }
 
     /// As [`Cp::envoy`], with a handle to disconnect it.
     fn envoy_handle(&self, id: &str) -> tokio::task::JoinHandle<()> {
+        self.envoy_handle_limited(id, EDGE, unlimited())
+    }
+
+    /// A simulated guard of `server`, ACKing every version.
+    fn guard(&self, id: &str, server: &str) -> tokio::task::JoinHandle<()> {
+        let resource = control_plane::resources::guard_resource_name(EDGE, server);
+        self.envoy_handle_limited(id, &resource, unlimited())
+    }
+
+    fn envoy_handle_limited(
+        &self,
+        id: &str,
+        resource: &str,
+        limit: Arc<AtomicU64>,
+    ) -> tokio::task::JoinHandle<()> {
         self.rt.spawn(sim_envoy(
             self.running.grpc_addr,
             id.to_owned(),
-            unlimited(),
+            resource.to_owned(),
+            limit,
         ))
     }
 
@@ -158,6 +175,10 @@ impl Cp {
     }
 
     fn begin(&self, map: &ShardMap) -> Rollout {
+        self.try_begin(map).unwrap()
+    }
+
+    fn try_begin(&self, map: &ShardMap) -> Result<Rollout, rollout::RolloutError> {
         let _enter = self.rt.enter();
         rollout::begin(
             &self.plane,
@@ -169,7 +190,29 @@ impl Cp {
                 dry_run: false,
             },
         )
-        .unwrap()
+    }
+
+    /// Waits until the registry holds `n` live streams of node id `id`.
+    fn wait_streams(&self, id: &str, n: u32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let live: u32 = self
+                .plane
+                .registry()
+                .nodes()
+                .iter()
+                .filter(|x| x.id == id)
+                .map(|x| x.streams)
+                .sum();
+            if live == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} has {live} live streams, not {n}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn rollout(&self, id: u64) -> Rollout {
@@ -201,9 +244,13 @@ impl Cp {
     }
 }
 
-/// An ADS client: subscribes to CDS and ECDS, ACKs what it is sent while the map
-/// version is at most `limit`, stays silent otherwise (as a stopped Envoy).
-async fn sim_envoy(addr: SocketAddr, id: String, limit: Arc<AtomicU64>) {
+/// The edges' filter configuration name.
+const EDGE: &str = "seashard.base_router";
+
+/// An ADS client: subscribes to CDS and to the ECDS `resource`, ACKs what it is sent
+/// while the map version is at most `limit`, stays silent otherwise (as a stopped
+/// Envoy).
+async fn sim_envoy(addr: SocketAddr, id: String, resource: String, limit: Arc<AtomicU64>) {
     let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
     else {
         return;
@@ -221,7 +268,7 @@ async fn sim_envoy(addr: SocketAddr, id: String, limit: Arc<AtomicU64>) {
         },
         DiscoveryRequest {
             type_url: ECDS_TYPE_URL.into(),
-            resource_names: vec!["seashard.base_router".into()],
+            resource_names: vec![resource.clone()],
             ..Default::default()
         },
     ];
@@ -254,11 +301,7 @@ async fn sim_envoy(addr: SocketAddr, id: String, limit: Arc<AtomicU64>) {
             version_info: r.version_info,
             response_nonce: r.nonce,
             type_url: r.type_url,
-            resource_names: if ecds {
-                vec!["seashard.base_router".into()]
-            } else {
-                vec![]
-            },
+            resource_names: if ecds { vec![resource.clone()] } else { vec![] },
             ..Default::default()
         };
         if tx.send(ack).await.is_err() {
@@ -283,6 +326,7 @@ fn two_servers(dir: &Path, pongs: &[&Pong; 2]) -> (Vec<Srv>, PathBuf) {
         name,
         pong: p.addr,
         hook: command_hook(&format!("echo {name} >> {}", log.display())),
+        guarded: false,
     };
     (vec![srv("a", pongs[0]), srv("b", pongs[1])], log)
 }
@@ -823,4 +867,201 @@ fn a_pin_moves_one_base_and_restarts_only_its_holder() {
     assert_eq!(restart, ["b"]);
     assert_eq!(cp.finished(r.id).state, Step::Done);
     assert_eq!(restarted(&log), ["a", "b", "a", "b"]);
+}
+
+/// Two servers, both reached only through their guards.
+fn guarded_servers(dir: &Path, pongs: &[&Pong; 2]) -> (Vec<Srv>, PathBuf) {
+    let (mut servers, log) = two_servers(dir, pongs);
+    for s in &mut servers {
+        s.guarded = true;
+    }
+    (servers, log)
+}
+
+#[test]
+fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let first = cp.envoy_handle("edge-1");
+    let second = cp.envoy_handle("edge-1");
+    cp.wait_streams("edge-1", 2);
+    // Both live streams are shown, never merged.
+    let conflicts = cp.plane.registry().conflicts();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].id, "edge-1");
+    let from = &conflicts[0].instances[0].streams_from;
+    assert_eq!(from.len(), 2, "{conflicts:?}");
+    assert_ne!(from[0], from[1]);
+    let err = cp.try_begin(&half()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, rollout::RolloutError::Conflicts(_))
+            && text.contains("`edge-1`")
+            && text.contains(&from[0])
+            && text.contains(&from[1]),
+        "{text}"
+    );
+    // Over the API: 409 naming the id; status and /metrics show both peers.
+    let answer = ureq::post(format!("{}/v1/maps", cp.api()))
+        .header("authorization", &format!("Bearer {TOKEN}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .content_type("application/json")
+        .send(json!({ "map": half() }).to_string())
+        .unwrap();
+    assert_eq!(answer.status(), 409);
+    let body = answer.into_body().read_to_string().unwrap();
+    assert!(body.contains("edge-1") && body.contains(&from[1]), "{body}");
+    let status: Value = serde_json::from_str(
+        &ureq::get(format!("{}/v1/status", cp.api()))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["conflicts"][0]["id"], "edge-1");
+    let metrics = ureq::get(format!("{}/metrics", cp.api()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("seashard_node_id_conflicts 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("peers=\"{} {}\"", from[0], from[1])),
+        "{metrics}"
+    );
+    assert!(restarted(&log).is_empty());
+    assert_eq!(cp.plane.active().unwrap().version, 1);
+    // One of them goes away: the id is no longer shared and the rollout runs.
+    second.abort();
+    cp.wait_streams("edge-1", 1);
+    assert!(cp.plane.registry().conflicts().is_empty());
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    drop(first);
+}
+
+#[test]
+fn a_node_id_conflict_appearing_during_the_fence_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "20s"));
+    // edge-1 ACKs the initial map only: the fence waits for it.
+    let limit = Arc::new(AtomicU64::new(1));
+    cp.envoy("edge-1", limit);
+    cp.wait_connected(1);
+    let r = cp.begin(&half());
+    cp.wait_for(r.id, "the fence", |r| r.fence_version.is_some());
+    // A second Envoy with the same id connects before activation.
+    cp.envoy("edge-1", unlimited());
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("node id `edge-1` is held by more than one Envoy"),
+        "{reason}"
+    );
+    assert!(restarted(&log).is_empty(), "restarted while in conflict");
+}
+
+#[test]
+fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (servers, log) = guarded_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "1s"));
+    cp.guard("guard-a", "a");
+    cp.guard("guard-b", "b");
+    // An edge cut off after the initial map, and two edges sharing one id.
+    cp.envoy("edge-cut", Arc::new(AtomicU64::new(1)));
+    cp.envoy("edge-dup", unlimited());
+    cp.envoy("edge-dup", unlimited());
+    cp.wait_streams("edge-dup", 2);
+    cp.wait_streams("edge-cut", 1);
+    let roles: Vec<(String, Option<String>)> = cp
+        .plane
+        .registry()
+        .nodes()
+        .into_iter()
+        .map(|n| (n.id, n.role.guarded().map(str::to_owned)))
+        .collect();
+    assert!(
+        roles.contains(&("guard-a".into(), Some("a".into()))),
+        "{roles:?}"
+    );
+    assert!(roles.contains(&("edge-cut".into(), None)), "{roles:?}");
+    let r = cp.begin(&half());
+    assert_eq!(r.guarded, ["a", "b"]);
+    assert_eq!(r.envoys, ["guard-a@127.0.0.1", "guard-b@127.0.0.1"]);
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(restarted(&log), ["a", "b"]);
+    // The cut-off edge is reported, not waited for.
+    assert!(
+        r.warnings.is_empty(),
+        "guards ACKed the activation: {:?}",
+        r.warnings
+    );
+    let edge = cp.plane.registry().node("edge-cut").unwrap();
+    assert_eq!(
+        edge.acked(control_plane::ResourceType::Ecds)
+            .and_then(|v| v.split('-').next()),
+        Some("1")
+    );
+    // The guards got their own configuration: the map, naming the guarded server.
+    let snap = cp.plane.snapshot();
+    let guard_a = snap
+        .ecds
+        .resources
+        .iter()
+        .find(|x| x.name == "seashard.base_router.guard.a")
+        .unwrap();
+    let config = control_plane::resources::plugin_configuration(&guard_a.any).unwrap();
+    let config = shardmap::RouterConfig::from_json(&config).unwrap();
+    assert_eq!(config.guard.as_deref(), Some("a"));
+    assert_eq!(config.map, half());
+}
+
+#[test]
+fn a_guarded_server_without_a_guard_refuses_and_a_partly_guarded_change_waits_for_every_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (Pong::start(), Pong::start());
+    let (mut servers, log) = guarded_servers(dir.path(), &[&pa, &pb]);
+    let cp = Cp::start(write_config(dir.path(), &servers, "500ms"));
+    cp.guard("guard-a", "a");
+    cp.envoy("edge-cut", Arc::new(AtomicU64::new(1)));
+    cp.wait_streams("guard-a", 1);
+    cp.wait_streams("edge-cut", 1);
+    let err = cp.try_begin(&half()).unwrap_err();
+    assert!(
+        matches!(&err, rollout::RolloutError::NoGuard { server } if server == "b"),
+        "{err}"
+    );
+    drop(cp);
+
+    // Only `a` guarded: a request for a moved base may still reach `b` unchecked,
+    // so every edge must ACK; the cut-off one never does.
+    servers[1].guarded = false;
+    let dir2 = tempfile::tempdir().unwrap();
+    let cp = Cp::start(write_config(dir2.path(), &servers, "500ms"));
+    cp.guard("guard-a", "a");
+    cp.envoy("edge-cut", Arc::new(AtomicU64::new(1)));
+    cp.wait_streams("guard-a", 1);
+    cp.wait_streams("edge-cut", 1);
+    let r = cp.begin(&half());
+    assert!(r.guarded.is_empty());
+    let r = cp.finished(r.id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    assert!(r.reason.unwrap().contains("edge-cut@127.0.0.1"));
+    assert!(restarted(&log).is_empty());
 }
