@@ -590,9 +590,21 @@ pub struct WriteLog {
     pub acked: Vec<(String, String, String)>,
     /// Writes that got no acknowledgement (error status, connection error).
     pub failed: usize,
+    /// The failed writes answered with an HTTP status, by status (`421` from a guard,
+    /// `503` from a fence, ...).
+    pub refused: std::collections::BTreeMap<u16, usize>,
 }
 
 impl WriteLog {
+    /// Adds what `other` did.
+    pub fn absorb(&mut self, other: WriteLog) {
+        self.acked.extend(other.acked);
+        self.failed += other.failed;
+        for (status, n) in other.refused {
+            *self.refused.entry(status).or_default() += n;
+        }
+    }
+
     /// `(base, write_id)` of the acknowledged writes, for [`missing_writes`].
     pub fn acknowledged(&self) -> Vec<(String, String)> {
         self.acked
@@ -682,8 +694,7 @@ impl Writers {
         let mut log = WriteLog::default();
         for h in self.handles {
             if let Ok(l) = h.join() {
-                log.acked.extend(l.acked);
-                log.failed += l.failed;
+                log.absorb(l);
             }
         }
         log
@@ -749,6 +760,9 @@ fn write_loop(
             }
             None => {
                 log.failed += 1;
+                if let Ok(r) = &res {
+                    *log.refused.entry(r.status).or_default() += 1;
+                }
                 let closed = match &res {
                     Ok(r) => r
                         .header("connection")

@@ -15,6 +15,8 @@
 //! | stateful dtable-server (saves, restarts) | [`dtable::FakeDtableServer::start`] (`restart`, `restart_hook`, `log_events`), [`dtable::Cluster`] |
 //! | lost writes | [`dtable::Writers`], [`dtable::missing_writes`], [`dtable::double_service`], the steps of [`lost_writes`] |
 //! | seashard rollout (part b) | [`rollout::ControlPlaneProcess`] (a real `seactl serve`, SIGKILL and restart), [`rollout::seashard_experiment`] |
+//! | fleet safety (a cut-off edge, shared node ids, guards) | [`fleet::run`] |
+//! | a link that silently dies | [`relay::Relay`] (`cut`, `heal`; connects from its own loopback address) |
 //! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
@@ -25,9 +27,11 @@ pub mod bootstrap;
 pub mod dtable;
 pub mod dtable_server;
 pub mod echo;
+pub mod fleet;
 pub mod http;
 pub mod lost_writes;
 pub mod process;
+pub mod relay;
 pub mod rollout;
 
 use std::net::{SocketAddr, TcpListener};

@@ -52,6 +52,8 @@ pub struct Outcome {
     pub acknowledged: usize,
     /// Writes that got no acknowledgement (during restarts).
     pub failed: usize,
+    /// The unacknowledged writes answered with an HTTP status, by status.
+    pub refused: std::collections::BTreeMap<u16, usize>,
     /// Acknowledged `(base, write_id)` absent from storage at the end.
     pub missing: Vec<(String, String)>,
     /// Bases held in memory by two servers at once (from the servers' logs).
@@ -62,10 +64,20 @@ impl Outcome {
     /// Stops the writers, stops every server gracefully (final saves), then
     /// reads storage and the servers' logs.
     pub fn collect(cluster: &mut Cluster, writers: Writers) -> Result<Outcome> {
-        let log = writers.stop();
+        Outcome::from_logs(cluster, vec![writers.stop()])
+    }
+
+    /// As [`Outcome::collect`], from the logs of writers already stopped (through
+    /// several proxies).
+    pub fn from_logs(cluster: &mut Cluster, logs: Vec<crate::dtable::WriteLog>) -> Result<Outcome> {
+        let mut log = crate::dtable::WriteLog::default();
+        for l in logs {
+            log.absorb(l);
+        }
         cluster.stop_all()?;
         let acked = log.acknowledged();
         Ok(Outcome {
+            refused: log.refused,
             acknowledged: acked.len(),
             failed: log.failed,
             missing: cluster.missing(&acked)?,

@@ -201,7 +201,7 @@ pub fn write_config(
 
 /// `hook` after a 300 ms pause: a restart step long enough for a kill to land in it
 /// (a real dtable-server takes seconds to stop, save and start).
-fn slow_hook(hook: Vec<String>) -> Vec<String> {
+pub fn slow_hook(hook: Vec<String>) -> Vec<String> {
     let mut argv: Vec<String> = ["sh", "-c", "sleep 0.3; exec \"$@\"", "sh"]
         .iter()
         .map(|s| s.to_string())
@@ -212,9 +212,16 @@ fn slow_hook(hook: Vec<String>) -> Vec<String> {
 
 /// An edge Envoy bootstrapped by `seactl envoy-bootstrap`, listening on loopback.
 pub fn start_envoy(node_id: &str, grpc: SocketAddr) -> Result<Envoy> {
+    start_managed_envoy(&["--kind", "edge", "--node-id", node_id], grpc, loopback(0))
+}
+
+/// An Envoy bootstrapped by `seactl envoy-bootstrap ARGS --control-plane GRPC`, its
+/// listener on `listen`, its admin interface on any free loopback port.
+pub fn start_managed_envoy(args: &[&str], grpc: SocketAddr, listen: SocketAddr) -> Result<Envoy> {
     let wasm = wasm_file("base_router.wasm")?;
     let out = Command::new(seactl_bin()?)
-        .args(["envoy-bootstrap", "--kind", "edge", "--node-id", node_id])
+        .arg("envoy-bootstrap")
+        .args(args)
         .args([
             "--control-plane",
             &grpc.to_string(),
@@ -233,7 +240,7 @@ pub fn start_envoy(node_id: &str, grpc: SocketAddr) -> Result<Envoy> {
         );
     }
     let mut doc: serde_yaml::Value = serde_yaml::from_slice(&out.stdout)?;
-    bootstrap::set_listener(&mut doc, 0, loopback(0))?;
+    bootstrap::set_listener(&mut doc, 0, listen)?;
     Envoy::start(&bootstrap::to_yaml(&doc)?)
 }
 
