@@ -3,33 +3,66 @@
 //! The listener and route are static; the clusters (CDS) and the base-router
 //! filter's configuration (ECDS) come over one ADS stream (or, where gRPC cannot
 //! pass, by REST-JSON polling). Until the first ECDS answer, the filter runs
-//! `default_config`: every base fenced (503 with `retry-after`), uuid-less requests
-//! to the default server. A fresh Envoy never guesses a base's server: a guess could
-//! open the base on a second server.
+//! `default_config` (map version [`shardmap::AWAITING_MAP_VERSION`]): every base
+//! fenced (503 `no_shard_map_yet` with `retry-after`), uuid-less requests to the
+//! default server. A fresh Envoy never guesses a base's server: a guess could open
+//! the base on a second server.
+//!
+//! Three kinds: the **edge** (replaces SeaTable's dtable-server-proxy), a **sidecar**
+//! (next to one client), and a **guard** (in front of one dtable-server, the only way
+//! in). A guard routes nothing: its one upstream is the local dtable-server, fixed in
+//! the bootstrap (no CDS), and its filter, configured by ECDS under
+//! [`guard_resource_name`], passes only requests for bases that server owns.
+//!
+//! Every Envoy needs its own node id: the control plane counts instances by id, and
+//! two Envoys sharing one would be counted as one, so a rollout could proceed while
+//! one of them never saw the fence. [`default_node_id`] derives one from the kind and
+//! the host name; nothing here invents a shared default.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use shardmap::{Fence, RouterConfig, ShardMap};
+use shardmap::{AWAITING_MAP_VERSION, Fence, RouterConfig, ShardMap};
 
 use crate::config::{DEFAULT_FILTER_NAME, split_host_port};
+/// The ECDS resource (and HttpFilter name) of a guard of `server`,
+/// `{filter_name}.guard.{server}`: the control plane serves the filter configuration
+/// with `guard: server` under this name. One definition, beside the resources.
+pub use crate::resources::guard_resource_name;
 use crate::resources::proto_json_duration;
 
 /// Where the Envoy sits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Replaces SeaTable's `dtable-server-proxy` on the dtable-web node: listens on
     /// all interfaces where that proxy did.
     Edge,
     /// Next to one client (dtable-db, api-gateway, ...): listens on loopback only.
     Sidecar,
+    /// In front of one dtable-server (same host or pod), the only way in: listens
+    /// where clients expected that server and passes only requests for the bases it
+    /// owns (`421` for another server's base, `503` while fenced).
+    Guard {
+        /// The guarded server, by its name in the shard map.
+        server: String,
+    },
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    /// `edge`, `sidecar` or `guard`.
+    pub fn as_str(&self) -> &'static str {
         match self {
             Kind::Edge => "edge",
             Kind::Sidecar => "sidecar",
+            Kind::Guard { .. } => "guard",
+        }
+    }
+
+    /// The guarded server, for a guard.
+    pub fn guarded(&self) -> Option<&str> {
+        match self {
+            Kind::Guard { server } => Some(server),
+            _ => None,
         }
     }
 }
@@ -44,11 +77,16 @@ pub enum Xds {
     Rest,
 }
 
+/// Where a guard sends what it passes, by default: the dtable-server moved off the
+/// port the guard now listens on, to loopback.
+pub const DEFAULT_GUARD_UPSTREAM: &str = "127.0.0.1:5001";
+
 /// What a bootstrap is made of.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub kind: Kind,
-    /// The node id the control plane tracks this Envoy by: unique per Envoy.
+    /// The node id the control plane tracks this Envoy by: unique per Envoy (see
+    /// [`default_node_id`]). Empty is refused.
     pub node_id: String,
     /// The node cluster (a group name shown in `status`).
     pub node_cluster: String,
@@ -63,21 +101,28 @@ pub struct Options {
     pub admin_port: u16,
     /// The filter's `.wasm` on this host.
     pub wasm: PathBuf,
-    /// The HttpFilter name (= the ECDS resource name).
+    /// The HttpFilter name (= the ECDS resource name of edges and sidecars; a guard's
+    /// is [`guard_resource_name`] of it).
     pub filter_name: String,
     /// The routing header the filter sets.
     pub header: String,
-    /// Where requests go before the first map arrives and when no header is set.
+    /// Where uuid-less requests go before the first map arrives and when no header is
+    /// set (edge and sidecar).
     pub default_server: String,
+    /// The guarded dtable-server's own address, `host:port` (guard only): it must be
+    /// reachable only through the guard (loopback, or a firewalled port).
+    pub upstream: String,
 }
 
 impl Options {
-    /// The defaults of a kind: the edge on :5000, a sidecar on 127.0.0.1:5000.
+    /// The defaults of a kind: the edge and a guard on :5000, a sidecar on
+    /// 127.0.0.1:5000; a guard's upstream on [`DEFAULT_GUARD_UPSTREAM`]. The node id is
+    /// left empty: each Envoy needs its own (see [`default_node_id`]).
     pub fn new(kind: Kind) -> Options {
         Options {
-            kind,
-            node_id: format!("{}-1", kind.as_str()),
+            node_id: String::new(),
             node_cluster: format!("seashard-{}", kind.as_str()),
+            kind,
             control_plane: "seashard-control-plane:18000".into(),
             xds: Xds::Grpc,
             refresh_delay: std::time::Duration::from_secs(1),
@@ -87,6 +132,7 @@ impl Options {
             filter_name: DEFAULT_FILTER_NAME.into(),
             header: shardmap::DEFAULT_HEADER.into(),
             default_server: "dtable-server".into(),
+            upstream: DEFAULT_GUARD_UPSTREAM.into(),
         }
     }
 }
@@ -96,6 +142,54 @@ impl Options {
 #[error("{0}")]
 pub struct BootstrapError(String);
 
+/// The node id of an Envoy of `kind` on host `hostname`: `edge-<host>`,
+/// `sidecar-<host>`, `guard-<server>-<host>`. The host name is lowercased and every
+/// character outside `[a-z0-9.-]` becomes `-`; one that leaves nothing is refused.
+pub fn default_node_id(kind: &Kind, hostname: &str) -> Result<String, BootstrapError> {
+    let host = sanitize_hostname(hostname).ok_or_else(|| {
+        BootstrapError(format!(
+            "no host name to derive this Envoy's node id from (got `{hostname}`): pass \
+             --node-id, unique per Envoy (two Envoys with one id are counted as one, and a \
+             rollout could proceed while one of them never saw the fence)"
+        ))
+    })?;
+    Ok(match kind {
+        Kind::Guard { server } => format!("guard-{server}-{host}"),
+        k => format!("{}-{host}", k.as_str()),
+    })
+}
+
+/// This host's name: `$HOSTNAME`, else `/proc/sys/kernel/hostname`, else
+/// `/etc/hostname`; the first that is not empty.
+pub fn local_hostname() -> Option<String> {
+    let env = std::env::var("HOSTNAME").ok();
+    let files = ["/proc/sys/kernel/hostname", "/etc/hostname"];
+    env.into_iter()
+        .chain(files.iter().filter_map(|f| std::fs::read_to_string(f).ok()))
+        .map(|h| h.trim().to_owned())
+        .find(|h| sanitize_hostname(h).is_some())
+}
+
+/// `hostname` lowercased, `[a-z0-9.-]` only, at most 63 characters, trimmed of `-`
+/// and `.`; `None` when nothing is left.
+fn sanitize_hostname(hostname: &str) -> Option<String> {
+    let s: String = hostname
+        .trim()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let s = s.trim_matches(|c| c == '-' || c == '.');
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 /// The bootstrap YAML.
 pub fn render(o: &Options) -> Result<String, BootstrapError> {
     let (cp_host, cp_port) = split_host_port(&o.control_plane).ok_or_else(|| {
@@ -104,20 +198,34 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
             o.control_plane
         ))
     })?;
-    if o.node_id.is_empty() {
-        return Err(BootstrapError("the node id is empty".into()));
+    if o.node_id.trim().is_empty() {
+        return Err(BootstrapError(
+            "the node id is empty: pass --node-id, unique per Envoy (two Envoys with one id \
+             are counted as one, and a rollout could proceed while one of them never saw \
+             the fence)"
+                .into(),
+        ));
     }
-    shardmap::check_server_name(&o.default_server).map_err(BootstrapError)?;
+    let guarded = o.kind.guarded();
+    if let Some(server) = guarded {
+        shardmap::check_server_name(server)
+            .map_err(|e| BootstrapError(format!("the guarded server: {e}")))?;
+    } else {
+        shardmap::check_server_name(&o.default_server).map_err(BootstrapError)?;
+    }
+    // The placeholder until the first map: every base fenced. A guard's map gives its
+    // own server everything, so uuid-less requests are passed, not refused.
     let default_config = RouterConfig {
         header: o.header.clone(),
         fence: Fence {
             slots: vec!["0-f".into()],
             pins: vec![],
         },
+        guard: guarded.map(str::to_owned),
         ..RouterConfig::new(
-            0,
+            AWAITING_MAP_VERSION,
             ShardMap {
-                default: o.default_server.clone(),
+                default: guarded.unwrap_or(&o.default_server).to_owned(),
                 ..ShardMap::default()
             },
         )
@@ -125,43 +233,95 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
     default_config
         .compile()
         .map_err(|p| BootstrapError(p.to_string()))?;
-    let cp_type = if cp_host.parse::<std::net::IpAddr>().is_ok() {
-        "STATIC"
-    } else {
-        "STRICT_DNS"
+    let host_type = |host: &str| {
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            "STATIC"
+        } else {
+            "STRICT_DNS"
+        }
     };
-    let (listen_addr, intro) = match o.kind {
+    let cp_type = host_type(cp_host);
+    let http_filter_name = match guarded {
+        Some(server) => guard_resource_name(&o.filter_name, server),
+        None => o.filter_name.clone(),
+    };
+    let (listen_addr, listener_name, intro) = match &o.kind {
         Kind::Edge => (
             "0.0.0.0",
+            "dtable_server_proxy",
             "# seashard edge proxy, managed by the control plane (Envoy 1.40).\n\
              #\n\
              # Replaces SeaTable's `dtable-server-proxy` on the dtable-web node: dtable-web\n\
              # (INNER_DTABLE_SERVER), dtable-db, api-gateway and SeaTable's nginx reach\n\
-             # dtable-server through it.",
+             # dtable-server through it."
+                .to_owned(),
         ),
         Kind::Sidecar => (
             "127.0.0.1",
+            "dtable_server_proxy",
             "# seashard sidecar proxy, managed by the control plane (Envoy 1.40).\n\
              #\n\
              # Runs next to one client of dtable-server (dtable-db, api-gateway, ...) and\n\
-             # listens on loopback only: point the client's dtable-server URL at it.",
+             # listens on loopback only: point the client's dtable-server URL at it."
+                .to_owned(),
+        ),
+        Kind::Guard { server } => (
+            "0.0.0.0",
+            "dtable_server_guard",
+            format!(
+                "# seashard guard of {server}, managed by the control plane (Envoy 1.40).\n\
+                 #\n\
+                 # Stands in front of that one dtable-server, on its host or in its pod, and\n\
+                 # listens where its clients (the edges) expect it. It routes nothing: it\n\
+                 # passes a request only when {server} owns the base under the newest map\n\
+                 # this guard holds, answers 421 for another server's base and 503 while the\n\
+                 # base is fenced. Stale or cut-off edges can then never open a base here.\n\
+                 # The guard must be the only way in: the dtable-server listens on the\n\
+                 # upstream below, on loopback or behind a firewall."
+            ),
         ),
     };
-    let (dynamic, ecds_source, cp_cluster_head) = match o.xds {
-        Xds::Grpc => (
-            "dynamic_resources:
-  ads_config:
+    let ads_config = "  ads_config:
     api_type: GRPC
     transport_api_version: V3
     # The node is sent once per stream, not with every request.
     set_node_on_first_message_only: true
     grpc_services:
     - envoy_grpc: { cluster_name: seashard_control_plane }
-  cds_config:
-    ads: {}
-    resource_api_version: V3
+";
+    let rest_source = |indent: &str| {
+        format!(
+            "{indent}resource_api_version: V3
+{indent}# REST-JSON polling, where gRPC cannot pass: no NACK detail, a poll every
+{indent}# refresh_delay (the control plane answers 304 while nothing changed).
+{indent}api_config_source:
+{indent}  api_type: REST
+{indent}  transport_api_version: V3
+{indent}  cluster_names: [seashard_control_plane]
+{indent}  refresh_delay: {}
+{indent}  request_timeout: 5s
+",
+            proto_json_duration(o.refresh_delay)
+        )
+    };
+    let (dynamic, ecds_source, cp_cluster_head) = match o.xds {
+        Xds::Grpc => (
+            match guarded {
+                Some(_) => format!(
+                    "dynamic_resources:
+{ads_config}  # No CDS: a guard's one upstream is its local dtable-server, fixed below.
+
 "
-            .to_owned(),
+                ),
+                None => format!(
+                    "dynamic_resources:
+{ads_config}  cds_config:
+    ads: {{}}
+    resource_api_version: V3
+
+"
+                ),
+            },
             "                ads: {}
                 resource_api_version: V3
 "
@@ -182,74 +342,50 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
 "
             ),
         ),
-        Xds::Rest => {
-            let source = |indent: &str| {
-                format!(
-                    "{indent}resource_api_version: V3
-{indent}# REST-JSON polling, where gRPC cannot pass: no NACK detail, a poll every
-{indent}# refresh_delay (the control plane answers 304 while nothing changed).
-{indent}api_config_source:
-{indent}  api_type: REST
-{indent}  transport_api_version: V3
-{indent}  cluster_names: [seashard_control_plane]
-{indent}  refresh_delay: {}
-{indent}  request_timeout: 5s
-",
-                    proto_json_duration(o.refresh_delay)
-                )
-            };
-            (
-                format!("dynamic_resources:\n  cds_config:\n{}", source("    ")),
-                source("                "),
-                format!(
-                    "  # The control plane (REST xDS over HTTP/1.1, its HTTP API port).
+        Xds::Rest => (
+            match guarded {
+                Some(_) => String::new(),
+                None => format!(
+                    "dynamic_resources:\n  cds_config:\n{}\n",
+                    rest_source("    ")
+                ),
+            },
+            rest_source("                "),
+            format!(
+                "  # The control plane (REST xDS over HTTP/1.1, its HTTP API port).
   - name: seashard_control_plane
     type: {cp_type}
     connect_timeout: 5s
 "
-                ),
-            )
-        }
+            ),
+        ),
     };
-    let mut y = String::new();
-    let w = &mut y;
-    // The text is assembled line by line so that every value is quoted for YAML.
-    let _ = writeln!(
-        w,
-        "{intro}
-#
-# Generated by `seactl envoy-bootstrap --kind {kind}{xds_flag}`. The listener and route are
+    let over = if o.xds == Xds::Rest {
+        "by REST polling"
+    } else {
+        "over one ADS stream"
+    };
+    let xds_flag = if o.xds == Xds::Rest {
+        " --xds rest"
+    } else {
+        ""
+    };
+    let header = yaml_str(&o.header);
+    let (generated, route_config, local_cluster) = match guarded {
+        None => {
+            let default = yaml_str(&o.default_server);
+            (
+                format!(
+                    "# Generated by `seactl envoy-bootstrap --kind {kind}{xds_flag}`. The listener and route are
 # static; the dtable-server clusters (CDS) and the base-router filter's shard map
 # (ECDS) come from `seactl serve` {over}. A new map reaches Envoy
 # without draining any connection. Until the first map arrives the filter runs
 # `default_config`: every base fenced (503 + retry-after, never a guessed server),
-# uuid-less requests to {default}.
-
-node:
-  id: {node_id}
-  cluster: {node_cluster}
-
-admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
-
-{dynamic}
-static_resources:
-  listeners:
-  - name: dtable_server_proxy
-    address:
-      socket_address: {{ address: {listen_addr}, port_value: {listen_port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: dtable_server_proxy
-          codec_type: AUTO
-          # socket.io's websocket transport.
-          upgrade_configs:
-          - upgrade_type: websocket
-          route_config:
+# uuid-less requests to {default}.",
+                    kind = o.kind.as_str(),
+                ),
+                format!(
+                    "          route_config:
             name: dtable_servers
             # The clusters arrive by CDS: names in `cluster_header` cannot be
             # checked when the route loads. An unknown name still fails safe (503).
@@ -273,9 +409,106 @@ static_resources:
                 route:
                   cluster: {default}
                   timeout: 0s
-          http_filters:
-          - name: {filter_name}
-            # The filter's configuration (the shard map) comes by ECDS over ADS.
+"
+                ),
+                String::new(),
+            )
+        }
+        Some(server) => {
+            let (up_host, up_port) = split_host_port(&o.upstream).ok_or_else(|| {
+                BootstrapError(format!(
+                    "the guarded dtable-server's address `{}` is not HOST:PORT",
+                    o.upstream
+                ))
+            })?;
+            if up_port == o.listen_port && is_local_host(up_host) {
+                return Err(BootstrapError(format!(
+                    "the guard would listen on port {} and forward to {}, itself: move \
+                     the dtable-server to another port (--upstream)",
+                    o.listen_port, o.upstream
+                )));
+            }
+            (
+                format!(
+                    "# Generated by `seactl envoy-bootstrap --kind guard --server {server}{xds_flag}`.\n\
+                     # The listener, route and upstream are static; the base-router filter's shard\n\
+                     # map comes from `seactl serve` {over}, as the ECDS resource\n\
+                     # {resource}. Until the first map arrives the filter runs\n\
+                     # `default_config`: every base refused (503 + retry-after), uuid-less requests\n\
+                     # passed.",
+                    resource = yaml_str(&http_filter_name),
+                ),
+                "          route_config:
+            name: local_dtable_server
+            virtual_hosts:
+            - name: local_dtable_server
+              domains: [\"*\"]
+              routes:
+              # What the filter passes goes to the one dtable-server behind this guard.
+              - match:
+                  prefix: /
+                route:
+                  cluster: local_dtable_server
+                  timeout: 0s
+"
+                .to_owned(),
+                format!(
+                    "  # The guarded dtable-server, reachable only through this guard.
+  - name: local_dtable_server
+    type: {up_type}
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: local_dtable_server
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {up_host}, port_value: {up_port} }}
+",
+                    up_type = host_type(up_host),
+                    up_host = yaml_str(up_host),
+                ),
+            )
+        }
+    };
+    let mut y = String::new();
+    let w = &mut y;
+    // The text is assembled line by line so that every value is quoted for YAML.
+    let _ = writeln!(
+        w,
+        "{intro}
+#
+{generated}
+
+node:
+  # Unique per Envoy: two Envoys with one id are counted as one, and a rollout
+  # could then proceed while one of them never saw the fence. Set by `--node-id`
+  # (by default KIND-HOSTNAME); Envoy's own `--service-node` overrides it.
+  id: {node_id}
+  cluster: {node_cluster}
+
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+
+{dynamic}static_resources:
+  listeners:
+  - name: {listener_name}
+    address:
+      socket_address: {{ address: {listen_addr}, port_value: {listen_port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {listener_name}
+          codec_type: AUTO
+          # socket.io's websocket transport.
+          upgrade_configs:
+          - upgrade_type: websocket
+{route_config}          http_filters:
+          - name: {http_filter_name}
+            # The filter's configuration (the shard map) comes by ECDS{ecds_over}.
             config_discovery:
               config_source:
 {ecds_source}              type_urls:
@@ -289,7 +522,7 @@ static_resources:
                   name: {filter_name}
                   root_id: base_router
                   # A VM failure recreates the VM and keeps routing. FAIL_OPEN would
-                  # skip the filter: every base to the default server, the data loss
+                  # skip the filter: {fail_open}, the data loss
                   # this proxy prevents.
                   failure_policy: FAIL_RELOAD
                   vm_config:
@@ -306,31 +539,40 @@ static_resources:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 
   clusters:
-{cp_cluster_head}    load_assignment:
+{local_cluster}{cp_cluster_head}    load_assignment:
       cluster_name: seashard_control_plane
       endpoints:
       - lb_endpoints:
         - endpoint:
             address:
               socket_address: {{ address: {cp_host}, port_value: {cp_port} }}",
-        dynamic = dynamic,
-        xds_flag = if o.xds == Xds::Rest { " --xds rest" } else { "" },
-        over = if o.xds == Xds::Rest { "by REST polling" } else { "over one ADS stream" },
-        ecds_source = ecds_source,
-        cp_cluster_head = cp_cluster_head,
-        kind = o.kind.as_str(),
-        default = yaml_str(&o.default_server),
+        ecds_over = if o.xds == Xds::Rest { " (REST polling)" } else { " over ADS" },
+        fail_open = if guarded.is_some() {
+            "every base passed unchecked"
+        } else {
+            "every base to the default server"
+        },
         node_id = yaml_str(&o.node_id),
         node_cluster = yaml_str(&o.node_cluster),
         admin_port = o.admin_port,
         listen_port = o.listen_port,
-        header = yaml_str(&o.header),
+        http_filter_name = yaml_str(&http_filter_name),
         filter_name = yaml_str(&o.filter_name),
         wasm = yaml_str(&o.wasm.to_string_lossy()),
         default_json = yaml_str(&default_config.to_json()),
         cp_host = yaml_str(cp_host),
     );
     Ok(y)
+}
+
+/// True for a name or address of this host itself.
+fn is_local_host(host: &str) -> bool {
+    host == "localhost"
+        || host == "0.0.0.0"
+        || host == "::"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A YAML scalar: plain when unambiguous, else double-quoted (JSON escaping is valid YAML).
@@ -354,18 +596,44 @@ fn yaml_str(s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn options(kind: Kind) -> Options {
+        Options {
+            node_id: format!("{}-1", kind.as_str()),
+            ..Options::new(kind)
+        }
+    }
+
+    fn guard(server: &str) -> Kind {
+        Kind::Guard {
+            server: server.into(),
+        }
+    }
+
+    /// The `default_config`'s plugin configuration of a rendered bootstrap.
+    fn default_config(yaml: &str) -> RouterConfig {
+        let line = yaml
+            .lines()
+            .find(|l| l.trim_start().starts_with("value: "))
+            .unwrap();
+        let quoted = line.trim_start().trim_start_matches("value: ");
+        let json: String = serde_json::from_str(quoted).unwrap();
+        RouterConfig::from_json(&json).unwrap()
+    }
+
     #[test]
     fn renders_both_kinds() {
-        let edge = render(&Options::new(Kind::Edge)).unwrap();
+        let edge = render(&options(Kind::Edge)).unwrap();
         assert!(edge.contains("address: 0.0.0.0, port_value: 5000"));
         assert!(edge.contains("set_node_on_first_message_only: true"));
         assert!(edge.contains("apply_default_config_without_warming: true"));
         assert!(edge.contains("failure_policy: FAIL_RELOAD"));
         assert!(edge.contains("validate_clusters: false"));
         assert!(edge.contains("type: STRICT_DNS"));
+        assert!(edge.contains("cds_config:"));
+        assert!(edge.contains("  id: edge-1\n"));
         let side = render(&Options {
             control_plane: "127.0.0.1:18000".into(),
-            ..Options::new(Kind::Sidecar)
+            ..options(Kind::Sidecar)
         })
         .unwrap();
         assert!(side.contains("address: 127.0.0.1, port_value: 5000"));
@@ -374,15 +642,11 @@ mod tests {
 
     #[test]
     fn the_default_config_is_a_valid_router_config() {
-        let y = render(&Options::new(Kind::Edge)).unwrap();
-        let line = y
-            .lines()
-            .find(|l| l.trim_start().starts_with("value: "))
-            .unwrap();
-        let quoted = line.trim_start().trim_start_matches("value: ");
-        let json: String = serde_json::from_str(quoted).unwrap();
-        let rc = RouterConfig::from_json(&json).unwrap();
+        let y = render(&options(Kind::Edge)).unwrap();
+        let rc = default_config(&y);
         assert_eq!(rc.map.default, "dtable-server");
+        assert_eq!(rc.version, AWAITING_MAP_VERSION);
+        assert_eq!(rc.guard, None);
         let router = rc.compile().unwrap();
         let base = shardmap::BaseUuid::parse("0123456789abcdef0123456789abcdef").unwrap();
         assert!(
@@ -393,17 +657,113 @@ mod tests {
     }
 
     #[test]
+    fn renders_a_guard() {
+        let y = render(&options(guard("dtable-server-2"))).unwrap();
+        // Its filter subscribes to the guard's resource, and nothing else is dynamic.
+        assert!(
+            y.contains("  - name: seashard.base_router.guard.dtable-server-2\n"),
+            "{y}"
+        );
+        assert_eq!(
+            guard_resource_name(DEFAULT_FILTER_NAME, "dtable-server-2"),
+            "seashard.base_router.guard.dtable-server-2"
+        );
+        assert!(
+            y.contains("name: seashard.base_router\n"),
+            "the plugin's name"
+        );
+        assert!(!y.contains("cds_config"), "{y}");
+        assert!(!y.contains("cluster_header"), "{y}");
+        assert!(y.contains("ads_config:"));
+        assert!(y.contains("address: 0.0.0.0, port_value: 5000"));
+        assert!(y.contains("cluster: local_dtable_server"));
+        assert!(y.contains("address: 127.0.0.1, port_value: 5001"));
+        assert!(y.contains("upgrade_type: websocket"));
+        assert!(y.contains("cluster: seashard-guard\n"));
+        let rc = default_config(&y);
+        assert_eq!(rc.guard.as_deref(), Some("dtable-server-2"));
+        assert_eq!(rc.version, AWAITING_MAP_VERSION);
+        assert_eq!(rc.map.default, "dtable-server-2");
+        let gate = rc.compile_gate().unwrap();
+        assert!(matches!(
+            gate.verdict("/api/v1/dtables/0123456789abcdef0123456789abcdef/"),
+            shardmap::Verdict::Refuse(r) if r.kind == shardmap::RefusalKind::AwaitingMap
+        ));
+        assert_eq!(
+            gate.verdict("/ping/"),
+            shardmap::Verdict::Pass { base: None }
+        );
+
+        // REST: no dynamic_resources at all, the ECDS source polls.
+        let rest = render(&Options {
+            xds: Xds::Rest,
+            upstream: "dtable-server-2.local:5000".into(),
+            listen_port: 8080,
+            ..options(guard("dtable-server-2"))
+        })
+        .unwrap();
+        assert!(!rest.contains("dynamic_resources"), "{rest}");
+        assert!(rest.contains("api_type: REST"));
+        assert!(rest.contains("address: dtable-server-2.local, port_value: 5000"));
+    }
+
+    #[test]
+    fn a_guard_needs_a_valid_server_and_upstream() {
+        assert!(render(&options(guard("two words"))).is_err());
+        assert!(render(&options(guard(""))).is_err());
+        let bad = Options {
+            upstream: "nowhere".into(),
+            ..options(guard("s"))
+        };
+        assert!(render(&bad).is_err());
+        // Forwarding to itself.
+        let err = render(&Options {
+            upstream: "127.0.0.1:5000".into(),
+            ..options(guard("s"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("itself"), "{err}");
+    }
+
+    #[test]
     fn refuses_bad_options() {
         let bad = Options {
             control_plane: "nowhere".into(),
-            ..Options::new(Kind::Edge)
+            ..options(Kind::Edge)
         };
         assert!(render(&bad).is_err());
         let bad = Options {
             default_server: "not a name".into(),
-            ..Options::new(Kind::Edge)
+            ..options(Kind::Edge)
         };
         assert!(render(&bad).is_err());
+    }
+
+    #[test]
+    fn no_default_node_id_is_invented() {
+        let err = render(&Options::new(Kind::Edge)).unwrap_err();
+        assert!(err.to_string().contains("--node-id"), "{err}");
+    }
+
+    #[test]
+    fn node_ids_from_the_host_name() {
+        assert_eq!(default_node_id(&Kind::Edge, "web-1").unwrap(), "edge-web-1");
+        assert_eq!(
+            default_node_id(&Kind::Sidecar, " Db_Host.Example.COM\n").unwrap(),
+            "sidecar-db-host.example.com"
+        );
+        assert_eq!(
+            default_node_id(&guard("dtable-server-2"), "node7").unwrap(),
+            "guard-dtable-server-2-node7"
+        );
+        for nothing in ["", "  ", "___", "-.-"] {
+            let err = default_node_id(&Kind::Edge, nothing).unwrap_err();
+            assert!(err.to_string().contains("--node-id"), "{err}");
+        }
+        assert_eq!(
+            sanitize_hostname(&"a".repeat(100)).map(|h| h.len()),
+            Some(63)
+        );
     }
 
     #[test]

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use control_plane::bootstrap::{Kind, Options, Xds, render};
+use anyhow::{Context, Result, bail};
+use control_plane::bootstrap::{
+    Kind, Options, Xds, default_node_id, guard_resource_name, local_hostname, render,
+};
 use control_plane::config::parse_duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -14,6 +16,9 @@ pub enum KindArg {
     Edge,
     /// Next to one client of dtable-server: listens on 127.0.0.1.
     Sidecar,
+    /// In front of one dtable-server (--server), the only way in: passes only the
+    /// requests for bases that server owns (421 for another's, 503 while fenced).
+    Guard,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -28,10 +33,20 @@ pub enum XdsArg {
 pub struct BootstrapArgs {
     #[arg(long, value_enum, default_value = "edge")]
     pub kind: KindArg,
-    /// This Envoy's node id, unique per Envoy [default: edge-1 / sidecar-1].
+    /// The dtable-server a guard stands in front of, by its name in the shard map
+    /// (with `--kind guard`).
+    #[arg(long, required_if_eq("kind", "guard"))]
+    pub server: Option<String>,
+    /// The guarded dtable-server's own address, HOST:PORT, reachable only through the
+    /// guard (with `--kind guard`) [default: 127.0.0.1:5001].
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// This Envoy's node id. Each Envoy must have its own: two Envoys with one id are
+    /// counted as one, and a rollout could then proceed while one of them never saw
+    /// the fence [default: KIND-HOSTNAME, guard-SERVER-HOSTNAME for a guard].
     #[arg(long)]
     pub node_id: Option<String>,
-    /// A group name for `status` [default: seashard-edge / seashard-sidecar].
+    /// A group name for `status` [default: seashard-KIND].
     #[arg(long)]
     pub node_cluster: Option<String>,
     /// The control plane's ADS address, HOST:PORT [default: seashard-control-plane:18000].
@@ -43,7 +58,8 @@ pub struct BootstrapArgs {
     /// How often a REST poller asks, e.g. `1s` (with `--xds rest`) [default: 1s].
     #[arg(long, value_parser = parse_duration)]
     pub refresh_delay: Option<std::time::Duration>,
-    /// The listener's port [default: 5000].
+    /// The listener's port (a guard's: where clients expected the dtable-server)
+    /// [default: 5000].
     #[arg(long)]
     pub listen_port: Option<u16>,
     /// The admin interface's port, on 127.0.0.1 [default: 9901].
@@ -52,13 +68,15 @@ pub struct BootstrapArgs {
     /// The base-router .wasm on the Envoy host [default: /opt/seashard/base-router.wasm].
     #[arg(long)]
     pub wasm: Option<PathBuf>,
-    /// The HttpFilter's name (the ECDS resource) [default: seashard.base_router].
+    /// The filter's name; the ECDS resource of an edge or sidecar, FILTER.guard.SERVER
+    /// of a guard [default: seashard.base_router].
     #[arg(long)]
     pub filter_name: Option<String>,
     /// The routing header [default: x-dtable-server].
     #[arg(long)]
     pub header: Option<String>,
-    /// Requests go here until the first map arrives [default: dtable-server].
+    /// Uuid-less requests go here until the first map arrives (edge and sidecar)
+    /// [default: dtable-server].
     #[arg(long)]
     pub default_server: Option<String>,
     /// Write to this file instead of stdout.
@@ -67,16 +85,28 @@ pub struct BootstrapArgs {
 }
 
 impl BootstrapArgs {
-    /// The generator's options: defaults, overridden by the flags given.
-    pub fn options(&self) -> Options {
-        let kind = match self.kind {
-            KindArg::Edge => Kind::Edge,
-            KindArg::Sidecar => Kind::Sidecar,
+    /// The generator's options: defaults, overridden by the flags given. Without
+    /// `--node-id`, the id is derived from the kind and this host's name.
+    pub fn options(&self) -> Result<Options> {
+        let kind = match (self.kind, &self.server) {
+            (KindArg::Edge, None) => Kind::Edge,
+            (KindArg::Sidecar, None) => Kind::Sidecar,
+            (KindArg::Guard, Some(server)) => Kind::Guard {
+                server: server.clone(),
+            },
+            (KindArg::Guard, None) => bail!("a guard needs --server: the dtable-server it guards"),
+            (_, Some(_)) => bail!("--server names the server of a guard: use it with --kind guard"),
+        };
+        if self.upstream.is_some() && kind.guarded().is_none() {
+            bail!("--upstream is a guard's dtable-server: use it with --kind guard");
+        }
+        let node_id = match &self.node_id {
+            Some(id) => id.clone(),
+            None => default_node_id(&kind, &local_hostname().unwrap_or_default())?,
         };
         let d = Options::new(kind);
-        Options {
-            kind,
-            node_id: self.node_id.clone().unwrap_or(d.node_id),
+        Ok(Options {
+            node_id,
             node_cluster: self.node_cluster.clone().unwrap_or(d.node_cluster),
             control_plane: self.control_plane.clone().unwrap_or(d.control_plane),
             xds: match self.xds {
@@ -90,12 +120,27 @@ impl BootstrapArgs {
             filter_name: self.filter_name.clone().unwrap_or(d.filter_name),
             header: self.header.clone().unwrap_or(d.header),
             default_server: self.default_server.clone().unwrap_or(d.default_server),
-        }
+            upstream: self.upstream.clone().unwrap_or(d.upstream),
+            kind: d.kind,
+        })
     }
 }
 
 pub fn envoy_bootstrap(args: BootstrapArgs) -> Result<ExitCode> {
-    let yaml = render(&args.options())?;
+    let options = args.options()?;
+    let yaml = render(&options)?;
+    // Where the output goes to a file, say what this Envoy will be known as.
+    if let Some(path) = &args.output {
+        let resource = match options.kind.guarded() {
+            Some(server) => guard_resource_name(&options.filter_name, server),
+            None => options.filter_name.clone(),
+        };
+        eprintln!(
+            "{}: node id {}, filter configuration {resource}",
+            path.display(),
+            options.node_id
+        );
+    }
     match &args.output {
         Some(path) => {
             std::fs::write(path, &yaml).with_context(|| format!("writing {}", path.display()))?

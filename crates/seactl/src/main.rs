@@ -70,7 +70,7 @@ enum Command {
     },
     /// Run the control plane: ADS (ECDS + CDS) for the Envoys, the HTTP API.
     Serve(serve::ServeArgs),
-    /// Print an Envoy bootstrap that takes its map and clusters from the control plane.
+    /// Print an Envoy bootstrap (edge, sidecar or guard) that takes its map from the control plane.
     EnvoyBootstrap(bootstrap::BootstrapArgs),
     /// Propose a map: show the plan, apply (a rollout when bases move), follow it to the end.
     PushMap(client::PushMapArgs),

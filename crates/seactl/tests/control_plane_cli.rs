@@ -311,9 +311,18 @@ fn push_map_follows_a_rollout_to_its_end() {
 
 #[test]
 fn the_shipped_ads_bootstraps_are_the_generators_output() {
-    for (kind, file) in [("edge", "edge-ads.yaml"), ("sidecar", "sidecar-ads.yaml")] {
+    // Each with a fixed node id: without `--node-id` the id comes from the host name.
+    for (file, args) in [
+        ("edge-ads.yaml", "--kind edge --node-id edge-1"),
+        ("sidecar-ads.yaml", "--kind sidecar --node-id sidecar-1"),
+        (
+            "guard-ads.yaml",
+            "--kind guard --server dtable-server-2 --node-id guard-dtable-server-2-1",
+        ),
+    ] {
         let o = seactl()
-            .args(["envoy-bootstrap", "--kind", kind])
+            .arg("envoy-bootstrap")
+            .args(args.split(' '))
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", text(&o));
@@ -322,7 +331,7 @@ fn the_shipped_ads_bootstraps_are_the_generators_output() {
             String::from_utf8_lossy(&o.stdout),
             shipped,
             "envoy/{file} is stale: regenerate it with \
-             `seactl envoy-bootstrap --kind {kind} -o envoy/{file}`"
+             `seactl envoy-bootstrap {args} -o envoy/{file}`"
         );
     }
 }

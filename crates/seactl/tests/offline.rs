@@ -145,3 +145,93 @@ fn import_nginx_prints_the_map_and_warns_on_stderr() {
     assert_eq!(map["pins"]["ff84e1a166e2"], "ds2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: line 7"));
 }
+
+/// `envoy-bootstrap` run with `env`, its node id and exit status.
+fn bootstrap_node_id(args: &[&str], env: &[(&str, Option<&str>)]) -> (Option<String>, Output) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_seactl"));
+    cmd.arg("envoy-bootstrap").args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("  id: "))
+        .map(str::to_owned);
+    (id, out)
+}
+
+#[test]
+fn envoy_bootstrap_derives_the_node_id_from_the_host_name() {
+    let host = [("HOSTNAME", Some("Web_1.Example.com"))];
+    for (args, want) in [
+        (&["--kind", "edge"][..], "edge-web-1.example.com"),
+        (&["--kind", "sidecar"][..], "sidecar-web-1.example.com"),
+        (
+            &["--kind", "guard", "--server", "dtable-server-2"][..],
+            "guard-dtable-server-2-web-1.example.com",
+        ),
+        (&["--node-id", "edge-a"][..], "edge-a"),
+    ] {
+        let (id, out) = bootstrap_node_id(args, &host);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(id.as_deref(), Some(want), "{args:?}");
+    }
+    // Without $HOSTNAME: the kernel's host name.
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (id, out) = bootstrap_node_id(&[], &[("HOSTNAME", None)]);
+    assert!(out.status.success(), "{out:?}");
+    let id = id.unwrap();
+    assert!(id.starts_with("edge-"), "{id}");
+    assert_eq!(
+        id.trim_start_matches("edge-"),
+        kernel.trim().to_ascii_lowercase().replace('_', "-")
+    );
+    // A host name with nothing usable falls through to the next source, never to a
+    // shared default.
+    let (id, _) = bootstrap_node_id(&[], &[("HOSTNAME", Some("___"))]);
+    assert_ne!(id.as_deref(), Some("edge-1"));
+}
+
+#[test]
+fn envoy_bootstrap_of_a_guard_needs_its_server() {
+    let (_, out) = bootstrap_node_id(&["--kind", "guard", "--node-id", "g"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
+    // --server and --upstream belong to a guard.
+    for args in [
+        &["--server", "dtable-server-2", "--node-id", "e"][..],
+        &["--upstream", "127.0.0.1:5001", "--node-id", "e"][..],
+    ] {
+        let (_, out) = bootstrap_node_id(args, &[]);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--kind guard"),
+            "{out:?}"
+        );
+    }
+    let (_, out) = bootstrap_node_id(
+        &[
+            "--kind",
+            "guard",
+            "--server",
+            "dtable-server-2",
+            "--node-id",
+            "g",
+            "--upstream",
+            "10.0.0.7:5000",
+            "--listen-port",
+            "5000",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.contains("- name: seashard.base_router.guard.dtable-server-2\n"));
+    assert!(yaml.contains("socket_address: { address: 10.0.0.7, port_value: 5000 }"));
+    assert!(!yaml.contains("cds_config"));
+}
