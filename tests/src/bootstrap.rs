@@ -127,6 +127,18 @@ pub fn wasm_plugin(doc: &mut Value) -> Result<&mut Value> {
     at(filter, &["typed_config", "config"])
 }
 
+/// The plugin config (`config_discovery.default_config.config`) an ECDS-configured
+/// filter runs until the control plane answers: the generated bootstraps' only
+/// HttpFilter with `config_discovery` (its name is the ECDS resource, e.g.
+/// `seashard.base_router.guard.dtable-server-2` for a guard).
+pub fn ecds_default_plugin(doc: &mut Value) -> Result<&mut Value> {
+    let filter = http_filters(doc)?
+        .into_iter()
+        .find(|f| f.get("config_discovery").is_some())
+        .ok_or_else(|| anyhow!("bootstrap has no http filter with config_discovery"))?;
+    at(filter, &["config_discovery", "default_config", "config"])
+}
+
 /// Points the filter's `vm_config.code.local.filename` at `wasm_path`.
 pub fn set_wasm_file(doc: &mut Value, wasm_path: &Path) -> Result<()> {
     let file = at(

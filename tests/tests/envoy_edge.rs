@@ -8,7 +8,13 @@
 //!
 //! Expectations are written out by hand; one test also checks that the
 //! proxy and `shardmap` (the routing core) agree on many generated requests.
+//!
+//! At the end, a guard: the generator's guard bootstrap (`seactl
+//! envoy-bootstrap --kind guard`) in front of one fake dtable-server, its
+//! control plane unreachable, so the filter runs the configuration given
+//! inline as its `default_config` (or the bootstrap's own placeholder).
 
+use control_plane::bootstrap::{Kind, Options, render};
 use seashard_tests::bootstrap;
 use seashard_tests::{
     Connection, Envoy, Response, Upstream, loopback, render_edge_static, wasm_file,
@@ -298,4 +304,166 @@ fn the_proxy_agrees_with_shardmap_on_generated_requests() {
     }
     // Both servers were exercised (else the comparison proves little).
     assert_eq!(per_server.len(), 2, "{per_server:?}");
+}
+
+// ---------------------------------------------------------------------------
+// A guard of dtable-server-2
+// ---------------------------------------------------------------------------
+
+/// A guard of `B` from the generator, in front of one fake `B`, listening on
+/// loopback. Its control plane is a port nothing listens on, so the filter
+/// keeps running its `default_config`: `config` when given (inline), else the
+/// bootstrap's placeholder (no map yet).
+struct Guard {
+    envoy: Envoy,
+    _server: Upstream,
+}
+
+impl Guard {
+    fn start(config: Option<&shardmap::RouterConfig>) -> Guard {
+        let server = Upstream::start(B).unwrap();
+        let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
+        let yaml = render(&Options {
+            node_id: "guard-test".into(),
+            // Port 1: privileged, nothing of ours ever listens there.
+            control_plane: "127.0.0.1:1".into(),
+            wasm,
+            listen_port: 0,
+            admin_port: 0,
+            upstream: server.addr.to_string(),
+            ..Options::new(Kind::Guard { server: B.into() })
+        })
+        .unwrap();
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        bootstrap::set_listener(&mut doc, 0, loopback(0)).unwrap();
+        if let Some(config) = config {
+            let plugin = bootstrap::ecds_default_plugin(&mut doc).unwrap();
+            *bootstrap::at(plugin, &["configuration", "value"]).unwrap() = config.to_json().into();
+        }
+        let envoy =
+            Envoy::start(&bootstrap::to_yaml(&doc).unwrap()).unwrap_or_else(|e| panic!("{e:#}"));
+        Guard {
+            envoy,
+            _server: server,
+        }
+    }
+
+    fn get(&self, path: &str) -> Response {
+        Connection::open(self.envoy.listener_addr)
+            .unwrap()
+            .get(path, &[])
+            .unwrap()
+    }
+
+    /// Asserts the request reached the fake dtable-server untouched.
+    fn passes(&self, path: &str) {
+        let r = self.get(path);
+        assert_eq!(
+            (r.status, r.header("x-served-by")),
+            (200, Some(B)),
+            "GET {path}: {}\nEnvoy log:\n{}",
+            r.text(),
+            self.envoy.logs()
+        );
+        if path != "/ping/" {
+            let echo = r.json().unwrap();
+            assert_eq!(echo["path"], path);
+            // A guard routes nothing and adds nothing.
+            assert_eq!(echo["headers"]["x-dtable-server"], Value::Null);
+            assert_eq!(echo["headers"]["x-shard-map-version"], Value::Null);
+        }
+    }
+
+    /// Asserts a local JSON refusal with `status`; returns its body.
+    fn refuses(&self, path: &str, status: u16) -> (Response, Value) {
+        let r = self.get(path);
+        assert_eq!(
+            r.status,
+            status,
+            "GET {path}: {}\nEnvoy log:\n{}",
+            r.text(),
+            self.envoy.logs()
+        );
+        assert_eq!(r.header("x-served-by"), None, "{path} reached a server");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let body = r.json().unwrap();
+        (r, body)
+    }
+}
+
+/// The shipped map (edge-static.yaml) at version 3 for the guard of `B`,
+/// with slot `9` fenced.
+fn guard_config() -> shardmap::RouterConfig {
+    let shipped =
+        bootstrap::plugin_configuration(&mut bootstrap::load("edge-static.yaml").unwrap()).unwrap();
+    let map = shardmap::ShardMap::from_json(&shipped["map"].to_string()).unwrap();
+    shardmap::RouterConfig {
+        guard: Some(B.into()),
+        fence: shardmap::Fence {
+            slots: vec!["9".into()],
+            pins: vec![],
+        },
+        retry_after: 4,
+        ..shardmap::RouterConfig::new(3, map)
+    }
+}
+
+#[test]
+fn a_guard_passes_its_bases_and_refuses_the_others() {
+    let guard = Guard::start(Some(&guard_config()));
+    // Owned by B (slots 0-9, the pin), not fenced: through, untouched.
+    for base in [DIGIT_BASES[0], DIGIT_BASES[1], PINNED] {
+        for path in base_paths(base) {
+            guard.passes(&path);
+        }
+        guard.passes(&format!("/socket.io/?dtable_uuid={}&EIO=4", hex32(base)));
+    }
+    // Without a base: through.
+    guard.passes("/ping/");
+    assert_eq!(guard.get("/ping/").text(), "pong");
+    // socket.io's websocket transport, for an owned base.
+    let ws_path = format!(
+        "/socket.io/?dtable_uuid={}&EIO=4&transport=websocket",
+        DIGIT_BASES[0]
+    );
+    let (resp, mut ws) = Connection::open(guard.envoy.listener_addr)
+        .unwrap()
+        .upgrade_websocket(&ws_path, &[])
+        .unwrap_or_else(|e| panic!("{e:#}\nEnvoy log:\n{}", guard.envoy.logs()));
+    assert_eq!(resp.header("x-served-by"), Some(B));
+    assert_eq!(ws.read_line().unwrap(), B);
+    drop(ws);
+
+    // Owned by A: 421, naming the base and its owner.
+    for base in AF_BASES {
+        for path in base_paths(base) {
+            let (r, body) = guard.refuses(&path, 421);
+            assert_eq!(body["error"], "misdirected");
+            assert_eq!(body["base_uuid"], *base);
+            assert_eq!(body["owner"], A);
+            assert_eq!(body["server"], B);
+            assert_eq!(r.header("x-shard-map-version"), Some("3"));
+            assert_eq!(r.header("retry-after"), None);
+        }
+    }
+
+    // Fenced (slot 9): 503 + retry-after, although B owns it.
+    let (r, body) = guard.refuses(&base_paths(DIGIT_BASES[2])[0], 503);
+    assert_eq!(body["error"], "base_moving");
+    assert_eq!(body["base_uuid"], DIGIT_BASES[2]);
+    assert_eq!(r.header("retry-after"), Some("4"));
+}
+
+#[test]
+fn a_guard_without_a_map_refuses_every_base_and_passes_ping() {
+    let guard = Guard::start(None);
+    for base in [AF_BASES[0], DIGIT_BASES[0], PINNED] {
+        let (r, body) = guard.refuses(&base_paths(base)[1], 503);
+        assert_eq!(body["error"], "no_shard_map_yet");
+        assert_eq!(body["base_uuid"], base);
+        assert_eq!(r.header("retry-after"), Some("5"));
+        assert_eq!(r.header("x-shard-map-version"), Some("0"));
+    }
+    guard.passes("/ping/");
 }

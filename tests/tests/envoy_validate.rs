@@ -1,6 +1,7 @@
-//! Every Envoy bootstrap shipped in `envoy/` is accepted by Envoy 1.40
-//! (`envoy --mode validate`), and the test variants derived from them are
-//! what they claim to be.
+//! Every Envoy bootstrap shipped in `envoy/` (edge, sidecar, guard) is
+//! accepted by Envoy 1.40 (`envoy --mode validate`), and the test variants
+//! derived from them are what they claim to be. (That the generated ones are
+//! `seactl envoy-bootstrap`'s output is checked by seactl's CLI tests.)
 //!
 //! Validate mode loads the wasm module and runs the filter's `on_configure`
 //! on the inline plugin configuration, so the shipped bootstraps are checked
@@ -114,10 +115,62 @@ fn every_shipped_bootstrap_validates_with_the_built_filter() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert!(
-        checked.contains(&envoy_file("edge-static.yaml")),
-        "edge-static.yaml was not checked: {checked:?}"
-    );
+    for file in [
+        "edge-static.yaml",
+        "edge-ads.yaml",
+        "sidecar-ads.yaml",
+        "guard-ads.yaml",
+    ] {
+        assert!(
+            checked.contains(&envoy_file(file)),
+            "{file} was not checked: {checked:?}"
+        );
+    }
+}
+
+/// The generator's bootstraps of every kind, over gRPC and REST, with IP and DNS
+/// addresses, validate with the built filter (its `default_config` included).
+#[test]
+fn generated_bootstraps_of_every_kind_validate() {
+    use control_plane::bootstrap::{Kind, Options, Xds, render};
+    let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
+    let guard = || Kind::Guard {
+        server: "dtable-server-2".into(),
+    };
+    let mut failures = Vec::new();
+    for (kind, xds, control_plane, upstream) in [
+        (Kind::Edge, Xds::Rest, "127.0.0.1:18001", ""),
+        (Kind::Sidecar, Xds::Grpc, "127.0.0.1:18000", ""),
+        (guard(), Xds::Grpc, "127.0.0.1:18000", "127.0.0.1:5001"),
+        (
+            guard(),
+            Xds::Grpc,
+            "control-plane:18000",
+            "dtable-server-2:5000",
+        ),
+        (guard(), Xds::Rest, "127.0.0.1:18001", "[::1]:5001"),
+    ] {
+        let what = format!("{} {xds:?} {control_plane} {upstream}", kind.as_str());
+        let mut o = Options {
+            node_id: format!("{}-test", kind.as_str()),
+            control_plane: control_plane.into(),
+            xds,
+            wasm: wasm.clone(),
+            listen_port: 0,
+            admin_port: 0,
+            ..Options::new(kind)
+        };
+        if !upstream.is_empty() {
+            o.upstream = upstream.into();
+        }
+        let result = render(&o)
+            .map_err(anyhow::Error::from)
+            .and_then(|yaml| validate(&yaml));
+        if let Err(e) = result {
+            failures.push(format!("{what}: {e:#}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 /// The Envoy side of `edge-static.yaml` (listener, routes, clusters, wasm
