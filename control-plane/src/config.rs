@@ -23,12 +23,14 @@
 //! ack_timeout = "10s"
 //! health_timeout = "60s"
 //! restart_timeout = "120s"
+//! # drain = "5s"                    # after the fence, before a restart (default: connect_timeout)
 //!
 //! [[server]]
 //! name = "dtable-server"             # the Envoy cluster name the map uses
 //! address = "10.0.0.11:5000"
 //! # health_url = "http://10.0.0.11:5000/ping/"   (the default)
 //! restart = { kind = "command", argv = ["systemctl", "restart", "dtable-server"], timeout = "60s" }
+//! # guarded = true                   # reached only through its guard; `address` is the guard's
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -162,6 +164,13 @@ pub struct RolloutConfig {
     /// Longest a restart hook may run (unless the hook sets its own).
     #[serde(default = "default_restart_timeout", with = "duration")]
     pub restart_timeout: Duration,
+    /// How long to wait, once the fence is ACKed, before the first restart: a request
+    /// routed (or passed by a guard) just before the fence may still be waiting for
+    /// a connection to its server, and must reach the old process, not the restarted
+    /// one. Default: the longest `connect_timeout` of the servers (Envoy does not
+    /// retry: a queued request connects or fails within it).
+    #[serde(default, with = "opt_duration")]
+    pub drain: Option<Duration>,
 }
 
 impl Default for RolloutConfig {
@@ -170,6 +179,7 @@ impl Default for RolloutConfig {
             ack_timeout: default_ack_timeout(),
             health_timeout: default_health_timeout(),
             restart_timeout: default_restart_timeout(),
+            drain: None,
         }
     }
 }

@@ -20,8 +20,10 @@
 //!   [`VersionKind::Fence`] version); every recorded or connected Envoy waited for
 //!   must ACK it within `ack_timeout` (a NACK, a timeout or a node id conflict
 //!   appearing rolls back).
-//! - **restart**: the Envoys are checked again (one may have reconnected), then each
-//!   server to restart runs its hook (command, HTTP call, or manual confirmation)
+//! - **restart**: the Envoys are checked again (one may have reconnected); then the
+//!   rollout waits `drain` (a request routed just before the fence and still waiting
+//!   for a connection must reach the old process, not the restarted one: found by
+//!   the model in `crates/rollout-model`); then each server to restart runs its hook (command, HTTP call, or manual confirmation)
 //!   and must answer `pong` on its health URL within `health_timeout`.
 //! - **activate**: the new map is published without fence; from here on the rollout
 //!   only goes forward (an Envoy may already serve the new map). Missing ACKs become
@@ -755,6 +757,19 @@ async fn wait_acks(
     }
 }
 
+/// How long requests sent before the fence may still be on their way to a server
+/// this rollout restarts: `[rollout] drain`, else the longest `connect_timeout`.
+fn drain_time(plane: &ControlPlane, r: &Rollout) -> Duration {
+    plane.config().rollout.drain.unwrap_or_else(|| {
+        r.restart
+            .iter()
+            .filter_map(|s| plane.config().server(&s.server))
+            .map(|s| s.connect_timeout)
+            .max()
+            .unwrap_or_default()
+    })
+}
+
 /// Runs one server's restart hook.
 async fn run_hook(
     plane: &ControlPlane,
@@ -963,6 +978,21 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 r.roll_back(format!("fence: {reason}"));
                 save(plane, r)?;
                 return Ok(true);
+            }
+            // A request routed or passed just before the fence may still wait for a
+            // connection to its server: let it reach the old process, not the new one.
+            if r.restart.iter().any(|s| s.state != RestartState::Healthy) {
+                let drain = drain_time(plane, r);
+                if let Err(reason) = abortable(plane, async {
+                    tokio::time::sleep(drain).await;
+                    Ok(())
+                })
+                .await
+                {
+                    r.roll_back(format!("aborted: {reason}"));
+                    save(plane, r)?;
+                    return Ok(true);
+                }
             }
             for i in 0..r.restart.len() {
                 if r.restart[i].state == RestartState::Healthy {

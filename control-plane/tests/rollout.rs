@@ -95,6 +95,7 @@ fn write_config(dir: &Path, servers: &[Srv], ack_timeout: &str) -> Config {
         ack_timeout = "{ack_timeout}"
         health_timeout = "1s"
         restart_timeout = "20s"
+        drain = "300ms"
         "#
     );
     for s in servers {
@@ -190,6 +191,24 @@ impl Cp {
                 dry_run: false,
             },
         )
+    }
+
+    /// Waits until node `id` ACKed map version `version` of the filter configuration.
+    fn wait_acked(&self, id: &str, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = version.to_string();
+        while self.plane.registry().node(id).and_then(|n| {
+            n.acked(control_plane::ResourceType::Ecds)
+                .and_then(|v| v.split('-').next())
+                .map(|v| v == want)
+        }) != Some(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{id} never ACKed version {version}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until the registry holds `n` live streams of node id `id`.
@@ -362,6 +381,14 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
     assert_eq!(r.envoys, ["edge-1@127.0.0.1", "edge-2@127.0.0.1"]);
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
+    // Requests routed before the fence had `drain` to reach the old processes.
+    let restart_step = r.steps.iter().find(|s| s.step == Step::Restart).unwrap();
+    let first_hook = r.restart[0].started_at.unwrap();
+    assert!(
+        first_hook - restart_step.started_at >= 300,
+        "restarted {} ms after the fence was ACKed",
+        first_hook - restart_step.started_at
+    );
     assert_eq!(restarted(&log), ["a", "b"]);
     let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
     assert_eq!(
@@ -987,7 +1014,7 @@ fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
     cp.envoy("edge-dup", unlimited());
     cp.envoy("edge-dup", unlimited());
     cp.wait_streams("edge-dup", 2);
-    cp.wait_streams("edge-cut", 1);
+    cp.wait_acked("edge-cut", 1);
     let roles: Vec<(String, Option<String>)> = cp
         .plane
         .registry()
