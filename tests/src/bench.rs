@@ -29,6 +29,9 @@ pub enum Variant {
     /// `dtable-server`, i.e. the routing of the empty filter: separates the
     /// filter's own cost from the cost of routing to two clusters.
     BaseRouterOneServer,
+    /// `base_router.wasm` at the edge, each server behind a guard Envoy running
+    /// `base_router.wasm` in guard mode: the CPU of the edge and both guards.
+    BaseRouterGuarded,
 }
 
 impl Variant {
@@ -40,6 +43,9 @@ impl Variant {
             Variant::NoopWasm => "Envoy + bench_noop.wasm (sets one header)",
             Variant::BaseRouter => "Envoy + base_router.wasm (shipped map)",
             Variant::BaseRouterOneServer => "Envoy + base_router.wasm (one-server map)",
+            Variant::BaseRouterGuarded => {
+                "Envoy + base_router.wasm, then a guard hop (edge + guards' CPU)"
+            }
         }
     }
 }
@@ -70,7 +76,7 @@ pub fn bootstrap_for(
     )?;
     let mut doc: Value = serde_yaml::from_str(&yaml)?;
     match variant {
-        Variant::BaseRouter => {}
+        Variant::BaseRouter | Variant::BaseRouterGuarded => {}
         Variant::BaseRouterOneServer => {
             let config = serde_json::json!({
                 "version": 1,
@@ -84,6 +90,35 @@ pub fn bootstrap_for(
         }
         Variant::Passthrough => remove_http_filter(&mut doc, FILTER_NAME)?,
     }
+    bootstrap::to_yaml(&doc)
+}
+
+/// A guard of `server` in front of `upstream`, on loopback, from `seactl
+/// envoy-bootstrap --kind guard`, its filter running `config` (the shipped map of
+/// `envoy/edge-static.yaml` with `guard` set) inline as the bootstrap's default: its
+/// control plane is a port nothing listens on.
+pub fn guard_bootstrap(server: &str, upstream: SocketAddr, router_wasm: &Path) -> Result<String> {
+    let out = std::process::Command::new(crate::rollout::seactl_bin()?)
+        .args(["envoy-bootstrap", "--kind", "guard", "--server", server])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--node-id", &format!("bench-guard-{server}")])
+        .args(["--control-plane", "127.0.0.1:1"])
+        .args(["--listen-port", "0", "--admin-port", "0"])
+        .arg("--wasm")
+        .arg(router_wasm)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "seactl envoy-bootstrap --kind guard: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut doc: Value = serde_yaml::from_slice(&out.stdout)?;
+    let mut config = bootstrap::plugin_configuration(&mut bootstrap::load("edge-static.yaml")?)?;
+    config["guard"] = server.into();
+    let plugin = bootstrap::ecds_default_plugin(&mut doc)?;
+    *bootstrap::at(plugin, &["configuration", "value"])? = config.to_string().into();
+    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse().expect("valid address"))?;
     bootstrap::to_yaml(&doc)
 }
 

@@ -1,5 +1,5 @@
 //! `envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] [--threads 2]
-//! [--connections 32] [--bases 60] [--diagnose] [--out FILE]`
+//! [--connections 32] [--bases 60] [--diagnose] [--guards] [--out FILE]`
 //!
 //! Proxy CPU per request of three Envoys (one worker each, `--concurrency 1`),
 //! all built from `envoy/edge-static.yaml` on loopback:
@@ -8,7 +8,11 @@
 //!   3. + `base_router.wasm` with the shipped shard map;
 //!   4. with `--diagnose`: + `base_router.wasm` with a map that sends every base
 //!      to `dtable-server` (the empty filter's routing): the filter's own cost
-//!      apart from routing to two clusters.
+//!      apart from routing to two clusters;
+//!   5. with `--guards`: 3., its two clusters each behind a guard Envoy (from
+//!      `seactl envoy-bootstrap --kind guard`, the shipped map inline) in front of
+//!      the upstream: the CPU of the edge and both guards, i.e. the cost of a guard
+//!      hop beside the edge alone (3.). Needs `seactl` next to this binary.
 //!
 //! Over several rounds, interleaved (the order rotates each round), `wrk` drives
 //! each one with keep-alive connections cycling through a fixed set of SeaTable
@@ -40,11 +44,13 @@ struct Args {
     connections: u32,
     bases: usize,
     diagnose: bool,
+    guards: bool,
     out: PathBuf,
 }
 
 const USAGE: &str = "usage: envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] \
-                     [--threads 2] [--connections 32] [--bases 60] [--diagnose] [--out FILE]";
+                     [--threads 2] [--connections 32] [--bases 60] [--diagnose] [--guards] \
+                     [--out FILE]";
 
 /// Whole seconds, `5s` or `5` (wrk's own resolution).
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -65,6 +71,7 @@ fn parse_args() -> Result<Option<Args>> {
         connections: 32,
         bases: 60,
         diagnose: false,
+        guards: false,
         out: workspace_dir().join("target/bench/envoy-load.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -79,6 +86,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--bases" => a.bases = val()?.parse()?,
             "--out" => a.out = PathBuf::from(val()?),
             "--diagnose" => a.diagnose = true,
+            "--guards" => a.guards = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -106,13 +114,22 @@ struct Run {
     rps: f64,
 }
 
-fn measure(
-    (envoy, pid): (&Envoy, u32),
-    args: &Args,
-    script: &std::path::Path,
-    d: Duration,
-) -> Result<Run> {
-    let before = bench::cpu_ticks(pid)?;
+/// One configuration under load: the Envoy wrk drives, and every process whose CPU
+/// counts (it, and the guards behind it).
+struct Measured {
+    variant: Variant,
+    envoy: Envoy,
+    pids: Vec<u32>,
+    _guards: Vec<Envoy>,
+}
+
+fn cpu_ticks(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|p| bench::cpu_ticks(*p)).sum()
+}
+
+fn measure(m: &Measured, args: &Args, script: &std::path::Path, d: Duration) -> Result<Run> {
+    let (envoy, pids) = (&m.envoy, m.pids.as_slice());
+    let before = cpu_ticks(pids)?;
     let r = bench::run_wrk(
         envoy.listener_addr,
         args.threads,
@@ -120,7 +137,7 @@ fn measure(
         d,
         script,
     )?;
-    let after = bench::cpu_ticks(pid)?;
+    let after = cpu_ticks(pids)?;
     if r.non_2xx > 0 || r.requests == 0 {
         bail!(
             "wrk got {} non-2xx answers of {} requests; Envoy log:\n{}",
@@ -172,15 +189,31 @@ fn run() -> Result<()> {
     if args.diagnose {
         variants.push(Variant::BaseRouterOneServer);
     }
+    if args.guards {
+        variants.push(Variant::BaseRouterGuarded);
+    }
     for v in variants {
-        let yaml = bench::bootstrap_for(v, &noop, &router, ups)?;
+        let mut guards = Vec::new();
+        let mut targets = ups;
+        if v == Variant::BaseRouterGuarded {
+            for (i, name) in ["dtable-server", "dtable-server-2"].into_iter().enumerate() {
+                let yaml = bench::guard_bootstrap(name, ups[i], &router)?;
+                let guard = Envoy::start(&yaml).with_context(|| format!("start guard of {name}"))?;
+                targets[i] = guard.listener_addr;
+                guards.push(guard);
+            }
+        }
+        let yaml = bench::bootstrap_for(v, &noop, &router, targets)?;
         let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
-        let pid = envoy.process().pid();
+        let mut pids = vec![envoy.process().pid()];
+        for g in &mut guards {
+            pids.push(g.process().pid());
+        }
         // Routed as intended: a base of slot 0-9 reaches dtable-server-2 only
         // through base-router; the others send everything to dtable-server.
         let r = Connection::open(envoy.listener_addr)?
             .get("/api/v1/dtables/5f3e2d1c-0b9a-4876-9543-210fedcba987/", &[])?;
-        let want = if v == Variant::BaseRouter {
+        let want = if matches!(v, Variant::BaseRouter | Variant::BaseRouterGuarded) {
             "dtable-server-2"
         } else {
             "dtable-server"
@@ -193,7 +226,12 @@ fn run() -> Result<()> {
                 r.header("x-served-by")
             );
         }
-        envoys.push((v, envoy, pid));
+        envoys.push(Measured {
+            variant: v,
+            envoy,
+            pids,
+            _guards: guards,
+        });
     }
 
     eprintln!(
@@ -207,8 +245,8 @@ fn run() -> Result<()> {
         mix.len()
     );
     if !args.warmup.is_zero() {
-        for (_, envoy, pid) in &envoys {
-            measure((envoy, *pid), &args, &script, args.warmup)?;
+        for m in &envoys {
+            measure(m, &args, &script, args.warmup)?;
         }
     }
 
@@ -217,12 +255,11 @@ fn run() -> Result<()> {
     for round in 0..args.rounds {
         for k in 0..envoys.len() {
             let i = (round + k) % envoys.len();
-            let (v, envoy, pid) = &envoys[i];
-            let run = measure((envoy, *pid), &args, &script, args.duration)?;
+            let run = measure(&envoys[i], &args, &script, args.duration)?;
             eprintln!(
                 "  round {} {:<45} {:>7.2} us/request {:>9.0} req/s",
                 round + 1,
-                v.label(),
+                envoys[i].variant.label(),
                 run.cpu_us_per_req,
                 run.rps
             );
@@ -250,7 +287,7 @@ fn run() -> Result<()> {
 
 fn render(
     args: &Args,
-    envoys: &[(Variant, Envoy, u32)],
+    envoys: &[Measured],
     runs: &[Vec<Run>],
     n_targets: usize,
 ) -> Result<String> {
@@ -277,7 +314,7 @@ fn render(
         "| configuration | CPU µs/request, median | range | ratio to passthrough, median | ratio range | req/s, median |"
     )?;
     writeln!(s, "|---|---|---|---|---|---|")?;
-    for (i, (v, _, _)) in envoys.iter().enumerate() {
+    for (i, v) in envoys.iter().map(|m| m.variant).enumerate() {
         let cpu: Vec<f64> = runs[i].iter().map(|r| r.cpu_us_per_req).collect();
         let rps: Vec<f64> = runs[i].iter().map(|r| r.rps).collect();
         let ratios: Vec<f64> = cpu.iter().zip(&base).map(|(c, b)| c / b).collect();
@@ -299,7 +336,7 @@ fn render(
     // base-router relative to the empty filter, per round.
     let noop: Vec<f64> = runs[1].iter().map(|r| r.cpu_us_per_req).collect();
     writeln!(s)?;
-    for (i, (v, _, _)) in envoys.iter().enumerate().skip(2) {
+    for (i, v) in envoys.iter().map(|m| m.variant).enumerate().skip(2) {
         let vs_noop: Vec<f64> = runs[i]
             .iter()
             .zip(&noop)
@@ -315,9 +352,39 @@ fn render(
             hi
         )?;
     }
+    // The guard hop beside the edge alone (base-router, shipped map), per round.
+    if let Some(g) = envoys
+        .iter()
+        .position(|m| m.variant == Variant::BaseRouterGuarded)
+    {
+        let edge: Vec<f64> = runs[2].iter().map(|r| r.cpu_us_per_req).collect();
+        let added: Vec<f64> = runs[g]
+            .iter()
+            .zip(&edge)
+            .map(|(r, e)| r.cpu_us_per_req - e)
+            .collect();
+        let ratio: Vec<f64> = runs[g]
+            .iter()
+            .zip(&edge)
+            .map(|(r, e)| r.cpu_us_per_req / e)
+            .collect();
+        let (alo, ahi) = bench::range(&added);
+        let (rlo, rhi) = bench::range(&ratio);
+        writeln!(
+            s,
+            "- a guard hop adds, per round: median {:.2} µs/request (range {:.2} – {:.2}); \
+             edge + guard / edge alone: median {:.2}× (range {:.2} – {:.2}).",
+            bench::median(&added),
+            alo,
+            ahi,
+            bench::median(&ratio),
+            rlo,
+            rhi
+        )?;
+    }
     writeln!(s)?;
     writeln!(s, "Per round, CPU µs/request:\n")?;
-    for (i, (v, _, _)) in envoys.iter().enumerate() {
+    for (i, v) in envoys.iter().map(|m| m.variant).enumerate() {
         let vals: Vec<String> = runs[i]
             .iter()
             .map(|r| format!("{:.2}", r.cpu_us_per_req))
