@@ -49,18 +49,21 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct Api {
     plane: Arc<ControlPlane>,
+    /// Reads and changes.
     token: Arc<str>,
+    /// Reads only.
+    read_token: Option<Arc<str>>,
 }
 
-/// The API's router.
-pub fn router(plane: Arc<ControlPlane>, token: &str) -> Router {
+/// The API's router. Every `/v1/*` request needs a token (`read_token` or `token`);
+/// changes need `token`. `/healthz`, `/metrics` and the REST xDS of Envoys are open.
+pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -> Router {
     let api = Api {
         plane,
         token: Arc::from(token),
+        read_token: read_token.map(Arc::from),
     };
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    let v1 = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/map", get(active_map))
         .route("/v1/maps", get(history).post(propose))
@@ -73,6 +76,14 @@ pub fn router(plane: Arc<ControlPlane>, token: &str) -> Router {
         .route("/v1/rollouts/current/abort", post(rollout_abort))
         .route("/v1/rollouts/{id}", get(one_rollout))
         .route("/v1/audit", get(audit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
         .route("/v3/discovery:extension_configs", post(rest_ecds))
         .route("/v3/discovery:clusters", post(rest_cds))
         .fallback(not_found)
@@ -154,14 +165,43 @@ pub fn moved_problems(plan: &Plan) -> Vec<Problem> {
     slots.chain(pins).collect()
 }
 
-/// `Ok` when the request carries the API token.
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
+/// The bearer token a request carries (empty when none).
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if constant_time_eq(given.as_bytes(), api.token.as_bytes()) {
+        .unwrap_or_default()
+}
+
+/// Every `/v1/*` request: the read-only token or the change token may pass (a change
+/// checks the change token again in its handler).
+async fn require_token(
+    State(api): State<Api>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = bearer(request.headers()).as_bytes();
+    let change = constant_time_eq(given, api.token.as_bytes());
+    let read = api
+        .read_token
+        .as_ref()
+        .is_some_and(|t| constant_time_eq(given, t.as_bytes()));
+    if change || read {
+        return next.run(request).await;
+    }
+    api.plane.metrics().api_error();
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "the API needs `Authorization: Bearer TOKEN`: the read-only token or the change token \
+         (seactl sends $SEASHARD_TOKEN)",
+    )
+    .into_response()
+}
+
+/// `Ok` when the request carries the change token.
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+    if constant_time_eq(bearer(headers).as_bytes(), api.token.as_bytes()) {
         Ok(())
     } else {
         api.plane.metrics().api_error();
@@ -260,7 +300,8 @@ fn acked_map_version(node: &Node) -> Option<u64> {
 struct ServerStatus {
     name: String,
     address: String,
-    restart: crate::config::RestartHook,
+    /// Its restart hook, secrets redacted.
+    restart: Value,
     /// Every request reaches it through its guard.
     guarded: bool,
     /// Its guards (instance keys) and whether each is connected.
@@ -340,7 +381,7 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
                 last_restart_at: state.and_then(|x| x.last_restart_at),
                 name: s.name.clone(),
                 address: s.address.clone(),
-                restart: s.restart.clone(),
+                restart: s.restart.redacted(),
                 guarded: s.guarded,
                 guards: nodes
                     .iter()

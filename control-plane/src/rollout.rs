@@ -808,22 +808,26 @@ async fn run_hook(
         RestartHook::Http {
             method,
             url,
-            headers,
             timeout,
+            ..
         } => {
             let timeout = timeout.unwrap_or(default_timeout);
-            let headers: Vec<(String, String)> = headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            // Messages name the hook, never its secrets (header values, user info,
+            // query values), even when the answer echoes them.
+            let secrets = hook.secrets();
+            let shown = crate::config::redact_url(url);
+            let headers = hook.http_headers()?;
             match tokio::time::timeout(timeout, health::request(method, url, &headers)).await {
                 Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
                 Ok(Ok((status, body))) => Err(format!(
-                    "{method} {url} answered {status}: {}",
-                    body.chars().take(200).collect::<String>()
+                    "{method} {shown} answered {status}: {}",
+                    crate::config::scrub(&body.chars().take(200).collect::<String>(), &secrets)
                 )),
-                Ok(Err(e)) => Err(format!("{method} {url}: {e}")),
-                Err(_) => Err(format!("{method} {url}: no answer within {timeout:?}")),
+                Ok(Err(e)) => Err(format!(
+                    "{method} {shown}: {}",
+                    crate::config::scrub(&e, &secrets)
+                )),
+                Err(_) => Err(format!("{method} {shown}: no answer within {timeout:?}")),
             }
         }
         RestartHook::Manual => {

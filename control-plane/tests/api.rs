@@ -8,6 +8,7 @@ use control_plane::{Config, ControlPlane, Running};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token-0123";
+const READ_TOKEN: &str = "read-only-token-4567";
 
 /// A control plane serving on loopback in its own runtime; dropped = killed.
 struct Cp {
@@ -27,6 +28,7 @@ fn config(dir: &Path, ping: &str) -> Config {
         path = "state.db"
         [api]
         token = "{TOKEN}"
+        read_token = "{READ_TOKEN}"
         [filter]
         wasm = "/opt/base-router.wasm"
         [[server]]
@@ -134,7 +136,7 @@ fn changes_without_the_token_get_401() {
     }
     let (status, _) = call("DELETE", &format!("{}/v1/nodes/x", cp.base), None, None);
     assert_eq!(status, 401);
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
     assert_eq!(active["version"], 1);
     let (status, _) = call("POST", &url, Some(TOKEN), Some(&map));
     assert_eq!(status, 200);
@@ -184,7 +186,7 @@ fn an_invalid_map_gets_422_with_every_problem() {
             .unwrap()
             .contains("colour")
     );
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
     assert_eq!(active["version"], 1);
     cp.stop();
 }
@@ -220,16 +222,17 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Cp::start(dir.path());
     let url = format!("{}/v1/maps?dry_run=true", cp.base);
-    let (status, body) = call("POST", &url, None, Some(&moving_map()));
+    // A dry run is a read: the read-only token may plan.
+    let (status, body) = call("POST", &url, Some(READ_TOKEN), Some(&moving_map()));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["dry_run"], true);
     assert_eq!(body["applied"], false);
     assert_eq!(body["needs_rollout"], true);
     assert_eq!(body["plan"]["slots"][0]["range"], "8-f");
     assert_eq!(body["plan"]["losing"], json!(["dtable-server"]));
-    let (_, history) = call("GET", &format!("{}/v1/maps", cp.base), None, None);
+    let (_, history) = call("GET", &format!("{}/v1/maps", cp.base), Some(TOKEN), None);
     assert_eq!(history["versions"].as_array().unwrap().len(), 1);
-    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), None, None);
+    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), Some(TOKEN), None);
     assert_eq!(audit["entries"].as_array().unwrap().len(), 1);
     let (status, body) = call(
         "POST",
@@ -245,7 +248,7 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
 fn every_error_is_json() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Cp::start(dir.path());
-    let (status, body) = call("GET", &format!("{}/v1/maps/abc", cp.base), None, None);
+    let (status, body) = call("GET", &format!("{}/v1/maps/abc", cp.base), Some(TOKEN), None);
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("abc"));
     let (status, body) = call("GET", &format!("{}/v2/nothing", cp.base), None, None);
@@ -282,7 +285,7 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     // Both servers have manual hooks: the rollout waits for the first one.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), None, None);
+        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), Some(TOKEN), None);
         if r["waiting_for_confirm"] == "dtable-server" {
             assert_eq!(r["state"], "restart");
             break;
@@ -290,7 +293,7 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
         assert!(std::time::Instant::now() < deadline, "{r}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
     assert_eq!(active["kind"], "fence");
     // Abort without the token: 401; with it: rolled back to the old map.
     let abort = format!("{}/v1/rollouts/current/abort", cp.base);
@@ -298,14 +301,14 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     assert_eq!(call("POST", &abort, Some(TOKEN), Some(&json!({}))).0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), None, None);
+        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), Some(TOKEN), None);
         if r["state"] == "rolled_back" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{r}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
     assert_eq!(active["kind"], "rollback");
     assert_eq!(active["version"], 3);
     cp.stop();
@@ -329,19 +332,19 @@ fn a_non_moving_map_is_applied_and_survives_a_restart() {
     let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
     assert_eq!((status, body["unchanged"].as_bool()), (200, Some(true)));
     assert_eq!(body["version"], 2);
-    let (_, one) = call("GET", &format!("{}/v1/maps/2", cp.base), None, None);
+    let (_, one) = call("GET", &format!("{}/v1/maps/2", cp.base), Some(TOKEN), None);
     assert_eq!(one["author"], "alice");
     assert_eq!(one["comment"], "admin to server 2");
-    let (status, _) = call("GET", &format!("{}/v1/maps/9", cp.base), None, None);
+    let (status, _) = call("GET", &format!("{}/v1/maps/9", cp.base), Some(TOKEN), None);
     assert_eq!(status, 404);
     cp.stop();
 
     let cp = Cp::start(dir.path());
     assert_eq!(cp.plane.snapshot().ecds.version, ecds);
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), None, None);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
     assert_eq!(active["version"], 2);
     assert_eq!(active["map"]["paths"][0]["server"], "dtable-server-2");
-    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), None, None);
+    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), Some(TOKEN), None);
     assert_eq!(audit["entries"][0]["actor"], "alice");
     cp.stop();
 }
@@ -371,7 +374,7 @@ fn rest_xds_answers_304_when_current() {
     );
     let (status, _) = call("POST", &url, None, Some(&req(&version)));
     assert_eq!(status, 304);
-    let (_, node) = call("GET", &format!("{}/v1/nodes/rest-1", cp.base), None, None);
+    let (_, node) = call("GET", &format!("{}/v1/nodes/rest-1", cp.base), Some(TOKEN), None);
     assert_eq!(node["transport"], "rest");
     assert_eq!(node["types"]["ecds"]["acked_version"], version.as_str());
     assert_eq!(node["state"]["ecds"], "current");
@@ -405,7 +408,7 @@ fn health_metrics_and_servers() {
     let cp = Cp::start_with(config(dir.path(), &ping));
     let (status, body) = call("GET", &format!("{}/healthz", cp.base), None, None);
     assert_eq!((status, &body["ok"]), (200, &json!(true)));
-    let (status, body) = call("GET", &format!("{}/v1/servers", cp.base), None, None);
+    let (status, body) = call("GET", &format!("{}/v1/servers", cp.base), Some(TOKEN), None);
     assert_eq!(status, 200);
     let servers = body["servers"].as_array().unwrap();
     assert_eq!(servers[0]["health"]["up"], true, "{body}");
@@ -421,9 +424,63 @@ fn health_metrics_and_servers() {
         .unwrap();
     assert!(metrics.contains("seashard_map_version 1"), "{metrics}");
     assert!(metrics.contains("seashard_nodes{state=\"connected\"} 0"));
-    let (status, body) = call("GET", &format!("{}/v1/status", cp.base), None, None);
+    let (status, body) = call("GET", &format!("{}/v1/status", cp.base), Some(TOKEN), None);
     assert_eq!(status, 200);
     assert_eq!(body["version"], 1);
     assert!(body["ecds_version"].as_str().unwrap().starts_with("1-"));
+    cp.stop();
+}
+
+#[test]
+fn every_v1_endpoint_needs_a_token_and_only_the_change_token_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start_with(config(dir.path(), "http://127.0.0.1:1/ping/"));
+    let reads = [
+        "/v1/status",
+        "/v1/map",
+        "/v1/maps",
+        "/v1/maps/1",
+        "/v1/nodes",
+        "/v1/nodes/x",
+        "/v1/servers",
+        "/v1/rollouts",
+        "/v1/rollouts/1",
+        "/v1/audit",
+    ];
+    for path in reads {
+        let url = format!("{}{path}", cp.base);
+        for token in [None, Some("wrong-token-0000")] {
+            let (status, body) = call("GET", &url, token, None);
+            assert_eq!(status, 401, "GET {path} with {token:?}: {body}");
+            assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        }
+        for token in [READ_TOKEN, TOKEN] {
+            let (status, body) = call("GET", &url, Some(token), None);
+            assert_ne!(status, 401, "GET {path}: {body}");
+        }
+    }
+    // The read-only token changes nothing.
+    let map = json!({"map": {"default": "dtable-server",
+        "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]}});
+    let url = format!("{}/v1/maps", cp.base);
+    let (status, _) = call("POST", &url, Some(READ_TOKEN), Some(&map));
+    assert_eq!(status, 401);
+    let (status, _) = call("POST", &url, None, Some(&map));
+    assert_eq!(status, 401);
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(READ_TOKEN), None);
+    assert_eq!(active["version"], 1, "{active}");
+    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    assert_eq!(status, 200, "{body}");
+    // Health and metrics stay open, and carry no map.
+    let (status, _) = call("GET", &format!("{}/healthz", cp.base), None, None);
+    assert_eq!(status, 200);
+    let metrics = agent()
+        .get(&format!("{}/metrics", cp.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(!metrics.contains("dtable-server-2"), "{metrics}");
     cp.stop();
 }

@@ -579,7 +579,11 @@ fn abort_and_manual_confirmation_through_the_api() {
         )
     };
     let get = |path: &str| -> Value {
-        let mut r = agent.get(format!("{}{path}", cp.api())).call().unwrap();
+        let mut r = agent
+            .get(format!("{}{path}", cp.api()))
+            .header("authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap();
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
     };
 
@@ -944,6 +948,7 @@ fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
     assert!(body.contains("edge-1") && body.contains(&from[1]), "{body}");
     let status: Value = serde_json::from_str(
         &ureq::get(format!("{}/v1/status", cp.api()))
+            .header("authorization", &format!("Bearer {TOKEN}"))
             .call()
             .unwrap()
             .body_mut()

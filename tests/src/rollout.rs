@@ -127,9 +127,10 @@ impl ControlPlaneProcess {
         Ok((r.status, r.json()?))
     }
 
-    /// `GET path` as JSON (an error while the process is down).
+    /// `GET path` as JSON, with the token (an error while the process is down).
     pub fn get_json(&self, path: &str) -> Result<Value> {
-        get(self.http, path, &[])?.json()
+        let auth = format!("Bearer {TOKEN}");
+        get(self.http, path, &[("authorization", auth.as_str())])?.json()
     }
 
     /// Waits until every node in `ids` is connected and ACKed the current filter config.

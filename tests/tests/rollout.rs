@@ -82,7 +82,7 @@ impl Cp {
     /// Waits until every node in `ids` is connected and ACKed the current filter config.
     fn wait_current(&self, ids: &[&str]) -> Result<()> {
         wait_until(CONVERGE, &format!("nodes {ids:?} to be current"), || {
-            let s = get(self.http, "/v1/status", &[])?.json()?;
+            let s = self.get_json("/v1/status")?;
             let ok = ids.iter().all(|id| {
                 s["nodes"].as_array().is_some_and(|a| {
                     a.iter().any(|n| {

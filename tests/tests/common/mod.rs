@@ -62,9 +62,10 @@ impl Cp {
         self.rt.block_on(future)
     }
 
-    /// `GET path` as JSON.
+    /// `GET path` as JSON, with the token.
     pub fn get_json(&self, path: &str) -> Result<Value> {
-        get(self.http, path, &[])?.json()
+        let auth = format!("Bearer {TOKEN}");
+        get(self.http, path, &[("authorization", auth.as_str())])?.json()
     }
 
     /// `GET /v1/status`.
