@@ -484,3 +484,30 @@ fn every_v1_endpoint_needs_a_token_and_only_the_change_token_changes() {
     assert!(!metrics.contains("dtable-server-2"), "{metrics}");
     cp.stop();
 }
+
+#[test]
+fn a_key_given_twice_is_refused_naming_it_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v1/maps", cp.base);
+    let agent = agent();
+    for body in [
+        r#"{"map": {"default": "dtable-server", "slots": {"0-f": "dtable-server", "0-f": "dtable-server-2"}}}"#,
+        r#"{"default": "dtable-server", "default": "dtable-server-2"}"#,
+        r#"{"map": {"default": "dtable-server"}, "comment": "a", "comment": "b"}"#,
+    ] {
+        let mut resp = agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap();
+        assert_eq!(status, 422, "{body}: {text}");
+        assert!(text.contains("is given twice"), "{text}");
+    }
+    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    assert_eq!(active["version"], 1);
+    cp.stop();
+}

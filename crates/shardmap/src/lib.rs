@@ -21,6 +21,7 @@ mod plan;
 mod problem;
 mod rebalance;
 mod router;
+mod unique;
 mod uuid;
 
 pub use config::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, RouterConfig};
@@ -34,4 +35,5 @@ pub use plan::{Move, PinChange, Plan, SlotMove, diff, owners_within};
 pub use problem::{Problem, Problems};
 pub use rebalance::{Change, Rebalance, RebalanceError, rebalance};
 pub use router::{Decision, Fence, Reason, Router};
+pub use unique::check_unique_keys;
 pub use uuid::{BaseUuid, extract};

@@ -36,10 +36,18 @@ pub struct ShardMap {
     #[serde(default)]
     pub default: String,
     /// Hex-prefix ranges of the base_uuid → server. Empty, or tiling the space exactly once.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::unique::unique_string_map"
+    )]
     pub slots: BTreeMap<String, String>,
     /// base_uuid prefixes → server; the longest matching pin wins over the slots.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::unique::unique_string_map"
+    )]
     pub pins: BTreeMap<String, String>,
     /// Rules for requests that carry no base, tried in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -240,3 +240,28 @@ fn router_config_problems() {
     assert_eq!(ok.header, "x-dtable-server");
     assert!(ok.compile().is_ok());
 }
+
+#[test]
+fn a_slot_or_pin_given_twice_is_refused_naming_it() {
+    // serde_json alone would keep the last value silently.
+    let e = ShardMap::from_json(r#"{"default": "a", "slots": {"0-f": "a", "0-f": "b"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the key `0-f` is given twice"), "{e}");
+    let e = ShardMap::from_json(
+        r#"{"default": "a", "slots": {"0-f": "a"}, "pins": {"ab": "a", "ab": "a"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the key `ab` is given twice"), "{e}");
+    let e = ShardMap::from_json(r#"{"default": "a", "default": "b"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate field `default`"), "{e}");
+    let e = RouterConfig::from_json(
+        r#"{"version": 1, "map": {"default": "a", "slots": {"0-f": "a", "0-f": "b"}}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the key `0-f` is given twice"), "{e}");
+}

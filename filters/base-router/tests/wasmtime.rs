@@ -227,6 +227,8 @@ fn invalid_configuration_is_refused_and_the_previous_map_stays() {
         r#"{"version": 2, "map": {"default": "a", "slots": {"0-7": "a"}}}"#.to_owned(),
         r#"{"version": 2, "map": {"default": "a"}, "surprise": true}"#.to_owned(),
         r#"{"version": 2, "header": "Bad Header", "map": {"default": "a"}}"#.to_owned(),
+        // A slot given twice: which server is meant cannot be told.
+        r#"{"version": 2, "map": {"default": "a", "slots": {"0-f": "a", "0-f": "b"}}}"#.to_owned(),
         String::new(),
     ];
     for b in &bad {
