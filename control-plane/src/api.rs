@@ -521,6 +521,13 @@ async fn propose(
     };
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| unprocessable("", format!("the body is not JSON: {e}")))?;
+    // `Value` keeps the last of a repeated key: refuse one before it is lost.
+    if let Err(e) = std::str::from_utf8(&body)
+        .map_err(|e| e.to_string())
+        .and_then(shardmap::check_unique_keys)
+    {
+        return Err(unprocessable("", e));
+    }
     let envelope = if value.get("map").is_some() {
         serde_json::from_value::<Envelope>(value)
             .map_err(|e| unprocessable("", format!("not a proposal: {e}")))?
