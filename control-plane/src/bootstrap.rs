@@ -112,6 +112,20 @@ pub struct Options {
     /// The guarded dtable-server's own address, `host:port` (guard only): it must be
     /// reachable only through the guard (loopback, or a firewalled port).
     pub upstream: String,
+    /// TLS to the control plane; `None`: plain (one host, or a private network).
+    pub tls: Option<ControlPlaneTls>,
+}
+
+/// How an Envoy reaches the control plane over TLS (`--tls-ca`, `--tls-cert`,
+/// `--tls-key`). Paths are files on the Envoy host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlaneTls {
+    /// The CA that signed the control plane's certificate. Envoy also checks that
+    /// the certificate names the host of `--control-plane` (DNS name or IP address).
+    pub ca: PathBuf,
+    /// This Envoy's client certificate and key, for ADS over mutual TLS
+    /// (`[listen.tls]`): the certificate's CN should be the node id.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 impl Options {
@@ -133,6 +147,7 @@ impl Options {
             header: shardmap::DEFAULT_HEADER.into(),
             default_server: "dtable-server".into(),
             upstream: DEFAULT_GUARD_UPSTREAM.into(),
+            tls: None,
         }
     }
 }
@@ -360,6 +375,10 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
             ),
         ),
     };
+    let cp_cluster_head = match &o.tls {
+        Some(tls) => format!("{cp_cluster_head}{}", transport_socket(tls, cp_host, o.xds)),
+        None => cp_cluster_head,
+    };
     let over = if o.xds == Xds::Rest {
         "by REST polling"
     } else {
@@ -565,6 +584,62 @@ admin:
     Ok(y)
 }
 
+/// The control plane cluster's `transport_socket`: TLS, the server's certificate
+/// checked against the CA and the host's name or address, and (mutual TLS) this
+/// Envoy's certificate.
+fn transport_socket(tls: &ControlPlaneTls, cp_host: &str, xds: Xds) -> String {
+    let file = |p: &PathBuf| yaml_str(&p.to_string_lossy());
+    let is_ip = cp_host.parse::<std::net::IpAddr>().is_ok();
+    let (alpn, protocol) = match xds {
+        Xds::Grpc => ("h2", "gRPC needs HTTP/2"),
+        Xds::Rest => ("http/1.1", "REST polls over HTTP/1.1"),
+    };
+    let mut y = format!(
+        "    # TLS to the control plane: its certificate must be signed by trusted_ca and
+    # name {cp_host}{client_note}.
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+",
+        client_note = if tls.client.is_some() {
+            "; this Envoy shows its own (mutual TLS: `[listen.tls]`)"
+        } else {
+            ""
+        },
+    );
+    if !is_ip {
+        let _ = writeln!(y, "        sni: {}", yaml_str(cp_host));
+    }
+    let _ = writeln!(
+        y,
+        "        common_tls_context:
+          alpn_protocols: [{alpn}]    # {protocol}"
+    );
+    if let Some((cert, key)) = &tls.client {
+        let _ = writeln!(
+            y,
+            "          tls_certificates:
+          - certificate_chain: {{ filename: {} }}
+            private_key: {{ filename: {} }}",
+            file(cert),
+            file(key)
+        );
+    }
+    let _ = writeln!(
+        y,
+        "          validation_context:
+            trusted_ca: {{ filename: {} }}
+            match_typed_subject_alt_names:
+            - san_type: {}
+              matcher: {{ exact: {} }}",
+        file(&tls.ca),
+        if is_ip { "IP_ADDRESS" } else { "DNS" },
+        yaml_str(cp_host)
+    );
+    y
+}
+
 /// True for a name or address of this host itself.
 fn is_local_host(host: &str) -> bool {
     host == "localhost"
@@ -764,6 +839,62 @@ mod tests {
             sanitize_hostname(&"a".repeat(100)).map(|h| h.len()),
             Some(63)
         );
+    }
+
+    #[test]
+    fn tls_to_the_control_plane() {
+        let plain = render(&options(Kind::Edge)).unwrap();
+        assert!(!plain.contains("transport_socket"));
+        let tls = ControlPlaneTls {
+            ca: "/etc/seashard/tls/ca.crt".into(),
+            client: Some((
+                "/etc/seashard/tls/edge-1.crt".into(),
+                "/etc/seashard/tls/edge-1 key.pem".into(),
+            )),
+        };
+        let y = render(&Options {
+            control_plane: "cp.example:18000".into(),
+            tls: Some(tls.clone()),
+            ..options(Kind::Edge)
+        })
+        .unwrap();
+        for line in [
+            "    transport_socket:\n",
+            "        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n",
+            "        sni: cp.example\n",
+            "          alpn_protocols: [h2]",
+            "          - certificate_chain: { filename: /etc/seashard/tls/edge-1.crt }\n",
+            "            private_key: { filename: \"/etc/seashard/tls/edge-1 key.pem\" }\n",
+            "            trusted_ca: { filename: /etc/seashard/tls/ca.crt }\n",
+            "            - san_type: DNS\n              matcher: { exact: cp.example }\n",
+        ] {
+            assert!(y.contains(line), "{line:?} not in\n{y}");
+        }
+        // On the control plane's cluster, before its endpoints.
+        let at = |s: &str| y.find(s).unwrap();
+        assert!(at("- name: seashard_control_plane") < at("transport_socket:"));
+        assert!(
+            at("transport_socket:")
+                < at("load_assignment:\n      cluster_name: seashard_control_plane")
+        );
+
+        // An address: no SNI, the address checked; REST speaks HTTP/1.1; no client
+        // certificate given, none shown.
+        let y = render(&Options {
+            control_plane: "10.0.0.5:18080".into(),
+            xds: Xds::Rest,
+            tls: Some(ControlPlaneTls {
+                client: None,
+                ..tls
+            }),
+            ..options(Kind::Sidecar)
+        })
+        .unwrap();
+        assert!(!y.contains("sni:"), "{y}");
+        assert!(!y.contains("tls_certificates"), "{y}");
+        assert!(y.contains("alpn_protocols: [http/1.1]"), "{y}");
+        assert!(y.contains("san_type: IP_ADDRESS"), "{y}");
+        assert!(y.contains("matcher: { exact: 10.0.0.5 }"), "{y}");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! [listen]
 //! grpc = "127.0.0.1:18000"           # ADS (ECDS + CDS) for the Envoys
 //! http = "127.0.0.1:18080"           # HTTP API, REST xDS, /metrics
+//! # [listen.tls]                     # ADS over mutual TLS (paths relative to this file)
+//! # cert = "tls/control-plane.crt", key = "tls/control-plane.key", client_ca = "tls/ca.crt"
+//! # require_node_id_match = true     # node id = the client certificate's CN or DNS name
 //!
 //! [store]
 //! path = "/var/lib/seashard/seashard.db"
@@ -98,6 +101,39 @@ pub struct Listen {
     /// How long a ping may go unanswered before the connection is closed.
     #[serde(default = "default_keepalive_timeout", with = "duration")]
     pub keepalive_timeout: Duration,
+    /// `[listen.tls]`: ADS over mutual TLS. Without it, ADS is plain gRPC (for a
+    /// single host or a private network only).
+    #[serde(default)]
+    pub tls: Option<ListenTls>,
+}
+
+/// `[listen.tls]`: ADS over mutual TLS: every Envoy must show a client certificate
+/// signed by `client_ca`. Paths are relative to the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    /// The control plane's certificate (PEM, chain after it).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA (PEM, one or more certificates) that signs the Envoys' client
+    /// certificates.
+    pub client_ca: PathBuf,
+    /// The node id an Envoy sends must be its certificate's subject CN or one of its
+    /// DNS names; a stream that names another is ended with `PERMISSION_DENIED`.
+    #[serde(default)]
+    pub require_node_id_match: bool,
+}
+
+/// `[api.tls]`: the HTTP API (with REST xDS and `/metrics`) over HTTPS only. Paths
+/// are relative to the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// The server certificate (PEM, chain after it).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 fn default_keepalive_interval() -> Duration {
@@ -126,6 +162,9 @@ pub struct ApiConfig {
     /// The environment variable holding the bearer token (preferred over `token`).
     #[serde(default)]
     pub token_env: Option<String>,
+    /// `[api.tls]`: serve the API over HTTPS only.
+    #[serde(default)]
+    pub tls: Option<ApiTls>,
 }
 
 /// How Envoy runs the base-router filter (what goes into the ECDS resource).
@@ -268,6 +307,16 @@ impl Config {
         let dir = path.parent().unwrap_or(Path::new("."));
         config.store.path = dir.join(&config.store.path);
         config.initial_map = config.initial_map.map(|p| dir.join(p));
+        if let Some(t) = &mut config.listen.tls {
+            for p in [&mut t.cert, &mut t.key, &mut t.client_ca] {
+                *p = dir.join(&*p);
+            }
+        }
+        if let Some(t) = &mut config.api.tls {
+            for p in [&mut t.cert, &mut t.key] {
+                *p = dir.join(&*p);
+            }
+        }
         Ok(config)
     }
 

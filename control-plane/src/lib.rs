@@ -13,14 +13,18 @@
 //!   roll back), each step stored before it acts, resumed after a restart.
 //! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum).
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
+//! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
+//!   certificate proves; [`certs`]: a small CA for installs without a PKI.
 //!
 //! It never decides where a base lives: validation, routing and plans are
 //! `shardmap`'s.
 
 pub mod api;
 pub mod bootstrap;
+pub mod certs;
 pub mod config;
 pub mod health;
+pub mod identity;
 pub mod metrics;
 pub mod nodes;
 pub mod plane;
@@ -29,6 +33,7 @@ pub mod rollout;
 pub mod server;
 pub mod signals;
 pub mod store;
+pub mod tls;
 pub mod xds;
 
 pub use config::{Config, ConfigError, RestartHook, ServerConfig};

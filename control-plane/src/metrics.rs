@@ -28,6 +28,34 @@ pub struct Metrics {
     server_restarts: AtomicU64,
     /// 1 while a rollout runs here.
     rollout_running: AtomicU64,
+    /// Per [`TlsListener`]: handshakes refused or not completed in time.
+    tls_handshake_failures: [AtomicU64; 2],
+    /// ADS streams ended because the node id is not the client certificate's.
+    node_id_refusals: AtomicU64,
+}
+
+/// A listener that speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsListener {
+    /// ADS (`[listen.tls]`).
+    Ads,
+    /// The HTTP API (`[api.tls]`).
+    Api,
+}
+
+impl TlsListener {
+    const ALL: [TlsListener; 2] = [TlsListener::Ads, TlsListener::Api];
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TlsListener::Ads => "ads",
+            TlsListener::Api => "api",
+        }
+    }
 }
 
 fn slot(t: ResourceType) -> usize {
@@ -73,6 +101,16 @@ impl Metrics {
     pub fn rollout_running(&self, running: bool) {
         self.rollout_running
             .store(u64::from(running), Ordering::Relaxed);
+    }
+
+    /// A TLS handshake on `l` was refused (e.g. no or an untrusted client
+    /// certificate) or not completed in time.
+    pub fn tls_handshake_failed(&self, l: TlsListener) {
+        self.tls_handshake_failures[l.slot()].fetch_add(1, Ordering::Relaxed);
+    }
+    /// An ADS stream named a node id its client certificate does not carry.
+    pub fn node_id_refused(&self) {
+        self.node_id_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Responses of type `t` sent so far.
@@ -168,6 +206,27 @@ impl Metrics {
             "gauge",
             "1 while a rollout runs.",
             &[(String::new(), self.rollout_running.load(Ordering::Relaxed))],
+        );
+        let handshakes: Vec<(String, u64)> = TlsListener::ALL
+            .iter()
+            .map(|l| {
+                (
+                    format!("{{listener=\"{}\"}}", l.as_str()),
+                    self.tls_handshake_failures[l.slot()].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        metric(
+            "seashard_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes refused (no or an untrusted certificate, not TLS) or not completed in time.",
+            &handshakes,
+        );
+        metric(
+            "seashard_ads_node_id_refused_total",
+            "counter",
+            "ADS streams ended with PERMISSION_DENIED: the node id is not the client certificate's.",
+            &[(String::new(), self.node_id_refusals.load(Ordering::Relaxed))],
         );
         let connected = nodes.iter().filter(|n| n.connected).count() as u64;
         metric(

@@ -1,5 +1,6 @@
 //! Runs the control plane: binds the gRPC (ADS) and HTTP listeners, and a task that
-//! writes node changes to the store in batches.
+//! writes node changes to the store in batches. With `[listen.tls]` ADS is served
+//! over mutual TLS, with `[api.tls]` the API over HTTPS ([`crate::tls`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::metrics::TlsListener;
 use crate::plane::ControlPlane;
+use crate::tls::{self, TlsError};
 use crate::xds::Ads;
 
 /// How often changed nodes are written to the store.
@@ -29,6 +32,8 @@ pub enum ServeError {
     },
     #[error("{what} server failed: {message}")]
     Failed { what: &'static str, message: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A running control plane.
@@ -47,6 +52,19 @@ pub struct Running {
 /// Binds both listeners and starts serving `plane`.
 pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, ServeError> {
     let listen = plane.config().listen.clone();
+    // Every TLS file is read before anything listens: a bad one fails the start.
+    let ads_tls = listen
+        .tls
+        .as_ref()
+        .map(tls::ads_server_config)
+        .transpose()?;
+    let api_tls = plane
+        .config()
+        .api
+        .tls
+        .as_ref()
+        .map(tls::api_server_config)
+        .transpose()?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -67,29 +85,76 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     };
     let ads = Ads::new(plane.clone(), stopped.clone()).into_service();
     let grpc_stop = until(stopped.clone());
+    // With TLS, handshakes run beside the servers, which get established streams.
+    let with_tls = |l: TcpListener, config, what, which: TlsListener, addr| {
+        let p = plane.clone();
+        tls::incoming(l, config, what, move || {
+            p.metrics().tls_handshake_failed(which)
+        })
+        .map_err(|source| ServeError::Bind { what, addr, source })
+    };
+    let grpc_incoming = match ads_tls {
+        Some(c) => Incoming::Tls(with_tls(
+            grpc_listener,
+            c,
+            "ADS gRPC",
+            TlsListener::Ads,
+            grpc_addr,
+        )?),
+        None => Incoming::Plain(grpc_listener),
+    };
+    let http_incoming = match api_tls {
+        Some(c) => Incoming::Tls(with_tls(
+            http_listener,
+            c,
+            "HTTP API",
+            TlsListener::Api,
+            http_addr,
+        )?),
+        None => Incoming::Plain(http_listener),
+    };
     let grpc = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(listen.keepalive_interval))
             .http2_keepalive_timeout(Some(listen.keepalive_timeout))
-            .add_service(ads)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stop)
-            .await
-            .map_err(|e| ServeError::Failed {
-                what: "ADS gRPC",
-                message: e.to_string(),
-            })
+            .add_service(ads);
+        match grpc_incoming {
+            Incoming::Tls(tls) => {
+                server
+                    .serve_with_incoming_shutdown(tls.into_stream(), grpc_stop)
+                    .await
+            }
+            Incoming::Plain(tcp) => {
+                server
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), grpc_stop)
+                    .await
+            }
+        }
+        .map_err(|e| ServeError::Failed {
+            what: "ADS gRPC",
+            message: e.to_string(),
+        })
     });
     let app = crate::api::router(plane.clone(), token);
     let http_stop = until(stopped.clone());
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(http_stop)
-            .await
-            .map_err(|e| ServeError::Failed {
-                what: "HTTP API",
-                message: e.to_string(),
-            })
+        match http_incoming {
+            Incoming::Tls(tls) => {
+                axum::serve(tls, app)
+                    .with_graceful_shutdown(http_stop)
+                    .await
+            }
+            Incoming::Plain(tcp) => {
+                axum::serve(tcp, app)
+                    .with_graceful_shutdown(http_stop)
+                    .await
+            }
+        }
+        .map_err(|e| ServeError::Failed {
+            what: "HTTP API",
+            message: e.to_string(),
+        })
     });
     let flusher = tokio::spawn(flush_loop(plane.clone(), stopped));
     match crate::rollout::resume(&plane) {
@@ -97,7 +162,13 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "cannot resume the stored rollout"),
     }
-    tracing::info!(%grpc_addr, %http_addr, "control plane listening");
+    tracing::info!(
+        %grpc_addr,
+        %http_addr,
+        ads_mtls = plane.config().listen.tls.is_some(),
+        api_https = plane.config().api.tls.is_some(),
+        "control plane listening"
+    );
     Ok(Running {
         grpc_addr,
         http_addr,
@@ -107,6 +178,12 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
         http,
         flusher,
     })
+}
+
+/// A listener, plain or with TLS.
+enum Incoming {
+    Plain(TcpListener),
+    Tls(tls::TlsIncoming),
 }
 
 /// Writes node changes every [`FLUSH_EVERY`] until stopped, then once more.

@@ -1,6 +1,11 @@
 //! ADS over gRPC, state of the world: one task per Envoy stream answers its requests
 //! and, when a new snapshot is published, sends it what it does not run yet. Every
 //! stream watches the same snapshot, so a push reaches all of them at once.
+//!
+//! With `[listen.tls] require_node_id_match`, the node id the first request names
+//! must be one the stream's client certificate carries ([`crate::identity`]): else
+//! the stream ends with `PERMISSION_DENIED` before the node is known to the registry,
+//! so it is never counted and never waited for.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -36,11 +42,26 @@ pub struct Ads {
     plane: Arc<ControlPlane>,
     /// Becomes true when the control plane stops: every stream ends.
     stop: watch::Receiver<bool>,
+    /// `[listen.tls] require_node_id_match`.
+    bind_node_ids: bool,
 }
+
+/// The client certificates of a stream whose node id must be one of theirs.
+type Binding = Option<Arc<Vec<CertificateDer<'static>>>>;
 
 impl Ads {
     pub fn new(plane: Arc<ControlPlane>, stop: watch::Receiver<bool>) -> Ads {
-        Ads { plane, stop }
+        let bind_node_ids = plane
+            .config()
+            .listen
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.require_node_id_match);
+        Ads {
+            plane,
+            stop,
+            bind_node_ids,
+        }
     }
 
     /// As a tonic service, ready for `Server::add_service`.
@@ -66,6 +87,7 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let binding: Option<Binding> = self.bind_node_ids.then(|| request.peer_certs());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let plane = self.plane.clone();
@@ -73,14 +95,14 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let mut stream = Stream::new(peer);
             let result = tokio::select! {
-                r = run_stream(&plane, &mut stream, inbound, &tx) => r,
+                r = run_stream(&plane, &mut stream, binding.as_ref(), inbound, &tx) => r,
                 _ = stop.wait_for(|s| *s) => Err(Status::unavailable("the control plane is stopping")),
             };
             plane.registry().close(&stream);
             match result {
                 Ok(()) => tracing::info!(node = ?stream.node_id(), ?peer, "ADS stream closed"),
                 Err(status) => {
-                    tracing::warn!(node = ?stream.node_id(), ?peer, status = %status.message(), "ADS stream ended");
+                    tracing::warn!(node = ?stream.node_id(), ?peer, code = ?status.code(), status = %status.message(), "ADS stream ended");
                     let _ = tx.send(Err(status)).await;
                 }
             }
@@ -99,10 +121,11 @@ impl AggregatedDiscoveryService for Ads {
 }
 
 /// Serves one stream until Envoy closes it, the response channel closes, or a
-/// protocol error.
+/// protocol error. With a `binding`, the node id must be one of its certificate's.
 async fn run_stream(
     plane: &ControlPlane,
     stream: &mut Stream,
+    binding: Option<&Binding>,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
@@ -113,6 +136,12 @@ async fn run_stream(
                 let Some(req) = msg? else { return Ok(()) };
                 let snap = snapshots.borrow().clone();
                 let req = request_of(&req);
+                if let (Some(certs), None, Some((id, _))) = (binding, stream.node_id(), &req.node)
+                    && let Err(reason) = crate::identity::check_node_id(certs.as_deref().map(|c| c.as_slice()), id)
+                {
+                    plane.metrics().node_id_refused();
+                    return Err(Status::permission_denied(reason));
+                }
                 let (event, due) = plane
                     .registry()
                     .handle(stream, &req, "grpc", &snap)
