@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use control_plane::bootstrap::{
-    Kind, Options, Xds, default_node_id, guard_resource_name, local_hostname, render,
+    ControlPlaneTls, Kind, Options, Xds, default_node_id, guard_resource_name, local_hostname,
+    render,
 };
 use control_plane::config::parse_duration;
 
@@ -79,6 +80,17 @@ pub struct BootstrapArgs {
     /// [default: dtable-server].
     #[arg(long)]
     pub default_server: Option<String>,
+    /// Reach the control plane over TLS: the CA (PEM, a path on the Envoy host) that
+    /// signed its certificate, which must name the host of --control-plane.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This Envoy's client certificate (PEM), for ADS over mutual TLS
+    /// (`[listen.tls]`); its CN should be the node id (`seactl certs client`).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
     /// Write to this file instead of stdout.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
@@ -121,6 +133,10 @@ impl BootstrapArgs {
             header: self.header.clone().unwrap_or(d.header),
             default_server: self.default_server.clone().unwrap_or(d.default_server),
             upstream: self.upstream.clone().unwrap_or(d.upstream),
+            tls: self.tls_ca.clone().map(|ca| ControlPlaneTls {
+                ca,
+                client: self.tls_cert.clone().zip(self.tls_key.clone()),
+            }),
             kind: d.kind,
         })
     }

@@ -18,7 +18,67 @@ pub struct Remote {
     /// The API token (for changes).
     #[arg(long, env = "SEASHARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For an https:// URL: the CA (PEM) that signed the control plane's certificate
+    /// (`seactl certs init` makes one). Without it, the webpki (Mozilla) roots.
+    #[arg(long, env = "SEASHARD_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
+
+/// How `remote` is reached over TLS: its CA alone when given, else the webpki
+/// (Mozilla) roots. The CA is for https:// URLs only; with http:// it is not used.
+fn tls_config(remote: &Remote) -> Result<ureq::tls::TlsConfig> {
+    let builder = ureq::tls::TlsConfig::builder();
+    let Some(ca) = &remote.ca else {
+        return Ok(builder.build());
+    };
+    if !remote.url.starts_with("https://") {
+        eprintln!(
+            "seactl: note: --ca/SEASHARD_CA {} is not used: {} is not an https:// URL \
+             (the token and everything else travel in clear)",
+            ca.display(),
+            remote.url
+        );
+        return Ok(builder.build());
+    }
+    let pem = std::fs::read(ca).with_context(|| format!("reading the CA {}", ca.display()))?;
+    let certs = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("the CA {} is not PEM", ca.display()))?;
+    if certs.is_empty() {
+        bail!("the CA {} holds no PEM certificate", ca.display());
+    }
+    Ok(builder
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build())
+}
+
+/// A hint for an error talking to the API over the wrong protocol or with a
+/// certificate that is not trusted.
+pub fn tls_hint(e: &anyhow::Error) -> Option<&'static str> {
+    let is_rustls =
+        |e: &(dyn std::error::Error + 'static)| e.downcast_ref::<rustls::Error>().is_some();
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<ureq::Error>()? {
+            ureq::Error::Rustls(_) | ureq::Error::Tls(_) => Some(UNTRUSTED),
+            ureq::Error::Io(io) if io.get_ref().is_some_and(|inner| is_rustls(inner)) => {
+                Some(UNTRUSTED)
+            }
+            ureq::Error::Protocol(_) => Some(
+                "the answer is not HTTP: if the control plane serves HTTPS ([api.tls]), use an \
+             https:// URL",
+            ),
+            _ => None,
+        })
+}
+
+const UNTRUSTED: &str = "TLS: the control plane's certificate was not accepted; pass --ca FILE \
+     (or set SEASHARD_CA) with the CA that signed it, and reach it by a name or address the \
+     certificate holds (`seactl certs server --san`)";
 
 /// How to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -42,16 +102,17 @@ struct Client {
 }
 
 impl Client {
-    fn new(remote: &Remote) -> Client {
-        Client {
+    fn new(remote: &Remote) -> Result<Client> {
+        Ok(Client {
             base: remote.url.trim_end_matches('/').to_owned(),
             token: remote.token.clone(),
             agent: ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_global(Some(Duration::from_secs(30)))
+                .tls_config(tls_config(remote)?)
                 .build()
                 .into(),
-        }
+        })
     }
 
     fn get(&self, path: &str) -> Result<Answer> {
@@ -138,7 +199,9 @@ pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
     let text = crate::offline::read(&args.map)?;
     let map: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not JSON", args.map.display()))?;
-    let client = Client::new(&args.remote);
+    // Re-encoding would keep only the last of a repeated key: refuse it here.
+    shardmap::check_unique_keys(&text).map_err(|e| anyhow!("{}: {e}", args.map.display()))?;
+    let client = Client::new(&args.remote)?;
     let json_out = args.output == Output::Json;
 
     let plan = client.post("/v1/maps?dry_run=true", &json!({ "map": map }))?;
@@ -580,7 +643,7 @@ pub enum RolloutCommand {
 
 /// `seactl rollout confirm|abort|follow|list`.
 pub fn rollout(args: RolloutArgs) -> Result<ExitCode> {
-    let client = Client::new(&args.remote);
+    let client = Client::new(&args.remote)?;
     match args.command {
         RolloutCommand::Confirm { server } => {
             let a = client.post("/v1/rollouts/current/confirm", &json!({ "server": server }))?;
@@ -663,7 +726,7 @@ pub struct StatusArgs {
 /// Active version, each Envoy's ACK/NACK, each server's health. Exits 1 when a
 /// connected Envoy does not run the current version or a server is down.
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
-    let client = Client::new(&args.remote);
+    let client = Client::new(&args.remote)?;
     let s = client.get("/v1/status")?;
     if s.status != 200 {
         return Err(anyhow!("{}", describe_error(&s)));

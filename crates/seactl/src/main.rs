@@ -2,6 +2,7 @@
 //! other command is a thin shell over the libraries: parse arguments, call, print.
 
 mod bootstrap;
+mod certs;
 mod client;
 mod demo;
 mod offline;
@@ -71,7 +72,10 @@ enum Command {
     /// Run the control plane: ADS (ECDS + CDS) for the Envoys, the HTTP API.
     Serve(serve::ServeArgs),
     /// Print an Envoy bootstrap (edge, sidecar or guard) that takes its map from the control plane.
-    EnvoyBootstrap(bootstrap::BootstrapArgs),
+    EnvoyBootstrap(Box<bootstrap::BootstrapArgs>),
+    /// Make a small CA and the certificates for TLS (API) and mutual TLS (ADS), for
+    /// installs without a PKI.
+    Certs(certs::CertsArgs),
     /// Propose a map: show the plan, apply (a rollout when bases move), follow it to the end.
     PushMap(client::PushMapArgs),
     /// Show the active map version, each Envoy's ACK/NACK and each server's health.
@@ -102,7 +106,8 @@ fn main() -> ExitCode {
         Command::Demo { offline: true } => offline::demo(),
         Command::Demo { offline: false } => demo::live(),
         Command::Serve(args) => serve::serve(args),
-        Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(args),
+        Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(*args),
+        Command::Certs(args) => certs::certs(args),
         Command::PushMap(args) => client::push_map(args),
         Command::Status(args) => client::status(args),
         Command::Rollout(args) => client::rollout(args),
@@ -111,6 +116,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("seactl: {e:#}");
+            if let Some(hint) = client::tls_hint(&e) {
+                eprintln!("seactl: {hint}");
+            }
             ExitCode::from(2)
         }
     }

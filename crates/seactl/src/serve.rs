@@ -31,6 +31,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     let plane = ControlPlane::open(config)
         .with_context(|| format!("starting from {}", args.config.display()))?;
     if args.check {
+        control_plane::tls::check(plane.config())?;
         let active = plane.active()?;
         println!(
             "{}: valid; active map version {} ({} servers)",
