@@ -58,6 +58,7 @@ struct Api {
 /// The API's router. Every `/v1/*` request needs a token (`read_token` or `token`);
 /// changes need `token`. `/healthz`, `/metrics` and the REST xDS of Envoys are open.
 pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -> Router {
+    let max_body = plane.config().api.max_body;
     let api = Api {
         plane,
         token: Arc::from(token),
@@ -87,6 +88,8 @@ pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -
         .route("/v3/discovery:extension_configs", post(rest_ecds))
         .route("/v3/discovery:clusters", post(rest_cds))
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(api)
 }
 
@@ -163,6 +166,48 @@ pub fn moved_problems(plan: &Plan) -> Vec<Problem> {
         ),
     });
     slots.chain(pins).collect()
+}
+
+/// Every answer of the API is JSON: axum's own refusals (a body over `max_body`:
+/// 413, a method not allowed: 405) are given a JSON body saying why.
+async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || is_json || status == StatusCode::NOT_MODIFIED {
+        return response;
+    }
+    let why = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "the request body is larger than the API reads (`[api] max_body`)".to_owned()
+        }
+        StatusCode::METHOD_NOT_ALLOWED => "this method is not allowed here".to_owned(),
+        s => s.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    ApiError::new(status, why).into_response()
+}
+
+/// Refuses a body that does not say it is JSON (`415`).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if media.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the body must be `content-type: application/json`, not `{}`",
+                ct.chars().take(64).collect::<String>()
+            ),
+        ))
+    }
 }
 
 /// The bearer token a request carries (empty when none).
@@ -512,6 +557,7 @@ async fn propose(
     if !is_dry_run {
         authorize(&api, &headers)?;
     }
+    require_json(&headers)?;
     let unprocessable = |at: &str, message: String| ApiError {
         problems: vec![Problem {
             at: at.to_owned(),

@@ -511,3 +511,49 @@ fn a_key_given_twice_is_refused_naming_it_and_nothing_changes() {
     assert_eq!(active["version"], 1);
     cp.stop();
 }
+
+#[test]
+fn hostile_bodies_get_a_clear_error_and_the_api_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let url = format!("{}/v1/maps", cp.base);
+    let send = |content_type: &str, body: Vec<u8>| -> (u16, Value) {
+        let mut resp = agent()
+            .post(&url)
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .header("Content-Type", content_type)
+            .send(&body[..])
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    // Over the size limit (4 MiB by default): 413, as JSON.
+    let mut big = br#"{"map": {"default": "dtable-server"}, "comment": ""#.to_vec();
+    big.extend(std::iter::repeat_n(b'x', 5 * 1024 * 1024));
+    big.extend(br#""}"#);
+    let (status, body) = send("application/json", big);
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("max_body"), "{body}");
+    // Not JSON by its content type: 415.
+    let (status, body) = send("text/plain", br#"{"default": "dtable-server"}"#.to_vec());
+    assert_eq!(status, 415, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("text/plain"), "{body}");
+    // Malformed, deeply nested, wrong types: 422 saying why.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    for (bad, why) in [
+        (br#"{"map": {"default": "#.to_vec(), "not JSON"),
+        (deep.into_bytes(), "recursion limit"),
+        (br#"{"map": {"default": 7}}"#.to_vec(), "invalid type"),
+        (br#"{"map": {"default": "dtable-server", "slots": ["0-f"]}}"#.to_vec(), "invalid type"),
+        (br#"{"map": {"default": "dtable-server"}, "base_version": "one"}"#.to_vec(), "invalid type"),
+    ] {
+        let (status, body) = send("application/json", bad);
+        assert_eq!(status, 422, "{why}: {body}");
+        assert!(body.to_string().contains(why), "{why}: {body}");
+    }
+    // Still serving, nothing changed.
+    let (status, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    assert_eq!((status, &active["version"]), (200, &json!(1)), "{active}");
+    cp.stop();
+}
