@@ -570,6 +570,7 @@ fn abort_and_manual_confirmation_through_the_api() {
         let mut r = agent
             .post(format!("{}{path}", cp.api()))
             .header("authorization", &format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
             .send(body.to_string())
             .unwrap();
         let s = r.status().as_u16();
