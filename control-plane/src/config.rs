@@ -15,7 +15,8 @@
 //! path = "/var/lib/seashard/seashard.db"
 //!
 //! [api]
-//! token_env = "SEASHARD_TOKEN"       # or: token = "..."
+//! token_env = "SEASHARD_TOKEN"       # or: token = "..."     (reads and changes)
+//! # read_token_env = "SEASHARD_READ_TOKEN"   # or: read_token = "..." (reads only)
 //!
 //! [filter]
 //! wasm = "/opt/seashard/base-router.wasm"
@@ -136,6 +137,10 @@ pub struct ApiTls {
     pub key: PathBuf,
 }
 
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+
 fn default_keepalive_interval() -> Duration {
     Duration::from_secs(10)
 }
@@ -153,7 +158,7 @@ pub struct StoreConfig {
 }
 
 /// Who may change things through the API.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// The bearer token, written in the file.
@@ -165,6 +170,31 @@ pub struct ApiConfig {
     /// `[api.tls]`: serve the API over HTTPS only.
     #[serde(default)]
     pub tls: Option<ApiTls>,
+    /// A token that may read (every `GET /v1/...`) but change nothing, written in
+    /// the file. The change token reads too.
+    #[serde(default, skip_serializing)]
+    pub read_token: Option<String>,
+    /// The environment variable holding the read-only token (preferred over
+    /// `read_token`).
+    #[serde(default)]
+    pub read_token_env: Option<String>,
+    /// The largest request body the API reads, in bytes (larger: `413`); 4 MiB by
+    /// default (a map of 10 000 pins is about 0.2 MiB).
+    #[serde(default = "default_max_body")]
+    pub max_body: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            token: None,
+            token_env: None,
+            tls: None,
+            read_token: None,
+            read_token_env: None,
+            max_body: default_max_body(),
+        }
+    }
 }
 
 /// How Envoy runs the base-router filter (what goes into the ECDS resource).
@@ -271,19 +301,202 @@ pub enum RestartHook {
         #[serde(default, with = "opt_duration")]
         timeout: Option<Duration>,
     },
-    /// Call a URL, wait for a 2xx answer.
+    /// Call a URL, wait for a 2xx answer. Header values are secrets: never shown,
+    /// logged or stored; keep them out of the TOML with `headers_env` or
+    /// `headers_file`.
     Http {
         #[serde(default = "default_method")]
         method: String,
         url: String,
         #[serde(default)]
         headers: BTreeMap<String, String>,
+        /// Header name → the environment variable holding its value.
+        #[serde(default)]
+        headers_env: BTreeMap<String, String>,
+        /// A file of `Name: value` lines (relative to the config file).
+        #[serde(default)]
+        headers_file: Option<PathBuf>,
         #[serde(default, with = "opt_duration")]
         timeout: Option<Duration>,
     },
     /// An operator restarts it and confirms (`seactl rollout confirm SERVER`).
     #[default]
     Manual,
+}
+
+/// What an API answer may show of a hook's value: `<redacted>`.
+pub const REDACTED: &str = "<redacted>";
+
+/// Words that mark a command-line argument as carrying a secret.
+const SECRET_MARKERS: [&str; 7] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "authorization",
+    "bearer",
+    "key",
+];
+
+impl RestartHook {
+    /// The hook as an API answer may show it: header names but never their values,
+    /// a URL without its user info or query values, and a command with every
+    /// argument that looks like it carries a secret replaced by `<redacted>`.
+    pub fn redacted(&self) -> serde_json::Value {
+        match self {
+            RestartHook::Command { argv, timeout } => serde_json::json!({
+                "kind": "command",
+                "argv": argv.iter().map(|a| {
+                    let lower = a.to_ascii_lowercase();
+                    if SECRET_MARKERS.iter().any(|m| lower.contains(m)) {
+                        REDACTED.to_owned()
+                    } else {
+                        a.clone()
+                    }
+                }).collect::<Vec<_>>(),
+                "timeout": timeout.map(|t| format!("{}ms", t.as_millis())),
+            }),
+            RestartHook::Http {
+                method,
+                url,
+                headers,
+                headers_env,
+                headers_file,
+                timeout,
+            } => serde_json::json!({
+                "kind": "http",
+                "method": method,
+                "url": redact_url(url),
+                "headers": headers.keys().map(|k| (k.clone(), REDACTED)).collect::<BTreeMap<_, _>>(),
+                "headers_env": headers_env,
+                "headers_file": headers_file,
+                "timeout": timeout.map(|t| format!("{}ms", t.as_millis())),
+            }),
+            RestartHook::Manual => serde_json::json!({ "kind": "manual" }),
+        }
+    }
+
+    /// An HTTP hook's headers: `headers`, then `headers_env`, then `headers_file`.
+    /// Errors name the variable or file, never a value.
+    pub fn http_headers(&self) -> Result<Vec<(String, String)>, String> {
+        let RestartHook::Http {
+            headers,
+            headers_env,
+            headers_file,
+            ..
+        } = self
+        else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, var) in headers_env {
+            let v =
+                std::env::var(var).map_err(|_| format!("header `{name}`: ${var} is not set"))?;
+            out.push((name.clone(), v));
+        }
+        if let Some(path) = headers_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("headers_file {}: {}", path.display(), e.kind()))?;
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (k, v) = line.split_once(':').ok_or_else(|| {
+                    format!(
+                        "headers_file {} line {}: not `Name: value`",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                out.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+        for (k, _) in &out {
+            if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(format!("header name `{k}` is not a header name"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every secret value the hook holds (to scrub from messages).
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .http_headers()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        if let RestartHook::Http { url, .. } = self {
+            out.extend(url_secrets(url));
+        }
+        out.retain(|s| s.len() >= 4);
+        out
+    }
+}
+
+/// `url` without its user info, and with every query value replaced.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let userinfo = if authority.contains('@') {
+        format!("{REDACTED}@")
+    } else {
+        String::new()
+    };
+    let path = match path.split_once('?') {
+        Some((p, q)) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) => format!("{k}={REDACTED}"),
+                    None => kv.to_owned(),
+                })
+                .collect();
+            format!("{p}?{}", q.join("&"))
+        }
+        None => path.to_owned(),
+    };
+    let sep = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{sep}{userinfo}{host}{path}")
+}
+
+/// The user info and query values of `url`.
+fn url_secrets(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let mut out = Vec::new();
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        out.push(userinfo.to_owned());
+        out.extend(userinfo.split(':').map(str::to_owned));
+    }
+    if let Some((_, q)) = rest.split_once('?') {
+        out.extend(
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(_, v)| v.to_owned()),
+        );
+    }
+    out
+}
+
+/// `text` with every one of `secrets` replaced by `<redacted>`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_owned();
+    for s in secrets {
+        if !s.is_empty() {
+            out = out.replace(s.as_str(), REDACTED);
+        }
+    }
+    out
 }
 
 impl Config {
@@ -306,6 +519,15 @@ impl Config {
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         config.store.path = dir.join(&config.store.path);
+        for s in &mut config.servers {
+            if let RestartHook::Http {
+                headers_file: Some(f),
+                ..
+            } = &mut s.restart
+            {
+                *f = dir.join(&*f);
+            }
+        }
         config.initial_map = config.initial_map.map(|p| dir.join(p));
         if let Some(t) = &mut config.listen.tls {
             for p in [&mut t.cert, &mut t.key, &mut t.client_ca] {
@@ -374,6 +596,18 @@ impl Config {
                          on the private network, without TLS)"
                     ));
                 }
+                RestartHook::Http { url, .. }
+                    if url
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .is_some_and(|a| a.contains('@')) =>
+                {
+                    p.push(format!(
+                        "{at}.restart.url: user info (`user:password@`) is not supported: send \
+                         credentials as a header, e.g. headers_env = {{ authorization = \"VAR\" }}"
+                    ));
+                }
                 RestartHook::Http { method, .. }
                     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) =>
                 {
@@ -437,6 +671,27 @@ impl Config {
             ));
         }
         Ok(token)
+    }
+
+    /// The read-only token of the API, if one is set: from `api.read_token_env`, else
+    /// `api.read_token`.
+    pub fn api_read_token(&self) -> Result<Option<String>, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid {
+            path: PathBuf::new(),
+            problems: vec![m],
+        };
+        let token = match (&self.api.read_token_env, &self.api.read_token) {
+            (Some(var), _) => std::env::var(var)
+                .map_err(|_| invalid(format!("api.read_token_env: ${var} is not set")))?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Ok(None),
+        };
+        if token.len() < 8 {
+            return Err(invalid(
+                "api: the read token is shorter than 8 characters".into(),
+            ));
+        }
+        Ok(Some(token))
     }
 
     /// The server named `name`.

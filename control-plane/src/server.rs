@@ -51,6 +51,13 @@ pub struct Running {
 
 /// Binds both listeners and starts serving `plane`.
 pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, ServeError> {
+    let read_token = plane
+        .config()
+        .api_read_token()
+        .map_err(|e| ServeError::Failed {
+            what: "HTTP API",
+            message: e.to_string(),
+        })?;
     let listen = plane.config().listen.clone();
     // Every TLS file is read before anything listens: a bad one fails the start.
     let ads_tls = listen
@@ -136,7 +143,7 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
             message: e.to_string(),
         })
     });
-    let app = crate::api::router(plane.clone(), token);
+    let app = crate::api::router(plane.clone(), token, read_token.as_deref());
     let http_stop = until(stopped.clone());
     let http = tokio::spawn(async move {
         match http_incoming {

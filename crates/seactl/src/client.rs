@@ -15,7 +15,7 @@ pub struct Remote {
     /// The control plane's HTTP API.
     #[arg(long, env = "SEASHARD_URL", default_value = "http://127.0.0.1:18080")]
     pub url: String,
-    /// The API token (for changes).
+    /// The API token: the change token, or the read-only token for reads.
     #[arg(long, env = "SEASHARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// For an https:// URL: the CA (PEM) that signed the control plane's certificate
@@ -117,11 +117,11 @@ impl Client {
 
     fn get(&self, path: &str) -> Result<Answer> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .with_context(|| format!("GET {url}"))?;
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("authorization", &format!("Bearer {t}"));
+        }
+        let resp = req.call().with_context(|| format!("GET {url}"))?;
         answer(resp, &url)
     }
 
