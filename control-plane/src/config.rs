@@ -102,6 +102,16 @@ pub struct Listen {
     /// How long a ping may go unanswered before the connection is closed.
     #[serde(default = "default_keepalive_timeout", with = "duration")]
     pub keepalive_timeout: Duration,
+    /// The most ADS streams one peer address may hold open at once (an Envoy holds
+    /// one; several Envoys behind one address each hold theirs). More: refused with
+    /// `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_max_streams_per_peer")]
+    pub max_streams_per_peer: usize,
+    /// How long a response may wait for its Envoy to read it; a stream whose Envoy
+    /// reads nothing for this long is ended (it reconnects and is sent the current
+    /// version), so it holds no memory or task for good.
+    #[serde(default = "default_send_timeout", with = "duration")]
+    pub send_timeout: Duration,
     /// `[listen.tls]`: ADS over mutual TLS. Without it, ADS is plain gRPC (for a
     /// single host or a private network only).
     #[serde(default)]
@@ -139,6 +149,14 @@ pub struct ApiTls {
 
 fn default_max_body() -> usize {
     4 * 1024 * 1024
+}
+
+fn default_max_streams_per_peer() -> usize {
+    64
+}
+
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_keepalive_interval() -> Duration {

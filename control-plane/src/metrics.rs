@@ -28,6 +28,10 @@ pub struct Metrics {
     server_restarts: AtomicU64,
     /// 1 while a rollout runs here.
     rollout_running: AtomicU64,
+    /// ADS streams refused: their peer held `max_streams_per_peer`.
+    streams_refused: AtomicU64,
+    /// ADS streams ended because their Envoy read nothing for `send_timeout`.
+    slow_consumers: AtomicU64,
     /// Per [`TlsListener`]: handshakes refused or not completed in time.
     tls_handshake_failures: [AtomicU64; 2],
     /// ADS streams ended because the node id is not the client certificate's.
@@ -92,6 +96,14 @@ impl Metrics {
             &self.rollouts_rolled_back
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+    /// An ADS stream was refused (its peer held too many).
+    pub fn stream_refused(&self) {
+        self.streams_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    /// An ADS stream was ended: its Envoy read nothing.
+    pub fn slow_consumer(&self) {
+        self.slow_consumers.fetch_add(1, Ordering::Relaxed);
     }
     /// A restart hook succeeded.
     pub fn server_restarted(&self) {
@@ -274,6 +286,18 @@ impl Metrics {
             "gauge",
             "Nodes that NACKed the current version.",
             &nacking,
+        );
+        metric(
+            "seashard_ads_streams_refused_total",
+            "counter",
+            "ADS streams refused because their peer address held `max_streams_per_peer`.",
+            &[(String::new(), self.streams_refused.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_ads_slow_consumers_total",
+            "counter",
+            "ADS streams ended because their Envoy read nothing for `send_timeout`.",
+            &[(String::new(), self.slow_consumers.load(Ordering::Relaxed))],
         );
         metric(
             "seashard_node_id_conflicts",

@@ -78,7 +78,13 @@ pub enum ProtocolError {
     NoNode,
     #[error("the node id is empty")]
     EmptyNodeId,
+    /// Node ids and clusters are names, not payloads.
+    #[error("the node {what} is {len} bytes long: at most {MAX_NODE_NAME} are accepted")]
+    NodeNameTooLong { what: &'static str, len: usize },
 }
+
+/// The longest node id or node cluster accepted, in bytes.
+pub const MAX_NODE_NAME: usize = 256;
 
 /// One stream's (or one REST poller's) view of one type.
 #[derive(Debug, Clone, Default)]
@@ -455,6 +461,14 @@ impl Registry {
         let id = match (&stream.key, &req.node) {
             (Some(key), _) => key.clone(),
             (None, Some((id, _))) if id.is_empty() => return Err(ProtocolError::EmptyNodeId),
+            (None, Some((id, cluster))) if id.len().max(cluster.len()) > MAX_NODE_NAME => {
+                let (what, len) = if id.len() > MAX_NODE_NAME {
+                    ("id", id.len())
+                } else {
+                    ("cluster", cluster.len())
+                };
+                return Err(ProtocolError::NodeNameTooLong { what, len });
+            }
             (None, Some((id, cluster))) => {
                 let ip = stream
                     .peer

@@ -7,6 +7,8 @@
 //! the stream ends with `PERMISSION_DENIED` before the node is known to the registry,
 //! so it is never counted and never waited for.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +46,26 @@ pub struct Ads {
     stop: watch::Receiver<bool>,
     /// `[listen.tls] require_node_id_match`.
     bind_node_ids: bool,
+    /// Open streams per peer address, against `[listen] max_streams_per_peer`.
+    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One open stream counted against its peer address; uncounted on drop.
+struct PeerSlot {
+    ip: IpAddr,
+    per_peer: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The client certificates of a stream whose node id must be one of theirs.
@@ -61,7 +83,29 @@ impl Ads {
             plane,
             stop,
             bind_node_ids,
+            per_peer: Arc::default(),
         }
+    }
+
+    /// Counts a new stream from `peer`, or refuses it when the peer holds the most.
+    fn admit(&self, peer: Option<SocketAddr>) -> Result<Option<PeerSlot>, Status> {
+        let Some(ip) = peer.map(|p| p.ip()) else {
+            return Ok(None);
+        };
+        let limit = self.plane.config().listen.max_streams_per_peer;
+        let mut m = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= limit {
+            self.plane.metrics().stream_refused();
+            return Err(Status::resource_exhausted(format!(
+                "{ip} already holds {limit} ADS streams (`[listen] max_streams_per_peer`)"
+            )));
+        }
+        *n += 1;
+        Ok(Some(PeerSlot {
+            ip,
+            per_peer: self.per_peer.clone(),
+        }))
     }
 
     /// As a tonic service, ready for `Server::add_service`.
@@ -87,12 +131,14 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let slot = self.admit(peer)?;
         let binding: Option<Binding> = self.bind_node_ids.then(|| request.peer_certs());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let plane = self.plane.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut stream = Stream::new(peer);
             let result = tokio::select! {
                 r = run_stream(&plane, &mut stream, binding.as_ref(), inbound, &tx) => r,
@@ -103,7 +149,8 @@ impl AggregatedDiscoveryService for Ads {
                 Ok(()) => tracing::info!(node = ?stream.node_id(), ?peer, "ADS stream closed"),
                 Err(status) => {
                     tracing::warn!(node = ?stream.node_id(), ?peer, code = ?status.code(), status = %status.message(), "ADS stream ended");
-                    let _ = tx.send(Err(status)).await;
+                    // A peer that reads nothing must not hold this task.
+                    let _ = tx.try_send(Err(status));
                 }
             }
         });
@@ -206,7 +253,19 @@ async fn send(
     plane.registry().sent(stream, t, &set.version, &nonce);
     plane.metrics().responded(t);
     tracing::debug!(node = ?stream.node_id(), r#type = t.as_str(), version = %set.version, %nonce, "sending");
-    tx.send(Ok(response)).await.is_ok()
+    let timeout = plane.config().listen.send_timeout;
+    match tokio::time::timeout(timeout, tx.send(Ok(response))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            plane.metrics().slow_consumer();
+            tracing::warn!(
+                node = ?stream.node_id(),
+                ?timeout,
+                "the Envoy read no response for `[listen] send_timeout`: ending its stream"
+            );
+            false
+        }
+    }
 }
 
 fn log_event(plane: &ControlPlane, stream: &Stream, req: &nodes::Request, event: &Event) {

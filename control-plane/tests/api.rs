@@ -248,7 +248,12 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
 fn every_error_is_json() {
     let dir = tempfile::tempdir().unwrap();
     let cp = Cp::start(dir.path());
-    let (status, body) = call("GET", &format!("{}/v1/maps/abc", cp.base), Some(TOKEN), None);
+    let (status, body) = call(
+        "GET",
+        &format!("{}/v1/maps/abc", cp.base),
+        Some(TOKEN),
+        None,
+    );
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("abc"));
     let (status, body) = call("GET", &format!("{}/v2/nothing", cp.base), None, None);
@@ -285,7 +290,12 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     // Both servers have manual hooks: the rollout waits for the first one.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), Some(TOKEN), None);
+        let (_, r) = call(
+            "GET",
+            &format!("{}/v1/rollouts/{id}", cp.base),
+            Some(TOKEN),
+            None,
+        );
         if r["waiting_for_confirm"] == "dtable-server" {
             assert_eq!(r["state"], "restart");
             break;
@@ -301,7 +311,12 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     assert_eq!(call("POST", &abort, Some(TOKEN), Some(&json!({}))).0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call("GET", &format!("{}/v1/rollouts/{id}", cp.base), Some(TOKEN), None);
+        let (_, r) = call(
+            "GET",
+            &format!("{}/v1/rollouts/{id}", cp.base),
+            Some(TOKEN),
+            None,
+        );
         if r["state"] == "rolled_back" {
             break;
         }
@@ -374,7 +389,12 @@ fn rest_xds_answers_304_when_current() {
     );
     let (status, _) = call("POST", &url, None, Some(&req(&version)));
     assert_eq!(status, 304);
-    let (_, node) = call("GET", &format!("{}/v1/nodes/rest-1", cp.base), Some(TOKEN), None);
+    let (_, node) = call(
+        "GET",
+        &format!("{}/v1/nodes/rest-1", cp.base),
+        Some(TOKEN),
+        None,
+    );
     assert_eq!(node["transport"], "rest");
     assert_eq!(node["types"]["ecds"]["acked_version"], version.as_str());
     assert_eq!(node["state"]["ecds"], "current");
@@ -467,7 +487,12 @@ fn every_v1_endpoint_needs_a_token_and_only_the_change_token_changes() {
     assert_eq!(status, 401);
     let (status, _) = call("POST", &url, None, Some(&map));
     assert_eq!(status, 401);
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(READ_TOKEN), None);
+    let (_, active) = call(
+        "GET",
+        &format!("{}/v1/map", cp.base),
+        Some(READ_TOKEN),
+        None,
+    );
     assert_eq!(active["version"], 1, "{active}");
     let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
     assert_eq!(status, 200, "{body}");
@@ -534,19 +559,31 @@ fn hostile_bodies_get_a_clear_error_and_the_api_keeps_serving() {
     big.extend(br#""}"#);
     let (status, body) = send("application/json", big);
     assert_eq!(status, 413, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("max_body"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_body"),
+        "{body}"
+    );
     // Not JSON by its content type: 415.
     let (status, body) = send("text/plain", br#"{"default": "dtable-server"}"#.to_vec());
     assert_eq!(status, 415, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("text/plain"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("text/plain"),
+        "{body}"
+    );
     // Malformed, deeply nested, wrong types: 422 saying why.
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     for (bad, why) in [
         (br#"{"map": {"default": "#.to_vec(), "not JSON"),
         (deep.into_bytes(), "recursion limit"),
         (br#"{"map": {"default": 7}}"#.to_vec(), "invalid type"),
-        (br#"{"map": {"default": "dtable-server", "slots": ["0-f"]}}"#.to_vec(), "invalid type"),
-        (br#"{"map": {"default": "dtable-server"}, "base_version": "one"}"#.to_vec(), "invalid type"),
+        (
+            br#"{"map": {"default": "dtable-server", "slots": ["0-f"]}}"#.to_vec(),
+            "invalid type",
+        ),
+        (
+            br#"{"map": {"default": "dtable-server"}, "base_version": "one"}"#.to_vec(),
+            "invalid type",
+        ),
     ] {
         let (status, body) = send("application/json", bad);
         assert_eq!(status, 422, "{why}: {body}");

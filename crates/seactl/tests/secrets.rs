@@ -236,8 +236,14 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
         }
     }
     // What was shown names the hook's headers, never their values.
-    assert!(seen.contains("x-api-key") && seen.contains("<redacted>"), "{seen}");
-    assert!(seen.contains("500"), "the hook's failure is reported: {seen}");
+    assert!(
+        seen.contains("x-api-key") && seen.contains("<redacted>"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("500"),
+        "the hook's failure is reported: {seen}"
+    );
     seen.push_str(&std::fs::read_to_string(&log).unwrap());
     for c in CANARIES {
         assert!(!seen.contains(c), "`{c}` leaked:\n{seen}");

@@ -1,0 +1,410 @@
+//! Hostile ADS clients against a real control plane on loopback. Each gets a clear
+//! error or a closed stream, and a well-behaved Envoy connected meanwhile still gets
+//! the next push within 1 s: a node id of 1 MB, a node that NACKs everything, one that
+//! never reads its stream, 2 000 streams from one address, an unknown type URL, and
+//! bytes that are not a `DiscoveryRequest`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
+use control_plane::{Config, ControlPlane, Proposal, Running};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use shardmap::{PathRule, ShardMap};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+const TOKEN: &str = "hostile-token-0123";
+const FILTER: &str = "seashard.base_router";
+
+async fn start(dir: &std::path::Path) -> Running {
+    let text = format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        max_streams_per_peer = 64
+        send_timeout = "1s"
+        [store]
+        path = "state.db"
+        [api]
+        token = "{TOKEN}"
+        [filter]
+        wasm = "/opt/base-router.wasm"
+        [[server]]
+        name = "dtable-server"
+        address = "127.0.0.1:5000"
+        [[server]]
+        name = "dtable-server-2"
+        address = "127.0.0.1:5001"
+        "#
+    );
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text).unwrap();
+    let plane = ControlPlane::open(Config::load(&path).unwrap()).unwrap();
+    control_plane::start(plane, TOKEN).await.unwrap()
+}
+
+/// A channel to the control plane from `source` (a loopback address of its own).
+async fn channel(addr: SocketAddr, source: Option<IpAddr>) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .local_address(source)
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn subscribe(node: Option<Node>) -> [DiscoveryRequest; 2] {
+    [
+        DiscoveryRequest {
+            node,
+            type_url: CDS_TYPE_URL.into(),
+            ..Default::default()
+        },
+        DiscoveryRequest {
+            type_url: ECDS_TYPE_URL.into(),
+            resource_names: vec![FILTER.into()],
+            ..Default::default()
+        },
+    ]
+}
+
+fn node(id: &str) -> Option<Node> {
+    Some(Node {
+        id: id.into(),
+        cluster: "test".into(),
+        ..Default::default()
+    })
+}
+
+/// A well-behaved Envoy: ACKs everything; `latest` is the last ECDS version it got.
+struct Good {
+    latest: watch::Receiver<String>,
+}
+
+impl Good {
+    async fn start(addr: SocketAddr) -> Good {
+        let (latest_tx, latest) = watch::channel(String::new());
+        let mut client = AggregatedDiscoveryServiceClient::new(channel(addr, None).await);
+        let (tx, rx) = mpsc::channel(8);
+        for r in subscribe(node("good")) {
+            tx.send(r).await.unwrap();
+        }
+        let mut inbound = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                if r.type_url == ECDS_TYPE_URL {
+                    latest_tx.send_replace(r.version_info.clone());
+                }
+                let ack = DiscoveryRequest {
+                    resource_names: if r.type_url == ECDS_TYPE_URL {
+                        vec![FILTER.into()]
+                    } else {
+                        vec![]
+                    },
+                    version_info: r.version_info,
+                    response_nonce: r.nonce,
+                    type_url: r.type_url,
+                    ..Default::default()
+                };
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut good = Good { latest };
+        good.wait_for(&|v: &str| !v.is_empty(), Duration::from_secs(10))
+            .await;
+        good
+    }
+
+    async fn wait_for(&mut self, ok: &dyn Fn(&str) -> bool, within: Duration) -> Duration {
+        let start = Instant::now();
+        let got = tokio::time::timeout(within, self.latest.wait_for(|v| ok(v)))
+            .await
+            .map(|r| r.is_ok());
+        assert!(
+            got == Ok(true),
+            "the good Envoy did not get it within {within:?} (has {:?})",
+            self.latest.borrow()
+        );
+        start.elapsed()
+    }
+
+    /// Pushes a map that moves nothing (with `pins` pins, to make it big) and
+    /// asserts this Envoy has it within 1 s.
+    async fn gets_the_next_push(&mut self, plane: &Arc<ControlPlane>, i: usize, pins: usize) {
+        let version = push(plane, i, pins).await;
+        let want = format!("{version}-");
+        self.wait_for(&|v: &str| v.starts_with(&want), Duration::from_secs(1))
+            .await;
+    }
+}
+
+/// Proposes a map that moves no base; returns its version.
+async fn push(plane: &Arc<ControlPlane>, i: usize, pins: usize) -> u64 {
+    let mut map = ShardMap {
+        default: "dtable-server".into(),
+        paths: vec![PathRule {
+            prefix: Some(format!("/push/{i}/")),
+            regex: None,
+            server: "dtable-server-2".into(),
+        }],
+        ..ShardMap::default()
+    };
+    for p in 0..pins {
+        // Pins on the default server: they move nothing.
+        map.pins.insert(format!("{p:08x}"), "dtable-server".into());
+    }
+    let p = plane.clone();
+    tokio::task::spawn_blocking(move || {
+        p.propose(&Proposal {
+            map,
+            base_version: None,
+            author: "test".into(),
+            comment: String::new(),
+            dry_run: false,
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .version
+}
+
+/// Opens a stream sending `first`, returns the response stream (or the refusal).
+async fn open(
+    ch: Channel,
+    first: Vec<DiscoveryRequest>,
+) -> (
+    mpsc::Sender<DiscoveryRequest>,
+    Result<tonic::Streaming<DiscoveryResponse>, tonic::Status>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::new(ch);
+    let (tx, rx) = mpsc::channel(8);
+    for r in first {
+        tx.send(r).await.unwrap();
+    }
+    let r = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_of_one_megabyte_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+    let huge = "x".repeat(1024 * 1024);
+    let (_tx, r) = open(
+        channel(running.grpc_addr, None).await,
+        subscribe(node(&huge)).to_vec(),
+    )
+    .await;
+    let status = match r {
+        Ok(mut s) => s.message().await.unwrap_err(),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("at most 256"), "{status:?}");
+    assert!(
+        running
+            .plane
+            .registry()
+            .nodes()
+            .iter()
+            .all(|n| n.id.len() < 300)
+    );
+    good.gets_the_next_push(&running.plane, 1, 0).await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_nacks_everything_is_never_sent_the_same_content_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+    let (tx, r) = open(
+        channel(running.grpc_addr, None).await,
+        subscribe(node("nacker")).to_vec(),
+    )
+    .await;
+    let mut inbound = r.unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(r)) = inbound.message().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let nack = DiscoveryRequest {
+                version_info: String::new(),
+                response_nonce: r.nonce,
+                type_url: r.type_url,
+                error_detail: Some(RpcStatus {
+                    code: 3,
+                    message: "no".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            if tx.send(nack).await.is_err() {
+                return;
+            }
+        }
+    });
+    for i in 1..=5 {
+        good.gets_the_next_push(&running.plane, i, 0).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The initial CDS and ECDS, then one ECDS per push: never a resend storm.
+    let n = received.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n <= 2 + 5, "the NACKing node got {n} responses");
+    let nacker = running.plane.registry().node("nacker").unwrap();
+    assert!(nacker.nacked(control_plane::ResourceType::Ecds).is_some());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_reads_its_stream_is_ended_and_holds_nobody_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+    // Subscribes, then never reads a response.
+    let (_tx, r) = open(
+        channel(running.grpc_addr, Some([127, 0, 0, 3].into())).await,
+        subscribe(node("sloth")).to_vec(),
+    )
+    .await;
+    let _never_read = r.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    // Big maps (3 000 pins, ~100 KB each) until its windows and buffer are full and
+    // the control plane gives up on it.
+    while running
+        .plane
+        .registry()
+        .node("sloth")
+        .is_some_and(|n| n.connected)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sloth's stream was never ended"
+        );
+        i += 1;
+        good.gets_the_next_push(&running.plane, i, 3000).await;
+    }
+    good.gets_the_next_push(&running.plane, i + 1, 0).await;
+    let metrics = running.plane.metrics().render(
+        &running.plane.snapshot(),
+        &running.plane.registry().nodes(),
+        &[],
+    );
+    assert!(
+        metrics.contains("seashard_ads_slow_consumers_total 1"),
+        "{metrics}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_streams_from_one_address_meet_the_per_peer_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+    let ch = channel(running.grpc_addr, Some([127, 0, 0, 4].into())).await;
+    let mut open_streams = Vec::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..2000 {
+        let (tx, r) = open(ch.clone(), subscribe(node(&format!("flood-{i}"))).to_vec()).await;
+        match r {
+            Ok(s) => {
+                accepted += 1;
+                open_streams.push((tx, s));
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("max_streams_per_peer"), "{s:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, refused), (64, 1936));
+    good.gets_the_next_push(&running.plane, 1, 0).await;
+    // Closed streams free their slots.
+    open_streams.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_tx, r) = open(ch.clone(), subscribe(node("late")).to_vec()).await;
+        if r.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await;
+}
+
+/// A message whose field 1 (`version_info`, a string) holds bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(bytes = "vec", tag = "1")]
+    junk: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_type_and_bytes_that_are_not_a_request_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+
+    // An unknown type URL: ignored, the stream stays.
+    let mut first = subscribe(node("curious")).to_vec();
+    first.push(DiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+        ..Default::default()
+    });
+    let (_tx, r) = open(channel(running.grpc_addr, None).await, first).await;
+    let mut curious = r.unwrap();
+    assert!(curious.message().await.unwrap().is_some());
+    good.gets_the_next_push(&running.plane, 1, 0).await;
+    assert!(running.plane.registry().node("curious").unwrap().connected);
+
+    // Bytes that do not decode: the stream ends with an error.
+    let mut grpc = tonic::client::Grpc::new(channel(running.grpc_addr, None).await);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(Garbage {
+        junk: vec![0xff, 0xfe, 0xfd],
+    })
+    .await
+    .unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let answer = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            path,
+            tonic_prost::ProstCodec::<Garbage, DiscoveryResponse>::default(),
+        )
+        .await;
+    let status = match answer {
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+        Err(s) => s,
+    };
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    drop(tx);
+    good.gets_the_next_push(&running.plane, 2, 0).await;
+    running.shutdown().await;
+}
