@@ -364,6 +364,74 @@ struct Inner {
     /// Instance keys to delete from the store (adopted legacy records).
     removed: HashSet<String>,
     generation: u64,
+    /// Where the connected instances stand, per type: kept up to date at every
+    /// change, so a waiter learns whether a version converged in O(1).
+    tallies: [Tally; 2],
+    /// What each instance adds to `tallies` now.
+    counted: HashMap<String, [Standing; 2]>,
+}
+
+/// What one connected instance adds to its type's [`Tally`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Standing {
+    connected: bool,
+    acked: Option<String>,
+    /// NACKed, and not also ACKed since (an ACK of the same version wins).
+    nacked: Option<String>,
+}
+
+/// Connected instances of one type: how many, and how many ACKed or NACKed each
+/// version.
+#[derive(Debug, Default)]
+struct Tally {
+    connected: usize,
+    acked: HashMap<String, usize>,
+    nacked: HashMap<String, usize>,
+}
+
+impl Tally {
+    fn apply(&mut self, s: &Standing, sign: isize) {
+        if !s.connected {
+            return;
+        }
+        let add = |n: &mut usize| *n = n.saturating_add_signed(sign);
+        add(&mut self.connected);
+        for (v, map) in [(&s.acked, &mut self.acked), (&s.nacked, &mut self.nacked)] {
+            if let Some(v) = v {
+                let n = map.entry(v.clone()).or_default();
+                add(n);
+                if *n == 0 {
+                    map.remove(v);
+                }
+            }
+        }
+    }
+
+    /// `(acked, nacked, connected)` for `version`.
+    fn of(&self, version: &str) -> (usize, usize, usize) {
+        (
+            self.acked.get(version).copied().unwrap_or(0),
+            self.nacked.get(version).copied().unwrap_or(0),
+            self.connected,
+        )
+    }
+}
+
+fn slot(t: ResourceType) -> usize {
+    match t {
+        ResourceType::Ecds => 0,
+        ResourceType::Cds => 1,
+    }
+}
+
+fn standing(n: &Node, t: ResourceType) -> Standing {
+    let acked = n.acked(t).map(str::to_owned);
+    let nacked = n.nacked(t).filter(|v| Some(*v) != acked.as_deref());
+    Standing {
+        connected: n.connected,
+        nacked: nacked.map(str::to_owned),
+        acked,
+    }
 }
 
 impl Default for Registry {
@@ -396,11 +464,43 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Records that instance `key` changed: marks it for the store, updates the
+    /// tallies by what it adds now, wakes the waiters.
     fn touch(&self, inner: &mut Inner, key: &str) {
         inner.dirty.insert(key.to_owned());
+        Registry::recount(inner, key);
         inner.generation += 1;
         let g = inner.generation;
         self.changed.send_replace(g);
+    }
+
+    /// Replaces what `key` added to the tallies by what it adds now (nothing once
+    /// it is gone).
+    fn recount(inner: &mut Inner, key: &str) {
+        let now = inner
+            .nodes
+            .get(key)
+            .map(|n| ResourceType::ALL.map(|t| (slot(t), standing(n, t))));
+        let before = match &now {
+            Some(now) => {
+                let mut new = [Standing::default(), Standing::default()];
+                for (i, st) in now.clone() {
+                    new[i] = st;
+                }
+                inner.counted.insert(key.to_owned(), new)
+            }
+            None => inner.counted.remove(key),
+        };
+        if let Some(before) = before {
+            for (i, st) in before.iter().enumerate() {
+                inner.tallies[i].apply(st, -1);
+            }
+        }
+        if let Some(now) = now {
+            for (i, st) in now {
+                inner.tallies[i].apply(&st, 1);
+            }
+        }
     }
 
     /// The server whose guard asks for `resource_name`, if it is a guard's.
@@ -492,6 +592,8 @@ impl Registry {
             (None, None) => return Err(ProtocolError::NoNode),
         };
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            // The first request may have connected the instance.
+            self.touch(&mut inner, &id);
             return Ok((Event::UnknownType, None));
         };
         let st = stream.types.entry(t).or_default();
@@ -707,6 +809,7 @@ impl Registry {
             inner.nodes.remove(k);
             inner.dirty.remove(k);
             inner.removed.insert(k.clone());
+            Registry::recount(&mut inner, k);
         }
         if !keys.is_empty() {
             inner.generation += 1;
@@ -779,8 +882,15 @@ impl Registry {
         c
     }
 
+    /// `(acked, nacked, connected)`: how many connected instances ACKed and NACKed
+    /// `version` of `t`, out of how many. O(1): the tallies are kept at every change.
+    pub fn tally(&self, t: ResourceType, version: &str) -> (usize, usize, usize) {
+        self.lock().tallies[slot(t)].of(version)
+    }
+
     /// Waits until every connected node ACKed `version` of `t`, one NACKed it, or
-    /// `timeout` passed; returns where they stand then.
+    /// `timeout` passed; returns where they stand then. Each change costs O(1)
+    /// (the tallies); the lists are built once, at the end.
     pub async fn wait_converged(
         &self,
         t: ResourceType,
@@ -791,9 +901,9 @@ impl Registry {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             rx.borrow_and_update();
-            let c = self.convergence(t, version);
-            if c.complete() || !c.nacked.is_empty() {
-                return c;
+            let (acked, nacked, connected) = self.tally(t, version);
+            if acked == connected || nacked > 0 {
+                return self.convergence(t, version);
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
@@ -1198,6 +1308,76 @@ mod tests {
         assert_eq!(node.role, Role::Guard("dtable-server".into()));
         assert_eq!(reg.guarded_server("seashard.base_router.guard."), None);
         assert_eq!(reg.guarded_server("other.guard.x"), None);
+    }
+
+    #[test]
+    fn the_tallies_always_equal_a_full_count() {
+        // Random streams of subscribes, ACKs, NACKs, reconnects and forgets over a few
+        // instances and versions; after each step the O(1) tallies must equal a walk
+        // over every node.
+        let reg = Registry::default();
+        let snaps: Vec<Arc<Snapshot>> = (1..=3).map(|v| snapshot(v, "/a.wasm")).collect();
+        let mut streams: Vec<Option<Stream>> = (0..6).map(|_| None).collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut nonce = 0u32;
+        for _ in 0..3000 {
+            let i = next(6) as usize;
+            let snap = &snaps[next(3) as usize];
+            let id = format!("edge-{}", i % 4);
+            let ip = format!("10.0.0.{}", i % 3);
+            let v = snap.ecds.version.clone();
+            match next(5) {
+                0 => {
+                    if let Some(s) = streams[i].take() {
+                        reg.close(&s);
+                    }
+                    let mut s = from(&ip, 4000 + i as u16);
+                    let r = Request {
+                        node: Some((id.clone(), "c".into())),
+                        ..req("", "", None)
+                    };
+                    play(&reg, &mut s, snap, &[r], &mut nonce);
+                    streams[i] = Some(s);
+                }
+                1 | 2 => {
+                    if let Some(s) = streams[i].as_mut() {
+                        nonce += 1;
+                        reg.sent(s, ResourceType::Ecds, &v, &nonce.to_string());
+                        let error = (next(3) == 0).then_some("no");
+                        let r = req(&v, &nonce.to_string(), error);
+                        play(&reg, s, snap, &[r], &mut nonce);
+                    }
+                }
+                3 => {
+                    if let Some(s) = streams[i].take() {
+                        reg.close(&s);
+                    }
+                }
+                _ => {
+                    reg.forget(&id);
+                }
+            }
+            for snap in &snaps {
+                let v = &snap.ecds.version;
+                let c = reg.convergence(ResourceType::Ecds, v);
+                let (acked, nacked, connected) = reg.tally(ResourceType::Ecds, v);
+                assert_eq!(
+                    (acked, nacked, connected),
+                    (
+                        c.acked.len(),
+                        c.nacked.len(),
+                        c.acked.len() + c.nacked.len() + c.pending.len()
+                    ),
+                    "{c:?}"
+                );
+            }
+        }
     }
 
     #[test]
