@@ -541,6 +541,9 @@ struct Envelope {
     map: Value,
     #[serde(default)]
     base_version: Option<u64>,
+    /// For a rollout: at most this many servers restart at once.
+    #[serde(default)]
+    parallel: Option<usize>,
     #[serde(default)]
     comment: String,
     #[serde(default)]
@@ -581,6 +584,7 @@ async fn propose(
         Envelope {
             map: value,
             base_version: None,
+            parallel: None,
             comment: String::new(),
             author: None,
         }
@@ -596,6 +600,10 @@ async fn propose(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "api".to_owned());
+    if envelope.parallel == Some(0) {
+        return Err(unprocessable("parallel", "must be at least 1".into()));
+    }
+    let parallel = envelope.parallel;
     let proposal = Proposal {
         map,
         base_version: envelope.base_version,
@@ -620,7 +628,7 @@ async fn propose(
             }
             Ok((StatusCode::OK, Json(v)))
         }
-        Err(ProposeError::MovesBases(_)) => match begin_rollout(&api, proposal).await? {
+        Err(ProposeError::MovesBases(_)) => match begin_rollout(&api, proposal, parallel).await? {
             Ok(r) => Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({
@@ -698,9 +706,10 @@ async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
 async fn begin_rollout(
     api: &Api,
     proposal: Proposal,
+    parallel: Option<usize>,
 ) -> Result<Result<rollout::Rollout, RolloutError>, ApiError> {
     let plane = api.plane.clone();
-    tokio::task::spawn_blocking(move || rollout::begin(&plane, &proposal))
+    tokio::task::spawn_blocking(move || rollout::begin_with(&plane, &proposal, parallel))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }

@@ -258,6 +258,15 @@ pub struct RolloutConfig {
     /// retry: a queued request connects or fails within it).
     #[serde(default, with = "opt_duration")]
     pub drain: Option<Duration>,
+    /// How many servers a rollout restarts at once (each with its own hook timeout
+    /// and health wait); `push-map --parallel N` sets it for one rollout. 1: one
+    /// after another.
+    #[serde(default = "default_max_parallel_restarts")]
+    pub max_parallel_restarts: usize,
+}
+
+fn default_max_parallel_restarts() -> usize {
+    1
 }
 
 impl Default for RolloutConfig {
@@ -267,6 +276,7 @@ impl Default for RolloutConfig {
             health_timeout: default_health_timeout(),
             restart_timeout: default_restart_timeout(),
             drain: None,
+            max_parallel_restarts: default_max_parallel_restarts(),
         }
     }
 }
@@ -661,6 +671,9 @@ impl Config {
         }
         if self.filter.wasm.as_os_str().is_empty() {
             p.push("filter.wasm: empty".to_owned());
+        }
+        if self.rollout.max_parallel_restarts == 0 {
+            p.push("rollout.max_parallel_restarts: must be at least 1".to_owned());
         }
         if let (None, None) = (&self.api.token, &self.api.token_env) {
             p.push(

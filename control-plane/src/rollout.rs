@@ -211,6 +211,10 @@ pub struct Rollout {
     /// How many times a control plane resumed it.
     #[serde(default)]
     pub resumed: u32,
+    /// At most this many servers restart at once (else `[rollout]
+    /// max_parallel_restarts`).
+    #[serde(default)]
+    pub parallel: Option<usize>,
 }
 
 impl Rollout {
@@ -436,6 +440,16 @@ pub fn restart_plan(
 /// Starts a rollout of `p.map` (which must move bases): plans it, records it, and
 /// runs it in the background. Returns the rollout as first stored.
 pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, RolloutError> {
+    begin_with(plane, p, None)
+}
+
+/// As [`begin`], restarting at most `parallel` servers at once (else `[rollout]
+/// max_parallel_restarts`).
+pub fn begin_with(
+    plane: &Arc<ControlPlane>,
+    p: &Proposal,
+    parallel: Option<usize>,
+) -> Result<Rollout, RolloutError> {
     plane.check_map(&p.map).map_err(ProposeError::Invalid)?;
     let guard = plane.try_begin_change()?;
     // Before the rollout is stored: an abort asked for from then on is kept.
@@ -495,6 +509,7 @@ pub fn begin(plane: &Arc<ControlPlane>, p: &Proposal) -> Result<Rollout, Rollout
         restart_ms: None,
         overhead_ms: None,
         resumed: 0,
+        parallel,
     };
     r.id = plane
         .store()
@@ -610,13 +625,28 @@ pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
                 .unwrap_or(Value::Null),
         );
         obj.insert(
+            "restarting_all".into(),
+            json!(
+                r.restart
+                    .iter()
+                    .filter(|s| matches!(
+                        s.state,
+                        RestartState::Restarting | RestartState::Restarted
+                    ))
+                    .map(|s| &s.server)
+                    .collect::<Vec<_>>()
+            ),
+        );
+        obj.insert(
             "waiting_for_confirm".into(),
             if live {
-                plane
-                    .rollout_signals()
-                    .waiting_for()
-                    .map(Value::String)
-                    .unwrap_or(Value::Null)
+                // One name (or null), as before; several (parallel manual hooks) joined.
+                let w = plane.rollout_signals().waiting_for();
+                if w.is_empty() {
+                    Value::Null
+                } else {
+                    Value::String(w.join(", "))
+                }
             } else {
                 Value::Null
             },
@@ -832,13 +862,13 @@ async fn run_hook(
         }
         RestartHook::Manual => {
             let signals = plane.rollout_signals();
-            signals.set_waiting_for(Some(server));
+            signals.set_waiting(server, true);
             tracing::warn!(
                 server,
                 "restart it now, then run `seactl rollout confirm {server}`"
             );
             let r = tokio::time::timeout(default_timeout, signals.confirmed(server)).await;
-            signals.set_waiting_for(None);
+            signals.set_waiting(server, false);
             r.map_err(|_| {
                 format!("no `seactl rollout confirm {server}` within {default_timeout:?}")
             })
@@ -876,6 +906,118 @@ async fn abortable<T>(
     tokio::select! {
         r = f => r,
         reason = signals.aborted() => Err(reason),
+    }
+}
+
+/// What a server's restart task reports to the rollout's driver.
+enum Restarted {
+    /// The hook succeeded: wait for `pong`.
+    Hooked(usize),
+    /// It answered `pong`.
+    Healthy(usize),
+    /// The hook or the health check failed.
+    Failed(usize, String),
+}
+
+/// Restarts every server not yet healthy, at most `parallel` at once (the rollout's
+/// own bound, else `[rollout] max_parallel_restarts`), each with its own hook
+/// timeout and health wait; every state change is stored as it happens.
+/// `Ok(Some(reason))` when one failed or an abort came: the others still running
+/// are stopped (a command hook is killed) and the rollout must roll back.
+async fn restart_servers(
+    plane: &Arc<ControlPlane>,
+    r: &mut Rollout,
+) -> Result<Option<String>, RolloutError> {
+    let cfg = plane.config().rollout.clone();
+    let parallel = r.parallel.unwrap_or(cfg.max_parallel_restarts).max(1);
+    let mut todo: std::collections::VecDeque<usize> = (0..r.restart.len())
+        .filter(|i| r.restart[*i].state != RestartState::Healthy)
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Restarted>(16);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running = 0usize;
+    loop {
+        while running < parallel
+            && let Some(i) = todo.pop_front()
+        {
+            let name = r.restart[i].server.clone();
+            let Some(server) = plane.config().server(&name).cloned() else {
+                tasks.abort_all();
+                return Ok(Some(format!("`{name}` is no longer a configured server")));
+            };
+            {
+                let s = &mut r.restart[i];
+                s.state = RestartState::Restarting;
+                s.attempts += 1;
+                s.started_at = Some(now_ms());
+                s.error = None;
+            }
+            save(plane, r)?;
+            tracing::info!(rollout = r.id, server = %name, "restarting");
+            let (plane, tx) = (plane.clone(), tx.clone());
+            let timeouts = (cfg.restart_timeout, cfg.health_timeout);
+            tasks.spawn(async move {
+                let report = match run_hook(&plane, &name, &server.restart, timeouts.0).await {
+                    Err(e) => Restarted::Failed(i, format!("restart of {name}: {e}")),
+                    Ok(()) => {
+                        let _ = tx.send(Restarted::Hooked(i)).await;
+                        match wait_healthy(&server.health_url(), timeouts.1).await {
+                            Ok(()) => Restarted::Healthy(i),
+                            Err(e) => Restarted::Failed(i, format!("health of {name}: {e}")),
+                        }
+                    }
+                };
+                let _ = tx.send(report).await;
+            });
+            running += 1;
+        }
+        if running == 0 {
+            return Ok(plane
+                .rollout_signals()
+                .abort_reason()
+                .map(|reason| format!("aborted: {reason}")));
+        }
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            reason = plane.rollout_signals().aborted() => {
+                tasks.abort_all();
+                for s in &mut r.restart {
+                    if matches!(s.state, RestartState::Restarting | RestartState::Restarted) {
+                        s.state = RestartState::Failed;
+                        s.error = Some("stopped: the rollout was aborted".into());
+                    }
+                }
+                return Ok(Some(format!("aborted: {reason}")));
+            }
+        };
+        match event {
+            Some(Restarted::Hooked(i)) => {
+                plane.metrics().server_restarted();
+                r.restart[i].state = RestartState::Restarted;
+                r.restart[i].restarted_at = Some(now_ms());
+                save(plane, r)?;
+            }
+            Some(Restarted::Healthy(i)) => {
+                running -= 1;
+                r.restart[i].state = RestartState::Healthy;
+                r.restart[i].healthy_at = Some(now_ms());
+                save(plane, r)?;
+                tracing::info!(rollout = r.id, server = %r.restart[i].server, "restarted and healthy");
+            }
+            Some(Restarted::Failed(i, e)) => {
+                tasks.abort_all();
+                r.restart[i].state = RestartState::Failed;
+                r.restart[i].error = Some(e.clone());
+                for s in &mut r.restart {
+                    if matches!(s.state, RestartState::Restarting | RestartState::Restarted) {
+                        s.state = RestartState::Failed;
+                        s.error = Some("stopped: another server's restart failed".into());
+                    }
+                }
+                return Ok(Some(e));
+            }
+            None => return Ok(Some("the restart tasks ended unexpectedly".into())),
+        }
     }
 }
 
@@ -998,53 +1140,10 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                     return Ok(true);
                 }
             }
-            for i in 0..r.restart.len() {
-                if r.restart[i].state == RestartState::Healthy {
-                    continue;
-                }
-                let name = r.restart[i].server.clone();
-                let Some(server) = plane.config().server(&name).cloned() else {
-                    r.roll_back(format!("`{name}` is no longer a configured server"));
-                    save(plane, r)?;
-                    return Ok(true);
-                };
-                {
-                    let s = &mut r.restart[i];
-                    s.state = RestartState::Restarting;
-                    s.attempts += 1;
-                    s.started_at = Some(now_ms());
-                    s.error = None;
-                }
+            if let Some(reason) = restart_servers(plane, r).await? {
+                r.roll_back(reason);
                 save(plane, r)?;
-                tracing::info!(rollout = r.id, server = %name, "restarting");
-                let hooked = abortable(
-                    plane,
-                    run_hook(plane, &name, &server.restart, cfg.restart_timeout),
-                )
-                .await;
-                if let Err(e) = hooked {
-                    r.restart[i].state = RestartState::Failed;
-                    r.restart[i].error = Some(e.clone());
-                    r.roll_back(format!("restart of {name}: {e}"));
-                    save(plane, r)?;
-                    return Ok(true);
-                }
-                plane.metrics().server_restarted();
-                r.restart[i].state = RestartState::Restarted;
-                r.restart[i].restarted_at = Some(now_ms());
-                save(plane, r)?;
-                let url = server.health_url();
-                if let Err(e) = abortable(plane, wait_healthy(&url, cfg.health_timeout)).await {
-                    r.restart[i].state = RestartState::Failed;
-                    r.restart[i].error = Some(e.clone());
-                    r.roll_back(format!("health of {name}: {e}"));
-                    save(plane, r)?;
-                    return Ok(true);
-                }
-                r.restart[i].state = RestartState::Healthy;
-                r.restart[i].healthy_at = Some(now_ms());
-                save(plane, r)?;
-                tracing::info!(rollout = r.id, server = %name, "restarted and healthy");
+                return Ok(true);
             }
             if let Some(reason) = plane.rollout_signals().abort_reason() {
                 r.roll_back(format!("aborted: {reason}"));

@@ -2,7 +2,7 @@
 //! restart confirmations, the server a manual hook waits for, and a counter that
 //! wakes the rollout's driver. The plane holds one; the rollout and the API use it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -11,8 +11,8 @@ use tokio::sync::watch;
 pub struct Signals {
     abort: Mutex<Option<String>>,
     confirmed: Mutex<HashSet<String>>,
-    /// The server a manual hook waits for.
-    waiting_for: Mutex<Option<String>>,
+    /// The servers whose manual hooks wait for a confirmation.
+    waiting_for: Mutex<BTreeSet<String>>,
     bump: watch::Sender<u64>,
 }
 
@@ -21,7 +21,7 @@ impl Default for Signals {
         Signals {
             abort: Mutex::new(None),
             confirmed: Mutex::new(HashSet::new()),
-            waiting_for: Mutex::new(None),
+            waiting_for: Mutex::new(BTreeSet::new()),
             bump: watch::channel(0).0,
         }
     }
@@ -36,7 +36,7 @@ impl Signals {
     pub fn reset(&self) {
         *lock(&self.abort) = None;
         lock(&self.confirmed).clear();
-        *lock(&self.waiting_for) = None;
+        lock(&self.waiting_for).clear();
     }
 
     fn wake(&self) {
@@ -67,19 +67,24 @@ impl Signals {
         }
     }
 
-    /// The server a manual hook waits for.
-    pub fn waiting_for(&self) -> Option<String> {
-        lock(&self.waiting_for).clone()
+    /// The servers whose manual hooks wait for a confirmation, sorted.
+    pub fn waiting_for(&self) -> Vec<String> {
+        lock(&self.waiting_for).iter().cloned().collect()
     }
 
-    /// Sets (or clears) the server a manual hook waits for.
-    pub fn set_waiting_for(&self, server: Option<&str>) {
-        *lock(&self.waiting_for) = server.map(str::to_owned);
+    /// `server`'s manual hook waits (`true`) or no longer waits for a confirmation.
+    pub fn set_waiting(&self, server: &str, waiting: bool) {
+        let mut w = lock(&self.waiting_for);
+        if waiting {
+            w.insert(server.to_owned());
+        } else {
+            w.remove(server);
+        }
     }
 
     /// Confirms `server`'s manual restart; false when no hook waits for it.
     pub fn confirm(&self, server: &str) -> bool {
-        if lock(&self.waiting_for).as_deref() != Some(server) {
+        if !lock(&self.waiting_for).contains(server) {
             return false;
         }
         lock(&self.confirmed).insert(server.to_owned());

@@ -790,6 +790,7 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
             restart_ms: None,
             overhead_ms: None,
             resumed: 0,
+            parallel: None,
         };
         plane
             .store()
@@ -1097,4 +1098,144 @@ fn a_guarded_server_without_a_guard_refuses_and_a_partly_guarded_change_waits_fo
     assert_eq!(r.state, Step::RolledBack, "{r:#?}");
     assert!(r.reason.unwrap().contains("edge-cut@127.0.0.1"));
     assert!(restarted(&log).is_empty());
+}
+
+/// Four servers whose hooks log `start NAME`, sleep `secs`, then log `end NAME` (the
+/// server named `fail` exits 1 at once instead).
+fn four_servers(dir: &Path, pongs: &[Pong], secs: f64, fail: &str) -> (Vec<Srv>, PathBuf) {
+    let log = dir.join("restarts.log");
+    let names = ["a", "b", "c", "d"];
+    let servers = names
+        .iter()
+        .zip(pongs)
+        .map(|(name, p)| {
+            let script = if *name == fail {
+                format!("echo fail {name} >> {}; exit 1", log.display())
+            } else {
+                format!(
+                    "echo start {name} >> {l}; sleep {secs}; echo end {name} >> {l}",
+                    l = log.display()
+                )
+            };
+            Srv {
+                name,
+                pong: p.addr,
+                hook: command_hook(&script),
+                guarded: false,
+            }
+        })
+        .collect();
+    (servers, log)
+}
+
+/// Every base on `a`, then a quarter on each of a, b, c, d.
+fn quarters() -> (ShardMap, ShardMap) {
+    (
+        map(json!({"default": "a", "slots": {"0-f": "a"}})),
+        map(json!({"default": "a", "slots": {"0-3": "a", "4-7": "b", "8-b": "c", "c-f": "d"}})),
+    )
+}
+
+fn begin_parallel(cp: &Cp, m: &ShardMap, parallel: Option<usize>) -> Rollout {
+    let _enter = cp.rt.enter();
+    rollout::begin_with(
+        &cp.plane,
+        &Proposal {
+            map: m.clone(),
+            base_version: None,
+            author: "test".into(),
+            comment: String::new(),
+            dry_run: false,
+        },
+        parallel,
+    )
+    .unwrap()
+}
+
+/// The most hooks that ran at once, from the log's start and end lines.
+fn most_at_once(log: &Path) -> usize {
+    let (mut now, mut most) = (0usize, 0usize);
+    for l in restarted(log) {
+        if l.starts_with("start") {
+            now += 1;
+            most = most.max(now);
+        } else if l.starts_with("end") {
+            now -= 1;
+        }
+    }
+    most
+}
+
+#[test]
+fn restarts_run_in_parallel_up_to_the_bound() {
+    for (parallel, want) in [(Some(4), 4), (Some(2), 2), (None, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pongs: Vec<Pong> = (0..4).map(|_| Pong::start()).collect();
+        let (servers, log) = four_servers(dir.path(), &pongs, 0.6, "");
+        std::fs::write(
+            dir.path().join("initial.json"),
+            json!(quarters().0).to_string(),
+        )
+        .unwrap();
+        let mut config = write_config(dir.path(), &servers, "5s");
+        config.initial_map = Some(dir.path().join("initial.json"));
+        let cp = Cp::start(config);
+        cp.envoy("edge-1", unlimited());
+        cp.wait_connected(1);
+        let r = cp.finished(begin_parallel(&cp, &quarters().1, parallel).id);
+        assert_eq!(r.state, Step::Done, "{r:#?}");
+        assert_eq!(r.restart.len(), 4);
+        assert_eq!(
+            most_at_once(&log),
+            want,
+            "{parallel:?}: {:?}",
+            restarted(&log)
+        );
+        // Four hooks of 0.6 s: about 0.6 s × 4 / parallel.
+        let ms = r.restart_ms.unwrap();
+        let floor = 600 * 4 / want as u64;
+        assert!(ms >= floor, "{parallel:?}: restart step {ms} ms");
+        assert!(ms < floor + 2500, "{parallel:?}: restart step {ms} ms");
+    }
+}
+
+#[test]
+fn a_failed_restart_stops_the_parallel_ones_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let pongs: Vec<Pong> = (0..4).map(|_| Pong::start()).collect();
+    let (servers, log) = four_servers(dir.path(), &pongs, 3.0, "c");
+    std::fs::write(
+        dir.path().join("initial.json"),
+        json!(quarters().0).to_string(),
+    )
+    .unwrap();
+    let mut config = write_config(dir.path(), &servers, "5s");
+    config.initial_map = Some(dir.path().join("initial.json"));
+    let cp = Cp::start(config);
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    let start = Instant::now();
+    let r = cp.finished(begin_parallel(&cp, &quarters().1, Some(4)).id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("restart of c"),
+        "{r:?}"
+    );
+    // The others were stopped mid-hook, not waited for.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let lines = restarted(&log);
+    assert!(lines.iter().all(|l| !l.starts_with("end")), "{lines:?}");
+    let failed: Vec<&str> = r
+        .restart
+        .iter()
+        .filter(|s| s.state == RestartState::Failed)
+        .map(|s| s.server.as_str())
+        .collect();
+    assert_eq!(failed, ["a", "b", "c", "d"], "{r:#?}");
+    assert_eq!(cp.plane.active().unwrap().map, quarters().0);
 }

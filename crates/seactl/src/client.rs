@@ -188,6 +188,10 @@ pub struct PushMapArgs {
     /// How long to wait for every Envoy's ACK, in seconds.
     #[arg(long, default_value_t = 30)]
     pub wait: u64,
+    /// For a rollout: restart at most N servers at once [default: the control
+    /// plane's `[rollout] max_parallel_restarts`].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub parallel: Option<u64>,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
     #[command(flatten)]
@@ -243,6 +247,7 @@ pub fn push_map(args: PushMapArgs) -> Result<ExitCode> {
             "base_version": from,
             "comment": args.comment,
             "author": author(),
+            "parallel": args.parallel,
         }),
     )?;
     if applied.status == 202 {
@@ -570,7 +575,10 @@ fn progress_line(r: &Value) -> String {
     if !owing.is_empty() {
         line.push_str(&format!("; owing an ACK: {}", owing.join(", ")));
     }
-    if let Some(s) = r["restarting"].as_str() {
+    let restarting = names(&r["restarting_all"]);
+    if !restarting.is_empty() {
+        line.push_str(&format!("; restarting {}", restarting.join(", ")));
+    } else if let Some(s) = r["restarting"].as_str() {
         line.push_str(&format!("; restarting {s}"));
     }
     if let Some(s) = r["waiting_for_confirm"].as_str() {
