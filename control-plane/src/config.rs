@@ -147,6 +147,10 @@ pub struct ApiTls {
     pub key: PathBuf,
 }
 
+fn default_version_header() -> bool {
+    true
+}
+
 fn default_max_body() -> usize {
     4 * 1024 * 1024
 }
@@ -230,6 +234,11 @@ pub struct FilterConfig {
     /// Seconds a client of a fenced base is told to wait.
     #[serde(default = "default_retry_after")]
     pub retry_after: u32,
+    /// Edges stamp every routed request with `x-shard-map-version` (the map version
+    /// that routed it, for the dtable-server's logs); `false` saves a host call per
+    /// request.
+    #[serde(default = "default_version_header")]
+    pub version_header: bool,
     #[serde(default = "default_root_id")]
     pub root_id: String,
     #[serde(default = "default_vm_id")]

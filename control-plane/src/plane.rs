@@ -337,7 +337,7 @@ impl ControlPlane {
 
 /// The snapshot of a stored version under this configuration.
 pub fn build_snapshot(config: &Config, version: &Version) -> Arc<Snapshot> {
-    let rc: RouterConfig = version.router_config(&config.filter.header, config.filter.retry_after);
+    let rc: RouterConfig = version.router_config(&config.filter);
     Snapshot::build(&rc, &config.filter, &config.servers)
 }
 

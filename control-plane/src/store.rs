@@ -141,11 +141,13 @@ pub struct Version {
 }
 
 impl Version {
-    /// The filter configuration of this version, with the filter's header and retry-after.
-    pub fn router_config(&self, header: &str, retry_after: u32) -> RouterConfig {
+    /// The filter configuration of this version, as `[filter]` says (routing header,
+    /// retry-after, version header).
+    pub fn router_config(&self, filter: &crate::config::FilterConfig) -> RouterConfig {
         RouterConfig {
-            header: header.to_owned(),
-            retry_after,
+            header: filter.header.clone(),
+            retry_after: filter.retry_after,
+            version_header: filter.version_header,
             fence: self.fence.clone(),
             ..RouterConfig::new(self.version, self.map.clone())
         }

@@ -25,6 +25,9 @@ pub enum Variant {
     NoopWasm,
     /// `base_router.wasm` with the shipped shard map.
     BaseRouter,
+    /// `base_router.wasm` with the shipped shard map, `version_header: false`: the
+    /// routing header only.
+    BaseRouterNoVersionHeader,
     /// Diagnostic: `base_router.wasm` with a map sending every base to
     /// `dtable-server`, i.e. the routing of the empty filter: separates the
     /// filter's own cost from the cost of routing to two clusters.
@@ -35,13 +38,21 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Passthrough, Variant::NoopWasm, Variant::BaseRouter];
+    pub const ALL: [Variant; 4] = [
+        Variant::Passthrough,
+        Variant::NoopWasm,
+        Variant::BaseRouter,
+        Variant::BaseRouterNoVersionHeader,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Variant::Passthrough => "Envoy passthrough (no filter)",
             Variant::NoopWasm => "Envoy + bench_noop.wasm (sets one header)",
             Variant::BaseRouter => "Envoy + base_router.wasm (shipped map)",
+            Variant::BaseRouterNoVersionHeader => {
+                "Envoy + base_router.wasm (shipped map, no version header)"
+            }
             Variant::BaseRouterOneServer => "Envoy + base_router.wasm (one-server map)",
             Variant::BaseRouterGuarded => {
                 "Envoy + base_router.wasm, then a guard hop (edge + guards' CPU)"
@@ -77,6 +88,11 @@ pub fn bootstrap_for(
     let mut doc: Value = serde_yaml::from_str(&yaml)?;
     match variant {
         Variant::BaseRouter | Variant::BaseRouterGuarded => {}
+        Variant::BaseRouterNoVersionHeader => {
+            let mut config = bootstrap::plugin_configuration(&mut doc)?;
+            config["version_header"] = false.into();
+            bootstrap::set_plugin_configuration(&mut doc, &config)?;
+        }
         Variant::BaseRouterOneServer => {
             let config = serde_json::json!({
                 "version": 1,

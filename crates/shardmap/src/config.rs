@@ -38,7 +38,19 @@ pub struct RouterConfig {
     /// appear in the map: then it owns no base and every base is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<String>,
+    /// An edge also sets `x-shard-map-version` on every routed request (one more
+    /// host call per request); a refusal always carries it.
+    #[serde(default = "default_version_header", skip_serializing_if = "is_true")]
+    pub version_header: bool,
     pub map: ShardMap,
+}
+
+fn default_version_header() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_header() -> String {
@@ -58,6 +70,7 @@ impl RouterConfig {
             retry_after: DEFAULT_RETRY_AFTER,
             fence: Fence::default(),
             guard: None,
+            version_header: default_version_header(),
             map,
         }
     }

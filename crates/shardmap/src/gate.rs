@@ -36,6 +36,7 @@ pub struct Gate {
     version: u64,
     retry_after: u32,
     guard: Option<Guarded>,
+    version_header: bool,
 }
 
 /// The server a guard stands in front of.
@@ -142,6 +143,7 @@ impl RouterConfig {
             version: self.version,
             retry_after: self.retry_after,
             guard,
+            version_header: self.version_header,
         })
     }
 }
@@ -226,6 +228,11 @@ impl Gate {
     /// The routing header an edge sets.
     pub fn header(&self) -> &str {
         &self.header
+    }
+
+    /// Whether a routed request also gets `x-shard-map-version`.
+    pub fn version_header(&self) -> bool {
+        self.version_header
     }
 
     /// The map version (`x-shard-map-version`).

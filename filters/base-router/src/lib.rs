@@ -246,7 +246,9 @@ impl HttpContext for BaseRouter {
         match verdict {
             Verdict::Route(decision) => {
                 self.set_http_request_header(active.gate.header(), Some(decision.server));
-                self.set_http_request_header("x-shard-map-version", Some(&active.version));
+                if active.gate.version_header() {
+                    self.set_http_request_header("x-shard-map-version", Some(&active.version));
+                }
                 Action::Continue
             }
             // A guard routes nothing: the request goes on to its one upstream as it came.

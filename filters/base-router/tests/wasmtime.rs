@@ -167,6 +167,28 @@ fn a_client_sent_routing_header_never_survives() {
 }
 
 #[test]
+fn without_the_version_header_a_routed_request_gets_the_routing_header_only() {
+    let mut c = config(4, Fence::default());
+    c.version_header = false;
+    let mut vm = vm_with(&c);
+    let uri = "/api/v1/dtables/a1b2c3d4-0000-4000-8000-000000000001/";
+    let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+    assert_eq!(action, Action::Continue);
+    assert_eq!(
+        vm.request_header(ctx, "x-dtable-server"),
+        Some("dtable-server")
+    );
+    assert_eq!(vm.request_header(ctx, "x-shard-map-version"), None);
+    // The JSON the control plane sends says so only when it is off.
+    assert!(c.to_json().contains(r#""version_header":false"#));
+    assert!(
+        !config(4, Fence::default())
+            .to_json()
+            .contains("version_header")
+    );
+}
+
+#[test]
 fn a_fenced_base_gets_503_with_retry_after() {
     let fence = Fence {
         slots: vec!["a-b".into()],

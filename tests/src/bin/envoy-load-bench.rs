@@ -6,6 +6,7 @@
 //!   1. passthrough: the wasm filter removed, the fallback route to `dtable-server`;
 //!   2. + `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
 //!   3. + `base_router.wasm` with the shipped shard map;
+//!   3b. the same with `version_header: false` (the routing header only);
 //!   4. with `--diagnose`: + `base_router.wasm` with a map that sends every base
 //!      to `dtable-server` (the empty filter's routing): the filter's own cost
 //!      apart from routing to two clusters;
@@ -198,7 +199,8 @@ fn run() -> Result<()> {
         if v == Variant::BaseRouterGuarded {
             for (i, name) in ["dtable-server", "dtable-server-2"].into_iter().enumerate() {
                 let yaml = bench::guard_bootstrap(name, ups[i], &router)?;
-                let guard = Envoy::start(&yaml).with_context(|| format!("start guard of {name}"))?;
+                let guard =
+                    Envoy::start(&yaml).with_context(|| format!("start guard of {name}"))?;
                 targets[i] = guard.listener_addr;
                 guards.push(guard);
             }
@@ -213,7 +215,10 @@ fn run() -> Result<()> {
         // through base-router; the others send everything to dtable-server.
         let r = Connection::open(envoy.listener_addr)?
             .get("/api/v1/dtables/5f3e2d1c-0b9a-4876-9543-210fedcba987/", &[])?;
-        let want = if matches!(v, Variant::BaseRouter | Variant::BaseRouterGuarded) {
+        let want = if matches!(
+            v,
+            Variant::BaseRouter | Variant::BaseRouterGuarded | Variant::BaseRouterNoVersionHeader
+        ) {
             "dtable-server-2"
         } else {
             "dtable-server"
@@ -285,12 +290,7 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn render(
-    args: &Args,
-    envoys: &[Measured],
-    runs: &[Vec<Run>],
-    n_targets: usize,
-) -> Result<String> {
+fn render(args: &Args, envoys: &[Measured], runs: &[Vec<Run>], n_targets: usize) -> Result<String> {
     let base: Vec<f64> = runs[0].iter().map(|r| r.cpu_us_per_req).collect();
     let mut s = String::new();
     writeln!(s, "# Envoy load benchmark: proxy CPU per request\n")?;
