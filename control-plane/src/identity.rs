@@ -125,10 +125,7 @@ mod tests {
             err.contains("`edge-2`") && err.contains("CN edge-1"),
             "{err}"
         );
-        assert!(
-            check_node_id(Some(&c), "EDGE-1").is_err(),
-            "exact"
-        );
+        assert!(check_node_id(Some(&c), "EDGE-1").is_err(), "exact");
         assert!(check_node_id(Some(&c), "").is_err());
 
         let only_san = cert(None, &["sidecar-1"]);

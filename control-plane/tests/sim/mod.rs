@@ -1,7 +1,11 @@
 //! Simulated Envoys: ADS clients that subscribe to CDS and ECDS and ACK every
-//! response, each on its own connection, as many as wanted in one process.
+//! response, each on its own connection, as many as wanted in one process; over
+//! plain gRPC, or over mutual TLS with a client certificate per node ([`SimTls`]).
+
+#![allow(dead_code)] // Each test and bench uses a part.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,20 +17,46 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use shardmap::{PathRule, ShardMap};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 pub const TOKEN: &str = "sim-token-0123456";
 
 /// A control plane on loopback with a store in `dir`.
-pub async fn start(dir: &std::path::Path) -> Running {
+pub async fn start(dir: &Path) -> Running {
+    start_with(dir, "", "").await
+}
+
+/// A control plane whose ADS requires mutual TLS with `tls`'s CA (and, with
+/// `bind_node_ids`, node ids matching the certificates).
+pub async fn start_mtls(dir: &Path, tls: &SimTls, bind_node_ids: bool) -> Running {
+    let d = tls.dir.display();
+    start_with(
+        dir,
+        &format!(
+            "[listen.tls]\ncert = \"{d}/control-plane.crt\"\nkey = \"{d}/control-plane.key\"\n\
+             client_ca = \"{d}/ca.crt\"\nrequire_node_id_match = {bind_node_ids}\n"
+        ),
+        "",
+    )
+    .await
+}
+
+/// A control plane with `listen_extra` (e.g. `[listen.tls]`) after `[listen]`, and
+/// `api_extra` (e.g. `[api.tls]`) after `[api]`.
+pub async fn start_with(dir: &Path, listen_extra: &str, api_extra: &str) -> Running {
     let text = format!(
         r#"
         [listen]
         grpc = "127.0.0.1:0"
         http = "127.0.0.1:0"
+        # Every simulated Envoy connects from 127.0.0.1.
+        max_streams_per_peer = 100000
+        {listen_extra}
         [store]
         path = "state.db"
         [api]
         token = "{TOKEN}"
+        {api_extra}
         [filter]
         wasm = "/opt/base-router.wasm"
         [[server]]
@@ -44,24 +74,126 @@ pub async fn start(dir: &std::path::Path) -> Running {
     control_plane::start(plane, TOKEN).await.expect("start")
 }
 
+/// A CA, the control plane's certificate (`127.0.0.1`, `localhost`) and client
+/// certificates, made by `control_plane::certs` in a directory.
+pub struct SimTls {
+    pub dir: PathBuf,
+    ca: Certificate,
+}
+
+impl SimTls {
+    /// A new CA and server certificate in `dir`.
+    pub fn new(dir: &Path) -> SimTls {
+        control_plane::certs::init(dir, None, 1, false).expect("CA");
+        control_plane::certs::server(
+            dir,
+            "control-plane",
+            &["127.0.0.1".into(), "localhost".into()],
+            1,
+            false,
+        )
+        .expect("server certificate");
+        let ca = Certificate::from_pem(std::fs::read(dir.join("ca.crt")).expect("ca.crt"));
+        SimTls {
+            dir: dir.to_owned(),
+            ca,
+        }
+    }
+
+    /// A client certificate for `cn` (made once), as a node `id`'s TLS client.
+    pub fn client(&self, cn: &str) -> ClientTlsConfig {
+        let cert = self.dir.join(format!("{cn}.crt"));
+        if !cert.exists() {
+            control_plane::certs::client(&self.dir, cn, 1, false).expect("client certificate");
+        }
+        let read = |p: PathBuf| std::fs::read(p).expect("client certificate files");
+        let identity = Identity::from_pem(read(cert), read(self.dir.join(format!("{cn}.key"))));
+        self.anonymous().identity(identity)
+    }
+
+    /// Trusts the control plane, shows no certificate.
+    pub fn anonymous(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .domain_name("localhost")
+    }
+}
+
 /// One simulated Envoy: subscribes, then ACKs every response, until the stream ends.
 /// Like Envoy, it reconnects when a connection fails before any response (500
 /// connecting at once can overflow the listen backlog on a busy machine).
 pub async fn envoy(addr: SocketAddr, id: String) {
+    envoy_with(addr, id, None).await
+}
+
+/// [`envoy`], over TLS with `tls`.
+pub async fn envoy_with(addr: SocketAddr, id: String, tls: Option<ClientTlsConfig>) {
     for _ in 0..100 {
-        if session(addr, &id).await {
+        if matches!(session(addr, &id, tls.clone()).await, Ok(true)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// One ADS stream; true when it got at least one response.
-async fn session(addr: SocketAddr, id: &str) -> bool {
-    let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
-    else {
-        return false;
+/// Opens one ADS stream as node `id` and waits for the first response: `Ok` with
+/// one, the stream's status (or the connection's error) without.
+pub async fn first_response(
+    addr: SocketAddr,
+    id: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel(8);
+    let mut client = connect(addr, tls).await?;
+    let first = DiscoveryRequest {
+        node: Some(Node {
+            id: id.to_owned(),
+            cluster: "sim".into(),
+            ..Default::default()
+        }),
+        type_url: CDS_TYPE_URL.into(),
+        ..Default::default()
     };
+    tx.send(first).await.map_err(|e| e.to_string())?;
+    let mut inbound = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    match inbound.message().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("stream closed".into()),
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<ClientTlsConfig>,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+    let endpoint = match tls {
+        None => Endpoint::from_shared(format!("http://{addr}")),
+        Some(tls) => {
+            Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(tls))
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        // The transport error's cause says why (a refused handshake, ...).
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        msg
+    })?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel))
+}
+
+/// One ADS stream; `Ok(true)` when it got at least one response.
+async fn session(addr: SocketAddr, id: &str, tls: Option<ClientTlsConfig>) -> Result<bool, String> {
+    let mut client = connect(addr, tls).await?;
     let id = id.to_owned();
     let (tx, rx) = mpsc::channel(8);
     let node = Some(Node {
@@ -83,14 +215,14 @@ async fn session(addr: SocketAddr, id: &str) -> bool {
     ];
     for r in first {
         if tx.send(r).await.is_err() {
-            return false;
+            return Ok(false);
         }
     }
     let Ok(resp) = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
     else {
-        return false;
+        return Ok(false);
     };
     let mut inbound = resp.into_inner();
     let mut answered = false;
@@ -112,14 +244,32 @@ async fn session(addr: SocketAddr, id: &str) -> bool {
             break;
         }
     }
-    answered
+    Ok(answered)
+}
+
+/// The node id of the `i`th simulated Envoy.
+pub fn node_id(i: usize) -> String {
+    format!("sim-{i:04}")
 }
 
 /// Starts `n` simulated Envoys and waits until all run the current versions.
 pub async fn connect_all(running: &Running, n: usize, timeout: Duration) -> Duration {
+    connect_all_with(running, n, timeout, None).await
+}
+
+/// [`connect_all`]; with `tls`, each Envoy over mutual TLS with its own client
+/// certificate (made before the clock starts).
+pub async fn connect_all_with(
+    running: &Running,
+    n: usize,
+    timeout: Duration,
+    tls: Option<&SimTls>,
+) -> Duration {
+    let configs: Vec<Option<ClientTlsConfig>> =
+        (0..n).map(|i| tls.map(|t| t.client(&node_id(i)))).collect();
     let start = Instant::now();
-    for i in 0..n {
-        tokio::spawn(envoy(running.grpc_addr, format!("sim-{i:04}")));
+    for (i, tls) in configs.into_iter().enumerate() {
+        tokio::spawn(envoy_with(running.grpc_addr, node_id(i), tls));
     }
     let plane = &running.plane;
     let deadline = Instant::now() + timeout;
