@@ -173,6 +173,90 @@ fn generated_bootstraps_of_every_kind_validate() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// Bootstraps with TLS to the control plane (`--tls-ca`, `--tls-cert`,
+/// `--tls-key`: an `UpstreamTlsContext` on its cluster), with certificates from
+/// `control_plane::certs`, validate: over gRPC (ALPN h2, mutual TLS) to an address
+/// and to a name (SNI), and REST with the CA only.
+#[test]
+fn generated_bootstraps_with_tls_validate() {
+    use control_plane::bootstrap::{ControlPlaneTls, Kind, Options, Xds, render};
+    let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    control_plane::certs::init(d, None, 1, false).unwrap();
+    control_plane::certs::client(d, "edge-1", 1, false).unwrap();
+    let mutual = ControlPlaneTls {
+        ca: d.join("ca.crt"),
+        client: Some((d.join("edge-1.crt"), d.join("edge-1.key"))),
+    };
+    let ca_only = ControlPlaneTls {
+        client: None,
+        ..mutual.clone()
+    };
+    let mut failures = Vec::new();
+    for (kind, xds, control_plane, tls) in [
+        (Kind::Edge, Xds::Grpc, "127.0.0.1:18000", &mutual),
+        (
+            Kind::Sidecar,
+            Xds::Grpc,
+            "control-plane.example:18000",
+            &mutual,
+        ),
+        (
+            Kind::Guard {
+                server: "dtable-server-2".into(),
+            },
+            Xds::Grpc,
+            "[::1]:18000",
+            &mutual,
+        ),
+        (
+            Kind::Edge,
+            Xds::Rest,
+            "control-plane.example:18080",
+            &ca_only,
+        ),
+    ] {
+        let what = format!("{} {xds:?} {control_plane}", kind.as_str());
+        let o = Options {
+            node_id: "edge-1".into(),
+            control_plane: control_plane.into(),
+            xds,
+            wasm: wasm.clone(),
+            listen_port: 0,
+            admin_port: 0,
+            tls: Some(tls.clone()),
+            ..Options::new(kind)
+        };
+        let result = render(&o).map_err(anyhow::Error::from).and_then(|yaml| {
+            assert!(yaml.contains("UpstreamTlsContext"), "{yaml}");
+            validate(&yaml)
+        });
+        if let Err(e) = result {
+            failures.push(format!("{what}: {e:#}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // A missing certificate file is Envoy's error too: the check is real.
+    let missing = ControlPlaneTls {
+        ca: d.join("no-such-ca.crt"),
+        client: None,
+    };
+    let yaml = render(&Options {
+        node_id: "edge-1".into(),
+        control_plane: "127.0.0.1:18000".into(),
+        wasm,
+        listen_port: 0,
+        admin_port: 0,
+        tls: Some(missing),
+        ..Options::new(Kind::Edge)
+    })
+    .unwrap();
+    let err = format!("{:#}", validate(&yaml).unwrap_err());
+    assert!(err.contains("no-such-ca.crt"), "{err}");
+}
+
 /// The Envoy side of `edge-static.yaml` (listener, routes, clusters, wasm
 /// plumbing) on its own, with the `bench-noop` filter standing in for the
 /// router: a failure here is the bootstrap's, not the filter's.
