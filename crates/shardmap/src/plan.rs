@@ -202,16 +202,30 @@ impl<'a> Cells<'a> {
         pick: &mut impl FnMut(&BaseUuid) -> bool,
     ) -> bool {
         if self.is_uniform(prefix) {
-            let mut rep = prefix.clone();
-            rep.extend(std::iter::repeat_n(
-                '0',
-                32usize.saturating_sub(prefix.len()),
-            ));
-            let picked = BaseUuid::parse(&rep).is_some_and(|base| pick(&base));
+            let picked = representative(prefix, "").is_some_and(|base| pick(&base));
             if picked {
                 out.push(prefix.clone());
             }
             return picked;
+        }
+        // Below every slot boundary, with one pin `p` under it: two regions, the bases
+        // under `p` and the rest, each resolving one way in every router. When both
+        // are picked or neither is, no cell needs a split: one step instead of a walk
+        // down `p`'s digits (the common case: a pin that moves nothing).
+        if let Some(p) = self.lone_pin(prefix) {
+            let other = if p.as_bytes()[prefix.len()] == b'0' {
+                "1"
+            } else {
+                "0"
+            };
+            let rest = representative(prefix, other).is_some_and(|base| pick(&base));
+            let under = representative(p, "").is_some_and(|base| pick(&base));
+            if rest == under {
+                if rest {
+                    out.push(prefix.clone());
+                }
+                return rest;
+            }
         }
         let start = out.len();
         let mut all = true;
@@ -227,6 +241,27 @@ impl<'a> Cells<'a> {
         all
     }
 
+    /// The one pin under `prefix`, longer than it, when `prefix` lies below every
+    /// router's slot digits (so nothing but that pin splits it).
+    fn lone_pin(&self, prefix: &str) -> Option<&'a str> {
+        let k = prefix.len();
+        if self
+            .routers
+            .iter()
+            .any(|r| r.compiled().slot_digits as usize > k && !r.compiled().slot_table.is_empty())
+        {
+            return None;
+        }
+        let first = self.pins.partition_point(|p| *p < prefix);
+        let mut under = self.pins[first..]
+            .iter()
+            .take_while(|p| p.starts_with(prefix));
+        match (under.next(), under.next()) {
+            (Some(p), None) if p.len() > k => Some(p),
+            _ => None,
+        }
+    }
+
     /// True when every base under `prefix` resolves the same way in every router.
     fn is_uniform(&self, prefix: &str) -> bool {
         let k = prefix.len();
@@ -237,6 +272,15 @@ impl<'a> Cells<'a> {
             .any(|p| p.len() > k);
         !deeper_pin && self.routers.iter().all(|r| slots_uniform(r, prefix))
     }
+}
+
+/// The base `prefix` + `then` + zeros.
+fn representative(prefix: &str, then: &str) -> Option<BaseUuid> {
+    let mut rep = String::with_capacity(32);
+    rep.push_str(prefix);
+    rep.push_str(then);
+    rep.extend(std::iter::repeat_n('0', 32usize.saturating_sub(rep.len())));
+    BaseUuid::parse(&rep)
 }
 
 fn slots_uniform(r: &Router, prefix: &str) -> bool {
