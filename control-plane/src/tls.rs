@@ -289,6 +289,29 @@ pub fn check(config: &crate::Config) -> Result<(), TlsError> {
 mod tests {
     use super::*;
 
+    /// The example configuration's TLS sections, uncommented, are valid.
+    #[test]
+    fn the_example_tls_sections_parse() {
+        let mut uncommenting = false;
+        let text: String = include_str!("../seashard.example.toml")
+            .lines()
+            .map(|l| {
+                if l.starts_with("# [listen.tls]") || l.starts_with("# [api.tls]") {
+                    uncommenting = true;
+                } else if !l.starts_with("# ") {
+                    uncommenting = false;
+                }
+                let l = if uncommenting { &l[2..] } else { l };
+                format!("{l}\n")
+            })
+            .collect();
+        let c = crate::Config::parse(&text).unwrap();
+        let listen = c.listen.tls.unwrap();
+        assert_eq!(listen.client_ca, Path::new("tls/ca.crt"));
+        assert!(listen.require_node_id_match);
+        assert_eq!(c.api.tls.unwrap().cert, Path::new("tls/control-plane.crt"));
+    }
+
     #[test]
     fn errors_name_the_file_and_never_its_content() {
         let dir = tempfile::tempdir().unwrap();
