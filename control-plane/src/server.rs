@@ -144,6 +144,13 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
         })
     });
     let app = crate::api::router(plane.clone(), token, read_token.as_deref());
+    // REST xDS proves no certificate: where node ids are bound to certificates, a
+    // REST poller could name any node, so it is refused.
+    let app = if listen.tls.as_ref().is_some_and(|t| t.require_node_id_match) {
+        app.layer(axum::middleware::from_fn(refuse_rest_xds))
+    } else {
+        app
+    };
     let http_stop = until(stopped.clone());
     let http = tokio::spawn(async move {
         match http_incoming {
@@ -185,6 +192,33 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
         http,
         flusher,
     })
+}
+
+/// `403` for REST xDS (`/v3/discovery:*`): with `[listen.tls] require_node_id_match`
+/// a node id must be proven by a client certificate, which the API never asks for.
+async fn refuse_rest_xds(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if request.uri().path().starts_with("/v3/discovery") {
+        tracing::warn!(
+            path = request.uri().path(),
+            "REST xDS refused: [listen.tls] require_node_id_match binds node ids to client \
+             certificates, which only ADS over mutual TLS checks"
+        );
+        return (
+            axum::http::StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({
+                "error": "rest_xds_refused",
+                "message": "[listen.tls] require_node_id_match: node ids are bound to client \
+                            certificates; use ADS over mutual TLS (envoy-bootstrap --xds grpc \
+                            --tls-cert/--tls-key)",
+            })),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// A listener, plain or with TLS.

@@ -164,3 +164,39 @@ async fn the_api_over_https_only() {
     assert!(answers.2, "no plain HTTP");
     running.shutdown().await;
 }
+
+/// REST xDS proves no certificate: with node ids bound to certificates it is
+/// refused (403), and no node is made; without the binding it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_xds_is_refused_where_node_ids_are_bound() {
+    for bind in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = SimTls::new(&dir.path().join("tls"));
+        let running = sim::start_mtls(dir.path(), &tls, bind).await;
+        let url = format!("http://{}/v3/discovery:clusters", running.http_addr);
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut r = agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(
+                    r#"{"node": {"id": "edge-1", "cluster": "rest"}, "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"}"#,
+                )
+                .unwrap();
+            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        })
+        .await
+        .unwrap();
+        if bind {
+            assert_eq!(status, 403, "{body}");
+            assert!(body.contains("require_node_id_match"), "{body}");
+            assert!(running.plane.registry().nodes().is_empty());
+        } else {
+            assert_eq!(status, 200, "{body}");
+        }
+        running.shutdown().await;
+    }
+}
