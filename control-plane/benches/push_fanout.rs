@@ -1,9 +1,14 @@
 //! Push → every node ACKed, with many simulated Envoys in one process: over plain
-//! gRPC, then (same run, same numbers) over mutual TLS with a client certificate per
-//! node and `require_node_id_match`.
+//! gRPC for each fleet size, then (same run) the first size over mutual TLS with a
+//! client certificate per node and `require_node_id_match`.
 //!
-//! `cargo bench -p control-plane --bench push_fanout [-- NODES PUSHES]`
-//! (default 500 nodes, 20 pushes). Target: 500 nodes all ACKed within 1 s.
+//! `cargo bench -p control-plane --bench push_fanout [-- NODES...]`
+//! (default 500, 2000 and 5000 nodes; 20 pushes each). Targets: 500 nodes all ACKed
+//! within 1 s; 5 000 within 1 s and within 10× the 500 p50 (linear).
+//!
+//! Also printed per size: the process's resident memory per connected node and its
+//! CPU per push per node. The simulated Envoys live in the same process, so both
+//! are upper bounds of the control plane's share.
 
 #[path = "../tests/sim/mod.rs"]
 mod sim;
@@ -11,18 +16,26 @@ mod sim;
 use std::time::Duration;
 
 fn main() {
-    let mut args = std::env::args()
+    let mut sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
-        .filter_map(|a| a.parse::<usize>().ok());
-    let nodes = args.next().unwrap_or(500);
-    let pushes = args.next().unwrap_or(20);
+        .filter_map(|a| a.parse::<usize>().ok())
+        .collect();
+    if sizes.is_empty() {
+        sizes = vec![500, 2000, 5000];
+    }
+    let pushes = 20;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        for mtls in [false, true] {
+        let runs = sizes
+            .iter()
+            .map(|n| (*n, false))
+            .chain(std::iter::once((sizes[0], true)));
+        for (nodes, mtls) in runs {
+            let rss_before = rss_kib();
             let dir = tempfile::tempdir().expect("tempdir");
             let tls = mtls.then(|| sim::SimTls::new(&dir.path().join("tls")));
             let running = match &tls {
@@ -32,10 +45,13 @@ fn main() {
             let connected =
                 sim::connect_all_with(&running, nodes, Duration::from_secs(120), tls.as_ref())
                     .await;
+            let rss_after = rss_kib();
+            let cpu_before = cpu_secs();
             let mut times = Vec::with_capacity(pushes);
             for i in 0..pushes {
                 times.push(sim::push_and_wait(&running.plane, i, Duration::from_secs(30)).await);
             }
+            let cpu = cpu_secs() - cpu_before;
             times.sort();
             let pct = |p: usize| times[(times.len() - 1) * p / 100];
             println!(
@@ -51,7 +67,40 @@ fn main() {
                 pct(90),
                 pct(100)
             );
+            println!(
+                "  {:.1} KiB resident per connected node; {:.1} µs CPU per push per node \
+                 (whole process: control plane and simulated Envoys)",
+                rss_after.saturating_sub(rss_before) as f64 / nodes as f64,
+                cpu * 1e6 / (pushes * nodes) as f64
+            );
             running.shutdown().await;
         }
     });
+}
+
+/// This process's resident memory, KiB (`/proc/self/status`).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This process's CPU time (user + system), seconds (`/proc/self/stat`; 100 Hz).
+fn cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
 }
