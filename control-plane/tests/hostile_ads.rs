@@ -34,6 +34,7 @@ async fn start(dir: &std::path::Path) -> Running {
         path = "state.db"
         [api]
         token = "{TOKEN}"
+        max_body = 65536
         [filter]
         wasm = "/opt/base-router.wasm"
         [[server]]
@@ -406,5 +407,51 @@ async fn an_unknown_type_and_bytes_that_are_not_a_request_change_nothing() {
     assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
     drop(tx);
     good.gets_the_next_push(&running.plane, 2, 0).await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_api_bodies_hold_up_no_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let mut good = Good::start(running.grpc_addr).await;
+    let url = format!("http://{}/v1/maps", running.http_addr);
+    let mut big = br#"{"map": {"default": "dtable-server"}, "comment": ""#.to_vec();
+    // Over `max_body` (64 KiB here), small enough to be sent whole before the answer.
+    big.extend(std::iter::repeat_n(b'x', 70 * 1024));
+    big.extend(br#""}"#);
+    let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000)).into_bytes();
+    let dup = br#"{"map": {"default": "dtable-server", "slots": {"0-f": "dtable-server", "0-f": "dtable-server-2"}}}"#.to_vec();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("application/json", big, 413),
+        ("text/plain", b"{}".to_vec(), 415),
+        ("application/json", deep, 422),
+        (
+            "application/json",
+            br#"{"map": {"default": 7}}"#.to_vec(),
+            422,
+        ),
+        ("application/json", dup, 422),
+    ];
+    for (i, (content_type, body, want)) in cases.into_iter().enumerate() {
+        let url = url.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            agent
+                .post(&url)
+                .header("authorization", &format!("Bearer {TOKEN}"))
+                .header("content-type", content_type)
+                .send(&body[..])
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, want, "case {i}");
+        good.gets_the_next_push(&running.plane, i + 1, 0).await;
+    }
     running.shutdown().await;
 }
