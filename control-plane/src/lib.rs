@@ -15,10 +15,13 @@
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
 //! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
 //!   certificate proves; [`certs`]: a small CA for installs without a PKI.
+//! - [`agent`]: `seactl agent`, the restart agent on a dtable-server's host that an
+//!   HTTP restart hook calls (`POST /restart`: one command, joined calls, `pong`).
 //!
 //! It never decides where a base lives: validation, routing and plans are
 //! `shardmap`'s.
 
+pub mod agent;
 pub mod api;
 pub mod bootstrap;
 pub mod certs;
