@@ -1,6 +1,7 @@
 //! seactl: the one binary of seashard. `seactl serve` runs the control plane; every
 //! other command is a thin shell over the libraries: parse arguments, call, print.
 
+mod agent;
 mod bootstrap;
 mod certs;
 mod client;
@@ -82,6 +83,9 @@ enum Command {
     Status(client::StatusArgs),
     /// Steer the running rollout: confirm a manual restart, abort, follow, list.
     Rollout(client::RolloutArgs),
+    /// Run the restart agent on a dtable-server's host: `POST /restart` runs one
+    /// command, then waits for `pong` (the control plane's HTTP restart hook calls it).
+    Agent(agent::AgentArgs),
     /// Show seashard at work on sample SeaTable requests.
     Demo {
         /// Only route sample requests with a sample map; start no process.
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Demo { offline: true } => offline::demo(),
         Command::Demo { offline: false } => demo::live(),
         Command::Serve(args) => serve::serve(args),
+        Command::Agent(args) => agent::agent(args),
         Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(*args),
         Command::Certs(args) => certs::certs(args),
         Command::PushMap(args) => client::push_map(args),
