@@ -682,18 +682,13 @@ async fn run_command(argv: &[String], timeout: Duration, token_var: Option<&str>
 /// SIGKILL to every process of group `pgid`. Never to group 0 (the agent's own) or
 /// -1 (every process).
 fn kill_group(pgid: u32) {
-    // The C library's kill(2); the standard library links it but does not expose it.
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    const SIGKILL: i32 = 9;
-    let Ok(pgid) = i32::try_from(pgid) else {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
         return;
     };
     if pgid > 1 {
         // SAFETY: kill(2) takes two integers and touches no memory of this process.
         unsafe {
-            kill(-pgid, SIGKILL);
+            libc::kill(-pgid, libc::SIGKILL);
         }
     }
 }
