@@ -1,10 +1,12 @@
-//! Support of the Envoy load benchmark (`envoy-load-bench`): the three
-//! bootstraps compared, the request mix, `wrk` driving and parsing, the CPU
-//! time of a process from `/proc`, and robust statistics (median, range).
+//! Support of the Envoy load benchmark (`envoy-load-bench`): the bootstraps
+//! compared, SeaTable's documented map as an nginx configuration and as an
+//! Envoy Lua filter, the request mix, `wrk` driving and parsing, the CPU time
+//! of a process from `/proc`, and robust statistics (median, range).
 //!
 //! The measure is the proxy's CPU time per request: utime + stime of the
-//! Envoy process over a `wrk` run, divided by the requests `wrk` completed.
-//! Everything else on the machine (wrk, the upstreams) is not counted.
+//! proxy's processes (Envoy; nginx's master and worker) over a `wrk` run,
+//! divided by the requests `wrk` completed. Everything else on the machine
+//! (wrk, the upstreams) is not counted.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -35,6 +37,12 @@ pub enum Variant {
     /// `base_router.wasm` at the edge, each server behind a guard Envoy running
     /// `base_router.wasm` in guard mode: the CPU of the edge and both guards.
     BaseRouterGuarded,
+    /// Not Envoy: nginx (one worker) with SeaTable's documented `map
+    /// $request_uri` ([`DOCUMENTED_MAP`], [`nginx_conf`]).
+    Nginx,
+    /// The wasm filter replaced by an `envoy.filters.http.lua` filter matching
+    /// [`DOCUMENTED_MAP`] as Lua patterns over `:path` ([`LUA_DOCUMENTED_MAP`]).
+    EnvoyLua,
 }
 
 impl Variant {
@@ -57,14 +65,105 @@ impl Variant {
             Variant::BaseRouterGuarded => {
                 "Envoy + base_router.wasm, then a guard hop (edge + guards' CPU)"
             }
+            Variant::Nginx => "nginx, SeaTable's documented map (1 worker)",
+            Variant::EnvoyLua => "Envoy + Lua filter (documented map as Lua patterns)",
         }
     }
+
+    /// Whether this configuration runs `base_router.wasm`.
+    pub fn runs_base_router(self) -> bool {
+        matches!(
+            self,
+            Variant::BaseRouter
+                | Variant::BaseRouterNoVersionHeader
+                | Variant::BaseRouterOneServer
+                | Variant::BaseRouterGuarded
+        )
+    }
+
+    /// Whether this configuration sends a base of slot 0-9 to `dtable-server-2`
+    /// (every one but passthrough, the empty filter and the one-server map).
+    pub fn routes_by_base(self) -> bool {
+        !matches!(
+            self,
+            Variant::Passthrough | Variant::NoopWasm | Variant::BaseRouterOneServer
+        )
+    }
+}
+
+/// SeaTable's documented `map $request_uri` for two servers: `(regex, server)`,
+/// case-insensitive (`~*`), first match wins, else `dtable-server`. A pin (the
+/// shipped map's `ff84e1a1-66e2`), then the bases whose dashed uuid starts with a
+/// letter, then those starting with a digit. A 32-hex uuid (no dashes) matches
+/// none of them and goes to the default, as it does behind SeaTable's nginx.
+pub const DOCUMENTED_MAP: [(&str, &str); 3] = [
+    ("ff84e1a1-66e2", "dtable-server-2"),
+    ("([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})", "dtable-server"),
+    ("([0-9])([0-9a-f]{7}-[0-9a-f]{4})", "dtable-server-2"),
+];
+
+/// The server of a request when no rule of [`DOCUMENTED_MAP`] matches.
+pub const DOCUMENTED_DEFAULT: &str = "dtable-server";
+
+/// [`DOCUMENTED_MAP`] in Lua for Envoy's Lua filter: the same three rules as Lua
+/// patterns over `:path` (`%x` is `[0-9a-fA-F]`, i.e. `[0-9a-f]` under `~*`;
+/// `%-` a literal dash), first match wins, setting `x-dtable-server` (a
+/// client-sent value is replaced) for the route's `cluster_header`.
+pub const LUA_DOCUMENTED_MAP: &str = r#"local tail = "%x%x%x%x%x%x%x%-%x%x%x%x"
+local rules = {
+  { "[fF][fF]84[eE]1[aA]1%-66[eE]2", "dtable-server-2" },
+  { "[a-zA-Z]" .. tail, "dtable-server" },
+  { "[0-9]" .. tail, "dtable-server-2" },
+}
+local find = string.find
+
+function envoy_on_request(request_handle)
+  local headers = request_handle:headers()
+  local path = headers:get(":path") or ""
+  local server = "dtable-server"
+  for i = 1, #rules do
+    if find(path, rules[i][1]) then
+      server = rules[i][2]
+      break
+    end
+  end
+  headers:replace("x-dtable-server", server)
+end
+"#;
+
+/// The HTTP filter running [`LUA_DOCUMENTED_MAP`].
+pub fn lua_filter() -> Value {
+    let mut source = serde_yaml::Mapping::new();
+    source.insert("inline_string".into(), LUA_DOCUMENTED_MAP.into());
+    let mut typed = serde_yaml::Mapping::new();
+    typed.insert(
+        "@type".into(),
+        "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua".into(),
+    );
+    typed.insert("default_source_code".into(), Value::Mapping(source));
+    let mut filter = serde_yaml::Mapping::new();
+    filter.insert("name".into(), "envoy.filters.http.lua".into());
+    filter.insert("typed_config".into(), Value::Mapping(typed));
+    Value::Mapping(filter)
+}
+
+/// nginx in the style of SeaTable's `dtable-server-proxy`
+/// ([`crate::dtable::seatable_nginx_conf`]: `worker_processes 1`, keep-alive to
+/// the upstreams, no access log) with [`DOCUMENTED_MAP`], listening on `listen`,
+/// `dtable-server` and `dtable-server-2` at `upstreams`.
+pub fn nginx_conf(listen: SocketAddr, upstreams: [SocketAddr; 2]) -> String {
+    let servers = [
+        ("dtable-server".to_string(), upstreams[0]),
+        ("dtable-server-2".to_string(), upstreams[1]),
+    ];
+    crate::dtable::seatable_nginx_conf(listen, &servers, DOCUMENTED_DEFAULT, &DOCUMENTED_MAP)
 }
 
 /// The edge bootstrap (`envoy/edge-static.yaml`) for `variant`, on loopback,
 /// with both clusters pointed at `upstreams` (`dtable-server`,
 /// `dtable-server-2`). The noop filter gets an empty configuration (it sets
-/// `x-dtable-server: dtable-server`); passthrough has the wasm filter removed.
+/// `x-dtable-server: dtable-server`); passthrough has the wasm filter removed;
+/// Lua has it replaced by [`lua_filter`]. [`Variant::Nginx`] is not an Envoy.
 pub fn bootstrap_for(
     variant: Variant,
     noop_wasm: &Path,
@@ -105,6 +204,8 @@ pub fn bootstrap_for(
             bootstrap::set_plugin_configuration(&mut doc, &serde_json::json!({}))?;
         }
         Variant::Passthrough => remove_http_filter(&mut doc, FILTER_NAME)?,
+        Variant::EnvoyLua => replace_http_filter(&mut doc, FILTER_NAME, Some(lua_filter()))?,
+        Variant::Nginx => bail!("nginx has no Envoy bootstrap (see nginx_conf)"),
     }
     bootstrap::to_yaml(&doc)
 }
@@ -141,6 +242,13 @@ pub fn guard_bootstrap(server: &str, upstream: SocketAddr, router_wasm: &Path) -
 /// Removes the HTTP filter `name` from the connection manager of the first
 /// listener; fails if it is not there.
 pub fn remove_http_filter(doc: &mut Value, name: &str) -> Result<()> {
+    replace_http_filter(doc, name, None)
+}
+
+/// Replaces the HTTP filter `name` of the connection manager of the first
+/// listener with `with` in its place (`None`: removes it); fails unless there
+/// is exactly one.
+pub fn replace_http_filter(doc: &mut Value, name: &str, with: Option<Value>) -> Result<()> {
     let listeners = bootstrap::at(doc, &["static_resources", "listeners"])?
         .as_sequence_mut()
         .ok_or_else(|| anyhow!("listeners is not a list"))?;
@@ -161,14 +269,19 @@ pub fn remove_http_filter(doc: &mut Value, name: &str) -> Result<()> {
                 .and_then(|t| t.get_mut("http_filters"))
                 .and_then(Value::as_sequence_mut)
             {
+                let is_it = |f: &Value| f.get("name").and_then(Value::as_str) == Some(name);
                 let before = hf.len();
-                hf.retain(|f| f.get("name").and_then(Value::as_str) != Some(name));
+                let place = hf.iter().position(is_it);
+                hf.retain(|f| !is_it(f));
                 removed += before - hf.len();
+                if let (Some(i), Some(new)) = (place, &with) {
+                    hf.insert(i, new.clone());
+                }
             }
         }
     }
     if removed != 1 {
-        bail!("expected to remove one http filter named {name}, removed {removed}");
+        bail!("expected one http filter named {name}, found {removed}");
     }
     Ok(())
 }
@@ -318,6 +431,33 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     parse_stat_cpu(&stat)
 }
 
+/// The processes whose parent is `pid` (e.g. nginx's workers), from `/proc`.
+pub fn child_pids(pid: u32) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("read /proc")? {
+        let Some(child) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        // A process may exit between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        if parse_stat_ppid(&stat)? == pid {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The parent pid (field 4) of a `/proc/PID/stat` line.
+fn parse_stat_ppid(stat: &str) -> Result<u32> {
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("malformed stat line {stat:?}"))
+}
+
 /// utime (field 14) + stime (field 15) of a `/proc/PID/stat` line. The
 /// command name (field 2) may hold spaces and parentheses: fields are
 /// counted after its last `)`.
@@ -402,6 +542,17 @@ mod tests {
         let own = cpu_ticks(std::process::id()).unwrap();
         assert!(own < 1_000_000_000);
         assert!(parse_stat_cpu("no paren").is_err());
+        assert_eq!(parse_stat_ppid(stat).unwrap(), 1);
+        assert!(parse_stat_ppid("no paren").is_err());
+    }
+
+    #[test]
+    fn finds_child_processes() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let found = child_pids(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.unwrap().contains(&child.id()));
     }
 
     #[test]
@@ -446,5 +597,33 @@ mod tests {
         }
         let mut doc: Value = serde_yaml::from_str(&pass).unwrap();
         assert!(remove_http_filter(&mut doc, FILTER_NAME).is_err());
+    }
+
+    #[test]
+    fn lua_takes_the_wasm_filters_place_and_nginx_has_the_documented_map() {
+        let w = Path::new("/x.wasm");
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let lua = bootstrap_for(Variant::EnvoyLua, w, w, [a, a]).unwrap();
+        assert!(!lua.contains(FILTER_NAME), "{lua}");
+        let doc: Value = serde_yaml::from_str(&lua).unwrap();
+        let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
+        let names: Vec<&str> = hcm["typed_config"]["http_filters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["envoy.filters.http.lua", "envoy.filters.http.router"]
+        );
+        assert!(lua.contains("envoy_on_request"));
+        assert!(bootstrap_for(Variant::Nginx, w, w, [a, a]).is_err());
+
+        let conf = nginx_conf(a, [a, a]);
+        assert!(conf.contains("worker_processes 1;"), "{conf}");
+        for (re, server) in DOCUMENTED_MAP {
+            assert!(conf.contains(&format!("\"~*{re}\" {server};")), "{conf}");
+        }
     }
 }

@@ -442,6 +442,24 @@ impl Nginx {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The master process (its workers are its children, in its process group).
+    pub fn process(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Stops nginx as `nginx -s stop` does: SIGTERM to the master, which stops
+    /// and reaps its workers, then exits; waits for that at most 5 s, then kills
+    /// the group (as drop does, which can leave workers unreaped when the
+    /// master dies with them).
+    pub fn stop(&mut self) {
+        if self.proc.signal(libc::SIGTERM).is_ok() {
+            let _ = wait_until(Duration::from_secs(5), "nginx to stop", || {
+                Ok(self.proc.exited().map(|_| ()))
+            });
+        }
+        self.proc.kill();
+    }
 }
 
 /// A path to a binary: `$VAR` if set (must exist), else the first existing

@@ -1,30 +1,40 @@
 //! `envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] [--threads 2]
-//! [--connections 32] [--bases 60] [--diagnose] [--guards] [--out FILE]`
+//! [--connections 32] [--bases 60] [--diagnose] [--guards] [--others] [--out FILE]`
 //!
-//! Proxy CPU per request of three Envoys (one worker each, `--concurrency 1`),
-//! all built from `envoy/edge-static.yaml` on loopback:
+//! Proxy CPU per request of Envoys (one worker each, `--concurrency 1`), all
+//! built from `envoy/edge-static.yaml` on loopback, and with `--others` of nginx:
 //!   1. passthrough: the wasm filter removed, the fallback route to `dtable-server`;
-//!   2. + `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
-//!   3. + `base_router.wasm` with the shipped shard map;
-//!   3b. the same with `version_header: false` (the routing header only);
-//!   4. with `--diagnose`: + `base_router.wasm` with a map that sends every base
+//!   2. with `bench_noop.wasm`, a filter that only sets `x-dtable-server`;
+//!   3. with `base_router.wasm` and the shipped shard map;
+//!   4. the same with `version_header: false` (the routing header only);
+//!   5. with `--diagnose`: `base_router.wasm` with a map that sends every base
 //!      to `dtable-server` (the empty filter's routing): the filter's own cost
 //!      apart from routing to two clusters;
-//!   5. with `--guards`: 3., its two clusters each behind a guard Envoy (from
+//!   6. with `--guards`: 3., its two clusters each behind a guard Envoy (from
 //!      `seactl envoy-bootstrap --kind guard`, the shipped map inline) in front of
 //!      the upstream: the CPU of the edge and both guards, i.e. the cost of a guard
 //!      hop beside the edge alone (3.). Needs `seactl` next to this binary.
+//!   7. with `--others`, nginx (Debian's `nginx-light`, `worker_processes 1`)
+//!      with SeaTable's documented `map $request_uri` (a pin, then the a-z and
+//!      0-9 regexes): the CPU of its master and worker;
+//!   8. with `--others`, Envoy with the wasm filter replaced by an
+//!      `envoy.filters.http.lua` filter matching the same three rules as Lua
+//!      patterns over `:path`, setting `x-dtable-server` for the same
+//!      `cluster_header` route.
 //!
 //! Over several rounds, interleaved (the order rotates each round), `wrk` drives
 //! each one with keep-alive connections cycling through a fixed set of SeaTable
-//! request targets; the Envoy process's utime+stime over the run (from
-//! `/proc/PID/stat`) divided by the requests wrk completed is its CPU per request.
-//! Reports per configuration the median and range across rounds and the ratio to
-//! passthrough (median and range of the per-round ratios), as a Markdown table
-//! printed and written to `target/bench/envoy-load.md`.
+//! request targets; the proxy's utime+stime over the run (from `/proc/PID/stat`:
+//! the Envoy process, or nginx's master and worker) divided by the requests wrk
+//! completed is its CPU per request. Before measuring, each one must route a
+//! base of slot 0-9, a base of slot a-f and the pinned base as intended; every
+//! answer under load must be a 2xx. Reports per configuration the median and
+//! range across rounds and the ratio to passthrough (median and range of the
+//! per-round ratios), as a Markdown table printed and written to
+//! `target/bench/envoy-load.md`.
 //!
-//! Needs `wrk` and Envoy (`bash .ci/setup`; set `ENVOY_BIN` to the real binary)
-//! and the two filters:
+//! Needs `wrk`, Envoy and nginx (`bash .ci/setup`; set `ENVOY_BIN` to the real
+//! binary) and the two filters:
 //! `cargo build -p base-router -p bench-noop --target wasm32-wasip1 --profile wasm`.
 
 use std::fmt::Write as _;
@@ -35,7 +45,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use seashard_tests::bench::{self, Variant};
-use seashard_tests::{Connection, Envoy, envoy_bin, wasm_file, workspace_dir};
+use seashard_tests::{
+    Connection, Envoy, Nginx, envoy_bin, free_port, loopback, nginx_bin, wasm_file, workspace_dir,
+};
 
 struct Args {
     rounds: usize,
@@ -46,12 +58,13 @@ struct Args {
     bases: usize,
     diagnose: bool,
     guards: bool,
+    others: bool,
     out: PathBuf,
 }
 
 const USAGE: &str = "usage: envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] \
                      [--threads 2] [--connections 32] [--bases 60] [--diagnose] [--guards] \
-                     [--out FILE]";
+                     [--others] [--out FILE]";
 
 /// Whole seconds, `5s` or `5` (wrk's own resolution).
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -73,6 +86,7 @@ fn parse_args() -> Result<Option<Args>> {
         bases: 60,
         diagnose: false,
         guards: false,
+        others: false,
         out: workspace_dir().join("target/bench/envoy-load.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -88,6 +102,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--out" => a.out = PathBuf::from(val()?),
             "--diagnose" => a.diagnose = true,
             "--guards" => a.guards = true,
+            "--others" => a.others = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -115,13 +130,60 @@ struct Run {
     rps: f64,
 }
 
-/// One configuration under load: the Envoy wrk drives, and every process whose CPU
-/// counts (it, and the guards behind it).
+/// The proxy wrk drives.
+enum Proxy {
+    Envoy(Envoy),
+    Nginx(Nginx),
+}
+
+impl Proxy {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Proxy::Envoy(e) => e.listener_addr,
+            Proxy::Nginx(n) => n.addr,
+        }
+    }
+
+    fn logs(&self) -> String {
+        match self {
+            Proxy::Envoy(e) => format!("Envoy log:\n{}", e.logs()),
+            Proxy::Nginx(n) => format!("nginx log:\n{}", n.logs()),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Proxy::Nginx(n) = self {
+            // Its master reaps its worker (a killed group may leave it a zombie).
+            n.stop();
+        }
+    }
+}
+
+/// One configuration under load: the proxy wrk drives, and every process whose
+/// CPU counts (it, nginx's worker, or the guards behind it).
 struct Measured {
     variant: Variant,
-    envoy: Envoy,
+    proxy: Proxy,
     pids: Vec<u32>,
     _guards: Vec<Envoy>,
+}
+
+/// nginx with SeaTable's documented map in front of `ups`, and the pids whose CPU
+/// counts: its master and its one worker.
+fn start_nginx(ups: [SocketAddr; 2]) -> Result<(Nginx, Vec<u32>)> {
+    let listen = loopback(free_port()?);
+    let mut nginx = Nginx::start(&bench::nginx_conf(listen, ups), listen).context("start nginx")?;
+    let master = nginx.process().pid();
+    let workers = bench::child_pids(master)?;
+    if workers.len() != 1 {
+        bail!(
+            "nginx (master {master}) has workers {workers:?}, expected one; its log:\n{}",
+            nginx.logs()
+        );
+    }
+    Ok((nginx, [vec![master], workers].concat()))
 }
 
 fn cpu_ticks(pids: &[u32]) -> Result<u64> {
@@ -129,22 +191,17 @@ fn cpu_ticks(pids: &[u32]) -> Result<u64> {
 }
 
 fn measure(m: &Measured, args: &Args, script: &std::path::Path, d: Duration) -> Result<Run> {
-    let (envoy, pids) = (&m.envoy, m.pids.as_slice());
+    let pids = m.pids.as_slice();
     let before = cpu_ticks(pids)?;
-    let r = bench::run_wrk(
-        envoy.listener_addr,
-        args.threads,
-        args.connections,
-        d,
-        script,
-    )?;
+    let r = bench::run_wrk(m.proxy.addr(), args.threads, args.connections, d, script)?;
     let after = cpu_ticks(pids)?;
     if r.non_2xx > 0 || r.requests == 0 {
         bail!(
-            "wrk got {} non-2xx answers of {} requests; Envoy log:\n{}",
+            "{}: wrk got {} non-2xx answers of {} requests; {}",
+            m.variant.label(),
             r.non_2xx,
             r.requests,
-            envoy.logs()
+            m.proxy.logs()
         );
     }
     let secs = (after - before) as f64 / bench::clock_ticks_per_sec() as f64;
@@ -193,6 +250,9 @@ fn run() -> Result<()> {
     if args.guards {
         variants.push(Variant::BaseRouterGuarded);
     }
+    if args.others {
+        variants.extend([Variant::Nginx, Variant::EnvoyLua]);
+    }
     for v in variants {
         let mut guards = Vec::new();
         let mut targets = ups;
@@ -205,35 +265,55 @@ fn run() -> Result<()> {
                 guards.push(guard);
             }
         }
-        let yaml = bench::bootstrap_for(v, &noop, &router, targets)?;
-        let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
-        let mut pids = vec![envoy.process().pid()];
-        for g in &mut guards {
-            pids.push(g.process().pid());
-        }
-        // Routed as intended: a base of slot 0-9 reaches dtable-server-2 only
-        // through base-router; the others send everything to dtable-server.
-        let r = Connection::open(envoy.listener_addr)?
-            .get("/api/v1/dtables/5f3e2d1c-0b9a-4876-9543-210fedcba987/", &[])?;
-        let want = if matches!(
-            v,
-            Variant::BaseRouter | Variant::BaseRouterGuarded | Variant::BaseRouterNoVersionHeader
-        ) {
-            "dtable-server-2"
+        let (proxy, pids) = if v == Variant::Nginx {
+            let (nginx, pids) = start_nginx(ups)?;
+            (Proxy::Nginx(nginx), pids)
         } else {
-            "dtable-server"
+            let yaml = bench::bootstrap_for(v, &noop, &router, targets)?;
+            let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
+            let mut pids = vec![envoy.process().pid()];
+            for g in &mut guards {
+                pids.push(g.process().pid());
+            }
+            (Proxy::Envoy(envoy), pids)
         };
-        if r.status != 200 || r.header("x-served-by") != Some(want) {
-            bail!(
-                "{}: expected 200 from {want}, got {} {:?}",
-                v.label(),
-                r.status,
-                r.header("x-served-by")
-            );
+        // Routed as intended: a base of slot 0-9 and the pinned base (which
+        // starts with a letter) reach dtable-server-2, a base of slot a-f
+        // dtable-server, through every configuration that routes by base; the
+        // others send everything to dtable-server.
+        for (path, routed) in [
+            (
+                "/api/v1/dtables/5f3e2d1c-0b9a-4876-9543-210fedcba987/",
+                "dtable-server-2",
+            ),
+            (
+                "/api/v1/dtables/ff84e1a1-66e2-4d0c-9b1e-7a3c5e9f2b41/",
+                "dtable-server-2",
+            ),
+            (
+                "/api/v1/dtables/c0ffee00-0b9a-4876-9543-210fedcba987/",
+                "dtable-server",
+            ),
+        ] {
+            let r = Connection::open(proxy.addr())?.get(path, &[])?;
+            let want = if v.routes_by_base() {
+                routed
+            } else {
+                "dtable-server"
+            };
+            if r.status != 200 || r.header("x-served-by") != Some(want) {
+                bail!(
+                    "{}: {path}: expected 200 from {want}, got {} {:?}; {}",
+                    v.label(),
+                    r.status,
+                    r.header("x-served-by"),
+                    proxy.logs()
+                );
+            }
         }
         envoys.push(Measured {
             variant: v,
-            envoy,
+            proxy,
             pids,
             _guards: guards,
         });
@@ -298,8 +378,9 @@ fn render(args: &Args, envoys: &[Measured], runs: &[Vec<Run>], n_targets: usize)
         s,
         "`envoy-load-bench --rounds {} --duration {}s`: {} rounds, configurations interleaved \
          (order rotated each round), {} s each after a {} s warm-up; wrk -t{} -c{} keep-alive, \
-         {} SeaTable request targets in turn; Envoy `--concurrency 1`; CPU = utime+stime of \
-         the Envoy process / requests completed.\n",
+         {} SeaTable request targets in turn; Envoy `--concurrency 1`, nginx \
+         `worker_processes 1`; CPU = utime+stime of the proxy (the Envoy process, or nginx's \
+         master and worker) / requests completed.\n",
         args.rounds,
         args.duration.as_secs(),
         args.rounds,
@@ -333,21 +414,32 @@ fn render(args: &Args, envoys: &[Measured], runs: &[Vec<Run>], n_targets: usize)
             bench::median(&rps)
         )?;
     }
-    // base-router relative to the empty filter, per round.
-    let noop: Vec<f64> = runs[1].iter().map(|r| r.cpu_us_per_req).collect();
-    writeln!(s)?;
+    // base-router relative to the empty filter, per round; and to the others.
+    let position = |v: Variant| envoys.iter().position(|m| m.variant == v);
+    let mut pairs = Vec::new();
     for (i, v) in envoys.iter().map(|m| m.variant).enumerate().skip(2) {
-        let vs_noop: Vec<f64> = runs[i]
+        if v.runs_base_router() {
+            pairs.push((i, 1, "empty filter"));
+        }
+    }
+    for (other, name) in [(Variant::EnvoyLua, "Lua filter"), (Variant::Nginx, "nginx")] {
+        if let (Some(b), Some(o)) = (position(Variant::BaseRouter), position(other)) {
+            pairs.push((b, o, name));
+        }
+    }
+    writeln!(s)?;
+    for (i, j, name) in pairs {
+        let per_round: Vec<f64> = runs[i]
             .iter()
-            .zip(&noop)
-            .map(|(r, n)| r.cpu_us_per_req / n)
+            .zip(&runs[j])
+            .map(|(a, b)| a.cpu_us_per_req / b.cpu_us_per_req)
             .collect();
-        let (lo, hi) = bench::range(&vs_noop);
+        let (lo, hi) = bench::range(&per_round);
         writeln!(
             s,
-            "- {} / empty filter, per round: median {:.2}× (range {:.2} – {:.2}).",
-            v.label(),
-            bench::median(&vs_noop),
+            "- {} / {name}, per round: median {:.2}× (range {:.2} – {:.2}).",
+            envoys[i].variant.label(),
+            bench::median(&per_round),
             lo,
             hi
         )?;
@@ -409,5 +501,14 @@ fn render(args: &Args, envoys: &[Measured], runs: &[Vec<Run>], n_targets: usize)
             .find(|l| l.contains("version"))
             .unwrap_or("")
     )?;
+    if envoys.iter().any(|m| m.variant == Variant::Nginx) {
+        // `nginx -v` writes to stderr.
+        let nginx = std::process::Command::new(nginx_bin()?)
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+            .unwrap_or_default();
+        writeln!(s, "{nginx}")?;
+    }
     Ok(s)
 }
