@@ -1136,6 +1136,20 @@ fn quarters() -> (ShardMap, ShardMap) {
     )
 }
 
+/// A control plane over [`four_servers`] starting from every base on `a`, with one
+/// Envoy current; its restart log; the health URLs (kept alive by the caller).
+fn four_server_plane(dir: &Path, secs: f64, fail: &str) -> (Cp, PathBuf, Vec<Pong>) {
+    let pongs: Vec<Pong> = (0..4).map(|_| Pong::start()).collect();
+    let (servers, log) = four_servers(dir, &pongs, secs, fail);
+    std::fs::write(dir.join("initial.json"), json!(quarters().0).to_string()).unwrap();
+    let mut config = write_config(dir, &servers, "5s");
+    config.initial_map = Some(dir.join("initial.json"));
+    let cp = Cp::start(config);
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    (cp, log, pongs)
+}
+
 fn begin_parallel(cp: &Cp, m: &ShardMap, parallel: Option<usize>) -> Rollout {
     let _enter = cp.rt.enter();
     rollout::begin_with(
@@ -1170,18 +1184,7 @@ fn most_at_once(log: &Path) -> usize {
 fn restarts_run_in_parallel_up_to_the_bound() {
     for (parallel, want) in [(Some(4), 4), (Some(2), 2), (None, 1)] {
         let dir = tempfile::tempdir().unwrap();
-        let pongs: Vec<Pong> = (0..4).map(|_| Pong::start()).collect();
-        let (servers, log) = four_servers(dir.path(), &pongs, 0.6, "");
-        std::fs::write(
-            dir.path().join("initial.json"),
-            json!(quarters().0).to_string(),
-        )
-        .unwrap();
-        let mut config = write_config(dir.path(), &servers, "5s");
-        config.initial_map = Some(dir.path().join("initial.json"));
-        let cp = Cp::start(config);
-        cp.envoy("edge-1", unlimited());
-        cp.wait_connected(1);
+        let (cp, log, _pongs) = four_server_plane(dir.path(), 0.6, "");
         let r = cp.finished(begin_parallel(&cp, &quarters().1, parallel).id);
         assert_eq!(r.state, Step::Done, "{r:#?}");
         assert_eq!(r.restart.len(), 4);
@@ -1202,18 +1205,7 @@ fn restarts_run_in_parallel_up_to_the_bound() {
 #[test]
 fn a_failed_restart_stops_the_parallel_ones_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
-    let pongs: Vec<Pong> = (0..4).map(|_| Pong::start()).collect();
-    let (servers, log) = four_servers(dir.path(), &pongs, 3.0, "c");
-    std::fs::write(
-        dir.path().join("initial.json"),
-        json!(quarters().0).to_string(),
-    )
-    .unwrap();
-    let mut config = write_config(dir.path(), &servers, "5s");
-    config.initial_map = Some(dir.path().join("initial.json"));
-    let cp = Cp::start(config);
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    let (cp, log, _pongs) = four_server_plane(dir.path(), 3.0, "c");
     let start = Instant::now();
     let r = cp.finished(begin_parallel(&cp, &quarters().1, Some(4)).id);
     assert_eq!(r.state, Step::RolledBack, "{r:#?}");

@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use control_plane::agent::{self, AgentConfig};
 use control_plane::config::{ApiTls, format_duration, parse_duration, redact_url};
 
+use crate::serve::wait_for_signal;
+
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
     /// The agent's configuration file (TOML; see control-plane/agent.example.toml).
@@ -147,19 +149,4 @@ pub fn agent(args: AgentArgs) -> Result<ExitCode> {
         }
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
