@@ -13,7 +13,12 @@ use wasm_host::{Host, built_filter};
 fn big_config(pins: usize) -> String {
     let servers = ["dtable-server", "dtable-server-2"];
     let slots: BTreeMap<String, &str> = (0..256u64)
-        .map(|i| (format!("{i:02x}00-{i:02x}ff"), servers[usize::from(i >= 128)]))
+        .map(|i| {
+            (
+                format!("{i:02x}00-{i:02x}ff"),
+                servers[usize::from(i >= 128)],
+            )
+        })
         .collect();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut pin_map = BTreeMap::new();
@@ -21,7 +26,10 @@ fn big_config(pins: usize) -> String {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        pin_map.insert(format!("{:012x}", x >> 16), servers[usize::from(x >> 63 == 1)]);
+        pin_map.insert(
+            format!("{:012x}", x >> 16),
+            servers[usize::from(x >> 63 == 1)],
+        );
     }
     serde_json::json!({"version": 2, "map": {"default": servers[0], "slots": slots, "pins": pin_map}})
         .to_string()
