@@ -2,6 +2,7 @@
 //! other command is a thin shell over the libraries: parse arguments, call, print.
 
 mod agent;
+mod audit;
 mod bootstrap;
 mod certs;
 mod client;
@@ -56,6 +57,9 @@ enum Command {
         #[arg(long = "server", value_name = "UPSTREAM=NAME")]
         servers: Vec<String>,
     },
+    /// Did nginx's map open bases on two servers? Read its config and access logs;
+    /// exit 1 when a base reached several servers or one other than its owner.
+    AuditNginx(audit::AuditArgs),
     /// Add or remove a server and even out the slots, moving the fewest.
     Rebalance {
         #[arg(long)]
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         Command::Route { map, json, uris } => offline::route(&map, json, uris),
         Command::Diff { old, new, json } => offline::diff(&old, &new, json),
         Command::ImportNginx { conf, servers } => offline::import_nginx(&conf, &servers),
+        Command::AuditNginx(args) => audit::audit_nginx(args),
         Command::Rebalance {
             map,
             add,

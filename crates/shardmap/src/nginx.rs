@@ -459,6 +459,155 @@ fn parse_block(
     Ok(out)
 }
 
+/// The map as nginx itself evaluates it (not translated), for tools that replay
+/// requests through it (`seactl audit-nginx`): exact keys first (case-insensitive),
+/// then the regexes in order, first match wins, else `default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NginxMap {
+    /// The variable the map reads: `$request_uri` (path and query) or `$uri`.
+    pub source: String,
+    /// The server of `default`.
+    pub default: String,
+    /// Exact keys (nginx compares them ignoring case) and their servers.
+    pub exact: Vec<(String, String)>,
+    /// The regex keys in order: `~*` (case-insensitive) or `~`.
+    pub regexes: Vec<MapRegex>,
+    /// Every `upstream` block: its name, its server name, its `server` addresses.
+    pub upstreams: Vec<UpstreamBlock>,
+}
+
+/// One regex key of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRegex {
+    /// The regex as written after `~` or `~*` (PCRE syntax).
+    pub regex: String,
+    pub case_insensitive: bool,
+    pub server: String,
+    /// The line of the configuration.
+    pub line: usize,
+}
+
+/// One `upstream NAME { server ADDR; ... }` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamBlock {
+    pub name: String,
+    /// The server name [`import`] gives it: `servers[name]`, else the host of its first
+    /// `server` line.
+    pub server: String,
+    /// The addresses of its `server` lines, as written (`host:port`, `[::1]:5000`, `unix:/path`).
+    pub addrs: Vec<String>,
+}
+
+/// Reads the first `map $request_uri` (or `$uri`) block and the upstream blocks, with
+/// server names resolved as [`import`] resolves them (`servers` maps upstream names to
+/// server names; a value that is no upstream block is the server name itself).
+pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<NginxMap, Problems> {
+    let mut problems = Problems::default();
+    let directives = match parse(conf) {
+        Ok(d) => d,
+        Err((line, why)) => {
+            problems.push(format!("line {line}"), why);
+            return Err(problems);
+        }
+    };
+    let mut upstreams = Vec::new();
+    let mut map = None;
+    walk(&directives, &mut |d| {
+        if d.name == "upstream" {
+            let (Some(name), Some(block)) = (d.args.first(), &d.block) else {
+                return;
+            };
+            let addrs: Vec<String> = block
+                .iter()
+                .filter(|s| s.name == "server")
+                .filter_map(|s| s.args.first().cloned())
+                .collect();
+            let server = servers
+                .get(name)
+                .cloned()
+                .or_else(|| addrs.first().map(|a| host_of(a)))
+                .unwrap_or_else(|| name.clone());
+            upstreams.push(UpstreamBlock {
+                name: name.clone(),
+                server,
+                addrs,
+            });
+        } else if map.is_none()
+            && d.name == "map"
+            && d.args
+                .first()
+                .is_some_and(|a| a == "$request_uri" || a == "$uri")
+            && d.block.is_some()
+        {
+            map = Some(d.clone());
+        }
+    });
+    let Some(map) = map else {
+        problems.push("", "no `map $request_uri $var { ... }` block found");
+        return Err(problems);
+    };
+    let resolve = |value: &str| -> String {
+        upstreams
+            .iter()
+            .find(|u| u.name == value)
+            .map(|u| u.server.clone())
+            .or_else(|| servers.get(value).cloned())
+            .unwrap_or_else(|| value.to_owned())
+    };
+    let mut default = None;
+    let mut exact = Vec::new();
+    let mut regexes = Vec::new();
+    for entry in map.block.iter().flatten() {
+        let key = entry.name.as_str();
+        if matches!(key, "hostnames" | "volatile") && entry.args.is_empty() {
+            continue;
+        }
+        let [value] = entry.args.as_slice() else {
+            problems.push(
+                format!("line {}", entry.line),
+                format!("map entry `{key}` needs exactly one value"),
+            );
+            continue;
+        };
+        let server = resolve(value);
+        if key == "default" {
+            default = Some(server);
+        } else if let Some(r) = key.strip_prefix("~*") {
+            regexes.push(MapRegex {
+                regex: r.to_owned(),
+                case_insensitive: true,
+                server,
+                line: entry.line,
+            });
+        } else if let Some(r) = key.strip_prefix('~') {
+            regexes.push(MapRegex {
+                regex: r.to_owned(),
+                case_insensitive: false,
+                server,
+                line: entry.line,
+            });
+        } else {
+            // A leading backslash escapes a key that starts with `~`.
+            let k = key.strip_prefix('\\').unwrap_or(key);
+            exact.push((k.to_owned(), server));
+        }
+    }
+    let Some(default) = default else {
+        problems.push(
+            format!("line {}", map.line),
+            "the map has no `default`: every map needs one",
+        );
+        return Err(problems);
+    };
+    problems.into_result(NginxMap {
+        source: map.args.first().cloned().unwrap_or_default(),
+        default,
+        exact,
+        regexes,
+        upstreams,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +627,25 @@ http {
     server { listen 5000; location / { proxy_pass http://$dtable_upstream; } }
 }
 "#;
+
+    #[test]
+    fn nginx_map_keeps_nginx_semantics() {
+        let m = nginx_map(SEATABLE_CONF, &BTreeMap::new()).unwrap();
+        assert_eq!(m.source, "$request_uri");
+        assert_eq!(m.default, "dtable-server");
+        assert_eq!(m.regexes.len(), 3);
+        assert_eq!(m.regexes[0].regex, "ff84e1a1-66e2");
+        assert!(m.regexes[0].case_insensitive);
+        assert_eq!(m.regexes[0].server, "dtable-server-2");
+        assert_eq!(m.upstreams.len(), 2);
+        assert_eq!(
+            m.upstreams[1].addrs,
+            vec!["dtable-server-2:5000".to_string()]
+        );
+        let named = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
+        let m = nginx_map(SEATABLE_CONF, &named).unwrap();
+        assert_eq!(m.regexes[2].server, "ds2");
+    }
 
     #[test]
     fn the_documented_map() {
