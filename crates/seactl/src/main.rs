@@ -7,13 +7,14 @@ mod bootstrap;
 mod certs;
 mod client;
 mod demo;
+mod generate;
 mod offline;
 mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Route SeaTable bases to their dtable-server through Envoy, and change the shard map safely.
 #[derive(Parser)]
@@ -96,6 +97,9 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Write shell completions or man pages (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::PushMap(args) => client::push_map(args),
         Command::Status(args) => client::status(args),
         Command::Rollout(args) => client::rollout(args),
+        Command::Generate(args) => generate::generate(args, Cli::command()),
     };
     match result {
         Ok(code) => code,
