@@ -37,6 +37,9 @@ pub enum Variant {
     /// `base_router.wasm` at the edge, each server behind a guard Envoy running
     /// `base_router.wasm` in guard mode: the CPU of the edge and both guards.
     BaseRouterGuarded,
+    /// [`Variant::BaseRouter`] with another build of `base_router.wasm` (e.g. another
+    /// `opt-level`), passed to [`bootstrap_for`] as the router.
+    BaseRouterOtherBuild,
     /// Not Envoy: nginx (one worker) with SeaTable's documented `map
     /// $request_uri` ([`DOCUMENTED_MAP`], [`nginx_conf`]).
     Nginx,
@@ -65,6 +68,9 @@ impl Variant {
             Variant::BaseRouterGuarded => {
                 "Envoy + base_router.wasm, then a guard hop (edge + guards' CPU)"
             }
+            Variant::BaseRouterOtherBuild => {
+                "Envoy + base_router.wasm, the --compare-wasm build (shipped map)"
+            }
             Variant::Nginx => "nginx, SeaTable's documented map (1 worker)",
             Variant::EnvoyLua => "Envoy + Lua filter (documented map as Lua patterns)",
         }
@@ -78,6 +84,7 @@ impl Variant {
                 | Variant::BaseRouterNoVersionHeader
                 | Variant::BaseRouterOneServer
                 | Variant::BaseRouterGuarded
+                | Variant::BaseRouterOtherBuild
         )
     }
 
@@ -186,7 +193,7 @@ pub fn bootstrap_for(
     )?;
     let mut doc: Value = serde_yaml::from_str(&yaml)?;
     match variant {
-        Variant::BaseRouter | Variant::BaseRouterGuarded => {}
+        Variant::BaseRouter | Variant::BaseRouterGuarded | Variant::BaseRouterOtherBuild => {}
         Variant::BaseRouterNoVersionHeader => {
             let mut config = bootstrap::plugin_configuration(&mut doc)?;
             config["version_header"] = false.into();

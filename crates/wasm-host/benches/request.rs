@@ -3,8 +3,14 @@
 //! and the request-headers call alone.
 //!
 //! `cargo bench -p wasm-host --bench request`
+//!
+//! `SEASHARD_COMPARE_WASM=a.wasm:b.wasm` adds other builds of base-router to the same
+//! run, configured alike (e.g. one built with another `opt-level`:
+//! `CARGO_TARGET_DIR=/tmp/o3 CARGO_PROFILE_WASM_OPT_LEVEL=3 cargo build -p base-router
+//! --target wasm32-wasip1 --profile wasm`, then `/tmp/o3/wasm32-wasip1/wasm/base_router.wasm`).
 
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasm_host::{Action, Host, HostError, Vm, built_filter};
@@ -27,9 +33,9 @@ const HEADERS: &[(&str, &str)] = &[
     ),
 ];
 
-/// A started and configured VM of `package`.
-fn vm(package: &str, plugin_configuration: &[u8]) -> Result<Vm, HostError> {
-    let mut vm = Host::load(built_filter(package)?)?.instantiate()?;
+/// A started and configured VM of the filter at `wasm`.
+fn vm(wasm: &Path, plugin_configuration: &[u8]) -> Result<Vm, HostError> {
+    let mut vm = Host::load(wasm)?.instantiate()?;
     assert!(vm.start(b"")?);
     assert!(vm.configure(plugin_configuration)?);
     Ok(vm)
@@ -49,20 +55,48 @@ const BASE_ROUTER_CONFIG: &str = r#"{"version": 1, "map": {"default": "dtable-se
     "pins": {"ff84e1a1-66e2": "dtable-server-2"},
     "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server"}]}}"#;
 
+/// The filters compared: (name, wasm file, plugin configuration).
+fn filters() -> Vec<(String, PathBuf, &'static str)> {
+    let mut filters = vec![
+        (
+            "bench-noop".to_owned(),
+            built_filter("bench-noop").unwrap(),
+            "",
+        ),
+        (
+            "base-router".to_owned(),
+            built_filter("base-router").unwrap(),
+            BASE_ROUTER_CONFIG,
+        ),
+    ];
+    for path in std::env::var("SEASHARD_COMPARE_WASM")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|p| !p.is_empty())
+    {
+        filters.push((
+            format!("base-router @ {path}"),
+            PathBuf::from(path),
+            BASE_ROUTER_CONFIG,
+        ));
+    }
+    filters
+}
+
 fn request(c: &mut Criterion) {
-    let filters = [("bench-noop", ""), ("base-router", BASE_ROUTER_CONFIG)];
+    let filters = filters();
     let mut group = c.benchmark_group("request");
-    for (package, config) in filters {
-        let mut vm = vm(package, config.as_bytes()).unwrap();
-        group.bench_function(package, |b| b.iter(|| one_request(&mut vm).unwrap()));
+    for (name, wasm, config) in &filters {
+        let mut vm = vm(wasm, config.as_bytes()).unwrap();
+        group.bench_function(name, |b| b.iter(|| one_request(&mut vm).unwrap()));
     }
     group.finish();
 
     // The request-headers call alone: what the filter does per request, host calls included.
     let mut group = c.benchmark_group("request_headers");
-    for (package, config) in filters {
-        let mut vm = vm(package, config.as_bytes()).unwrap();
-        group.bench_function(package, |b| {
+    for (name, wasm, config) in &filters {
+        let mut vm = vm(wasm, config.as_bytes()).unwrap();
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = std::time::Duration::ZERO;
                 for _ in 0..iters {

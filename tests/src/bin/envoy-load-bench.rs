@@ -1,5 +1,6 @@
 //! `envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] [--threads 2]
-//! [--connections 32] [--bases 60] [--diagnose] [--guards] [--others] [--out FILE]`
+//! [--connections 32] [--bases 60] [--diagnose] [--guards] [--others]
+//! [--compare-wasm FILE] [--out FILE]`
 //!
 //! Proxy CPU per request of Envoys (one worker each, `--concurrency 1`), all
 //! built from `envoy/edge-static.yaml` on loopback, and with `--others` of nginx:
@@ -21,6 +22,8 @@
 //!      `envoy.filters.http.lua` filter matching the same three rules as Lua
 //!      patterns over `:path`, setting `x-dtable-server` for the same
 //!      `cluster_header` route.
+//!   9. with `--compare-wasm FILE`: 3. with another build of `base_router.wasm`
+//!      (e.g. built with another `opt-level`).
 //!
 //! Over several rounds, interleaved (the order rotates each round), `wrk` drives
 //! each one with keep-alive connections cycling through a fixed set of SeaTable
@@ -59,12 +62,13 @@ struct Args {
     diagnose: bool,
     guards: bool,
     others: bool,
+    compare_wasm: Option<PathBuf>,
     out: PathBuf,
 }
 
 const USAGE: &str = "usage: envoy-load-bench [--rounds N] [--duration 5s] [--warmup 2s] \
                      [--threads 2] [--connections 32] [--bases 60] [--diagnose] [--guards] \
-                     [--others] [--out FILE]";
+                     [--others] [--compare-wasm FILE] [--out FILE]";
 
 /// Whole seconds, `5s` or `5` (wrk's own resolution).
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -87,6 +91,7 @@ fn parse_args() -> Result<Option<Args>> {
         diagnose: false,
         guards: false,
         others: false,
+        compare_wasm: None,
         out: workspace_dir().join("target/bench/envoy-load.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -103,6 +108,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--diagnose" => a.diagnose = true,
             "--guards" => a.guards = true,
             "--others" => a.others = true,
+            "--compare-wasm" => a.compare_wasm = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -253,6 +259,9 @@ fn run() -> Result<()> {
     if args.others {
         variants.extend([Variant::Nginx, Variant::EnvoyLua]);
     }
+    if args.compare_wasm.is_some() {
+        variants.push(Variant::BaseRouterOtherBuild);
+    }
     for v in variants {
         let mut guards = Vec::new();
         let mut targets = ups;
@@ -269,7 +278,11 @@ fn run() -> Result<()> {
             let (nginx, pids) = start_nginx(ups)?;
             (Proxy::Nginx(nginx), pids)
         } else {
-            let yaml = bench::bootstrap_for(v, &noop, &router, targets)?;
+            let wasm = match (&args.compare_wasm, v) {
+                (Some(other), Variant::BaseRouterOtherBuild) => other,
+                _ => &router,
+            };
+            let yaml = bench::bootstrap_for(v, &noop, wasm, targets)?;
             let mut envoy = Envoy::start(&yaml).with_context(|| format!("start {}", v.label()))?;
             let mut pids = vec![envoy.process().pid()];
             for g in &mut guards {
@@ -353,7 +366,10 @@ fn run() -> Result<()> {
     }
 
     let mut report = render(&args, &envoys, &runs, mix.len())?;
-    for w in [&noop, &router] {
+    for w in [Some(&noop), Some(&router), args.compare_wasm.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let size = std::fs::metadata(w).map(|m| m.len()).unwrap_or(0);
         writeln!(report, "Filter: {} ({size} bytes).", w.display())?;
     }
@@ -421,6 +437,12 @@ fn render(args: &Args, envoys: &[Measured], runs: &[Vec<Run>], n_targets: usize)
         if v.runs_base_router() {
             pairs.push((i, 1, "empty filter"));
         }
+    }
+    if let (Some(b), Some(o)) = (
+        position(Variant::BaseRouter),
+        position(Variant::BaseRouterOtherBuild),
+    ) {
+        pairs.push((o, b, "base_router.wasm as built"));
     }
     for (other, name) in [(Variant::EnvoyLua, "Lua filter"), (Variant::Nginx, "nginx")] {
         if let (Some(b), Some(o)) = (position(Variant::BaseRouter), position(other)) {
