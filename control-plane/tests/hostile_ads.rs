@@ -288,16 +288,18 @@ async fn a_node_that_never_reads_its_stream_is_ended_and_holds_nobody_up() {
     )
     .await;
     let _never_read = r.unwrap();
+    let connected =
+        |plane: &Arc<ControlPlane>| plane.registry().node("sloth").is_some_and(|n| n.connected);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !connected(&running.plane) {
+        assert!(Instant::now() < deadline, "the sloth never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = 0;
     // Big maps (3 000 pins, ~100 KB each) until its windows and buffer are full and
     // the control plane gives up on it.
-    while running
-        .plane
-        .registry()
-        .node("sloth")
-        .is_some_and(|n| n.connected)
-    {
+    while connected(&running.plane) {
         assert!(
             Instant::now() < deadline,
             "the sloth's stream was never ended"
