@@ -864,11 +864,7 @@ async fn restart(
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let given = crate::api::bearer(&headers);
     if !crate::api::constant_time_eq(given.as_bytes(), agent.token.as_bytes()) {
         tracing::warn!(%peer, "restart refused: no valid bearer token");
         return (

@@ -211,7 +211,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The bearer token a request carries (empty when none).
-fn bearer(headers: &HeaderMap) -> &str {
+pub(crate) fn bearer(headers: &HeaderMap) -> &str {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

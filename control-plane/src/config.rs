@@ -460,14 +460,11 @@ impl RestartHook {
         Ok(out)
     }
 
-    /// Every secret value the hook holds (to scrub from messages).
-    pub fn secrets(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .http_headers()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
+    /// Every secret value the hook holds (to scrub from messages): the values of
+    /// `headers` (its [`RestartHook::http_headers`], read once by the caller) and its
+    /// URL's user info and query values.
+    pub fn secrets(&self, headers: &[(String, String)]) -> Vec<String> {
+        let mut out: Vec<String> = headers.iter().map(|(_, v)| v.clone()).collect();
         if let RestartHook::Http { url, .. } = self {
             out.extend(url_secrets(url));
         }

@@ -417,10 +417,11 @@ impl Tally {
     }
 }
 
+/// The index of `t` in `ResourceType::ALL`, and so in `Inner::tallies`.
 fn slot(t: ResourceType) -> usize {
     match t {
-        ResourceType::Ecds => 0,
-        ResourceType::Cds => 1,
+        ResourceType::Cds => 0,
+        ResourceType::Ecds => 1,
     }
 }
 
@@ -477,29 +478,20 @@ impl Registry {
     /// Replaces what `key` added to the tallies by what it adds now (nothing once
     /// it is gone).
     fn recount(inner: &mut Inner, key: &str) {
+        // Indexed like `ResourceType::ALL`, as `tallies` are (see [`slot`]).
         let now = inner
             .nodes
             .get(key)
-            .map(|n| ResourceType::ALL.map(|t| (slot(t), standing(n, t))));
+            .map(|n| ResourceType::ALL.map(|t| standing(n, t)));
         let before = match &now {
-            Some(now) => {
-                let mut new = [Standing::default(), Standing::default()];
-                for (i, st) in now.clone() {
-                    new[i] = st;
-                }
-                inner.counted.insert(key.to_owned(), new)
-            }
+            Some(now) => inner.counted.insert(key.to_owned(), now.clone()),
             None => inner.counted.remove(key),
         };
-        if let Some(before) = before {
-            for (i, st) in before.iter().enumerate() {
-                inner.tallies[i].apply(st, -1);
-            }
+        for (tally, st) in inner.tallies.iter_mut().zip(before.iter().flatten()) {
+            tally.apply(st, -1);
         }
-        if let Some(now) = now {
-            for (i, st) in now {
-                inner.tallies[i].apply(&st, 1);
-            }
+        for (tally, st) in inner.tallies.iter_mut().zip(now.iter().flatten()) {
+            tally.apply(st, 1);
         }
     }
 

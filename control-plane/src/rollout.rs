@@ -125,6 +125,13 @@ pub enum RestartState {
     Failed,
 }
 
+impl RestartState {
+    /// Its hook runs, or it is waited on to answer `pong`.
+    fn under_way(self) -> bool {
+        matches!(self, RestartState::Restarting | RestartState::Restarted)
+    }
+}
+
 /// A server the rollout restarts, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerRestart {
@@ -251,9 +258,22 @@ impl Rollout {
 
     /// The server whose restart is under way.
     pub fn restarting(&self) -> Option<&ServerRestart> {
-        self.restart
-            .iter()
-            .find(|s| matches!(s.state, RestartState::Restarting | RestartState::Restarted))
+        self.restarting_all().next()
+    }
+
+    /// Every server whose restart is under way (several with parallel restarts).
+    pub fn restarting_all(&self) -> impl Iterator<Item = &ServerRestart> {
+        self.restart.iter().filter(|s| s.state.under_way())
+    }
+
+    /// Marks every restart under way failed: its task was stopped, for `why`.
+    fn stop_restarts(&mut self, why: &str) {
+        for s in &mut self.restart {
+            if s.state.under_way() {
+                s.state = RestartState::Failed;
+                s.error = Some(format!("stopped: {why}"));
+            }
+        }
     }
 
     fn to_value(&self) -> Value {
@@ -333,16 +353,9 @@ impl Waits {
                 return Err(RolloutError::NoGuard { server: s.clone() });
             }
         }
-        let envoys: Vec<String> = nodes
-            .iter()
-            .filter(|n| w.counts(n))
-            .map(|n| n.instance.clone())
-            .collect();
-        let ids: BTreeSet<&str> = nodes
-            .iter()
-            .filter(|n| w.counts(n))
-            .map(|n| n.id.as_str())
-            .collect();
+        let counted: Vec<&Node> = nodes.iter().filter(|n| w.counts(n)).collect();
+        let envoys: Vec<String> = counted.iter().map(|n| n.instance.clone()).collect();
+        let ids: BTreeSet<&str> = counted.iter().map(|n| n.id.as_str()).collect();
         let conflicts: Vec<Conflict> = conflicts
             .into_iter()
             .filter(|c| ids.contains(c.id.as_str()))
@@ -626,16 +639,7 @@ pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
         );
         obj.insert(
             "restarting_all".into(),
-            json!(
-                r.restart
-                    .iter()
-                    .filter(|s| matches!(
-                        s.state,
-                        RestartState::Restarting | RestartState::Restarted
-                    ))
-                    .map(|s| &s.server)
-                    .collect::<Vec<_>>()
-            ),
+            json!(r.restarting_all().map(|s| &s.server).collect::<Vec<_>>()),
         );
         obj.insert(
             "waiting_for_confirm".into(),
@@ -844,9 +848,9 @@ async fn run_hook(
             let timeout = timeout.unwrap_or(default_timeout);
             // Messages name the hook, never its secrets (header values, user info,
             // query values), even when the answer echoes them.
-            let secrets = hook.secrets();
-            let shown = crate::config::redact_url(url);
             let headers = hook.http_headers()?;
+            let secrets = hook.secrets(&headers);
+            let shown = crate::config::redact_url(url);
             match tokio::time::timeout(timeout, health::request(method, url, &headers)).await {
                 Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
                 Ok(Ok((status, body))) => Err(format!(
@@ -981,12 +985,7 @@ async fn restart_servers(
             e = rx.recv() => e,
             reason = plane.rollout_signals().aborted() => {
                 tasks.abort_all();
-                for s in &mut r.restart {
-                    if matches!(s.state, RestartState::Restarting | RestartState::Restarted) {
-                        s.state = RestartState::Failed;
-                        s.error = Some("stopped: the rollout was aborted".into());
-                    }
-                }
+                r.stop_restarts("the rollout was aborted");
                 return Ok(Some(format!("aborted: {reason}")));
             }
         };
@@ -1008,12 +1007,7 @@ async fn restart_servers(
                 tasks.abort_all();
                 r.restart[i].state = RestartState::Failed;
                 r.restart[i].error = Some(e.clone());
-                for s in &mut r.restart {
-                    if matches!(s.state, RestartState::Restarting | RestartState::Restarted) {
-                        s.state = RestartState::Failed;
-                        s.error = Some("stopped: another server's restart failed".into());
-                    }
-                }
+                r.stop_restarts("another server's restart failed");
                 return Ok(Some(e));
             }
             None => return Ok(Some("the restart tasks ended unexpectedly".into())),
