@@ -11,8 +11,15 @@
 //! # cert = "tls/control-plane.crt", key = "tls/control-plane.key", client_ca = "tls/ca.crt"
 //! # require_node_id_match = true     # node id = the client certificate's CN or DNS name
 //!
-//! [store]
+//! [store]                            # kind = "sqlite" (the default): one file
 //! path = "/var/lib/seashard/seashard.db"
+//! # kind = "etcd"                    # several replicas; see StoreConfig
+//! # endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
+//! # prefix = "/seashard"             # every key lives under it
+//! # advertise = "http://10.0.0.1:18080"   # this replica's API, for changes forwarded to it
+//! # lease_ttl = "5s"                 # a dead leader is replaced after about this long
+//! # username = "seashard", password_env = "SEASHARD_ETCD_PASSWORD"
+//! # tls = { ca = "tls/etcd-ca.crt", cert = "tls/etcd-client.crt", key = "tls/etcd-client.key" }
 //!
 //! [api]
 //! token_env = "SEASHARD_TOKEN"       # or: token = "..."     (reads and changes)
@@ -171,12 +178,163 @@ fn default_keepalive_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
-/// Where the state is kept.
+/// Where the state is kept: one SQLite file (one control plane), or etcd (several
+/// replicas, one leader).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The SQLite file (created if missing; relative to the config file).
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// sqlite: the file (created if missing; relative to the config file).
+    #[serde(default)]
     pub path: PathBuf,
+    /// etcd: the members' client URLs (`http://HOST:PORT`, `https://` with `tls`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// etcd: the key prefix every key of this control plane lives under.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// etcd: this replica's name (default: the host name and the API port).
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// etcd: this replica's API URL as the other replicas reach it (they forward
+    /// changes to the leader). Default: `http(s)://` + `listen.http`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// etcd: the leader's lease. A leader that dies is replaced after at most
+    /// about this long; a paused one loses the lease after it.
+    #[serde(default = "default_lease_ttl", with = "duration")]
+    pub lease_ttl: Duration,
+    /// etcd: each request's deadline.
+    #[serde(default = "default_etcd_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// etcd: user name (with `password_env` or `password`).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    /// etcd: the environment variable holding the password (preferred).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// etcd: TLS to the members (paths relative to the config file).
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+/// Which store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Etcd,
+}
+
+/// `[store.tls]`: how the etcd members are reached over TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificates (PEM).
+    pub ca: PathBuf,
+    /// A client certificate and key, when the members require one.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/seashard".to_owned()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl StoreConfig {
+    /// The etcd password: from `password_env` if set, else `password`.
+    pub fn etcd_password(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.password_env, &self.password) {
+            (Some(var), _) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid {
+                    path: PathBuf::new(),
+                    problems: vec![format!(
+                        "store.password_env: the environment variable `{var}` is not set"
+                    )],
+                }),
+            (None, p) => Ok(p.clone()),
+        }
+    }
+
+    fn problems(&self, p: &mut Vec<String>) {
+        match self.kind {
+            StoreKind::Sqlite => {
+                if self.path.as_os_str().is_empty() {
+                    p.push("store.path: set the SQLite file (or kind = \"etcd\")".to_owned());
+                }
+                if !self.endpoints.is_empty() || self.tls.is_some() || self.username.is_some() {
+                    p.push("store: endpoints, tls and username are for kind = \"etcd\"".to_owned());
+                }
+            }
+            StoreKind::Etcd => {
+                if self.endpoints.is_empty() {
+                    p.push("store.endpoints: name at least one etcd member".to_owned());
+                }
+                let scheme = if self.tls.is_some() {
+                    "https://"
+                } else {
+                    "http://"
+                };
+                for e in &self.endpoints {
+                    if !e.starts_with(scheme) || split_host_port(&e[scheme.len()..]).is_none() {
+                        p.push(format!(
+                            "store.endpoints: `{e}` is not {scheme}HOST:PORT{}",
+                            if self.tls.is_some() {
+                                " (store.tls is set)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                }
+                if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+                    p.push(format!(
+                        "store.prefix: `{}` must start with `/` and not end with one",
+                        self.prefix
+                    ));
+                }
+                if self.lease_ttl < Duration::from_secs(2) {
+                    p.push("store.lease_ttl: at least 2s".to_owned());
+                }
+                if self.password.is_some() && self.password_env.is_some() {
+                    p.push("store: set `password_env` or `password`, not both".to_owned());
+                }
+                if (self.password.is_some() || self.password_env.is_some())
+                    != self.username.is_some()
+                {
+                    p.push("store: `username` and a password go together".to_owned());
+                }
+                if let Some(t) = &self.tls
+                    && t.cert.is_some() != t.key.is_some()
+                {
+                    p.push("store.tls: `cert` and `key` go together".to_owned());
+                }
+                if let Some(a) = &self.advertise
+                    && !(a.starts_with("http://") || a.starts_with("https://"))
+                {
+                    p.push(format!("store.advertise: `{a}` is not an http(s):// URL"));
+                }
+                if !self.path.as_os_str().is_empty() {
+                    p.push("store.path: is for kind = \"sqlite\"".to_owned());
+                }
+            }
+        }
+    }
 }
 
 /// Who may change things through the API.
@@ -552,7 +710,15 @@ impl Config {
             other => other,
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        config.store.path = dir.join(&config.store.path);
+        if config.store.kind == StoreKind::Sqlite {
+            config.store.path = dir.join(&config.store.path);
+        }
+        if let Some(t) = &mut config.store.tls {
+            t.ca = dir.join(&t.ca);
+            for p in [&mut t.cert, &mut t.key].into_iter().flatten() {
+                *p = dir.join(&*p);
+            }
+        }
         for s in &mut config.servers {
             if let RestartHook::Http {
                 headers_file: Some(f),
@@ -599,6 +765,7 @@ impl Config {
         if self.servers.is_empty() {
             p.push("no [[server]]: name at least one dtable-server".to_owned());
         }
+        self.store.problems(&mut p);
         let mut seen = HashSet::new();
         for (i, s) in self.servers.iter().enumerate() {
             let at = format!("server[{i}]");
@@ -939,6 +1106,41 @@ mod tests {
         assert!(
             matches!(c.servers[1].restart, RestartHook::Http { ref headers, .. } if headers.len() == 1)
         );
+    }
+
+    #[test]
+    fn an_etcd_store_is_checked_as_a_whole() {
+        let etcd = GOOD.replace(
+            "path = \"state.db\"",
+            "kind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\", \"http://127.0.0.2:2379\"]",
+        );
+        let c = Config::parse(&etcd).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Etcd);
+        assert_eq!(c.store.prefix, "/seashard");
+        assert_eq!(c.store.lease_ttl, Duration::from_secs(5));
+        let bad = GOOD.replace(
+            "path = \"state.db\"",
+            "kind = \"etcd\"\npath = \"x.db\"\nendpoints = [\"127.0.0.1:2379\"]\nprefix = \"x/\"\n\
+             lease_ttl = \"1s\"\nusername = \"u\"\ntls = { ca = \"ca.pem\", cert = \"c.pem\" }",
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&bad) else {
+            panic!("accepted a broken etcd store")
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "`127.0.0.1:2379` is not https://HOST:PORT",
+            "store.prefix",
+            "store.lease_ttl",
+            "`username` and a password go together",
+            "`cert` and `key` go together",
+            "store.path: is for kind = \"etcd\""
+                .replace("etcd", "sqlite")
+                .as_str(),
+        ] {
+            assert!(all.contains(needle), "{needle} missing from {all}");
+        }
+        let sqlite_without_path = GOOD.replace("path = \"state.db\"", "");
+        assert!(Config::parse(&sqlite_without_path).is_err());
     }
 
     #[test]
