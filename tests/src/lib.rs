@@ -16,6 +16,7 @@
 //! | lost writes | [`dtable::Writers`], [`dtable::missing_writes`], [`dtable::double_service`], the steps of [`lost_writes`] |
 //! | seashard rollout (part b) | [`rollout::ControlPlaneProcess`] (a real `seactl serve`, SIGKILL and restart), [`rollout::seashard_experiment`] |
 //! | fleet safety (a cut-off edge, shared node ids, guards) | [`fleet::run`] |
+//! | etcd cluster (members killed, paused, restarted) | [`etcd::EtcdCluster::start`] |
 //! | a link that silently dies | [`relay::Relay`] (`cut`, `heal`; connects from its own loopback address) |
 //! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
@@ -27,6 +28,7 @@ pub mod bootstrap;
 pub mod dtable;
 pub mod dtable_server;
 pub mod echo;
+pub mod etcd;
 pub mod fleet;
 pub mod http;
 pub mod lost_writes;
