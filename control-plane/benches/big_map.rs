@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use control_plane::store::NewVersion;
-use control_plane::{Config, Snapshot, Store, VersionKind};
+use control_plane::{Config, Snapshot, SqliteStore, Store, VersionKind};
 use shardmap::{Fence, RouterConfig, ShardMap, diff};
 
 const SERVERS: [&str; 2] = ["dtable-server", "dtable-server-2"];
@@ -81,7 +81,7 @@ fn main() {
             let plan = diff(&old, &new).expect("valid");
             assert!(!plan.moves_bases());
         });
-        let store = Store::open(&dir.path().join(format!("store-{pins}.db"))).expect("store");
+        let store = SqliteStore::open(&dir.path().join(format!("store-{pins}.db"))).expect("store");
         let mut expected = 0;
         let store_t = median(9, || {
             expected = store

@@ -126,7 +126,15 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        // A client (seactl with several URLs) tries another replica on these codes.
+        let code = match &e {
+            StoreError::Unavailable(_) => "etcd_unavailable",
+            StoreError::NotLeader(_) => "not_leader",
+            _ => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        err.extra = Some(("code", json!(code)));
+        err
     }
 }
 

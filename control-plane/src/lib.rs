@@ -45,4 +45,4 @@ pub use plane::{ControlPlane, Outcome, Proposal, ProposeError, StartError};
 pub use resources::{ResourceType, Snapshot};
 pub use rollout::{Rollout, RolloutError, Step};
 pub use server::{Running, ServeError, start};
-pub use store::{Store, StoreError, Version, VersionKind};
+pub use store::{SqliteStore, Store, StoreError, Version, VersionKind};

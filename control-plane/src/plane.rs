@@ -99,7 +99,7 @@ pub struct Outcome {
 /// The running control plane's shared state.
 pub struct ControlPlane {
     config: Config,
-    store: Store,
+    store: Arc<dyn Store>,
     registry: Arc<Registry>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Held by whoever changes the map: a second change meanwhile gets `Busy`.
@@ -113,12 +113,15 @@ impl ControlPlane {
     /// Opens the store, seeds the first version if it holds none, and rebuilds the
     /// snapshot of the active version: a restarted control plane serves what it served.
     pub fn open(config: Config) -> Result<Arc<ControlPlane>, StartError> {
-        let store = Store::open(&config.store.path)?;
+        let store = crate::store::open(&config)?;
         ControlPlane::with_store(config, store)
     }
 
     /// As [`ControlPlane::open`], with a store already open (tests: in memory).
-    pub fn with_store(config: Config, store: Store) -> Result<Arc<ControlPlane>, StartError> {
+    pub fn with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<ControlPlane>, StartError> {
         let active = match store.active()? {
             Some(v) => v,
             None => {
@@ -168,8 +171,8 @@ impl ControlPlane {
         &self.config
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -388,6 +391,7 @@ fn initial_map(config: &Config) -> Result<ShardMap, StartError> {
 mod tests {
     use super::*;
     use crate::resources::plugin_configuration;
+    use crate::store::SqliteStore;
 
     fn plane() -> Arc<ControlPlane> {
         let config = Config::parse(
@@ -410,7 +414,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        ControlPlane::with_store(config, Store::open_in_memory().unwrap()).unwrap()
+        ControlPlane::with_store(config, Arc::new(SqliteStore::open_in_memory().unwrap())).unwrap()
     }
 
     fn map(json: &str) -> ShardMap {

@@ -1,35 +1,18 @@
-//! The control plane's state in one SQLite file (WAL): the versions pushed to the
-//! Envoys, the Envoy nodes with their ACK/NACK state, and an audit log.
-//!
-//! Every version is one row of `versions`, numbered from one sequence: a new map, and
-//! (with rollouts) the fenced old map and a rollback, each get the next number, so the
-//! number Envoy reports (`x-shard-map-version`) names exactly one configuration and
-//! content once NACKed is never sent again under a number. The highest row is the
-//! configuration every Envoy must run.
-//!
-//! Every write is one transaction. Schema changes are numbered migrations recorded in
+//! The embedded store: one SQLite file (WAL) for one control plane, which always
+//! leads. Every write is one transaction. Schema changes are numbered migrations recorded in
 //! `schema_migrations`; a later feature adds a migration, never edits one.
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
-use shardmap::{Fence, RouterConfig, ShardMap};
+use tokio::sync::watch;
 
-/// Why the store could not do something.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("store: corrupt row: {0}")]
-    Corrupt(String),
-    #[error("the active version is {active}, not {expected}: someone else changed the map")]
-    Conflict { expected: u64, active: u64 },
-    #[error("store: a thread panicked while holding the database")]
-    Poisoned,
-}
+use super::{
+    AuditEntry, FinishRollout, Leadership, NewVersion, NodeRecord, RemoteNode, ServerState, Store,
+    StoreError, StoreInfo, StoredRollout, TypeRecord, Version, VersionKind, now_ms,
+};
 
 /// Numbered schema migrations, applied in order, each once.
 const MIGRATIONS: &[&str] = &[
@@ -92,147 +75,28 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN role TEXT NOT NULL DEFAULT 'edge';",
 ];
 
-/// What a version is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VersionKind {
-    /// The first map, from the configuration.
-    Initial,
-    /// A map pushed by an operator.
-    Map,
-    /// The active map with the bases of a rollout fenced.
-    Fence,
-    /// The map before a failed rollout, pushed again.
-    Rollback,
-}
-
-impl VersionKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            VersionKind::Initial => "initial",
-            VersionKind::Map => "map",
-            VersionKind::Fence => "fence",
-            VersionKind::Rollback => "rollback",
-        }
-    }
-
-    fn parse(s: &str) -> Option<VersionKind> {
-        Some(match s {
-            "initial" => VersionKind::Initial,
-            "map" => VersionKind::Map,
-            "fence" => VersionKind::Fence,
-            "rollback" => VersionKind::Rollback,
-            _ => return None,
-        })
-    }
-}
-
-/// One stored version: a map, its fence, who pushed it and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Version {
-    pub version: u64,
-    pub kind: VersionKind,
-    pub map: ShardMap,
-    pub fence: Fence,
-    pub author: String,
-    pub comment: String,
-    /// Unix time, milliseconds.
-    pub created_at: i64,
-}
-
-impl Version {
-    /// The filter configuration of this version, as `[filter]` says (routing header,
-    /// retry-after, version header).
-    pub fn router_config(&self, filter: &crate::config::FilterConfig) -> RouterConfig {
-        RouterConfig {
-            header: filter.header.clone(),
-            retry_after: filter.retry_after,
-            version_header: filter.version_header,
-            fence: self.fence.clone(),
-            ..RouterConfig::new(self.version, self.map.clone())
-        }
-    }
-}
-
-/// A version to append.
-#[derive(Debug, Clone)]
-pub struct NewVersion<'a> {
-    pub kind: VersionKind,
-    pub map: &'a ShardMap,
-    pub fence: &'a Fence,
-    pub author: &'a str,
-    pub comment: &'a str,
-}
-
-/// The ACK/NACK state of one node for one resource type.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct TypeRecord {
-    pub acked_version: Option<String>,
-    pub acked_at: Option<i64>,
-    pub nacked_version: Option<String>,
-    pub nack_error: Option<String>,
-    pub nacked_at: Option<i64>,
-}
-
-/// A node instance as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NodeRecord {
-    /// The instance key (`id@ip`); a bare node id in rows stored before instances.
-    pub id: String,
-    /// The Envoy's node id.
-    pub node_id: String,
-    /// The peer address (IP, or `rest`); `None` in rows stored before instances.
-    pub peer: Option<String>,
-    /// `edge` or `guard:SERVER`.
-    pub role: String,
-    pub cluster: String,
-    pub first_seen: i64,
-    /// Set while connected.
-    pub connected_since: Option<i64>,
-    pub last_seen: i64,
-    /// `grpc` or `rest`.
-    pub transport: String,
-    /// Per type (`ecds`, `cds`).
-    pub types: Vec<(String, TypeRecord)>,
-}
-
-/// One audit entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditEntry {
-    pub id: i64,
-    pub at: i64,
-    pub actor: String,
-    pub action: String,
-    pub version: Option<u64>,
-    pub detail: serde_json::Value,
-}
-
 /// The SQLite store. Calls are short and synchronous; one connection, one lock.
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: Option<PathBuf>,
+    active: watch::Sender<u64>,
+    leadership: watch::Sender<Leadership>,
+    nodes: watch::Sender<Arc<Vec<RemoteNode>>>,
 }
 
-/// Now, as unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-impl Store {
+impl SqliteStore {
     /// Opens (or creates) the store at `path`, in WAL mode, migrated to the latest schema.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
-        Store::init(conn)
+        SqliteStore::init(conn, Some(path.to_owned()))
     }
 
     /// A store in memory (tests, benchmarks).
-    pub fn open_in_memory() -> Result<Store, StoreError> {
-        Store::init(Connection::open_in_memory()?)
+    pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
+        SqliteStore::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+    fn init(mut conn: Connection, path: Option<PathBuf>) -> Result<SqliteStore, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -257,9 +121,17 @@ impl Store {
                 )?;
             }
         }
+        let active: i64 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM versions", [], |r| {
+                r.get(0)
+            })?;
         tx.commit()?;
-        Ok(Store {
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
+            path,
+            active: watch::channel(active as u64).0,
+            leadership: watch::channel(Leadership::Leader { term: 0 }).0,
+            nodes: watch::channel(Arc::new(Vec::new())).0,
         })
     }
 
@@ -275,9 +147,33 @@ impl Store {
             |r| r.get(0),
         )?)
     }
+}
 
-    /// The highest version: what every Envoy must run. `None` in a new store.
-    pub fn active(&self) -> Result<Option<Version>, StoreError> {
+impl Store for SqliteStore {
+    fn info(&self) -> StoreInfo {
+        StoreInfo {
+            kind: "sqlite",
+            location: self
+                .path
+                .as_ref()
+                .map_or_else(|| ":memory:".to_owned(), |p| p.display().to_string()),
+            replica: None,
+        }
+    }
+
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.subscribe()
+    }
+
+    fn watch_active(&self) -> watch::Receiver<u64> {
+        self.active.subscribe()
+    }
+
+    fn watch_nodes(&self) -> watch::Receiver<Arc<Vec<RemoteNode>>> {
+        self.nodes.subscribe()
+    }
+
+    fn active(&self) -> Result<Option<Version>, StoreError> {
         let conn = self.conn()?;
         conn.query_row(
             "SELECT version, kind, map, fence, author, comment, created_at
@@ -290,8 +186,7 @@ impl Store {
         .transpose()
     }
 
-    /// One version.
-    pub fn version(&self, version: u64) -> Result<Option<Version>, StoreError> {
+    fn version(&self, version: u64) -> Result<Option<Version>, StoreError> {
         let conn = self.conn()?;
         conn.query_row(
             "SELECT version, kind, map, fence, author, comment, created_at
@@ -304,8 +199,7 @@ impl Store {
         .transpose()
     }
 
-    /// The latest `limit` versions, newest first.
-    pub fn history(&self, limit: u32) -> Result<Vec<Version>, StoreError> {
+    fn history(&self, limit: u32) -> Result<Vec<Version>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT version, kind, map, fence, author, comment, created_at
@@ -316,9 +210,7 @@ impl Store {
             .collect()
     }
 
-    /// Appends the next version, if the active one is still `expected` (0: none yet),
-    /// with its audit entry, in one transaction. Returns the new version number.
-    pub fn append_version(&self, expected: u64, new: &NewVersion<'_>) -> Result<u64, StoreError> {
+    fn append_version(&self, expected: u64, new: &NewVersion<'_>) -> Result<u64, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let active: i64 =
@@ -357,11 +249,11 @@ impl Store {
             ],
         )?;
         tx.commit()?;
+        self.active.send_replace(version as u64);
         Ok(version as u64)
     }
 
-    /// Records an audit entry on its own.
-    pub fn audit(
+    fn audit(
         &self,
         actor: &str,
         action: &str,
@@ -381,8 +273,7 @@ impl Store {
         Ok(())
     }
 
-    /// The latest `limit` audit entries, newest first.
-    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+    fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, at, actor, action, version, detail FROM audit ORDER BY id DESC LIMIT ?1",
@@ -401,8 +292,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Writes the given nodes (and their per-type state) in one transaction.
-    pub fn save_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
+    fn save_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         {
@@ -447,8 +337,7 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored node, by id.
-    pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, cluster, first_seen, connected_since, last_seen, transport,
@@ -497,13 +386,7 @@ impl Store {
         Ok(nodes)
     }
 
-    /// Records a new rollout (its state and JSON record, whose `id` is set to the new
-    /// row's) in one transaction; returns its id.
-    pub fn insert_rollout(
-        &self,
-        state: &str,
-        record: &serde_json::Value,
-    ) -> Result<u64, StoreError> {
+    fn insert_rollout(&self, state: &str, record: &serde_json::Value) -> Result<u64, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
@@ -524,8 +407,7 @@ impl Store {
         Ok(id as u64)
     }
 
-    /// Rewrites a rollout's state and record (one transaction, committed on return).
-    pub fn save_rollout(
+    fn save_rollout(
         &self,
         id: u64,
         state: &str,
@@ -542,8 +424,7 @@ impl Store {
         }
     }
 
-    /// One rollout: its record and the abort reason, if one was asked for.
-    pub fn rollout(&self, id: u64) -> Result<Option<StoredRollout>, StoreError> {
+    fn rollout(&self, id: u64) -> Result<Option<StoredRollout>, StoreError> {
         let conn = self.conn()?;
         conn.query_row(
             "SELECT id, state, record, abort_requested FROM rollouts WHERE id = ?1",
@@ -554,8 +435,7 @@ impl Store {
         .transpose()
     }
 
-    /// The latest `limit` rollouts, newest first.
-    pub fn rollouts(&self, limit: u32) -> Result<Vec<StoredRollout>, StoreError> {
+    fn rollouts(&self, limit: u32) -> Result<Vec<StoredRollout>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, state, record, abort_requested FROM rollouts ORDER BY id DESC LIMIT ?1",
@@ -568,8 +448,7 @@ impl Store {
         Ok(out)
     }
 
-    /// The rollout that has not finished (`done` or `rolled_back`), if any.
-    pub fn unfinished_rollout(&self) -> Result<Option<StoredRollout>, StoreError> {
+    fn unfinished_rollout(&self) -> Result<Option<StoredRollout>, StoreError> {
         let conn = self.conn()?;
         conn.query_row(
             "SELECT id, state, record, abort_requested FROM rollouts
@@ -581,8 +460,7 @@ impl Store {
         .transpose()
     }
 
-    /// Records that an abort was asked for (it survives a restart of the control plane).
-    pub fn request_abort(&self, id: u64, reason: &str) -> Result<(), StoreError> {
+    fn request_abort(&self, id: u64, reason: &str) -> Result<(), StoreError> {
         self.conn()?.execute(
             "UPDATE rollouts SET abort_requested = ?2 WHERE id = ?1",
             params![id as i64, reason],
@@ -590,9 +468,7 @@ impl Store {
         Ok(())
     }
 
-    /// The map versions `server` may hold since seashard last restarted it; `None`
-    /// when seashard never restarted it (it may hold anything).
-    pub fn may_hold(&self, server: &str) -> Result<Option<Vec<u64>>, StoreError> {
+    fn may_hold(&self, server: &str) -> Result<Option<Vec<u64>>, StoreError> {
         let conn = self.conn()?;
         let text: Option<String> = conn
             .query_row(
@@ -608,8 +484,7 @@ impl Store {
         .transpose()
     }
 
-    /// Every server's stored state: `(name, may_hold, last_restart_at, last_rollout)`.
-    pub fn server_states(&self) -> Result<Vec<ServerState>, StoreError> {
+    fn server_states(&self) -> Result<Vec<ServerState>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT name, may_hold, last_restart_at, last_rollout FROM server_state ORDER BY name",
@@ -636,9 +511,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Ends a rollout in one transaction: its final state and record, every server's
-    /// new `may_hold` (with the restart time of those seashard restarted), and the audit entry.
-    pub fn finish_rollout(&self, finish: &FinishRollout<'_>) -> Result<(), StoreError> {
+    fn finish_rollout(&self, finish: &FinishRollout<'_>) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
@@ -681,8 +554,7 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets node instances (Envoys taken out of service), by instance key.
-    pub fn delete_nodes(&self, keys: &[String]) -> Result<usize, StoreError> {
+    fn delete_nodes(&self, keys: &[String]) -> Result<usize, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let mut n = 0;
@@ -692,16 +564,6 @@ impl Store {
         tx.commit()?;
         Ok(n)
     }
-}
-
-/// A rollout as stored.
-#[derive(Debug, Clone)]
-pub struct StoredRollout {
-    pub id: u64,
-    pub state: String,
-    pub record: serde_json::Value,
-    /// Why an abort was asked for, when one was.
-    pub abort_requested: Option<String>,
 }
 
 fn row_to_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRollout, StoreError>> {
@@ -717,31 +579,6 @@ fn row_to_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRollou
             record,
             abort_requested,
         }))
-}
-
-/// A server's stored rollout state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServerState {
-    pub name: String,
-    /// The map versions it may hold since seashard last restarted it.
-    pub may_hold: Vec<u64>,
-    pub last_restart_at: Option<i64>,
-    pub last_rollout: Option<u64>,
-}
-
-/// What ending a rollout writes, in one transaction.
-#[derive(Debug)]
-pub struct FinishRollout<'a> {
-    pub id: u64,
-    /// `done` or `rolled_back`.
-    pub state: &'a str,
-    pub record: &'a serde_json::Value,
-    /// `(server, may_hold, restarted_at)`: `restarted_at` set for the servers seashard
-    /// restarted (their row is created or reset); otherwise only an existing row changes.
-    pub may_hold: &'a [(String, Vec<u64>, Option<i64>)],
-    pub actor: &'a str,
-    pub version: Option<u64>,
-    pub detail: &'a serde_json::Value,
 }
 
 /// JSON of a column value (maps and fences always serialize).
@@ -793,6 +630,7 @@ impl RawVersion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shardmap::{Fence, ShardMap};
 
     fn map(default: &str) -> ShardMap {
         ShardMap {
@@ -801,7 +639,7 @@ mod tests {
         }
     }
 
-    fn push(store: &Store, expected: u64, m: &ShardMap) -> Result<u64, StoreError> {
+    fn push(store: &SqliteStore, expected: u64, m: &ShardMap) -> Result<u64, StoreError> {
         store.append_version(
             expected,
             &NewVersion {
@@ -819,7 +657,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         {
-            let s = Store::open(&path).unwrap();
+            let s = SqliteStore::open(&path).unwrap();
             assert_eq!(s.active().unwrap(), None);
             assert_eq!(push(&s, 0, &map("a")).unwrap(), 1);
             assert_eq!(push(&s, 1, &map("b")).unwrap(), 2);
@@ -831,7 +669,8 @@ mod tests {
                 })
             ));
         }
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(*s.watch_active().borrow(), 2);
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let active = s.active().unwrap().unwrap();
         assert_eq!((active.version, active.map.default.as_str()), (2, "b"));
@@ -850,7 +689,7 @@ mod tests {
 
     #[test]
     fn nodes_round_trip() {
-        let s = Store::open_in_memory().unwrap();
+        let s = SqliteStore::open_in_memory().unwrap();
         let mut n = NodeRecord {
             id: "edge-1@127.0.0.2".into(),
             node_id: "edge-1".into(),
