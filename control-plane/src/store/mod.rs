@@ -34,8 +34,10 @@ use serde::{Deserialize, Serialize};
 use shardmap::{Fence, RouterConfig, ShardMap};
 use tokio::sync::watch;
 
+pub mod etcd;
 mod sqlite;
 
+pub use etcd::EtcdStore;
 pub use sqlite::SqliteStore;
 
 /// Why the store could not do something.
@@ -316,7 +318,7 @@ pub trait Store: Send + Sync {
 pub fn open(config: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
     match config.store.kind {
         crate::config::StoreKind::Sqlite => Ok(Arc::new(SqliteStore::open(&config.store.path)?)),
-        crate::config::StoreKind::Etcd => Err(StoreError::Etcd("not yet".into())),
+        crate::config::StoreKind::Etcd => Ok(Arc::new(EtcdStore::connect(config)?)),
     }
 }
 
