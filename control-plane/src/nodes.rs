@@ -24,6 +24,14 @@
 //!
 //! [`Registry`] is the in-memory truth (waiters watch it); changed nodes are marked
 //! dirty and written to the store in batches by [`Registry::take_dirty`]'s caller.
+//!
+//! **Several replicas** (etcd): the Envoys whose streams other replicas hold are
+//! known from their records in the store ([`Registry::set_remote`]). Every view
+//! (nodes, conflicts, tallies, convergence) takes, per instance, the record that
+//! stands now: a connected one first (a record of a dead replica is not
+//! connected: the Envoy was last seen there), else the one seen last. So the
+//! leader waits on every Envoy, whichever replica it talks to, and one instance
+//! connected to two replicas at once is a conflict.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -34,7 +42,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::resources::{ResourceType, Snapshot};
-use crate::store::{NodeRecord, TypeRecord, now_ms};
+use crate::store::{NodeRecord, RemoteNode, TypeRecord, now_ms};
 
 /// The parts of a `DiscoveryRequest` the tracking reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -209,6 +217,9 @@ pub struct Node {
     /// Open streams (gRPC) for this node id.
     pub streams: u32,
     pub types: BTreeMap<ResourceType, TypeState>,
+    /// The control plane replica holding its stream, when another one does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl Node {
@@ -227,6 +238,7 @@ impl Node {
             last_seen: now,
             streams: 0,
             types: BTreeMap::new(),
+            replica: None,
         }
     }
 
@@ -287,7 +299,29 @@ impl Node {
             last_seen: r.last_seen,
             streams: 0,
             types,
+            replica: None,
         }
+    }
+
+    /// Another replica's record: connected only while that replica lives.
+    fn from_remote(r: &RemoteNode) -> Node {
+        let connected = r.live && r.record.connected_since.is_some();
+        let mut n = Node::from_record(r.record.clone());
+        n.connected = connected;
+        n.connected_since = if connected {
+            r.record.connected_since
+        } else {
+            None
+        };
+        n.streams = u32::from(connected);
+        n.replica = Some(r.replica.clone());
+        n
+    }
+
+    /// Which of two records of one instance stands now: the connected one, else the
+    /// one seen last.
+    fn stands_over(&self, other: &Node) -> bool {
+        (self.connected, self.last_seen) >= (other.connected, other.last_seen)
     }
 }
 
@@ -369,6 +403,32 @@ struct Inner {
     tallies: [Tally; 2],
     /// What each instance adds to `tallies` now.
     counted: HashMap<String, [Standing; 2]>,
+    /// The instances other replicas hold or held, by instance key (one record
+    /// each: the one that stands, see [`Node::stands_over`]).
+    remote: BTreeMap<String, Node>,
+}
+
+impl Inner {
+    /// The record of `key` that stands now: this replica's or another's.
+    fn effective(&self, key: &str) -> Option<&Node> {
+        match (self.nodes.get(key), self.remote.get(key)) {
+            (Some(l), Some(r)) => Some(if l.stands_over(r) { l } else { r }),
+            (l, r) => l.or(r),
+        }
+    }
+
+    /// Every instance, as it stands, sorted by instance key.
+    fn view(&self) -> impl Iterator<Item = &Node> {
+        let keys: std::collections::BTreeSet<&String> =
+            self.nodes.keys().chain(self.remote.keys()).collect();
+        keys.into_iter().filter_map(|k| self.effective(k))
+    }
+
+    /// Instances connected here and to another replica at once.
+    fn doubly_connected(&self, key: &str) -> bool {
+        matches!((self.nodes.get(key), self.remote.get(key)),
+            (Some(l), Some(r)) if l.connected && r.connected)
+    }
 }
 
 /// What one connected instance adds to its type's [`Tally`].
@@ -480,8 +540,7 @@ impl Registry {
     fn recount(inner: &mut Inner, key: &str) {
         // Indexed like `ResourceType::ALL`, as `tallies` are (see [`slot`]).
         let now = inner
-            .nodes
-            .get(key)
+            .effective(key)
             .map(|n| ResourceType::ALL.map(|t| standing(n, t)));
         let before = match &now {
             Some(now) => inner.counted.insert(key.to_owned(), now.clone()),
@@ -773,16 +832,16 @@ impl Registry {
 
     /// Every instance, sorted by instance key.
     pub fn nodes(&self) -> Vec<Node> {
-        self.lock().nodes.values().cloned().collect()
+        self.lock().view().cloned().collect()
     }
 
     /// One instance, by instance key; or by node id, the connected instance first.
     pub fn node(&self, key_or_id: &str) -> Option<Node> {
         let inner = self.lock();
-        if let Some(n) = inner.nodes.get(key_or_id) {
+        if let Some(n) = inner.effective(key_or_id) {
             return Some(n.clone());
         }
-        let mut of_id: Vec<&Node> = inner.nodes.values().filter(|n| n.id == key_or_id).collect();
+        let mut of_id: Vec<&Node> = inner.view().filter(|n| n.id == key_or_id).collect();
         of_id.sort_by_key(|n| !n.connected);
         of_id.first().map(|n| (*n).clone())
     }
@@ -830,12 +889,17 @@ impl Registry {
     pub fn conflicts(&self) -> Vec<Conflict> {
         let inner = self.lock();
         let mut by_id: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
-        for n in inner.nodes.values() {
+        for n in inner.view() {
             by_id.entry(n.id.as_str()).or_default().push(n);
         }
         by_id
             .into_iter()
-            .filter(|(_, ns)| ns.len() > 1 || ns.iter().any(|n| n.streams > 1))
+            .filter(|(_, ns)| {
+                ns.len() > 1
+                    || ns
+                        .iter()
+                        .any(|n| n.streams > 1 || inner.doubly_connected(&n.instance))
+            })
             .map(|(id, ns)| Conflict {
                 id: id.to_owned(),
                 instances: ns
@@ -857,7 +921,7 @@ impl Registry {
             version: version.to_owned(),
             ..Convergence::default()
         };
-        for n in inner.nodes.values().filter(|n| n.connected) {
+        for n in inner.view().filter(|n| n.connected) {
             if n.acked(t) == Some(version) {
                 c.acked.push(n.instance.clone());
             } else if n.nacked(t) == Some(version) {
@@ -904,6 +968,38 @@ impl Registry {
                 return self.convergence(t, version);
             }
         }
+    }
+
+    /// Replaces what the other replicas hold (their records in the store); the
+    /// tallies follow every instance whose standing record changed.
+    pub fn set_remote(&self, records: &[RemoteNode]) {
+        let mut remote: BTreeMap<String, Node> = BTreeMap::new();
+        for r in records {
+            let n = Node::from_remote(r);
+            match remote.get(&n.instance) {
+                Some(old) if old.stands_over(&n) => {}
+                _ => {
+                    remote.insert(n.instance.clone(), n);
+                }
+            }
+        }
+        let mut inner = self.lock();
+        let old = std::mem::replace(&mut inner.remote, remote);
+        let keys: std::collections::BTreeSet<String> = old
+            .keys()
+            .chain(inner.remote.keys())
+            .filter(|k| old.get(*k) != inner.remote.get(*k))
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for k in &keys {
+            Registry::recount(&mut inner, k);
+        }
+        inner.generation += 1;
+        let g = inner.generation;
+        self.changed.send_replace(g);
     }
 
     /// A receiver that changes whenever any node does.
@@ -1324,7 +1420,24 @@ mod tests {
             let id = format!("edge-{}", i % 4);
             let ip = format!("10.0.0.{}", i % 3);
             let v = snap.ecds.version.clone();
-            match next(5) {
+            match next(6) {
+                5 => {
+                    // Another replica's view changes: some of the same instances,
+                    // connected or not, its replica alive or not.
+                    let records: Vec<RemoteNode> = (0..next(4))
+                        .map(|k| {
+                            let acked = snaps[next(3) as usize].ecds.version.clone();
+                            remote(
+                                &format!("edge-{}", (i + k as usize) % 4),
+                                &format!("10.0.0.{}", next(3)),
+                                next(2) == 0,
+                                next(3) != 0,
+                                Some(&acked),
+                            )
+                        })
+                        .collect();
+                    reg.set_remote(&records);
+                }
                 0 => {
                     if let Some(s) = streams[i].take() {
                         reg.close(&s);
@@ -1370,6 +1483,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn remote(id: &str, ip: &str, connected: bool, live: bool, acked: Option<&str>) -> RemoteNode {
+        RemoteNode {
+            replica: "other".into(),
+            live,
+            record: NodeRecord {
+                id: instance_key(id, ip),
+                node_id: id.into(),
+                peer: Some(ip.into()),
+                role: "edge".into(),
+                cluster: "c".into(),
+                first_seen: 1,
+                connected_since: connected.then_some(2),
+                last_seen: 3,
+                transport: "grpc".into(),
+                types: vec![(
+                    "ecds".into(),
+                    TypeRecord {
+                        acked_version: acked.map(str::to_owned),
+                        ..TypeRecord::default()
+                    },
+                )],
+            },
+        }
+    }
+
+    #[test]
+    fn other_replicas_envoys_are_waited_for_and_a_dead_replicas_are_not_connected() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let v = snap.ecds.version.clone();
+        // An Envoy on another replica, not yet ACKed: the version has not converged.
+        reg.set_remote(&[remote("edge-b", "10.0.0.2", true, true, None)]);
+        assert_eq!(reg.tally(ResourceType::Ecds, &v), (0, 0, 1));
+        let n = reg.node("edge-b").unwrap();
+        assert!(n.connected && n.replica.as_deref() == Some("other"));
+        // It ACKs there.
+        reg.set_remote(&[remote("edge-b", "10.0.0.2", true, true, Some(&v))]);
+        assert_eq!(reg.tally(ResourceType::Ecds, &v), (1, 0, 1));
+        // That replica dies: its Envoy is known, no longer connected.
+        reg.set_remote(&[remote("edge-b", "10.0.0.2", true, false, Some(&v))]);
+        assert_eq!(reg.tally(ResourceType::Ecds, &v), (0, 0, 0));
+        assert!(!reg.node("edge-b@10.0.0.2").unwrap().connected);
+        // It reconnects here: this replica's record stands.
+        let mut s = from("10.0.0.2", 4000);
+        let mut nonce = 0;
+        let r = Request {
+            node: Some(("edge-b".into(), "c".into())),
+            ..req("", "", None)
+        };
+        play(&reg, &mut s, &snap, &[r], &mut nonce);
+        let n = reg.node("edge-b@10.0.0.2").unwrap();
+        assert!(n.connected && n.replica.is_none());
+        assert!(reg.conflicts().is_empty());
+        // The same instance live on two replicas at once: a conflict.
+        reg.set_remote(&[remote("edge-b", "10.0.0.2", true, true, Some(&v))]);
+        assert_eq!(reg.conflicts().len(), 1, "{:?}", reg.conflicts());
+        // Another instance of the id elsewhere: a conflict too, shown once.
+        reg.set_remote(&[remote("edge-b", "10.0.0.9", false, true, None)]);
+        let c = reg.conflicts();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].instances.len(), 2);
     }
 
     #[test]
