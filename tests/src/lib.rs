@@ -18,6 +18,7 @@
 //! | fleet safety (a cut-off edge, shared node ids, guards) | [`fleet::run`] |
 //! | etcd cluster (members killed, paused, restarted) | [`etcd::EtcdCluster::start`] |
 //! | a link that silently dies | [`relay::Relay`] (`cut`, `heal`; connects from its own loopback address) |
+//! | the SeaTable compose files (`deploy/compose`) | [`compose`] (bootstrap arguments, `docker-compose config` services) |
 //! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
@@ -25,6 +26,7 @@
 
 pub mod bench;
 pub mod bootstrap;
+pub mod compose;
 pub mod dtable;
 pub mod dtable_server;
 pub mod echo;

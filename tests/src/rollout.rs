@@ -47,17 +47,30 @@ pub struct ControlPlaneProcess {
     pub grpc: SocketAddr,
     proc: Option<Proc>,
     starts: usize,
+    /// Environment variables of the process (e.g. a hook's `headers_env`).
+    env: Vec<(String, String)>,
 }
 
 impl ControlPlaneProcess {
     /// Starts `seactl serve --config CONFIG` and waits until `/healthz` answers.
     pub fn start(config: &Path, http: SocketAddr, grpc: SocketAddr) -> Result<Self> {
+        Self::start_with_env(config, http, grpc, &[])
+    }
+
+    /// [`ControlPlaneProcess::start`] with these environment variables set.
+    pub fn start_with_env(
+        config: &Path,
+        http: SocketAddr,
+        grpc: SocketAddr,
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let mut cp = ControlPlaneProcess {
             config: config.to_owned(),
             http,
             grpc,
             proc: None,
             starts: 0,
+            env: env.to_vec(),
         };
         cp.start_again()?;
         Ok(cp)
@@ -72,6 +85,7 @@ impl ControlPlaneProcess {
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
