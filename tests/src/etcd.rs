@@ -15,7 +15,7 @@
 //! ```
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -460,8 +460,14 @@ fn request(
     stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
     let mut reader = BufReader::new(stream);
-    let head = read_head(&mut reader)?
-        .ok_or_else(|| anyhow!("{addr}: connection closed before a response"))?;
+    let head = match read_head(&mut reader) {
+        Ok(Some(head)) => head,
+        Ok(None) => bail!("{addr}: connection closed before a response"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            bail!("{addr}: no answer within {timeout:?}")
+        }
+        Err(e) => return Err(e.into()),
+    };
     let status: u16 = head
         .start
         .split(' ')

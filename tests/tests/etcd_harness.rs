@@ -96,10 +96,10 @@ fn three_members_survive_one_loss_and_refuse_writes_without_a_majority() {
     // A member restarted on its data brings the majority back, and the data.
     etcd.restart(b).unwrap();
     etcd.wait_healthy(Duration::from_secs(15)).unwrap();
-    assert_eq!(
-        etcd.get(b, "seashard/test").unwrap().as_deref(),
-        Some("two")
-    );
+    // A write that timed out is not known to have failed: proposed while the
+    // survivor still led, it may commit once the majority is back.
+    let now = etcd.get(b, "seashard/test").unwrap();
+    assert!(matches!(now.as_deref(), Some("two" | "three")), "{now:?}");
 
     // Drop kills every member and removes the data.
     let pids = etcd.pids();
