@@ -496,9 +496,9 @@ pub enum RestartHook {
         #[serde(default, with = "opt_duration")]
         timeout: Option<Duration>,
     },
-    /// Call a URL, wait for a 2xx answer. Header values are secrets: never shown,
-    /// logged or stored; keep them out of the TOML with `headers_env` or
-    /// `headers_file`.
+    /// Call a URL (`http://`, or `https://` verified against `ca`), wait for a 2xx
+    /// answer. Header values are secrets: never shown, logged or stored; keep them out
+    /// of the TOML with `headers_env` or `headers_file`.
     Http {
         #[serde(default = "default_method")]
         method: String,
@@ -513,6 +513,11 @@ pub enum RestartHook {
         headers_file: Option<PathBuf>,
         #[serde(default, with = "opt_duration")]
         timeout: Option<Duration>,
+        /// For an `https://` URL: the CA (PEM, relative to the config file) its
+        /// server's certificate must chain to, e.g. `seactl certs`' `ca.crt`.
+        /// Without it, the webpki (Mozilla) roots.
+        #[serde(default)]
+        ca: Option<PathBuf>,
     },
     /// An operator restarts it and confirms (`seactl rollout confirm SERVER`).
     #[default]
@@ -558,6 +563,7 @@ impl RestartHook {
                 headers_env,
                 headers_file,
                 timeout,
+                ca,
             } => serde_json::json!({
                 "kind": "http",
                 "method": method,
@@ -566,6 +572,7 @@ impl RestartHook {
                 "headers_env": headers_env,
                 "headers_file": headers_file,
                 "timeout": timeout.map(|t| format!("{}ms", t.as_millis())),
+                "ca": ca,
             }),
             RestartHook::Manual => serde_json::json!({ "kind": "manual" }),
         }
@@ -721,11 +728,12 @@ impl Config {
         }
         for s in &mut config.servers {
             if let RestartHook::Http {
-                headers_file: Some(f),
-                ..
+                headers_file, ca, ..
             } = &mut s.restart
             {
-                *f = dir.join(&*f);
+                for f in [headers_file, ca].into_iter().flatten() {
+                    *f = dir.join(&*f);
+                }
             }
         }
         config.initial_map = config.initial_map.map(|p| dir.join(p));
@@ -791,15 +799,25 @@ impl Config {
                 RestartHook::Command { argv, .. } if argv.is_empty() => {
                     p.push(format!("{at}.restart.argv: empty"));
                 }
-                RestartHook::Http { url, .. } if !url.starts_with("http://") => {
+                RestartHook::Http { url, .. }
+                    if !url.starts_with("http://") && !url.starts_with("https://") =>
+                {
                     p.push(format!(
-                        "{at}.restart.url: `{url}` is not an http:// URL (hooks are called \
-                         on the private network, without TLS)"
+                        "{at}.restart.url: `{url}` is not an http:// or https:// URL"
+                    ));
+                }
+                RestartHook::Http {
+                    url, ca: Some(_), ..
+                } if url.starts_with("http://") => {
+                    p.push(format!(
+                        "{at}.restart.ca: `{url}` is not an https:// URL: the CA would not be \
+                         used (and the headers would travel in clear)"
                     ));
                 }
                 RestartHook::Http { url, .. }
                     if url
-                        .trim_start_matches("http://")
+                        .split_once("://")
+                        .map_or(url.as_str(), |(_, rest)| rest)
                         .split('/')
                         .next()
                         .is_some_and(|a| a.contains('@')) =>
@@ -1082,6 +1100,52 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("server[0].address")));
         assert!(problems.iter().any(|p| p.contains("named twice")));
         assert!(problems.iter().any(|p| p.starts_with("filter.header")));
+    }
+
+    #[test]
+    fn an_https_hook_takes_a_ca_relative_to_the_file() {
+        let hook = |url: &str, ca: &str| {
+            GOOD.replace(
+                "url = \"http://10.0.0.3:9000/restart\"",
+                &format!("url = \"{url}\"{ca}"),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seashard.toml");
+        std::fs::write(
+            &path,
+            hook("https://agent-3:5055/restart", ", ca = \"tls/ca.crt\""),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let RestartHook::Http { ca, .. } = &c.servers[2].restart else {
+            panic!("not an HTTP hook")
+        };
+        assert_eq!(ca.as_deref(), Some(dir.path().join("tls/ca.crt").as_path()));
+        assert_eq!(
+            c.servers[2].restart.redacted()["ca"],
+            dir.path().join("tls/ca.crt").display().to_string()
+        );
+        // Without a CA: the webpki roots.
+        assert!(Config::parse(&hook("https://agent-3:5055/restart", "")).is_ok());
+        for (url, ca, problem) in [
+            (
+                "http://agent-3:5055/restart",
+                ", ca = \"ca.crt\"",
+                "restart.ca",
+            ),
+            (
+                "ftp://agent-3/restart",
+                "",
+                "not an http:// or https:// URL",
+            ),
+            ("https://u:p@agent-3/restart", "", "user info"),
+        ] {
+            let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&hook(url, ca)) else {
+                panic!("{url} accepted")
+            };
+            assert!(problems.iter().any(|p| p.contains(problem)), "{problems:?}");
+        }
     }
 
     #[test]
