@@ -812,6 +812,8 @@ async fn rollout_confirm(
 async fn rollout_abort(
     State(api): State<Api>,
     headers: HeaderMap,
+    // Read (and ignored), so that the connection stays usable for the next request.
+    _body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers)?;
     let who = actor(&headers);

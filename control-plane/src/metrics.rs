@@ -28,6 +28,7 @@ pub struct Metrics {
     server_restarts: AtomicU64,
     /// 1 while a rollout runs here.
     rollout_running: AtomicU64,
+    leader: AtomicU64,
     /// ADS streams refused: their peer held `max_streams_per_peer`.
     streams_refused: AtomicU64,
     /// ADS streams ended because their Envoy read nothing for `send_timeout`.
@@ -113,6 +114,11 @@ impl Metrics {
     pub fn rollout_running(&self, running: bool) {
         self.rollout_running
             .store(u64::from(running), Ordering::Relaxed);
+    }
+
+    /// This replica became the leader (`true`) or does not lead.
+    pub fn leader(&self, leads: bool) {
+        self.leader.store(u64::from(leads), Ordering::Relaxed);
     }
 
     /// A TLS handshake on `l` was refused (e.g. no or an untrusted client
@@ -218,6 +224,12 @@ impl Metrics {
             "gauge",
             "1 while a rollout runs.",
             &[(String::new(), self.rollout_running.load(Ordering::Relaxed))],
+        );
+        metric(
+            "seashard_leader",
+            "gauge",
+            "1 while this control plane replica leads (runs rollouts, publishes versions).",
+            &[(String::new(), self.leader.load(Ordering::Relaxed))],
         );
         let handshakes: Vec<(String, u64)> = TlsListener::ALL
             .iter()

@@ -183,6 +183,38 @@ impl ControlPlane {
         &self.metrics
     }
 
+    /// This replica's leader term, while it leads (SQLite: always, term 0).
+    pub fn leader_term(&self) -> Option<i64> {
+        match &*self.store.leadership().borrow() {
+            crate::store::Leadership::Leader { term } => Some(*term),
+            _ => None,
+        }
+    }
+
+    /// Serves version `n` when it is newer than what is served: another replica
+    /// (the leader) published it. Returns whether it did.
+    pub fn adopt(&self, n: u64) -> Result<bool, StoreError> {
+        if n <= self.snapshot().map_version {
+            return Ok(false);
+        }
+        let version = self
+            .store
+            .version(n)?
+            .ok_or_else(|| StoreError::Corrupt(format!("version {n} is announced but missing")))?;
+        let snapshot = build_snapshot(&self.config, &version);
+        let adopted = self.snapshot.send_if_modified(|current| {
+            let newer = current.map_version < n;
+            if newer {
+                *current = snapshot.clone();
+            }
+            newer
+        });
+        if adopted {
+            tracing::info!(version = n, ecds = %snapshot.ecds.version, "serving the leader's version");
+        }
+        Ok(adopted)
+    }
+
     /// What the API and the running rollout share in memory.
     pub fn rollout_signals(&self) -> &crate::signals::Signals {
         &self.signals
@@ -312,7 +344,14 @@ impl ControlPlane {
             "publishing"
         );
         self.metrics.pushed();
-        self.snapshot.send_replace(snapshot);
+        // Never back: a watch may have delivered this version already.
+        self.snapshot.send_if_modified(|current| {
+            let newer = current.map_version < n;
+            if newer {
+                *current = snapshot;
+            }
+            newer
+        });
         Ok(version)
     }
 

@@ -41,6 +41,15 @@
 //! version it had published before dying, re-waits the ACKs, re-runs the hook of every
 //! server not recorded healthy.
 //!
+//! **Several replicas** (etcd): only the leader drives a rollout, and a rollout is
+//! bound to the leader term it was started or resumed under: every step is written
+//! under that term's fencing token, so a deposed leader (paused, cut off) can never
+//! write a step after another replica took over; it stops at its next write, and
+//! the new leader resumes from the stored step. A command hook records its host and
+//! pid: a new leader on the same host waits for a hook the old one left running
+//! instead of starting a second restart of that server at once. Hooks must be
+//! idempotent all the same (a hook on another host cannot be seen).
+//!
 //! `may_hold`, per server: the map versions whose bases it may have loaded since
 //! seashard last restarted it; unknown (never restarted by seashard) means anything.
 //! A server restarted during a rollout's fence can load only the unfenced bases it
@@ -150,6 +159,10 @@ pub struct ServerRestart {
     pub healthy_at: Option<i64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The running command hook, `(host, pid)`: a leader taking over on the same
+    /// host waits for it rather than restart the server a second time at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_process: Option<(String, u32)>,
 }
 
 /// A server the rollout leaves running, and why.
@@ -278,6 +291,17 @@ impl Rollout {
 
     fn to_value(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+impl RolloutError {
+    /// This replica is not (or no longer) the leader: the rollout is another's.
+    pub fn not_leader(&self) -> bool {
+        matches!(
+            self,
+            RolloutError::Store(StoreError::NotLeader(_))
+                | RolloutError::Propose(ProposeError::Store(StoreError::NotLeader(_)))
+        )
     }
 }
 
@@ -435,6 +459,7 @@ pub fn restart_plan(
         };
         if let Some(why) = why {
             restart.push(ServerRestart {
+                hook_process: None,
                 server: s.name.clone(),
                 why,
                 hook: hook.to_owned(),
@@ -810,6 +835,7 @@ async fn run_hook(
     server: &str,
     hook: &RestartHook,
     default_timeout: Duration,
+    spawned: impl FnOnce(u32),
 ) -> Result<(), String> {
     match hook {
         RestartHook::Command { argv, timeout } => {
@@ -826,6 +852,9 @@ async fn run_hook(
             let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot run {program}: {e}"))?;
+            if let Some(pid) = child.id() {
+                spawned(pid);
+            }
             match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(Ok(status)) if status.success() => Ok(()),
                 Ok(Ok(status)) => Err(format!("`{}` exited with {status}", argv.join(" "))),
@@ -843,6 +872,7 @@ async fn run_hook(
             method,
             url,
             timeout,
+            ca,
             ..
         } => {
             let timeout = timeout.unwrap_or(default_timeout);
@@ -851,7 +881,12 @@ async fn run_hook(
             let headers = hook.http_headers()?;
             let secrets = hook.secrets(&headers);
             let shown = crate::config::redact_url(url);
-            match tokio::time::timeout(timeout, health::request(method, url, &headers)).await {
+            match tokio::time::timeout(
+                timeout,
+                health::request(method, url, &headers, ca.as_deref()),
+            )
+            .await
+            {
                 Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
                 Ok(Ok((status, body))) => Err(format!(
                     "{method} {shown} answered {status}: {}",
@@ -878,6 +913,49 @@ async fn run_hook(
             })
         }
     }
+}
+
+/// Waits (at most `timeout`) for a command hook an earlier leader started for
+/// `server` on this host, if it still runs: one restart of a server at a time.
+async fn wait_for_earlier_hook(
+    server: &str,
+    host: &str,
+    pid: u32,
+    hook: &RestartHook,
+    timeout: Duration,
+) {
+    let RestartHook::Command { argv, .. } = hook else {
+        return;
+    };
+    if host != crate::store::etcd::hostname() {
+        return;
+    }
+    let start = Instant::now();
+    let mut logged = false;
+    while runs(pid, argv) && start.elapsed() < timeout {
+        if !logged {
+            tracing::warn!(
+                server,
+                pid,
+                "the restart hook an earlier leader started still runs: waiting for it"
+            );
+            logged = true;
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// Whether process `pid` runs `argv` (its command line, as /proc shows it): a pid
+/// reused by another program does not count.
+fn runs(pid: u32, argv: &[String]) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let running: Vec<&[u8]> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    running.len() == argv.len() && running.iter().zip(argv).all(|(a, b)| *a == b.as_bytes())
 }
 
 /// Polls `url` until it answers `pong` or `timeout` passed.
@@ -915,6 +993,8 @@ async fn abortable<T>(
 
 /// What a server's restart task reports to the rollout's driver.
 enum Restarted {
+    /// The command hook runs as this pid.
+    Spawned(usize, u32),
     /// The hook succeeded: wait for `pong`.
     Hooked(usize),
     /// It answered `pong`.
@@ -949,6 +1029,8 @@ async fn restart_servers(
                 tasks.abort_all();
                 return Ok(Some(format!("`{name}` is no longer a configured server")));
             };
+            // A hook an earlier leader started on this host, maybe still running.
+            let earlier = r.restart[i].hook_process.take();
             {
                 let s = &mut r.restart[i];
                 s.state = RestartState::Restarting;
@@ -961,16 +1043,23 @@ async fn restart_servers(
             let (plane, tx) = (plane.clone(), tx.clone());
             let timeouts = (cfg.restart_timeout, cfg.health_timeout);
             tasks.spawn(async move {
-                let report = match run_hook(&plane, &name, &server.restart, timeouts.0).await {
-                    Err(e) => Restarted::Failed(i, format!("restart of {name}: {e}")),
-                    Ok(()) => {
-                        let _ = tx.send(Restarted::Hooked(i)).await;
-                        match wait_healthy(&server.health_url(), timeouts.1).await {
-                            Ok(()) => Restarted::Healthy(i),
-                            Err(e) => Restarted::Failed(i, format!("health of {name}: {e}")),
-                        }
-                    }
+                if let Some((host, pid)) = earlier {
+                    wait_for_earlier_hook(&name, &host, pid, &server.restart, timeouts.0).await;
+                }
+                let spawned = |pid| {
+                    let _ = tx.try_send(Restarted::Spawned(i, pid));
                 };
+                let report =
+                    match run_hook(&plane, &name, &server.restart, timeouts.0, spawned).await {
+                        Err(e) => Restarted::Failed(i, format!("restart of {name}: {e}")),
+                        Ok(()) => {
+                            let _ = tx.send(Restarted::Hooked(i)).await;
+                            match wait_healthy(&server.health_url(), timeouts.1).await {
+                                Ok(()) => Restarted::Healthy(i),
+                                Err(e) => Restarted::Failed(i, format!("health of {name}: {e}")),
+                            }
+                        }
+                    };
                 let _ = tx.send(report).await;
             });
             running += 1;
@@ -990,6 +1079,10 @@ async fn restart_servers(
             }
         };
         match event {
+            Some(Restarted::Spawned(i, pid)) => {
+                r.restart[i].hook_process = Some((crate::store::etcd::hostname(), pid));
+                save(plane, r)?;
+            }
             Some(Restarted::Hooked(i)) => {
                 plane.metrics().server_restarted();
                 r.restart[i].state = RestartState::Restarted;
@@ -1017,19 +1110,42 @@ async fn restart_servers(
 
 /// Writes the rollout's state (committed before the next action).
 fn save(plane: &ControlPlane, r: &Rollout) -> Result<(), StoreError> {
+    hold_term(plane)?;
     plane
         .store()
         .save_rollout(r.id, r.state.as_str(), &r.to_value())
 }
 
+/// `NotLeader` unless this process still leads in the term the rollout is driven
+/// under. Checked right before each leader write, which the store fences with the
+/// current term: a replica that lost and regained leadership (a new term) cannot
+/// carry on an old term's rollout from memory.
+fn hold_term(plane: &ControlPlane) -> Result<(), StoreError> {
+    if plane.leader_term() == plane.rollout_signals().term() {
+        Ok(())
+    } else {
+        Err(StoreError::NotLeader(None))
+    }
+}
+
 /// Runs the rollout to its end, holding the change lock.
 async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rollout) {
     plane.metrics().rollout_running(true);
+    plane.rollout_signals().set_term(plane.leader_term());
     let mut failures = 0u32;
     loop {
         match advance(&plane, &mut r).await {
             Ok(true) => failures = 0,
             Ok(false) => break,
+            Err(e) if e.not_leader() => {
+                tracing::warn!(
+                    rollout = r.id,
+                    step = r.state.as_str(),
+                    "this replica is no longer the leader: it stops driving the rollout, \
+                     which the new leader resumes from its stored step"
+                );
+                break;
+            }
             Err(e) => {
                 failures += 1;
                 tracing::error!(rollout = r.id, step = r.state.as_str(), error = %e, "rollout step failed; retrying");
@@ -1070,6 +1186,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
             if r.fence_version.is_none() {
                 let active = plane.active()?;
                 if active.version == r.from_version {
+                    hold_term(plane)?;
                     let published = plane.publish(
                         active.version,
                         &NewVersion {
@@ -1152,6 +1269,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 if active.map == r.new_map && active.fence.is_empty() {
                     r.new_version = Some(active.version);
                 } else {
+                    hold_term(plane)?;
                     let v = plane.publish(
                         active.version,
                         &NewVersion {
@@ -1186,6 +1304,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                         r.rollback_version = Some(active.version);
                     }
                 } else {
+                    hold_term(plane)?;
                     let v = plane.publish(
                         active.version,
                         &NewVersion {
@@ -1278,6 +1397,7 @@ fn finish(plane: &ControlPlane, r: &mut Rollout, end: Step) -> Result<(), Rollou
         "warnings": r.warnings,
     });
     let record = r.to_value();
+    hold_term(plane)?;
     plane.store().finish_rollout(&FinishRollout {
         id: r.id,
         state: end.as_str(),

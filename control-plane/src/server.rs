@@ -1,5 +1,7 @@
-//! Runs the control plane: binds the gRPC (ADS) and HTTP listeners, and a task that
-//! writes node changes to the store in batches. With `[listen.tls]` ADS is served
+//! Runs the control plane: binds the gRPC (ADS) and HTTP listeners, a task that
+//! writes node changes to the store in batches, and one that follows the store:
+//! the active version another replica published, the other replicas' Envoys, and
+//! this replica's leadership (a new leader resumes the stored rollout). With `[listen.tls]` ADS is served
 //! over mutual TLS, with `[api.tls]` the API over HTTPS ([`crate::tls`]).
 
 use std::net::SocketAddr;
@@ -16,8 +18,11 @@ use crate::plane::ControlPlane;
 use crate::tls::{self, TlsError};
 use crate::xds::Ads;
 
-/// How often changed nodes are written to the store.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How long node changes are gathered before one write to the store (the leader
+/// of several replicas reads other replicas' ACKs from there).
+const FLUSH_BATCH: Duration = Duration::from_millis(10);
+/// How often REST pollers are checked for silence.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// A REST poller silent this long counts as disconnected.
 const REST_POLLER_EXPIRY: Duration = Duration::from_secs(60);
 
@@ -47,6 +52,7 @@ pub struct Running {
     grpc: JoinHandle<Result<(), ServeError>>,
     http: JoinHandle<Result<(), ServeError>>,
     flusher: JoinHandle<()>,
+    follower: JoinHandle<()>,
 }
 
 /// Binds both listeners and starts serving `plane`.
@@ -170,12 +176,15 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
             message: e.to_string(),
         })
     });
-    let flusher = tokio::spawn(flush_loop(plane.clone(), stopped));
-    match crate::rollout::resume(&plane) {
-        Ok(Some(id)) => tracing::warn!(rollout = id, "resumed an unfinished rollout"),
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "cannot resume the stored rollout"),
+    let flusher = tokio::spawn(flush_loop(plane.clone(), stopped.clone()));
+    let mut leadership = plane.store().leadership();
+    let leads = leadership.borrow_and_update().is_leader();
+    plane.metrics().leader(leads);
+    if leads {
+        // At start nothing else holds the change lock.
+        resume(&plane);
     }
+    let follower = tokio::spawn(follow_store(plane.clone(), leadership, stopped));
     tracing::info!(
         %grpc_addr,
         %http_addr,
@@ -191,7 +200,103 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
         grpc,
         http,
         flusher,
+        follower,
     })
+}
+
+/// Resumes the stored unfinished rollout, if any (this replica leads). False
+/// when the change lock is held: a driver of an earlier term still has to notice
+/// that it no longer leads.
+fn resume(plane: &Arc<ControlPlane>) -> bool {
+    match crate::rollout::resume(plane) {
+        Ok(Some(id)) => tracing::warn!(rollout = id, "resumed an unfinished rollout"),
+        Ok(None) => {}
+        Err(crate::rollout::RolloutError::Propose(crate::plane::ProposeError::Busy)) => {
+            return false;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot resume the stored rollout"),
+    }
+    true
+}
+
+/// How often a new leader tries again to resume while an earlier term's driver
+/// still holds the change lock.
+const RESUME_RETRY: Duration = Duration::from_millis(200);
+
+/// Resumes the stored rollout as the leader of `term`, trying again while the
+/// change lock is held and this replica still leads in that term.
+async fn resume_as_leader(plane: Arc<ControlPlane>, term: i64) {
+    loop {
+        let p = plane.clone();
+        let done = tokio::task::spawn_blocking(move || resume(&p))
+            .await
+            .unwrap_or(true);
+        if done || plane.leader_term() != Some(term) {
+            return;
+        }
+        tokio::time::sleep(RESUME_RETRY).await;
+    }
+}
+
+/// Follows the store until stopped: serves the active version the leader
+/// published, counts the other replicas' Envoys, and resumes the stored rollout
+/// when this replica becomes the leader.
+async fn follow_store(
+    plane: Arc<ControlPlane>,
+    mut leadership: watch::Receiver<crate::store::Leadership>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut active = plane.store().watch_active();
+    let mut nodes = plane.store().watch_nodes();
+    plane.registry().set_remote(&nodes.borrow_and_update());
+    let mut serving = *active.borrow_and_update();
+    adopt(&plane, serving).await;
+    enum Change {
+        Active,
+        Nodes,
+        Leadership,
+    }
+    loop {
+        let change = tokio::select! {
+            r = active.changed() => r.map(|()| Change::Active),
+            r = nodes.changed() => r.map(|()| Change::Nodes),
+            r = leadership.changed() => r.map(|()| Change::Leadership),
+            _ = stopped.wait_for(|s| *s) => break,
+        };
+        match change {
+            Err(_) => break,
+            Ok(Change::Active) => {
+                serving = *active.borrow_and_update();
+                adopt(&plane, serving).await;
+            }
+            Ok(Change::Nodes) => {
+                let records = nodes.borrow_and_update().clone();
+                plane.registry().set_remote(&records);
+            }
+            Ok(Change::Leadership) => {
+                let now = leadership.borrow_and_update().clone();
+                plane.metrics().leader(now.is_leader());
+                if let crate::store::Leadership::Leader { term } = now {
+                    tracing::info!(term, "this replica leads");
+                    tokio::spawn(resume_as_leader(plane.clone(), term));
+                } else {
+                    tracing::info!(leadership = ?now, "this replica does not lead");
+                }
+            }
+        }
+    }
+}
+
+/// Serves version `n` if it is newer than what is served.
+async fn adopt(plane: &Arc<ControlPlane>, n: u64) {
+    let p = plane.clone();
+    match tokio::task::spawn_blocking(move || p.adopt(n)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(version = n, error = %e, "cannot read the new active version")
+        }
+        Err(e) => tracing::error!(error = %e, "the version reader failed"),
+    }
 }
 
 /// `403` for REST xDS (`/v3/discovery:*`): with `[listen.tls] require_node_id_match`
@@ -227,15 +332,23 @@ enum Incoming {
     Tls(tls::TlsIncoming),
 }
 
-/// Writes node changes every [`FLUSH_EVERY`] until stopped, then once more.
+/// Writes node changes as they come, gathered for [`FLUSH_BATCH`], until stopped;
+/// then once more.
 async fn flush_loop(plane: Arc<ControlPlane>, mut stopped: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    let mut tick = tokio::time::interval(EXPIRE_EVERY);
+    let mut changed = plane.registry().watch();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let node_changed = tokio::select! {
+            _ = tick.tick() => false,
+            r = changed.changed() => r.is_ok(),
             _ = stopped.wait_for(|s| *s) => break,
+        };
+        if node_changed {
+            tokio::time::sleep(FLUSH_BATCH).await;
+            changed.borrow_and_update();
+        } else {
+            plane.registry().expire_pollers(REST_POLLER_EXPIRY);
         }
-        plane.registry().expire_pollers(REST_POLLER_EXPIRY);
         flush(&plane).await;
     }
     flush(&plane).await;
@@ -286,6 +399,7 @@ impl Running {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flusher).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.follower).await;
         flush(&self.plane).await;
     }
 

@@ -1,6 +1,6 @@
 //! What the API and the running rollout share in memory: an abort request, manual
-//! restart confirmations, the server a manual hook waits for, and a counter that
-//! wakes the rollout's driver. The plane holds one; the rollout and the API use it.
+//! restart confirmations, the server a manual hook waits for, the leader term the
+//! rollout is driven under, and a counter that wakes the rollout's driver. The plane holds one; the rollout and the API use it.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -13,6 +13,8 @@ pub struct Signals {
     confirmed: Mutex<HashSet<String>>,
     /// The servers whose manual hooks wait for a confirmation.
     waiting_for: Mutex<BTreeSet<String>>,
+    /// The leader term of the running rollout's driver.
+    term: Mutex<Option<i64>>,
     bump: watch::Sender<u64>,
 }
 
@@ -22,6 +24,7 @@ impl Default for Signals {
             abort: Mutex::new(None),
             confirmed: Mutex::new(HashSet::new()),
             waiting_for: Mutex::new(BTreeSet::new()),
+            term: Mutex::new(None),
             bump: watch::channel(0).0,
         }
     }
@@ -37,6 +40,16 @@ impl Signals {
         *lock(&self.abort) = None;
         lock(&self.confirmed).clear();
         lock(&self.waiting_for).clear();
+    }
+
+    /// The running rollout is driven under leader term `term`.
+    pub fn set_term(&self, term: Option<i64>) {
+        *lock(&self.term) = term;
+    }
+
+    /// The leader term the running rollout is driven under.
+    pub fn term(&self) -> Option<i64> {
+        *lock(&self.term)
     }
 
     fn wake(&self) {

@@ -289,9 +289,11 @@ impl EtcdStore {
         });
         // The first read proves the cluster answers (and has a majority).
         let s = shared.clone();
-        let active = block(&runtime, timeout, async move {
-            s.get(s.key("active")).await
-        })?;
+        let active = block(
+            &runtime,
+            timeout,
+            async move { s.get(s.key("active")).await },
+        )?;
         if let Some(kv) = active {
             shared.active.send_replace(parse_u64(&kv)?);
         }
@@ -377,8 +379,9 @@ fn connect_options(sc: &StoreConfig) -> Result<ConnectOptions, StoreError> {
     }
     if let Some(t) = &sc.tls {
         let read = |p: &std::path::Path| {
-            std::fs::read(p)
-                .map_err(|e| StoreError::Etcd(format!("store.tls: cannot read {}: {e}", p.display())))
+            std::fs::read(p).map_err(|e| {
+                StoreError::Etcd(format!("store.tls: cannot read {}: {e}", p.display()))
+            })
         };
         let mut tls = etcd_client::TlsOptions::new()
             .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)?));
@@ -399,12 +402,9 @@ fn replica_name(config: &Config) -> String {
         .unwrap_or_else(|| format!("{}:{}", hostname(), config.listen.http.port()))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
+/// This host's name, as `envoy-bootstrap` reads it.
+pub(crate) fn hostname() -> String {
+    crate::bootstrap::local_hostname().unwrap_or_else(|| "localhost".to_owned())
 }
 
 fn parse_u64(kv: &KeyValue) -> Result<u64, StoreError> {
@@ -450,8 +450,9 @@ async fn campaign(s: Arc<Shared>) {
             Err(e) => e.to_string(),
         };
         s.set_term(None);
-        s.leadership
-            .send_replace(Leadership::Unavailable { reason: why.clone() });
+        s.leadership.send_replace(Leadership::Unavailable {
+            reason: why.clone(),
+        });
         tracing::warn!(replica = %s.replica, reason = %why, "no leadership; campaigning again");
         tokio::time::sleep(RETRY).await;
     }
@@ -546,7 +547,10 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
                         )));
                     }
                     Some(w) => {
-                        if w.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                        if w.events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                        {
                             break 'watch;
                         }
                     }
@@ -775,7 +779,9 @@ impl Store for EtcdStore {
             let n = parse_u64(&kv)?;
             match s.get(version_key(&s, n)).await? {
                 Some(kv) => decode(&kv).map(Some),
-                None => Err(StoreError::Corrupt(format!("the active version {n} is missing"))),
+                None => Err(StoreError::Corrupt(format!(
+                    "the active version {n} is missing"
+                ))),
             }
         })
     }
@@ -909,12 +915,7 @@ impl Store for EtcdStore {
     fn save_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
         let ops: Vec<(String, String)> = nodes
             .iter()
-            .map(|n| {
-                (
-                    format!("nodes/{}/{}", self.shared.replica, n.id),
-                    encode(n),
-                )
-            })
+            .map(|n| (format!("nodes/{}/{}", self.shared.replica, n.id), encode(n)))
             .collect();
         self.call(move |s| async move {
             for chunk in ops.chunks(MAX_TXN_OPS) {
@@ -995,7 +996,10 @@ impl Store for EtcdStore {
                         parse_u64(&kv)?,
                         Compare::mod_revision(seq_key.clone(), CompareOp::Equal, kv.mod_revision()),
                     ),
-                    None => (0, Compare::create_revision(seq_key.clone(), CompareOp::Equal, 0)),
+                    None => (
+                        0,
+                        Compare::create_revision(seq_key.clone(), CompareOp::Equal, 0),
+                    ),
                 };
                 let id = last + 1;
                 let mut record = record.clone();
@@ -1138,7 +1142,11 @@ impl Store for EtcdStore {
                     },
                     (None, None) => continue,
                 };
-                then.push(TxnOp::put(s.key(&format!("servers/{name}")), encode(&state), None));
+                then.push(TxnOp::put(
+                    s.key(&format!("servers/{name}")),
+                    encode(&state),
+                    None,
+                ));
             }
             if then.len() > MAX_TXN_OPS {
                 return Err(StoreError::Etcd(format!(
@@ -1156,8 +1164,7 @@ impl Store for EtcdStore {
     fn may_hold(&self, server: &str) -> Result<Option<Vec<u64>>, StoreError> {
         let key = format!("servers/{server}");
         self.call(move |s| async move {
-            Ok(s
-                .get(s.key(&key))
+            Ok(s.get(s.key(&key))
                 .await?
                 .map(|kv| decode::<ServerState>(&kv))
                 .transpose()?
