@@ -1,13 +1,18 @@
-//! dtable-server health: `GET` its health URL (`/ping/`) and expect `pong`.
+//! dtable-server health: `GET` its health URL (`/ping/`) and expect `pong`; and the
+//! HTTP restart hooks' calls.
 //!
-//! A minimal HTTP/1.1 client over a TCP stream (plain `http://` only: the servers sit
-//! on the private network next to the proxy), bounded in time and size.
+//! A minimal HTTP/1.1 client, bounded in time and size: plain `http://` (health URLs,
+//! on the private network next to the proxy), or `https://` for a hook (rustls, the
+//! server's certificate verified for the URL's host; see [`crate::tls`]).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// The largest answer read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -46,32 +51,71 @@ pub async fn check(url: &str, timeout: Duration) -> Health {
     }
 }
 
-/// `GET url` → (status, body).
+/// `GET url` → (status, body). Plain `http://` only.
 async fn get(url: &str) -> Result<(u16, String), String> {
-    request("GET", url, &[]).await
+    if !url.starts_with("http://") {
+        return Err(format!("`{url}` is not an http:// URL"));
+    }
+    request("GET", url, &[], None).await
 }
 
-/// `METHOD url` with extra headers and no body → (status, body). Plain `http://` only.
+/// `METHOD url` with extra headers and no body → (status, body). `http://`, or
+/// `https://` with the server's certificate checked for the URL's host against `ca`
+/// (PEM), or without it the webpki roots. Errors hold no header value.
 pub async fn request(
     method: &str,
     url: &str,
     headers: &[(String, String)],
+    ca: Option<&Path>,
 ) -> Result<(u16, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("`{url}` is not an http:// URL"))?;
+    let (tls, rest) = match url.split_once("://") {
+        Some(("http", rest)) => (false, rest),
+        Some(("https", rest)) => (true, rest),
+        _ => return Err(format!("`{url}` is not an http:// or https:// URL")),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
     };
-    let addr = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
+    // A port is what follows the last `:` outside an IPv6 literal's brackets.
+    let (host, addr) = match authority.rsplit_once(':') {
+        Some((host, _)) if !authority.ends_with(']') => (host, authority.to_owned()),
+        _ => (
+            authority,
+            format!("{authority}:{}", if tls { 443 } else { 80 }),
+        ),
     };
-    let mut conn = TcpStream::connect(&addr)
+    let request = request_head(method, authority, path, headers)?;
+    let conn = TcpStream::connect(&addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
+    if !tls {
+        return exchange(conn, &request, &addr).await;
+    }
+    let config = crate::tls::hook_client_config(ca).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|_| format!("`{host}` is not a host name or IP address for TLS"))?
+        .to_owned();
+    let conn = TlsConnector::from(config)
+        .connect(name, conn)
+        .await
+        .map_err(|e| {
+            let trust = match ca {
+                Some(ca) => format!("the CA {}", ca.display()),
+                None => "the webpki roots (set the hook's `ca` for a private CA)".to_owned(),
+            };
+            format!("TLS handshake with {addr} (its certificate checked against {trust}): {e}")
+        })?;
+    exchange(conn, &request, &addr).await
+}
+
+/// The request's head: no body, the connection closed after the answer.
+fn request_head(
+    method: &str,
+    authority: &str,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<Vec<u8>, String> {
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: seashard\r\nConnection: close\r\n"
     );
@@ -85,16 +129,30 @@ pub async fn request(
         request.push_str("Content-Length: 0\r\n");
     }
     request.push_str("\r\n");
-    conn.write_all(request.as_bytes())
+    Ok(request.into_bytes())
+}
+
+/// Sends `request` on `conn` and reads the whole answer (until the peer closes).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
+    request: &[u8],
+    addr: &str,
+) -> Result<(u16, String), String> {
+    conn.write_all(request)
+        .await
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    conn.flush()
         .await
         .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = conn
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read from {addr}: {e}"))?;
+        let n = match conn.read(&mut chunk).await {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify, after its answer.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => 0,
+            Err(e) => return Err(format!("read from {addr}: {e}")),
+        };
         if n == 0 {
             break;
         }
@@ -184,5 +242,112 @@ mod tests {
         };
         let h = check(&format!("http://{closed}/ping/"), Duration::from_secs(2)).await;
         assert!(!h.up && h.error.unwrap().contains("connect"));
+    }
+}
+
+#[cfg(test)]
+mod https_tests {
+    use super::*;
+    use crate::config::ApiTls;
+    use tokio::net::TcpListener;
+
+    const SECRET: &str = "Bearer hook-secret-0123456789";
+
+    /// A CA and a certificate for 127.0.0.1 signed by it, in `dir`.
+    fn pki(dir: &Path) -> ApiTls {
+        crate::certs::init(dir, None, 1, false).unwrap();
+        let w = crate::certs::server(dir, "agent", &["127.0.0.1".to_owned()], 1, false).unwrap();
+        ApiTls {
+            cert: w.cert,
+            key: w.key,
+        }
+    }
+
+    /// An HTTPS server answering every request `200 pong`; sends each request
+    /// head it read on the channel.
+    async fn serve(tls: &ApiTls) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::api_server_config(tls).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                let Ok(mut c) = acceptor.accept(c).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 2048];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let _ = c
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npong",
+                    )
+                    .await;
+                let _ = c.shutdown().await;
+            }
+        });
+        (port, rx)
+    }
+
+    fn auth() -> Vec<(String, String)> {
+        vec![("authorization".to_owned(), SECRET.to_owned())]
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_ca_or_refused_without_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = pki(dir.path());
+        let other = tempfile::tempdir().unwrap();
+        crate::certs::init(other.path(), None, 1, false).unwrap();
+        let (port, mut heads) = serve(&tls).await;
+        let url = format!("https://127.0.0.1:{port}/restart");
+        let ca = dir.path().join("ca.crt");
+
+        let (status, body) = request("POST", &url, &auth(), Some(&ca)).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "pong"));
+        let head = heads.recv().await.unwrap();
+        assert!(head.starts_with("POST /restart HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(SECRET),
+            "the header reached the server: {head}"
+        );
+
+        // Another CA, the webpki roots, a name the certificate does not carry: the
+        // handshake fails, the request (and its header) is never sent.
+        let localhost = format!("https://localhost:{port}/restart");
+        for (url, ca, says) in [
+            (
+                &url,
+                Some(other.path().join("ca.crt")),
+                "checked against the CA",
+            ),
+            (&url, None, "the webpki roots"),
+            (&localhost, Some(ca.clone()), "not valid for name"),
+        ] {
+            let err = request("POST", url, &auth(), ca.as_deref())
+                .await
+                .unwrap_err();
+            assert!(err.contains("TLS handshake with"), "{err}");
+            assert!(err.contains("invalid peer certificate"), "{err}");
+            assert!(err.contains(says), "{err}");
+            assert!(!err.contains("hook-secret"), "{err}");
+        }
+        assert!(
+            heads.try_recv().is_err(),
+            "a request passed a failed handshake"
+        );
+
+        // A CA file that is not one: named, its content never shown.
+        let bad = dir.path().join("agent.key");
+        let err = request("POST", &url, &auth(), Some(&bad))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("agent.key") && !err.contains("PRIVATE"),
+            "{err}"
+        );
+        // Plain HTTP to the TLS port gets no answer it could take for one.
+        let err = request("POST", &format!("http://127.0.0.1:{port}/"), &[], None).await;
+        assert!(!matches!(err, Ok((200, _))), "{err:?}");
     }
 }

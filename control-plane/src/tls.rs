@@ -1,6 +1,7 @@
 //! TLS for both listeners (rustls with ring): the HTTP API over HTTPS (`[api.tls]`),
 //! ADS over mutual TLS (`[listen.tls]`: a client certificate signed by `client_ca`
-//! is required before any gRPC byte is read).
+//! is required before any gRPC byte is read); and for the `https://` restart hooks'
+//! client ([`hook_client_config`]).
 //!
 //! Handshakes run here, each in its own task with a deadline, so a client that
 //! connects and never finishes its handshake holds up no one; a failed one is logged
@@ -20,7 +21,7 @@ use tokio_rustls::rustls::crypto::{CryptoProvider, ring};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use tokio_rustls::server::TlsStream;
 
 use crate::config::{ApiTls, ListenTls};
@@ -126,6 +127,33 @@ pub fn ads_server_config(t: &ListenTls) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certs, key)
         .map_err(pair_err("[listen.tls]", &t.cert, &t.key))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An `https://` restart hook's client configuration (HTTP/1.1): the server's
+/// certificate must chain to `ca` (PEM: one or more certificates), or without it
+/// to the webpki (Mozilla) roots.
+pub fn hook_client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let what = "restart hook";
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in read_certs_as("CA", path)? {
+                roots.add(cert).map_err(|e| TlsError::File {
+                    what: "CA",
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config_err(what))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -281,6 +309,11 @@ pub fn check(config: &crate::Config) -> Result<(), TlsError> {
     }
     if let Some(t) = &config.api.tls {
         api_server_config(t)?;
+    }
+    for s in &config.servers {
+        if let crate::RestartHook::Http { ca: Some(ca), .. } = &s.restart {
+            hook_client_config(Some(ca))?;
+        }
     }
     Ok(())
 }
