@@ -40,15 +40,15 @@ use crate::nodes::Node;
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
 use crate::rollout::{self, RolloutError};
-use crate::store::StoreError;
+use crate::store::{StoreError, Version};
 
 /// How long one server's health check may take in an API call.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shared by the handlers.
 #[derive(Clone)]
-struct Api {
-    plane: Arc<ControlPlane>,
+pub(crate) struct Api {
+    pub(crate) plane: Arc<ControlPlane>,
     /// Reads and changes.
     token: Arc<str>,
     /// Reads only.
@@ -77,6 +77,11 @@ pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -
         .route("/v1/rollouts/current/abort", post(rollout_abort))
         .route("/v1/rollouts/{id}", get(one_rollout))
         .route("/v1/audit", get(audit))
+        // Inner: a follower forwards changes to the leader; outer: the token first.
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            crate::forward::changes_to_leader,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             require_token,
@@ -404,8 +409,9 @@ fn assigned(map: &ShardMap, server: &str) -> Assigned {
     }
 }
 
-async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
-    let active = api.plane.active()?;
+/// Every server as configured, with its health and its stored state (none when
+/// the store cannot be read).
+async fn server_statuses(api: &Api, active: &Version) -> Vec<ServerStatus> {
     let mut checks = tokio::task::JoinSet::new();
     for (i, s) in api.plane.config().servers.iter().enumerate() {
         let url = s.health_url();
@@ -419,10 +425,9 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
             *slot = Some(h);
         }
     }
-    let states = api.plane.store().server_states()?;
+    let states = api.plane.store().server_states().unwrap_or_default();
     let nodes = api.plane.registry().nodes();
-    Ok(api
-        .plane
+    api.plane
         .config()
         .servers
         .iter()
@@ -454,11 +459,18 @@ async fn server_statuses(api: &Api) -> Result<Vec<ServerStatus>, ApiError> {
                 }),
             }
         })
-        .collect())
+        .collect()
 }
 
+/// The state of this replica and what it serves. Served from memory when the
+/// store cannot be read (etcd without a majority): `store.error` says why.
 async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
-    let active = api.plane.active()?;
+    let mut store_errors = Vec::new();
+    let mut note = |e: ApiError| store_errors.push(e.error);
+    let active = api.plane.active().map(Arc::new).unwrap_or_else(|e| {
+        note(e.into());
+        api.plane.served()
+    });
     let snap = api.plane.snapshot();
     let nodes: Vec<NodeStatus> = api
         .plane
@@ -467,8 +479,22 @@ async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         .into_iter()
         .map(|n| node_status(&api, n))
         .collect();
-    let servers = server_statuses(&api).await?;
+    let servers = server_statuses(&api, &active).await;
+    let rollout = current_rollout(&api).unwrap_or_else(|e| {
+        note(e);
+        Value::Null
+    });
+    let info = api.plane.store().info();
+    let leadership = api.plane.store().leadership().borrow().clone();
     Ok(Json(json!({
+        "store": {
+            "kind": info.kind,
+            "location": info.location,
+            "replica": info.replica,
+            "ok": store_errors.is_empty(),
+            "error": store_errors.first(),
+        },
+        "leadership": leadership,
         "version": active.version,
         "kind": active.kind,
         "author": active.author,
@@ -479,7 +505,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         "nodes": nodes,
         "conflicts": api.plane.registry().conflicts(),
         "servers": servers,
-        "rollout": current_rollout(&api)?,
+        "rollout": rollout,
     })))
 }
 
@@ -707,7 +733,10 @@ async fn forget_node(
 }
 
 async fn servers(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "servers": server_statuses(&api).await? })))
+    let active = api.plane.active()?;
+    Ok(Json(
+        json!({ "servers": server_statuses(&api, &active).await }),
+    ))
 }
 
 /// Starts a rollout off the async workers (taking the change lock may wait a moment).

@@ -5,13 +5,16 @@
 //!
 //! Read top-down:
 //! - [`config`]: the TOML file (listen addresses, store, token, servers, filter).
-//! - [`store`]: SQLite (WAL): versions, nodes, audit; every write a transaction.
+//! - [`store`]: the [`Store`] trait: SQLite (WAL, one control plane) or etcd
+//!   (several replicas, one leader elected on a lease, leader writes fenced by
+//!   its term, watches): versions, rollouts, nodes, audit.
 //! - [`resources`]: what Envoys are sent, as protobuf and as JSON, with versions.
 //! - [`nodes`]: per-node, per-type ACK/NACK tracking; never resend NACKed content.
 //! - [`plane`]: the core: propose/publish a map, wait until every Envoy ACKed.
 //! - [`rollout`]: a map that moves bases: plan, fence, restart, activate, done (or
 //!   roll back), each step stored before it acts, resumed after a restart.
-//! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum).
+//! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum);
+//!   [`forward`]: a follower replica's API changes go to the leader.
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
 //! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
 //!   certificate proves; [`certs`]: a small CA for installs without a PKI.
@@ -26,6 +29,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
+pub mod forward;
 pub mod health;
 pub mod identity;
 pub mod metrics;

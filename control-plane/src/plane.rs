@@ -102,6 +102,9 @@ pub struct ControlPlane {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The version the snapshot was built from (what this replica serves, known
+    /// even while the store cannot be read).
+    served: std::sync::Mutex<Arc<Version>>,
     /// Held by whoever changes the map: a second change meanwhile gets `Busy`.
     change: Arc<Mutex<()>>,
     metrics: Metrics,
@@ -150,6 +153,7 @@ impl ControlPlane {
         }
         let registry = Arc::new(Registry::new(store.load_nodes()?, &config.filter.name));
         let snapshot = build_snapshot(&config, &active);
+        let served = std::sync::Mutex::new(Arc::new(active.clone()));
         tracing::info!(
             version = active.version,
             ecds = %snapshot.ecds.version,
@@ -161,6 +165,7 @@ impl ControlPlane {
             store,
             registry,
             snapshot: watch::channel(snapshot).0,
+            served,
             change: Arc::new(Mutex::new(())),
             metrics: Metrics::default(),
             signals: crate::signals::Signals::default(),
@@ -202,15 +207,10 @@ impl ControlPlane {
             .version(n)?
             .ok_or_else(|| StoreError::Corrupt(format!("version {n} is announced but missing")))?;
         let snapshot = build_snapshot(&self.config, &version);
-        let adopted = self.snapshot.send_if_modified(|current| {
-            let newer = current.map_version < n;
-            if newer {
-                *current = snapshot.clone();
-            }
-            newer
-        });
+        let ecds = snapshot.ecds.version.clone();
+        let adopted = self.serve(version, snapshot);
         if adopted {
-            tracing::info!(version = n, ecds = %snapshot.ecds.version, "serving the leader's version");
+            tracing::info!(version = n, %ecds, "serving the leader's version");
         }
         Ok(adopted)
     }
@@ -223,6 +223,28 @@ impl ControlPlane {
     /// What every Envoy must converge to now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// The version served now (from memory: known while the store is unavailable).
+    pub fn served(&self) -> Arc<Version> {
+        self.served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `version` as `snapshot`, unless a newer one is served already.
+    fn serve(&self, version: Version, snapshot: Arc<Snapshot>) -> bool {
+        let mut served = self
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if served.version >= version.version && self.snapshot().map_version >= version.version {
+            return false;
+        }
+        *served = Arc::new(version);
+        self.snapshot.send_replace(snapshot);
+        true
     }
 
     /// A receiver that sees every new snapshot.
@@ -345,13 +367,7 @@ impl ControlPlane {
         );
         self.metrics.pushed();
         // Never back: a watch may have delivered this version already.
-        self.snapshot.send_if_modified(|current| {
-            let newer = current.map_version < n;
-            if newer {
-                *current = snapshot;
-            }
-            newer
-        });
+        self.serve(version.clone(), snapshot);
         Ok(version)
     }
 

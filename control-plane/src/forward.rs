@@ -1,0 +1,149 @@
+//! Changes are the leader's: a follower replica forwards every API change (any
+//! method but GET and HEAD under `/v1/`) to the leader's API, as it came (path,
+//! query, token, body), and answers with the leader's answer.
+//!
+//! ```text
+//! seactl ──POST /v1/maps──▶ follower ──same request──▶ leader (plans, runs the rollout)
+//!        ◀────────────── the leader's answer ◀────────
+//! ```
+//!
+//! So two pushes sent at once to two replicas meet at the leader's change lock:
+//! one runs, the other gets 409. Without a leader (an election under way) or
+//! without etcd, a change gets 503 with a `code` saying why (`no_leader`,
+//! `etcd_unavailable`), which `seactl` with several URLs answers by trying the
+//! next one. A leader whose API speaks HTTPS is not forwarded to: the answer is
+//! 503 `not_leader` naming it, and the client goes there itself.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::api::Api;
+use crate::store::{LeaderInfo, Leadership};
+
+/// How long the leader gets to answer a forwarded change. A push that starts a
+/// rollout answers at once (202); one that needs none waits for the Envoys' ACKs.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The header a forwarded request carries (the leader never forwards it again)
+/// and its answer carries back: the replica that did the change.
+pub const FORWARDED: &str = "x-seashard-forwarded-to";
+
+/// Middleware: runs a change here when this replica leads, else forwards it.
+pub(crate) async fn changes_to_leader(
+    State(api): State<Api>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let leadership = api.plane.store().leadership().borrow().clone();
+    match leadership {
+        Leadership::Leader { .. } => next.run(request).await,
+        Leadership::Follower { leader: Some(l) } if !request.headers().contains_key(FORWARDED) => {
+            forward(&l, request).await
+        }
+        Leadership::Follower { leader } => refuse(
+            "no_leader",
+            match leader {
+                Some(l) => format!("the leader `{}` did not take the change here", l.replica),
+                None => "no control plane replica leads right now (an election is under way); \
+                         try again in a few seconds"
+                    .to_owned(),
+            },
+            None,
+        ),
+        Leadership::Unavailable { reason } => refuse(
+            "etcd_unavailable",
+            format!(
+                "etcd is unavailable, so nothing can change (Envoys keep their configuration): \
+                 {reason}"
+            ),
+            None,
+        ),
+    }
+}
+
+/// 503 with a JSON body: `{"error", "code", "leader"?}`.
+fn refuse(code: &str, error: String, leader: Option<&LeaderInfo>) -> Response {
+    let mut body = json!({ "error": error, "code": code, "problems": [] });
+    if let (Some(l), Some(obj)) = (leader, body.as_object_mut()) {
+        obj.insert(
+            "leader".into(),
+            json!({ "replica": l.replica, "api": l.api }),
+        );
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+}
+
+async fn forward(leader: &LeaderInfo, request: Request) -> Response {
+    let not_leader = |why: String| {
+        refuse(
+            "not_leader",
+            format!(
+                "this replica does not lead; the leader is `{}` at {}: {why}",
+                leader.replica, leader.api
+            ),
+            Some(leader),
+        )
+    };
+    let Some(authority) = leader.api.strip_prefix("http://") else {
+        return not_leader("send the change there".into());
+    };
+    let authority = authority.trim_end_matches('/').to_owned();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let (mut parts, body) = request.into_parts();
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return not_leader(format!("its address is not usable: {e}")),
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.headers.insert(
+        FORWARDED,
+        header::HeaderValue::from_str(&leader.replica)
+            .unwrap_or(header::HeaderValue::from_static("leader")),
+    );
+    let request = Request::from_parts(parts, body);
+    match tokio::time::timeout(FORWARD_TIMEOUT, send(&authority, request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => not_leader(e),
+        Err(_) => not_leader(format!("no answer within {FORWARD_TIMEOUT:?}")),
+    }
+}
+
+/// Sends `request` over a new HTTP/1.1 connection to `authority`.
+async fn send(authority: &str, request: Request) -> Result<Response, String> {
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let answer = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    Ok(answer.map(Body::new))
+}
