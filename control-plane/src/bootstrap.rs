@@ -91,6 +91,9 @@ pub struct Options {
     /// The node cluster (a group name shown in `status`).
     pub node_cluster: String,
     /// The control plane's address, `host:port`: ADS (gRPC), or the HTTP API (REST).
+    /// Several replicas: their addresses separated by commas (see
+    /// [`control_plane_addresses`]); Envoy then holds one stream to one of them and
+    /// moves to another when it dies.
     pub control_plane: String,
     pub xds: Xds,
     /// How often a REST poller asks (REST only).
@@ -205,14 +208,52 @@ fn sanitize_hostname(hostname: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
+/// The control plane addresses in `list`: `HOST:PORT`, several separated by commas
+/// (the replicas of one control plane). Refused: none, an empty entry, one that is
+/// not `HOST:PORT` (a DNS name, an IPv4 address or a bracketed IPv6 address), and
+/// one given twice.
+pub fn control_plane_addresses(list: &str) -> Result<Vec<(&str, u16)>, BootstrapError> {
+    let mut out: Vec<(&str, u16)> = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(BootstrapError(format!(
+                "control plane addresses `{list}`: an empty address (want HOST:PORT, \
+                 several separated by commas)"
+            )));
+        }
+        let (host, port) = split_host_port(entry)
+            .filter(|(h, _)| valid_host(h))
+            .ok_or_else(|| {
+                BootstrapError(format!("control plane address `{entry}` is not HOST:PORT"))
+            })?;
+        if out
+            .iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && *p == port)
+        {
+            return Err(BootstrapError(format!(
+                "control plane address `{entry}` is given twice"
+            )));
+        }
+        out.push((host, port));
+    }
+    Ok(out)
+}
+
+/// An IP address, or a DNS name of letters, digits, `-`, `_` and `.`.
+fn valid_host(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+        || (host.len() <= 253
+            && host
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && !host.starts_with(['-', '.'])
+            && host.parse::<f64>().is_err())
+}
+
 /// The bootstrap YAML.
 pub fn render(o: &Options) -> Result<String, BootstrapError> {
-    let (cp_host, cp_port) = split_host_port(&o.control_plane).ok_or_else(|| {
-        BootstrapError(format!(
-            "control plane address `{}` is not HOST:PORT",
-            o.control_plane
-        ))
-    })?;
+    let cps = control_plane_addresses(&o.control_plane)?;
+    let several = cps.len() > 1;
     if o.node_id.trim().is_empty() {
         return Err(BootstrapError(
             "the node id is empty: pass --node-id, unique per Envoy (two Envoys with one id \
@@ -255,7 +296,11 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
             "STRICT_DNS"
         }
     };
-    let cp_type = host_type(cp_host);
+    let cp_type = if cps.iter().all(|(h, _)| host_type(h) == "STATIC") {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
     let http_filter_name = match guarded {
         Some(server) => guard_resource_name(&o.filter_name, server),
         None => o.filter_name.clone(),
@@ -296,14 +341,29 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
             ),
         ),
     };
-    let ads_config = "  ads_config:
+    let ads_config = format!(
+        "  ads_config:
     api_type: GRPC
     transport_api_version: V3
     # The node is sent once per stream, not with every request.
     set_node_on_first_message_only: true
     grpc_services:
-    - envoy_grpc: { cluster_name: seashard_control_plane }
-";
+{}",
+        if several {
+            // Envoy's default backoff grows to 30 s: after all replicas were down, the
+            // first one back would wait that long for its Envoys.
+            "    - envoy_grpc:
+        cluster_name: seashard_control_plane
+        # A lost stream is opened again after 0.5 s (jittered), backing off to 5 s
+        # while no replica answers.
+        retry_policy:
+          retry_back_off: { base_interval: 0.5s, max_interval: 5s }
+"
+        } else {
+            "    - envoy_grpc: { cluster_name: seashard_control_plane }
+"
+        }
+    );
     let rest_source = |indent: &str| {
         format!(
             "{indent}resource_api_version: V3
@@ -318,6 +378,21 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
 ",
             proto_json_duration(o.refresh_delay)
         )
+    };
+    let failover = if several {
+        failover(o.xds)
+    } else {
+        String::new()
+    };
+    // HTTP/2 PINGs: the only way a stream to a replica that vanished without a reset
+    // (host gone, link cut, process paused) ends. With several replicas, soon: there
+    // is another to go to.
+    let keepalive = if several {
+        "              interval: 5s
+              timeout: 3s"
+    } else {
+        "              interval: 30s
+              timeout: 10s"
     };
     let (dynamic, ecds_source, cp_cluster_head) = match o.xds {
         Xds::Grpc => (
@@ -346,14 +421,13 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
   - name: seashard_control_plane
     type: {cp_type}
     connect_timeout: 5s
-    typed_extension_protocol_options:
+{failover}    typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
           http2_protocol_options:
             connection_keepalive:
-              interval: 30s
-              timeout: 10s
+{keepalive}
 "
             ),
         ),
@@ -371,12 +445,12 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
   - name: seashard_control_plane
     type: {cp_type}
     connect_timeout: 5s
-"
+{failover}"
             ),
         ),
     };
     let cp_cluster_head = match &o.tls {
-        Some(tls) => format!("{cp_cluster_head}{}", transport_socket(tls, cp_host, o.xds)),
+        Some(tls) => format!("{cp_cluster_head}{}", transport_socket(tls, &cps, o.xds)),
         None => cp_cluster_head,
     };
     let over = if o.xds == Xds::Rest {
@@ -561,10 +635,7 @@ admin:
 {local_cluster}{cp_cluster_head}    load_assignment:
       cluster_name: seashard_control_plane
       endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {cp_host}, port_value: {cp_port} }}",
+      - lb_endpoints:{cp_endpoints}",
         ecds_over = if o.xds == Xds::Rest { " (REST polling)" } else { " over ADS" },
         fail_open = if guarded.is_some() {
             "every base passed unchecked"
@@ -579,24 +650,93 @@ admin:
         filter_name = yaml_str(&o.filter_name),
         wasm = yaml_str(&o.wasm.to_string_lossy()),
         default_json = yaml_str(&default_config.to_json()),
-        cp_host = yaml_str(cp_host),
+        cp_endpoints = cps
+            .iter()
+            .map(|(host, port)| format!(
+                "
+        - endpoint:
+            address:
+              socket_address: {{ address: {}, port_value: {port} }}",
+                yaml_str(host)
+            ))
+            .collect::<String>(),
     );
     Ok(y)
+}
+
+/// How an Envoy given several control plane replicas keeps to live ones (the part of
+/// the control plane cluster after `connect_timeout`).
+///
+/// Envoy opens its one ADS stream (or each REST poll) to a host the cluster's load
+/// balancer picks (round robin here), and keeps every resource it has while no stream
+/// is up. A replica can go in two ways:
+///
+/// - killed or stopped: its kernel resets the connection, the stream ends at once and
+///   Envoy opens another after its backoff (0.5 s, see `retry_policy`);
+/// - gone without a reset (host down, link cut, process paused): only HTTP/2
+///   keepalive ends the stream, so with several replicas it pings every 5 s and gives
+///   up after 3 s without an answer (one PING frame per Envoy every 5 s).
+///
+/// Either way the new stream must not go to the dead replica (a blackholed one costs
+/// `connect_timeout`, a paused one a keepalive timeout, per attempt), so the cluster
+/// has active health checks: an HTTP request every 3 s to each replica on a kept-alive
+/// connection (a request, not a connection, per check: about 330 requests per second
+/// per replica for 1 000 Envoys); any answer below 500 proves the process serves (the
+/// gRPC port answers `/healthz` with `200` and `grpc-status: 12`, the HTTP API with
+/// `200`); two without an answer within 1 s mark it unhealthy, within about 7 s;
+/// `healthy_panic_threshold: 0` keeps an unhealthy replica out even when most are
+/// (by default, with under half healthy, Envoy picks among all).
+///
+/// Not used: `close_connections_on_host_health_failure` only drains an HTTP/2
+/// connection (GOAWAY, then waits for its streams), and the ADS stream never ends by
+/// itself (tried: the stream stayed on a blackholed replica); outlier detection
+/// learns from traffic, and an idle stream carries none.
+fn failover(xds: Xds) -> String {
+    let codec = match xds {
+        Xds::Grpc => "HTTP2",
+        Xds::Rest => "HTTP1",
+    };
+    format!(
+        "    # Several replicas: the stream goes to one of them (round robin); Envoy keeps
+    # its config while it has none. A replica that stops answering /healthz (about
+    # 7 s; any answer below 500 is alive) is no longer picked for a new stream.
+    common_lb_config:
+      healthy_panic_threshold: {{ value: 0 }}
+    health_checks:
+    - timeout: 1s
+      interval: 3s
+      interval_jitter: 0.3s
+      no_traffic_interval: 3s
+      unhealthy_threshold: 2
+      healthy_threshold: 1
+      http_health_check:
+        path: /healthz
+        codec_client_type: {codec}
+        expected_statuses: [{{ start: 200, end: 500 }}]
+"
+    )
 }
 
 /// The control plane cluster's `transport_socket`: TLS, the server's certificate
 /// checked against the CA and the host's name or address, and (mutual TLS) this
 /// Envoy's certificate.
-fn transport_socket(tls: &ControlPlaneTls, cp_host: &str, xds: Xds) -> String {
+fn transport_socket(tls: &ControlPlaneTls, cps: &[(&str, u16)], xds: Xds) -> String {
     let file = |p: &PathBuf| yaml_str(&p.to_string_lossy());
-    let is_ip = cp_host.parse::<std::net::IpAddr>().is_ok();
+    let mut hosts: Vec<&str> = Vec::new();
+    for (h, _) in cps {
+        if !hosts.iter().any(|x| x.eq_ignore_ascii_case(h)) {
+            hosts.push(h);
+        }
+    }
+    let names = hosts.join(" or ");
+    let is_ip = |h: &str| h.parse::<std::net::IpAddr>().is_ok();
     let (alpn, protocol) = match xds {
         Xds::Grpc => ("h2", "gRPC needs HTTP/2"),
         Xds::Rest => ("http/1.1", "REST polls over HTTP/1.1"),
     };
     let mut y = format!(
         "    # TLS to the control plane: its certificate must be signed by trusted_ca and
-    # name {cp_host}{client_note}.
+    # name {names}{client_note}.
     transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
@@ -608,8 +748,12 @@ fn transport_socket(tls: &ControlPlaneTls, cp_host: &str, xds: Xds) -> String {
             ""
         },
     );
-    if !is_ip {
-        let _ = writeln!(y, "        sni: {}", yaml_str(cp_host));
+    // One SNI for the whole cluster: the name, when there is one. Several names
+    // send none (the control plane serves one certificate whatever the SNI).
+    if let [host] = hosts[..]
+        && !is_ip(host)
+    {
+        let _ = writeln!(y, "        sni: {}", yaml_str(host));
     }
     let _ = writeln!(
         y,
@@ -626,17 +770,25 @@ fn transport_socket(tls: &ControlPlaneTls, cp_host: &str, xds: Xds) -> String {
             file(key)
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         y,
         "          validation_context:
             trusted_ca: {{ filename: {} }}
-            match_typed_subject_alt_names:
+            match_typed_subject_alt_names:",
+        file(&tls.ca),
+    );
+    // Any one matching is enough: every replica is the control plane.
+    for host in hosts {
+        let _ = write!(
+            y,
+            "
             - san_type: {}
               matcher: {{ exact: {} }}",
-        file(&tls.ca),
-        if is_ip { "IP_ADDRESS" } else { "DNS" },
-        yaml_str(cp_host)
-    );
+            if is_ip(host) { "IP_ADDRESS" } else { "DNS" },
+            yaml_str(host)
+        );
+    }
+    y.push('\n');
     y
 }
 
@@ -895,6 +1047,94 @@ mod tests {
         assert!(y.contains("alpn_protocols: [http/1.1]"), "{y}");
         assert!(y.contains("san_type: IP_ADDRESS"), "{y}");
         assert!(y.contains("matcher: { exact: 10.0.0.5 }"), "{y}");
+    }
+
+    #[test]
+    fn several_control_planes() {
+        // One address: no health checks, Envoy's default backoff (as before).
+        let one = render(&options(Kind::Edge)).unwrap();
+        assert!(!one.contains("health_checks"), "{one}");
+        assert!(!one.contains("retry_policy"), "{one}");
+        assert!(one.contains("              interval: 30s\n"), "{one}");
+        for kind in [Kind::Edge, Kind::Sidecar, guard("dtable-server-2")] {
+            for xds in [Xds::Grpc, Xds::Rest] {
+                let y = render(&Options {
+                    control_plane: "10.0.0.1:18000, 10.0.0.2:18000,cp-3.example:18001".into(),
+                    xds,
+                    ..options(kind.clone())
+                })
+                .unwrap();
+                for line in [
+                    "    type: STRICT_DNS\n",
+                    "              socket_address: { address: 10.0.0.1, port_value: 18000 }\n",
+                    "              socket_address: { address: 10.0.0.2, port_value: 18000 }\n",
+                    "              socket_address: { address: cp-3.example, port_value: 18001 }",
+                    "      healthy_panic_threshold: { value: 0 }\n",
+                    "        path: /healthz\n",
+                ] {
+                    assert!(y.contains(line), "{kind:?} {xds:?}: {line:?} not in\n{y}");
+                }
+                let codec = if xds == Xds::Grpc { "HTTP2" } else { "HTTP1" };
+                assert!(y.contains(&format!("codec_client_type: {codec}\n")), "{y}");
+                assert_eq!(y.contains("retry_back_off"), xds == Xds::Grpc, "{y}");
+                // Keepalive ends a stream to a replica gone without a reset, soon.
+                assert_eq!(
+                    y.contains("              interval: 5s\n              timeout: 3s\n"),
+                    xds == Xds::Grpc,
+                    "{y}"
+                );
+                // The health checks are on the control plane's cluster only.
+                let at = |s: &str| y.find(s).unwrap();
+                assert!(at("- name: seashard_control_plane") < at("health_checks:"));
+                assert_eq!(y.matches("health_checks:").count(), 1);
+            }
+        }
+        let ips = render(&Options {
+            control_plane: "127.0.0.1:1,127.0.0.1:2".into(),
+            ..options(Kind::Edge)
+        })
+        .unwrap();
+        assert!(ips.contains("    type: STATIC\n"), "{ips}");
+        for bad in ["", "a:1,", "a:1,a:1", "a:1,b", "a:1,b c:2", "a:1;b:2"] {
+            let o = Options {
+                control_plane: bad.into(),
+                ..options(Kind::Edge)
+            };
+            assert!(render(&o).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tls_to_several_control_planes() {
+        let tls = ControlPlaneTls {
+            ca: "/ca.crt".into(),
+            client: None,
+        };
+        let y = render(&Options {
+            control_plane:
+                "cp-1.example:18000,cp-2.example:18000,10.0.0.3:18000,cp-1.example:18001".into(),
+            tls: Some(tls.clone()),
+            ..options(Kind::Edge)
+        })
+        .unwrap();
+        // Any replica's name is accepted; no SNI, as there is no one name.
+        assert!(!y.contains("sni:"), "{y}");
+        for line in [
+            "            - san_type: DNS\n              matcher: { exact: cp-1.example }\n",
+            "            - san_type: DNS\n              matcher: { exact: cp-2.example }\n",
+            "            - san_type: IP_ADDRESS\n              matcher: { exact: 10.0.0.3 }\n",
+        ] {
+            assert!(y.contains(line), "{line:?} not in\n{y}");
+        }
+        assert_eq!(y.matches("san_type").count(), 3, "{y}");
+        // One name on several ports: its SNI, as with one address.
+        let y = render(&Options {
+            control_plane: "cp.example:18000,cp.example:18001".into(),
+            tls: Some(tls),
+            ..options(Kind::Edge)
+        })
+        .unwrap();
+        assert!(y.contains("        sni: cp.example\n"), "{y}");
     }
 
     #[test]

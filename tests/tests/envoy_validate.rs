@@ -149,6 +149,20 @@ fn generated_bootstraps_of_every_kind_validate() {
             "dtable-server-2:5000",
         ),
         (guard(), Xds::Rest, "127.0.0.1:18001", "[::1]:5001"),
+        // Several replicas: every address an endpoint, health-checked.
+        (
+            Kind::Edge,
+            Xds::Grpc,
+            "127.0.0.1:18000,127.0.0.2:18000,control-plane-3:18000",
+            "",
+        ),
+        (Kind::Sidecar, Xds::Rest, "127.0.0.1:18001,[::1]:18001", ""),
+        (
+            guard(),
+            Xds::Grpc,
+            "cp-1:18000,cp-2:18000",
+            "127.0.0.1:5001",
+        ),
     ] {
         let what = format!("{} {xds:?} {control_plane} {upstream}", kind.as_str());
         let mut o = Options {
@@ -214,6 +228,19 @@ fn generated_bootstraps_with_tls_validate() {
             Kind::Edge,
             Xds::Rest,
             "control-plane.example:18080",
+            &ca_only,
+        ),
+        // Several replicas: any one's name or address accepted.
+        (
+            Kind::Edge,
+            Xds::Grpc,
+            "127.0.0.1:18000,cp-2.example:18000",
+            &mutual,
+        ),
+        (
+            Kind::Sidecar,
+            Xds::Rest,
+            "cp-1.example:18080,cp-2.example:18080",
             &ca_only,
         ),
     ] {

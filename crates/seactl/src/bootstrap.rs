@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use control_plane::bootstrap::{
-    ControlPlaneTls, Kind, Options, Xds, default_node_id, guard_resource_name, local_hostname,
-    render,
+    ControlPlaneTls, Kind, Options, Xds, control_plane_addresses, default_node_id,
+    guard_resource_name, local_hostname, render,
 };
 use control_plane::config::parse_duration;
 
@@ -50,9 +50,12 @@ pub struct BootstrapArgs {
     /// A group name for `status` [default: seashard-KIND].
     #[arg(long)]
     pub node_cluster: Option<String>,
-    /// The control plane's ADS address, HOST:PORT [default: seashard-control-plane:18000].
-    #[arg(long)]
-    pub control_plane: Option<String>,
+    /// The control plane's ADS address, HOST:PORT (with `--xds rest`, its HTTP
+    /// address). Replicas: several, comma-separated or the flag repeated; Envoy keeps
+    /// one stream to a live one and moves to another when it dies
+    /// [default: seashard-control-plane:18000].
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
+    pub control_plane: Vec<String>,
     /// How Envoy reaches the control plane.
     #[arg(long, value_enum, default_value = "grpc")]
     pub xds: XdsArg,
@@ -117,10 +120,17 @@ impl BootstrapArgs {
             None => default_node_id(&kind, &local_hostname().unwrap_or_default())?,
         };
         let d = Options::new(kind);
+        let control_plane = if self.control_plane.is_empty() {
+            d.control_plane
+        } else {
+            self.control_plane.join(",")
+        };
+        // Refused here, before anything else, with the address at fault.
+        control_plane_addresses(&control_plane)?;
         Ok(Options {
             node_id,
             node_cluster: self.node_cluster.clone().unwrap_or(d.node_cluster),
-            control_plane: self.control_plane.clone().unwrap_or(d.control_plane),
+            control_plane,
             xds: match self.xds {
                 XdsArg::Grpc => Xds::Grpc,
                 XdsArg::Rest => Xds::Rest,
@@ -164,4 +174,82 @@ pub fn envoy_bootstrap(args: BootstrapArgs) -> Result<ExitCode> {
         None => print!("{yaml}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BootstrapArgs,
+    }
+
+    fn options(args: &[&str]) -> Result<Options> {
+        let mut argv = vec!["envoy-bootstrap", "--node-id", "edge-1"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)?.args.options()
+    }
+
+    #[test]
+    fn one_control_plane_as_before() {
+        let o = options(&["--control-plane", "127.0.0.1:18000"]).unwrap();
+        assert_eq!(o.control_plane, "127.0.0.1:18000");
+        let o = options(&[]).unwrap();
+        assert_eq!(o.control_plane, "seashard-control-plane:18000");
+    }
+
+    #[test]
+    fn several_control_planes_by_commas_or_repeated() {
+        for args in [
+            &[
+                "--control-plane",
+                "10.0.0.1:18000,cp-2.example:18000,[::1]:18000",
+            ][..],
+            &[
+                "--control-plane",
+                "10.0.0.1:18000",
+                "--control-plane",
+                "cp-2.example:18000, [::1]:18000",
+            ],
+        ] {
+            let o = options(args).unwrap();
+            let cps = control_plane_addresses(&o.control_plane).unwrap();
+            assert_eq!(
+                cps,
+                [("10.0.0.1", 18000), ("cp-2.example", 18000), ("::1", 18000)],
+                "{args:?}"
+            );
+            let y = render(&o).unwrap();
+            assert_eq!(y.matches("        - endpoint:").count(), 3, "{y}");
+        }
+    }
+
+    #[test]
+    fn refuses_empty_duplicate_and_bad_addresses() {
+        for (args, says) in [
+            (&["--control-plane", ""][..], "empty"),
+            (&["--control-plane", "a:1,,b:2"], "empty"),
+            (&["--control-plane", "a:1,"], "empty"),
+            (&["--control-plane", "a:1,b:2,A:1"], "`A:1` is given twice"),
+            (
+                &["--control-plane", "a:1", "--control-plane", "a:1"],
+                "given twice",
+            ),
+            (
+                &["--control-plane", "a:1,nowhere"],
+                "`nowhere` is not HOST:PORT",
+            ),
+            (&["--control-plane", "a:0"], "not HOST:PORT"),
+            (&["--control-plane", "a:70000"], "not HOST:PORT"),
+            (&["--control-plane", "a b:18000"], "not HOST:PORT"),
+            (&["--control-plane", "http://a:18000"], "not HOST:PORT"),
+        ] {
+            let err = options(args).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{args:?}: {err:#}");
+        }
+    }
 }

@@ -1,0 +1,225 @@
+//! An Envoy bootstrapped by `seactl envoy-bootstrap` with two control plane
+//! addresses, against two real `seactl serve` replicas (each its own SQLite store,
+//! the same initial map): it keeps routing when its replica dies, moves to the other
+//! within seconds (killed: its connection resets; blackholed: the health checks of
+//! the control plane cluster), and an Envoy started while one replica is dead gets
+//! its map from the other.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use seashard_tests::relay::Relay;
+use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_managed_envoy};
+use seashard_tests::{Envoy, Upstream, free_port, get, loopback, wait_until, wasm_file};
+use serde_json::json;
+
+/// How long an Envoy may take to move to the live replica.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(20);
+
+/// A base of the first server (slot 0-7) and one of the second (8-f).
+const BASE_1: &str = "12345678-1234-1234-1234-123456789abc";
+const BASE_2: &str = "9abcdef0-1234-1234-1234-123456789abc";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _servers: [Upstream; 2],
+    replicas: [ControlPlaneProcess; 2],
+}
+
+/// Two fake dtable-servers and two replicas serving the same initial map.
+fn setup() -> Result<Setup> {
+    let dir = tempfile::Builder::new()
+        .prefix("seashard-failover-")
+        .tempdir()?;
+    let servers = [
+        Upstream::start("dtable-server")?,
+        Upstream::start("dtable-server-2")?,
+    ];
+    let map = json!({"default": "dtable-server",
+                     "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}});
+    let replica = |name: &str| -> Result<ControlPlaneProcess> {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d)?;
+        std::fs::write(d.join("initial.json"), map.to_string())?;
+        let (http, grpc) = (loopback(free_port()?), loopback(free_port()?));
+        let mut text = format!(
+            "initial_map = \"initial.json\"\n\
+             [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
+             [store]\npath = \"seashard.db\"\n\
+             [api]\ntoken = \"{TOKEN}\"\n\
+             [filter]\nwasm = {:?}\n",
+            wasm_file("base_router.wasm")?
+        );
+        for s in &servers {
+            text.push_str(&format!(
+                "[[server]]\nname = \"{}\"\naddress = \"{}\"\n",
+                s.name, s.addr
+            ));
+        }
+        std::fs::write(d.join("seashard.toml"), text)?;
+        ControlPlaneProcess::start(&d.join("seashard.toml"), http, grpc)
+    };
+    let replicas = [replica("a")?, replica("b")?];
+    Ok(Setup {
+        _dir: dir,
+        _servers: servers,
+        replicas,
+    })
+}
+
+/// An edge Envoy given both addresses, `first` listed first.
+fn envoy(node_id: &str, first: SocketAddr, second: SocketAddr) -> Result<Envoy> {
+    // `start_managed_envoy` appends `--control-plane FIRST`: the flag repeats.
+    let second = second.to_string();
+    let args = ["--kind", "edge", "--node-id", node_id];
+    let args = [&args[..], &["--control-plane", &second]].concat();
+    start_managed_envoy(&args, first, loopback(0))
+}
+
+/// Whether `id` is connected to `cp` and ACKed its current filter config.
+fn current_on(cp: &ControlPlaneProcess, id: &str) -> bool {
+    cp.get_json("/v1/status").is_ok_and(|s| {
+        s["nodes"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|n| n["id"] == id && n["connected"] == true && n["state"]["ecds"] == "current")
+        })
+    })
+}
+
+/// The index of the replica `id` is connected to (and current on), waited for.
+fn connected_to(replicas: &[ControlPlaneProcess; 2], id: &str) -> Result<usize> {
+    wait_until(
+        FAILOVER_LIMIT,
+        &format!("{id} to be current on a replica"),
+        || Ok((0..2).find(|&i| current_on(&replicas[i], id))),
+    )
+}
+
+/// Which server answered a request for `base` through `envoy`.
+fn served_by(envoy: &Envoy, base: &str) -> Result<String> {
+    let r = get(
+        envoy.listener_addr,
+        &format!("/api/v1/dtables/{base}/rows/"),
+        &[],
+    )?;
+    if r.status != 200 {
+        bail!("{base}: {} {}", r.status, r.text());
+    }
+    Ok(r.header("x-served-by").unwrap_or_default().to_owned())
+}
+
+/// Both bases go where the map says.
+fn routes_by_the_map(envoy: &Envoy) -> Result<()> {
+    let got = (served_by(envoy, BASE_1)?, served_by(envoy, BASE_2)?);
+    if got != ("dtable-server".into(), "dtable-server-2".into()) {
+        bail!("routed to {got:?}");
+    }
+    Ok(())
+}
+
+/// What Envoy knows of the control plane cluster: its hosts' health, its health
+/// check and connection counters, its log.
+fn diagnosis(envoy: &Envoy) -> String {
+    let admin = |path: &str| {
+        envoy
+            .admin_get(path)
+            .map(|r| r.text())
+            .unwrap_or_else(|e| format!("{e:#}"))
+    };
+    let hosts: String = admin("/clusters")
+        .lines()
+        .filter(|l| l.starts_with("seashard_control_plane::"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!(
+        "{hosts}{}\n{}",
+        admin(
+            "/stats?filter=seashard_control_plane\\.(health_check|upstream_cx_(total|destroy|connect_fail))|control_plane"
+        ),
+        envoy.logs()
+    )
+}
+
+/// Waits until `id` is current on `to`, checking meanwhile that `envoy` keeps
+/// routing by the map; how long it took and how many requests were routed.
+fn follow_failover(envoy: &Envoy, to: &ControlPlaneProcess, id: &str) -> Result<(Duration, usize)> {
+    let began = Instant::now();
+    let mut routed = 0;
+    wait_until(
+        FAILOVER_LIMIT,
+        &format!("{id} to be current on the other replica"),
+        || {
+            routes_by_the_map(envoy).map_err(|e| seashard_tests::Fatal(format!("{e:#}")))?;
+            routed += 2;
+            Ok(current_on(to, id).then_some(()))
+        },
+    )
+    .with_context(|| diagnosis(envoy))?;
+    Ok((began.elapsed(), routed))
+}
+
+#[test]
+fn an_envoy_moves_to_the_live_replica_and_a_new_one_starts_from_it() {
+    let Setup {
+        _dir,
+        _servers,
+        mut replicas,
+    } = setup().unwrap();
+    let (ga, gb) = (replicas[0].grpc, replicas[1].grpc);
+    let edge = envoy("edge-1", ga, gb).unwrap();
+    let on = connected_to(&replicas, "edge-1").unwrap();
+    routes_by_the_map(&edge).unwrap();
+
+    replicas[on].kill();
+    let other = 1 - on;
+    let (took, routed) = follow_failover(&edge, &replicas[other], "edge-1").unwrap();
+    eprintln!(
+        "replica {on} SIGKILLed: edge-1 current on replica {other} after {took:?} \
+         ({routed} requests routed by the map meanwhile)"
+    );
+    routes_by_the_map(&edge).unwrap();
+
+    // A new Envoy, the dead replica listed first: its map comes from the live one.
+    let (dead, live) = (replicas[on].grpc, replicas[other].grpc);
+    let began = Instant::now();
+    let edge2 = envoy("edge-2", dead, live).unwrap();
+    wait_until(FAILOVER_LIMIT, "edge-2 to be current", || {
+        Ok(current_on(&replicas[other], "edge-2").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", edge2.logs()));
+    routes_by_the_map(&edge2).unwrap();
+    eprintln!(
+        "edge-2 started with replica {on} dead: routing by the map {:?} after its start",
+        began.elapsed()
+    );
+}
+
+#[test]
+fn an_envoy_leaves_a_blackholed_replica_within_seconds() {
+    let Setup {
+        _dir,
+        _servers,
+        replicas,
+    } = setup().unwrap();
+    // Each replica behind a relay that can silently stop passing bytes: no reset,
+    // only the health checks (or, much later, HTTP/2 keepalive) can tell.
+    let source: IpAddr = [127, 0, 0, 2].into();
+    let relays = [
+        Relay::start(replicas[0].grpc, source).unwrap(),
+        Relay::start(replicas[1].grpc, source).unwrap(),
+    ];
+    let edge = envoy("edge-1", relays[0].addr, relays[1].addr).unwrap();
+    let on = connected_to(&replicas, "edge-1").unwrap();
+    relays[on].cut();
+    let other = 1 - on;
+    let (took, routed) = follow_failover(&edge, &replicas[other], "edge-1").unwrap();
+    eprintln!(
+        "replica {on} blackholed: edge-1 current on replica {other} after {took:?} \
+         ({routed} requests routed by the map meanwhile)"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the health checks should move it within seconds, took {took:?}"
+    );
+}
