@@ -36,6 +36,7 @@ pub mod http;
 pub mod lost_writes;
 pub mod process;
 pub mod relay;
+pub mod replicas;
 pub mod rollout;
 
 use std::net::{SocketAddr, TcpListener};

@@ -115,6 +115,28 @@ impl ControlPlaneProcess {
         }
     }
 
+    /// The pid while it runs (a stopped process included), `None` once it exited.
+    pub fn pid(&mut self) -> Option<u32> {
+        let p = self.proc.as_mut()?;
+        p.exited().is_none().then(|| p.pid())
+    }
+
+    /// Sends `signal` to the process only, not to its group: a restart hook it
+    /// started keeps running, as after a real crash (`SIGKILL`) or pause (`SIGSTOP`).
+    /// The hook is killed with the group when this handle is dropped or started again.
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        match &self.proc {
+            Some(p) => p.signal(signal),
+            None => bail!("seactl serve is not running"),
+        }
+    }
+
+    /// The log of its latest start.
+    pub fn last_log(&self) -> String {
+        let dir = self.config.parent().unwrap_or(Path::new("."));
+        std::fs::read_to_string(dir.join(format!("serve-{}.log", self.starts))).unwrap_or_default()
+    }
+
     /// Everything every start of it logged.
     pub fn logs(&self) -> String {
         let dir = self.config.parent().unwrap_or(Path::new("."));
