@@ -176,6 +176,12 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
             message: e.to_string(),
         })
     });
+    let scheme = if plane.config().api.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    plane.store().advertise(&format!("{scheme}://{http_addr}"));
     let flusher = tokio::spawn(flush_loop(plane.clone(), stopped.clone()));
     let mut leadership = plane.store().leadership();
     let leads = leadership.borrow_and_update().is_leader();

@@ -65,6 +65,8 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn wait_leader(s: &dyn Store) -> i64 {
+    // A replica campaigns once its API is known.
+    s.advertise("http://127.0.0.1:1");
     let rx = s.leadership();
     let mut term = 0;
     wait_for("leadership", Duration::from_secs(10), || {
@@ -258,6 +260,7 @@ fn etcd_replicas_one_leader_fenced_writes_and_shared_nodes() {
     let a = EtcdStore::connect(&etcd_config(&etcd.endpoints(), "a", "/two")).unwrap();
     let term_a = wait_leader(&a);
     let b = EtcdStore::connect(&etcd_config(&etcd.endpoints(), "b", "/two")).unwrap();
+    b.advertise("http://127.0.0.1:2");
     wait_for("b follows a", Duration::from_secs(5), || {
         matches!(&*b.leadership().borrow(),
             Leadership::Follower { leader: Some(l) } if l.replica == "a")

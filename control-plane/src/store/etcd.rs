@@ -70,7 +70,10 @@ struct Shared {
     prefix: String,
     replica: String,
     endpoints: Vec<String>,
-    info: LeaderInfo,
+    /// How this replica announces itself; its API URL is set by `advertise`.
+    info: Mutex<LeaderInfo>,
+    /// True once the API URL is known: campaigning waits for it.
+    advertised: watch::Sender<bool>,
     lease_ttl: Duration,
     timeout: Duration,
     /// The term while this replica leads.
@@ -113,6 +116,12 @@ fn encode<T: Serialize>(v: &T) -> String {
 impl Shared {
     fn key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.prefix)
+    }
+
+    fn lock_info(&self) -> std::sync::MutexGuard<'_, LeaderInfo> {
+        self.info
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn leader_key(&self) -> String {
@@ -273,12 +282,15 @@ impl EtcdStore {
             host: hostname(),
             pid: std::process::id(),
         };
+        // A configured address, or a fixed port, is known now; port 0 once bound.
+        let known = sc.advertise.is_some() || config.listen.http.port() != 0;
         let shared = Arc::new(Shared {
             client,
             prefix: sc.prefix.clone(),
             replica,
             endpoints: sc.endpoints.clone(),
-            info,
+            info: Mutex::new(info),
+            advertised: watch::channel(known).0,
             lease_ttl: sc.lease_ttl,
             timeout,
             term: Mutex::new(None),
@@ -444,6 +456,8 @@ fn audit_op(s: &Shared, entry: &AuditEntry) -> TxnOp {
 /// kept alive; leads while the lease holds, follows (watching the leader key)
 /// otherwise.
 async fn campaign(s: Arc<Shared>) {
+    // Not before the API listens: the leader must be reachable.
+    let _ = s.advertised.subscribe().wait_for(|known| *known).await;
     loop {
         let why = match term(&s).await {
             Ok(()) => "the lease ended".to_owned(),
@@ -469,10 +483,11 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
         .map_err(etcd_error)?
         .id();
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
+    let info = encode(&*s.lock_info());
     client
         .put(
             s.key(&format!("replicas/{}", s.replica)),
-            encode(&s.info),
+            info.clone(),
             Some(PutOptions::new().with_lease(lease)),
         )
         .await
@@ -509,7 +524,7 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
                 )])
                 .and_then(vec![TxnOp::put(
                     s.leader_key(),
-                    encode(&s.info),
+                    info.clone(),
                     Some(PutOptions::new().with_lease(lease)),
                 )])
                 .or_else(vec![TxnOp::get(s.leader_key(), None)]);
@@ -1178,6 +1193,13 @@ impl Store for EtcdStore {
             kvs.reverse();
             kvs.iter().map(decode).collect()
         })
+    }
+
+    fn advertise(&self, api: &str) {
+        if !*self.shared.advertised.borrow() {
+            self.shared.lock_info().api = api.to_owned();
+            self.shared.advertised.send_replace(true);
+        }
     }
 
     fn leadership(&self) -> watch::Receiver<Leadership> {

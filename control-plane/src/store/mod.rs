@@ -305,6 +305,11 @@ pub trait Store: Send + Sync {
     /// Every server's stored state.
     fn server_states(&self) -> Result<Vec<ServerState>, StoreError>;
 
+    /// Where this replica's API listens, once it does (`[store] advertise` wins):
+    /// with etcd a replica campaigns only from then on, since as the leader it
+    /// must be reachable by the others. SQLite: nothing to do.
+    fn advertise(&self, _api: &str) {}
+
     /// Who may make leader writes, kept current.
     fn leadership(&self) -> watch::Receiver<Leadership>;
     /// The active version number, kept current (another replica's writes included).

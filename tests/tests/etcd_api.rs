@@ -1,0 +1,160 @@
+//! Two control plane replicas on one etcd, in-process on loopback: changes sent to
+//! the follower are done by the leader, two moving pushes at once start one
+//! rollout, both replicas serve what the leader published, and without etcd every
+//! change is refused with a clear 503 while status still answers.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use control_plane::Config;
+use seashard_tests::etcd::EtcdCluster;
+use seashard_tests::wait_until;
+use serde_json::{Value, json};
+
+mod common;
+
+use common::Cp;
+
+fn config(endpoints: &[String], replica: &str) -> Result<Config> {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Config::parse(&format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        [store]
+        kind = "etcd"
+        endpoints = [{list}]
+        prefix = "/api-test"
+        replica = "{replica}"
+        lease_ttl = "2s"
+        timeout = "1s"
+        [api]
+        token = "{token}"
+        [filter]
+        wasm = "/opt/seashard/base-router.wasm"
+        [rollout]
+        ack_timeout = "2s"
+        drain = "0ms"
+        [[server]]
+        name = "a"
+        address = "127.0.0.1:9"
+        restart = {{ kind = "manual" }}
+        [[server]]
+        name = "b"
+        address = "127.0.0.1:9"
+        restart = {{ kind = "manual" }}
+        "#,
+        token = common::TOKEN,
+    ))?)
+}
+
+fn role(cp: &Cp) -> String {
+    cp.status()
+        .map(|s| s["leadership"]["role"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+/// A map moving no base (the initial one's default with a path rule).
+fn path_rule() -> Value {
+    json!({"map": {"default": "a", "paths": [{"prefix": "/api/v2.1/x/", "server": "b"}]}})
+}
+
+/// A map moving every base from `a` to `b`.
+fn moving() -> Value {
+    json!({"map": {"default": "b"}, "comment": "move all"})
+}
+
+#[test]
+fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
+    let mut etcd = EtcdCluster::start(1)?;
+    let a = Cp::start(config(&etcd.endpoints(), "a")?)?;
+    wait_until(Duration::from_secs(10), "a to lead", || {
+        Ok((role(&a) == "leader").then_some(()))
+    })?;
+    let b = Cp::start(config(&etcd.endpoints(), "b")?)?;
+    let status = wait_until(Duration::from_secs(10), "b to follow a", || {
+        let s = b.status()?;
+        Ok((s["leadership"]["role"] == "follower").then_some(s))
+    })?;
+    assert_eq!(status["leadership"]["leader"]["replica"], "a", "{status}");
+    assert_eq!(status["store"]["kind"], "etcd");
+    assert_eq!(status["store"]["replica"], "b");
+
+    // A change sent to the follower is the leader's: both serve it.
+    let (code, body) = b.post("/v1/maps", &path_rule())?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    for cp in [&a, &b] {
+        wait_until(Duration::from_secs(5), "version 2 served", || {
+            Ok((cp.status()?["version"] == 2).then_some(()))
+        })?;
+        assert_eq!(cp.plane.snapshot().map_version, 2);
+    }
+    let audit = a.get_json("/v1/audit")?;
+    assert_eq!(audit["entries"][0]["action"], "push.map", "{audit}");
+
+    // Two moving pushes at once, one to each replica: one rollout.
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| a.post("/v1/maps", &moving()));
+        let tb = s.spawn(|| b.post("/v1/maps", &moving()));
+        (ta.join(), tb.join())
+    });
+    let (ca, ba) = ra.map_err(|_| anyhow::anyhow!("push thread panicked"))??;
+    let (cb, bb) = rb.map_err(|_| anyhow::anyhow!("push thread panicked"))??;
+    let mut codes = [ca, cb];
+    codes.sort();
+    assert_eq!(codes, [202, 409], "a: {ba}\nb: {bb}");
+    let rollouts = b.get_json("/v1/rollouts")?;
+    assert_eq!(
+        rollouts["rollouts"].as_array().map(Vec::len),
+        Some(1),
+        "{rollouts}"
+    );
+    // Steered through the follower too: abort, and it rolls back.
+    let (code, body) = b.post("/v1/rollouts/current/abort", &json!({}))?;
+    assert_eq!(code, 200, "{body}");
+    wait_until(Duration::from_secs(10), "the rollout to roll back", || {
+        let r = a.get_json("/v1/rollouts")?;
+        Ok((r["rollouts"][0]["state"] == "rolled_back").then_some(()))
+    })?;
+
+    // etcd gone: every change is refused, naming etcd; status still answers.
+    etcd.kill(0);
+    let (code, body) = wait_until(Duration::from_secs(10), "a change refused", || {
+        let (code, body) = b.post("/v1/maps", &path_rule())?;
+        Ok((code == 503).then_some((code, body)))
+    })?;
+    assert_eq!(code, 503);
+    assert_eq!(body["code"], "etcd_unavailable", "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("etcd"),
+        "{body}"
+    );
+    let (code, body) = a.post("/v1/maps", &path_rule())?;
+    assert_eq!(
+        (code, &body["code"]),
+        (503, &json!("etcd_unavailable")),
+        "{body}"
+    );
+    let status = wait_until(Duration::from_secs(10), "status to say why", || {
+        let s = a.status()?;
+        Ok((s["store"]["ok"] == false && s["leadership"]["role"] == "unavailable").then_some(s))
+    })?;
+    assert!(
+        status["version"].as_u64().is_some_and(|v| v >= 2),
+        "{status}"
+    );
+    assert!(
+        status["store"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("etcd"),
+        "{status}"
+    );
+    Ok(())
+}
