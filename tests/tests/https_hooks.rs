@@ -5,12 +5,14 @@
 //! rollout rolls back with an error that says so and holds no token, and that
 //! agent never sees a request.
 
-use std::net::{SocketAddr, TcpStream};
+use std::ffi::OsStr;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use seashard_tests::agent::{self, Ready};
 use seashard_tests::dtable::{Cluster, FakeDtableServer};
 use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, seactl_bin};
 use seashard_tests::{Proc, free_port, loopback, wait_until};
@@ -43,30 +45,30 @@ fn seactl(args: &[&str]) -> Result<String> {
 /// through its hook; killed on drop. Returns once it accepts connections.
 fn https_agent(dir: &Path, server: &FakeDtableServer, token: &str) -> Result<(Proc, SocketAddr)> {
     let addr = loopback(free_port()?);
+    let (listen, health) = (addr.to_string(), server.health_url());
     let tls = dir.join("tls");
-    let mut cmd = Command::new(seactl_bin()?);
-    cmd.args(["agent", "--listen", &addr.to_string()])
-        .args(["--health-url", &server.health_url()])
-        .arg("--tls-cert")
-        .arg(tls.join("agent.crt"))
-        .arg("--tls-key")
-        .arg(tls.join("agent.key"))
-        .arg("--")
-        .args(server.restart_hook()?)
-        .env("SEASHARD_AGENT_TOKEN", token)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(
-            dir.join(format!("agent-{}.log", server.name)),
-        )?);
-    let mut proc = Proc::spawn(cmd, "seactl agent")?;
-    wait_until(Duration::from_secs(20), "seactl agent to listen", || {
-        if let Some(status) = proc.exited() {
-            bail!("seactl agent exited: {status}");
-        }
-        Ok(TcpStream::connect(addr).ok().map(|_| ()))
-    })?;
+    let hook = server.restart_hook()?;
+    let mut args: Vec<&OsStr> = ["--listen", listen.as_str(), "--health-url", health.as_str()]
+        .into_iter()
+        .map(OsStr::new)
+        .collect();
+    let (cert, key) = (tls.join("agent.crt"), tls.join("agent.key"));
+    args.extend([
+        OsStr::new("--tls-cert"),
+        cert.as_os_str(),
+        OsStr::new("--tls-key"),
+        key.as_os_str(),
+        OsStr::new("--"),
+    ]);
+    args.extend(hook.iter().map(OsStr::new));
+    let log = dir.join(format!("agent-{}.log", server.name));
+    let proc = agent::start(
+        args,
+        &[("SEASHARD_AGENT_TOKEN", token)],
+        &log,
+        addr,
+        Ready::Listening,
+    )?;
     Ok((proc, addr))
 }
 
