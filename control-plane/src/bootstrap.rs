@@ -677,20 +677,24 @@ admin:
 ///   keepalive ends the stream, so with several replicas it pings every 5 s and gives
 ///   up after 3 s without an answer (one PING frame per Envoy every 5 s).
 ///
-/// Either way the new stream must not go to the dead replica (a blackholed one costs
-/// `connect_timeout`, a paused one a keepalive timeout, per attempt), so the cluster
-/// has active health checks: an HTTP request every 3 s to each replica on a kept-alive
-/// connection (a request, not a connection, per check: about 330 requests per second
-/// per replica for 1 000 Envoys); any answer below 500 proves the process serves (the
-/// gRPC port answers `/healthz` with `200` and `grpc-status: 12`, the HTTP API with
-/// `200`); two without an answer within 1 s mark it unhealthy, within about 7 s;
-/// `healthy_panic_threshold: 0` keeps an unhealthy replica out even when most are
-/// (by default, with under half healthy, Envoy picks among all).
+/// Either way the new stream must not go to the dead replica (tried: without more,
+/// Envoy picked a killed one again and again for up to 7 s), so:
+///
+/// - outlier detection ejects a replica at its first local failure (connection
+///   refused or reset, timeout), for 2 s, doubling with each ejection up to 10 s; a
+///   passed health check takes it back at once;
+/// - active health checks catch what carries no traffic: an HTTP request every 3 s to
+///   each replica on a kept-alive connection (a request, not a connection, per check:
+///   about 330 requests per second per replica for 1 000 Envoys); any answer below
+///   500 proves the process serves (the gRPC port answers `/healthz` with `200` and
+///   `grpc-status: 12`, the HTTP API with `200`); two without an answer within 1 s
+///   mark it unhealthy, within about 7 s;
+/// - `healthy_panic_threshold: 0` keeps an unhealthy or ejected replica out even when
+///   most are (by default, with under half healthy, Envoy picks among all).
 ///
 /// Not used: `close_connections_on_host_health_failure` only drains an HTTP/2
 /// connection (GOAWAY, then waits for its streams), and the ADS stream never ends by
-/// itself (tried: the stream stayed on a blackholed replica); outlier detection
-/// learns from traffic, and an idle stream carries none.
+/// itself (tried: the stream stayed on a blackholed replica).
 fn failover(xds: Xds) -> String {
     let codec = match xds {
         Xds::Grpc => "HTTP2",
@@ -698,10 +702,21 @@ fn failover(xds: Xds) -> String {
     };
     format!(
         "    # Several replicas: the stream goes to one of them (round robin); Envoy keeps
-    # its config while it has none. A replica that stops answering /healthz (about
-    # 7 s; any answer below 500 is alive) is no longer picked for a new stream.
+    # its config while it has none. A replica is not picked for a new stream after
+    # a connection to it failed (ejected for 2 s, then longer), nor while it does
+    # not answer /healthz (about 7 s; any answer below 500 is alive).
     common_lb_config:
       healthy_panic_threshold: {{ value: 0 }}
+    outlier_detection:
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 1
+      enforcing_consecutive_local_origin_failure: 100
+      enforcing_consecutive_5xx: 0
+      enforcing_success_rate: 0
+      enforcing_local_origin_success_rate: 0
+      base_ejection_time: 2s
+      max_ejection_time: 10s
+      max_ejection_percent: 100
     health_checks:
     - timeout: 1s
       interval: 3s
@@ -1070,6 +1085,7 @@ mod tests {
                     "              socket_address: { address: 10.0.0.2, port_value: 18000 }\n",
                     "              socket_address: { address: cp-3.example, port_value: 18001 }",
                     "      healthy_panic_threshold: { value: 0 }\n",
+                    "      consecutive_local_origin_failure: 1\n",
                     "        path: /healthz\n",
                 ] {
                     assert!(y.contains(line), "{kind:?} {xds:?}: {line:?} not in\n{y}");

@@ -480,3 +480,63 @@ fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
     );
     assert!(restarts.lines().any(|l| l == "b"), "{restarts}");
 }
+
+/// Several URLs (`--url a,b,c` or `SEASHARD_URL=a,b`): a dead one is skipped; when
+/// none answers, the error names each URL with its error.
+#[test]
+fn several_urls_skip_a_dead_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        serve(&d)
+    };
+    let (a, mut b) = (replica("a"), replica("b"));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let version = |urls: &str| -> Value {
+        let o = run(urls, &["status", "--output", "json"]);
+        let s: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
+        s["version"].clone()
+    };
+
+    // A push through `--url DEAD,A,B` (a map that moves no base) lands on A; B, its
+    // own store, stays at version 1.
+    let map = dir.path().join("map.json");
+    std::fs::write(
+        &map,
+        r#"{"default": "dtable-server", "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]}"#,
+    )
+    .unwrap();
+    let list = [dead.as_str(), &a.url, &b.url].join(",");
+    let m = map.to_str().unwrap();
+    let o = run(
+        &dead,
+        &["push-map", m, "--yes", "--wait", "5", "--url", &list],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(version(&format!("{dead},{}", a.url)), 2);
+    assert_eq!(version(&format!("{dead},{}", b.url)), 1);
+
+    // Every URL dead: exit 2, each URL with its error, no token.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let o = run(&format!("{dead},{}", b.url), &["status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = text(&o);
+    assert!(
+        err.contains("none of the 2 control plane URLs answered"),
+        "{err}"
+    );
+    for url in [&dead, &b.url] {
+        assert!(
+            err.contains(&format!("\n  {url}: GET {url}/v1/status")),
+            "{err}"
+        );
+    }
+    assert!(!err.contains(TOKEN), "{err}");
+
+    // A bad list is refused before anything is sent.
+    let o = run(&format!("{},{}", a.url, a.url), &["status"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("given twice"), "{}", text(&o));
+}
