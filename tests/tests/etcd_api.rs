@@ -16,12 +16,18 @@ mod common;
 use common::Cp;
 
 fn config(endpoints: &[String], replica: &str) -> Result<Config> {
+    Ok(Config::parse(
+        &toml_of(endpoints).replace("REPLICA", replica),
+    )?)
+}
+
+fn toml_of(endpoints: &[String]) -> String {
     let list = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect::<Vec<_>>()
         .join(", ");
-    Ok(Config::parse(&format!(
+    format!(
         r#"
         [listen]
         grpc = "127.0.0.1:0"
@@ -30,7 +36,7 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
         kind = "etcd"
         endpoints = [{list}]
         prefix = "/api-test"
-        replica = "{replica}"
+        replica = "REPLICA"
         lease_ttl = "2s"
         timeout = "1s"
         [api]
@@ -50,7 +56,7 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
         restart = {{ kind = "manual" }}
         "#,
         token = common::TOKEN,
-    ))?)
+    )
 }
 
 fn role(cp: &Cp) -> String {
@@ -123,8 +129,36 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
         Ok((r["rollouts"][0]["state"] == "rolled_back").then_some(()))
     })?;
 
+    // `seactl serve --check` reads the store (and never campaigns).
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("seashard.toml");
+    let text = toml_of(&etcd.endpoints());
+    std::fs::write(&file, text)?;
+    let check = || {
+        std::process::Command::new(seashard_tests::rollout::seactl_bin()?)
+            .args(["serve", "--check", "--config"])
+            .arg(&file)
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let out = check()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("store: etcd") && stdout.contains("/api-test"),
+        "{stdout}"
+    );
+    assert_eq!(role(&a), "leader", "the check took leadership");
+
     // etcd gone: every change is refused, naming etcd; status still answers.
     etcd.kill(0);
+    let out = check()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("etcd"), "{stderr}");
     let (code, body) = wait_until(Duration::from_secs(10), "a change refused", || {
         let (code, body) = b.post("/v1/maps", &path_rule())?;
         Ok((code == 503).then_some((code, body)))

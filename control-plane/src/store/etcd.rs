@@ -72,8 +72,11 @@ struct Shared {
     endpoints: Vec<String>,
     /// How this replica announces itself; its API URL is set by `advertise`.
     info: Mutex<LeaderInfo>,
-    /// True once the API URL is known: campaigning waits for it.
+    /// True once the API listens: campaigning waits for it (`seactl serve --check`
+    /// never campaigns).
     advertised: watch::Sender<bool>,
+    /// `[store] advertise` is set: it wins over the listening address.
+    configured_api: bool,
     lease_ttl: Duration,
     timeout: Duration,
     /// The term while this replica leads.
@@ -282,15 +285,14 @@ impl EtcdStore {
             host: hostname(),
             pid: std::process::id(),
         };
-        // A configured address, or a fixed port, is known now; port 0 once bound.
-        let known = sc.advertise.is_some() || config.listen.http.port() != 0;
         let shared = Arc::new(Shared {
             client,
             prefix: sc.prefix.clone(),
             replica,
             endpoints: sc.endpoints.clone(),
             info: Mutex::new(info),
-            advertised: watch::channel(known).0,
+            advertised: watch::channel(false).0,
+            configured_api: sc.advertise.is_some(),
             lease_ttl: sc.lease_ttl,
             timeout,
             term: Mutex::new(None),
@@ -1196,10 +1198,13 @@ impl Store for EtcdStore {
     }
 
     fn advertise(&self, api: &str) {
-        if !*self.shared.advertised.borrow() {
-            self.shared.lock_info().api = api.to_owned();
-            self.shared.advertised.send_replace(true);
+        if *self.shared.advertised.borrow() {
+            return;
         }
+        if !self.shared.configured_api {
+            self.shared.lock_info().api = api.to_owned();
+        }
+        self.shared.advertised.send_replace(true);
     }
 
     fn leadership(&self) -> watch::Receiver<Leadership> {

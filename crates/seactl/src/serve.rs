@@ -32,12 +32,20 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("starting from {}", args.config.display()))?;
     if args.check {
         control_plane::tls::check(plane.config())?;
+        // Opening the store proved it answers: etcd with a majority, or the file.
         let active = plane.active()?;
+        let store = plane.store().info();
         println!(
-            "{}: valid; active map version {} ({} servers)",
+            "{}: valid; active map version {} ({} servers); store: {} {}{}",
             args.config.display(),
             active.version,
-            plane.config().servers.len()
+            plane.config().servers.len(),
+            store.kind,
+            store.location,
+            store
+                .replica
+                .map(|r| format!(" (this replica: {r})"))
+                .unwrap_or_default()
         );
         return Ok(ExitCode::SUCCESS);
     }
