@@ -911,8 +911,35 @@ pub struct StatusArgs {
     pub remote: Remote,
 }
 
+/// The store line, when there is more to say than "SQLite, leading": etcd, and
+/// which replica leads.
+fn store_line(b: &Value) -> Option<String> {
+    let store = &b["store"];
+    if store["kind"] != "etcd" {
+        return None;
+    }
+    let l = &b["leadership"];
+    let who = match l["role"].as_str() {
+        Some("leader") => format!("this replica leads (term {})", l["term"]),
+        Some("follower") => match l["leader"]["replica"].as_str() {
+            Some(r) => format!(
+                "the leader is {r} ({})",
+                l["leader"]["api"].as_str().unwrap_or("")
+            ),
+            None => "no replica leads right now (an election is under way)".to_owned(),
+        },
+        _ => format!("no leadership: {}", l["reason"].as_str().unwrap_or("")),
+    };
+    Some(format!(
+        "  store: etcd {}, replica {}; {who}",
+        store["location"].as_str().unwrap_or(""),
+        store["replica"].as_str().unwrap_or("")
+    ))
+}
+
 /// Active version, each Envoy's ACK/NACK, each server's health. Exits 1 when a
-/// connected Envoy does not run the current version or a server is down.
+/// connected Envoy does not run the current version or a server is down, or the
+/// store cannot be read.
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let client = Client::new(&args.remote)?;
     let s = client.get("/v1/status")?;
@@ -936,6 +963,17 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         b["cds_version"].as_str().unwrap_or("")
     );
     let mut healthy = true;
+    if let Some(line) = store_line(b) {
+        println!("{line}");
+    }
+    if b["store"]["ok"] == false {
+        healthy = false;
+        println!(
+            "  the store cannot be read, so no change can be made; Envoys keep what \
+             they run: {}",
+            b["store"]["error"].as_str().unwrap_or("")
+        );
+    }
     if b["rollout"].is_object() {
         healthy = false;
         println!(
