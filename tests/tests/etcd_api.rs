@@ -85,7 +85,7 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
     let b = Cp::start(config(&etcd.endpoints(), "b")?)?;
     let status = wait_until(Duration::from_secs(10), "b to follow a", || {
         let s = b.status()?;
-        Ok((s["leadership"]["role"] == "follower").then_some(s))
+        Ok((s["leadership"]["leader"]["replica"] == "a").then_some(s))
     })?;
     assert_eq!(status["leadership"]["leader"]["replica"], "a", "{status}");
     assert_eq!(status["store"]["kind"], "etcd");
@@ -148,6 +148,16 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let status_of = |cp: &Cp| {
+        std::process::Command::new(seashard_tests::rollout::seactl_bin()?)
+            .args(["status", "--url", &format!("http://{}", cp.http)])
+            .env("SEASHARD_TOKEN", common::TOKEN)
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let shown = status_of(&b)?;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("replica b; the leader is a"), "{text}");
     assert!(
         stdout.contains("store: etcd") && stdout.contains("/api-test"),
         "{stdout}"
@@ -189,6 +199,12 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
             .unwrap_or("")
             .contains("etcd"),
         "{status}"
+    );
+    let shown = status_of(&a)?;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        !shown.status.success() && text.contains("the store cannot be read"),
+        "{text}"
     );
     Ok(())
 }
