@@ -369,3 +369,36 @@ pub fn rollout_history(etcd: &EtcdCluster, prefix: &str, id: u64) -> Result<Vec<
     out.reverse();
     Ok(out)
 }
+
+/// Every key under `dir` (e.g. `{prefix}/nodes/`) with its value, as etcd holds
+/// them (for diagnostics).
+pub fn etcd_dump(etcd: &EtcdCluster, dir: &str) -> Result<Vec<(String, String)>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut end = dir.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let member = (0..etcd.len())
+        .find(|&i| etcd.member_healthy(i))
+        .ok_or_else(|| anyhow!("no healthy etcd member"))?;
+    let r = etcd.call(
+        member,
+        "/v3/kv/range",
+        &json!({"key": b64.encode(dir), "range_end": b64.encode(&end)}),
+    )?;
+    let text = |v: &Value| -> String {
+        let bytes = b64
+            .decode(v.as_str().unwrap_or_default())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    Ok(r["kvs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|kv| (text(&kv["key"]), text(&kv["value"])))
+                .collect()
+        })
+        .unwrap_or_default())
+}

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use seashard_tests::dtable::Writers;
 use seashard_tests::lost_writes::{ENVOY_SERVERS, Outcome, WAIT};
 use seashard_tests::replicas::{
-    HaSetup, Options, TAKEOVER_LIMIT, envoy_map_version, rollout_history, rollout_ids, write_once,
+    HaSetup, Options, TAKEOVER_LIMIT, envoy_map_version, etcd_dump, rollout_history, rollout_ids,
+    write_once,
 };
 use seashard_tests::rollout::{Kill, STEPS, new_map, old_map};
 use seashard_tests::wait_until;
@@ -118,7 +119,13 @@ fn kill_run(ha: &mut HaSetup, n: usize, kill: Kill, to: &Value) -> Result<KillRu
     let leader = ha.wait_leader(None, TAKEOVER_LIMIT)?;
     let (status, body) = ha.push(leader, to, &format!("etcd-ha kill run {n}"))?;
     if status != 202 {
-        bail!("run {n}: POST /v1/maps to the leader r{leader}: {status} {body}");
+        let nodes = etcd_dump(&ha.etcd, &format!("{}/nodes/", ha.prefix));
+        let replicas = etcd_dump(&ha.etcd, &format!("{}/replicas/", ha.prefix));
+        let view = ha.get_json(leader, "/v1/nodes");
+        bail!(
+            "run {n}: POST /v1/maps to the leader r{leader}: {status} {body}\n\
+             etcd nodes/: {nodes:#?}\netcd replicas/: {replicas:#?}\nr{leader} /v1/nodes: {view:#?}"
+        );
     }
     let id = body["rollout"]
         .as_u64()
@@ -313,6 +320,21 @@ fn a_paused_leader_resumed_after_a_takeover_is_refused_by_the_store_and_loses_no
         .filter(|(_, s)| matches!(s.as_str(), "done" | "rolled_back"))
         .collect();
     assert_eq!(terminal.len(), 1, "ended more than once: {history:?}");
+    // No step written after a later one (a deposed leader's stale step would be).
+    let rank = |s: &str| match s {
+        "plan" => 0,
+        "fence" => 1,
+        "restart" => 2,
+        "activate" => 3,
+        "done" => 4,
+        "rolling_back" => 5,
+        "rolled_back" => 6,
+        _ => 7,
+    };
+    assert!(
+        history.windows(2).all(|w| rank(&w[0].1) <= rank(&w[1].1)),
+        "a step went back: {history:?}"
+    );
     assert_eq!(
         history.last(),
         terminal.first().copied(),
