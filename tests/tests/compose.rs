@@ -149,15 +149,15 @@ fn check_control_plane(s: &Service, bootstrap: &Value, web: &Value, grpc: u16) -
 #[test]
 fn every_compose_file_passes_docker_compose_config() {
     let config = seashard_config().unwrap();
-    let mut checked = 0;
-    for server in config.servers.iter().map(|s| s.name.as_str()) {
-        for file in ["dtable-web.yml", "dtable-server.yml"] {
-            docker_compose(file, server, &env_example(), &["config", "-q"])
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            checked += 1;
-        }
+    let first = config.servers[0].name.as_str();
+    let nodes = config
+        .servers
+        .iter()
+        .map(|s| ("dtable-server.yml", s.name.as_str()));
+    for (file, server) in [("dtable-web.yml", first)].into_iter().chain(nodes) {
+        docker_compose(file, server, &env_example(), &["config", "-q"])
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
-    assert_eq!(checked, 4);
 
     // The check can fail: without a secret the YAML requires, config refuses and
     // names it.
