@@ -208,22 +208,33 @@ impl Client {
 
     /// Sends the request to the current URL, and to the next ones while it fails
     /// where another replica may succeed: no connection (or a GET's answer lost), or
-    /// a `503` with a code of [`NOT_SERVING_CODES`]. A POST that may have reached a
+    /// a `503` with a code of [`NOT_SERVING_CODES`]; a `not_leader` answer naming the
+    /// leader's API among our URLs sends it there next (never to a URL not given: the
+    /// token goes only where the operator said). A POST that may have reached a
     /// replica is not sent again. With one URL, its answer or error as it comes.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer> {
         if let [base] = &self.bases[..] {
             return self.call_one(base, method, path, body).map_err(|(e, _)| e);
         }
         let n = self.bases.len();
-        let first = self.current.get();
+        // The order to try: the current URL first, then the others in turn.
+        let mut order: Vec<usize> = (0..n).map(|k| (self.current.get() + k) % n).collect();
         let mut tried = Vec::with_capacity(n);
         let mut hint = None;
-        for k in 0..n {
-            let i = (first + k) % n;
+        let mut k = 0;
+        while k < order.len() {
+            let i = order[k];
+            k += 1;
             let base = &self.bases[i];
             match self.call_one(base, method, path, body) {
                 Ok(a) if a.status == 503 && not_serving(&a) => {
                     tried.push((base.clone(), describe_error(&a)));
+                    let leader = a.body["leader"]["api"].as_str().unwrap_or_default();
+                    let leader = leader.trim_end_matches('/');
+                    if let Some(at) = order[k..].iter().position(|&j| self.bases[j] == leader) {
+                        let j = order.remove(k + at);
+                        order.insert(k, j);
+                    }
                 }
                 Ok(a) => {
                     self.current.set(i);
@@ -1133,10 +1144,10 @@ mod tests {
     const TOKEN: &str = "client-test-token-123";
 
     /// What a test server does with a request.
-    #[derive(Clone, Copy)]
+    #[derive(Clone)]
     enum Behaviour {
         /// Answers this status and JSON body.
-        Answer(u16, &'static str),
+        Answer(u16, String),
         /// Reads the request, then closes without answering.
         Hang,
     }
@@ -1163,7 +1174,7 @@ mod tests {
                     match listener.accept() {
                         Ok((conn, _)) => {
                             h.fetch_add(1, Ordering::Relaxed);
-                            let _ = serve(conn, b);
+                            let _ = serve(conn, &b);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
@@ -1191,7 +1202,7 @@ mod tests {
         }
     }
 
-    fn serve(conn: TcpStream, b: Behaviour) -> std::io::Result<()> {
+    fn serve(conn: TcpStream, b: &Behaviour) -> std::io::Result<()> {
         conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut r = BufReader::new(conn.try_clone()?);
@@ -1238,16 +1249,25 @@ mod tests {
         .unwrap()
     }
 
-    const OK: Behaviour = Behaviour::Answer(200, r#"{"ok":true}"#);
-    const NOT_LEADER: Behaviour = Behaviour::Answer(
-        503,
-        r#"{"error":"this replica is not the leader","code":"not_leader"}"#,
-    );
+    fn answer(status: u16, json: &str) -> Behaviour {
+        Behaviour::Answer(status, json.to_owned())
+    }
+
+    fn ok() -> Behaviour {
+        answer(200, r#"{"ok":true}"#)
+    }
+
+    fn not_leader() -> Behaviour {
+        answer(
+            503,
+            r#"{"error":"this replica is not the leader","code":"not_leader"}"#,
+        )
+    }
 
     #[test]
     fn fails_over_from_a_closed_port_and_keeps_the_one_that_answered() {
         let closed = closed_url();
-        let (busy, ok) = (Server::start(NOT_LEADER), Server::start(OK));
+        let (busy, ok) = (Server::start(not_leader()), Server::start(ok()));
         let c = client(&[&closed, &busy.url, &ok.url]);
         for path in ["/v1/status", "/v1/nodes"] {
             let a = c.get(path).unwrap();
@@ -1262,13 +1282,39 @@ mod tests {
     }
 
     #[test]
+    fn a_not_leader_answer_naming_one_of_the_urls_sends_it_there_next() {
+        let (other, leader) = (Server::start(ok()), Server::start(ok()));
+        // The leader's URL as the replica advertises it, with a trailing `/`.
+        let body = format!(
+            r#"{{"error":"this replica does not lead","code":"not_leader",
+                "leader":{{"replica":"cp-3","api":"{}/"}}}}"#,
+            leader.url
+        );
+        let follower = Server::start(answer(503, &body));
+        let c = client(&[&follower.url, &other.url, &leader.url]);
+        assert_eq!(c.post("/v1/maps", &json!({})).unwrap().status, 200);
+        assert_eq!((follower.hits(), other.hits(), leader.hits()), (1, 0, 1));
+        assert_eq!(c.current.get(), 2);
+        // A leader that is none of our URLs is not asked: the token stays with them.
+        let stranger = Server::start(ok());
+        let body = format!(
+            r#"{{"error":"x","code":"not_leader","leader":{{"api":"{}"}}}}"#,
+            stranger.url
+        );
+        let follower = Server::start(answer(503, &body));
+        let c = client(&[&follower.url, &other.url]);
+        assert_eq!(c.post("/v1/maps", &json!({})).unwrap().status, 200);
+        assert_eq!((stranger.hits(), other.hits()), (0, 1));
+    }
+
+    #[test]
     fn an_http_answer_is_not_failed_over() {
         for b in [
-            Behaviour::Answer(409, r#"{"error":"stale base version","code":"conflict"}"#),
-            Behaviour::Answer(401, r#"{"error":"unauthorized"}"#),
-            Behaviour::Answer(503, r#"{"error":"busy","code":"rollout_running"}"#),
+            answer(409, r#"{"error":"stale base version","code":"conflict"}"#),
+            answer(401, r#"{"error":"unauthorized"}"#),
+            answer(503, r#"{"error":"busy","code":"rollout_running"}"#),
         ] {
-            let (first, second) = (Server::start(b), Server::start(OK));
+            let (first, second) = (Server::start(b), Server::start(ok()));
             let c = client(&[&first.url, &second.url]);
             let a = c.post("/v1/maps", &json!({})).unwrap();
             assert_ne!(a.status, 200);
@@ -1279,7 +1325,7 @@ mod tests {
     #[test]
     fn when_none_answers_the_error_names_each_url() {
         let closed = closed_url();
-        let busy = Server::start(Behaviour::Answer(
+        let busy = Server::start(answer(
             503,
             r#"{"error":"etcd has no majority","code":"etcd_unavailable"}"#,
         ));
@@ -1302,7 +1348,7 @@ mod tests {
 
     #[test]
     fn a_change_that_may_have_arrived_is_not_sent_again() {
-        let (hang, ok) = (Server::start(Behaviour::Hang), Server::start(OK));
+        let (hang, ok) = (Server::start(Behaviour::Hang), Server::start(ok()));
         let c = client(&[&hang.url, &ok.url]);
         let err = format!("{:#}", c.post("/v1/maps", &json!({})).unwrap_err());
         assert!(err.contains("may have reached"), "{err}");
@@ -1318,7 +1364,7 @@ mod tests {
         let c = client(&[&closed]);
         let err = format!("{:#}", c.get("/v1/status").unwrap_err());
         assert!(err.starts_with(&format!("GET {closed}/v1/status")), "{err}");
-        let busy = Server::start(NOT_LEADER);
+        let busy = Server::start(not_leader());
         let a = client(&[&busy.url]).get("/v1/status").unwrap();
         assert_eq!(a.status, 503);
     }
