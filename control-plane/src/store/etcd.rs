@@ -311,6 +311,7 @@ impl EtcdStore {
         if let Some(kv) = active {
             shared.active.send_replace(parse_u64(&kv)?);
         }
+        runtime.spawn(watch_members(shared.clone()));
         runtime.spawn(campaign(shared.clone()));
         runtime.spawn(watch_active(shared.clone()));
         runtime.spawn(watch_nodes(shared.clone()));
@@ -451,6 +452,50 @@ fn audit_op(s: &Shared, entry: &AuditEntry) -> TxnOp {
         )),
         encode(entry),
         None,
+    )
+}
+
+/// How often each member's client port is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(300);
+
+/// Keeps requests off members that do not accept connections: the client balances
+/// over every endpoint and would otherwise keep sending a share of requests to a
+/// dead member, failing each. A member is taken out when its client port refuses
+/// connections (while another one accepts them) and put back when it accepts
+/// them again.
+async fn watch_members(s: Arc<Shared>) {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let mut alive = Vec::with_capacity(s.endpoints.len());
+        for e in &s.endpoints {
+            alive.push(accepts(e).await);
+        }
+        if !alive.iter().any(|a| *a) {
+            continue;
+        }
+        for (e, up) in s.endpoints.iter().zip(alive) {
+            let was_out = out.contains(e);
+            if !up && !was_out && s.client.remove_endpoint(e).await.is_ok() {
+                tracing::warn!(endpoint = %e, "etcd member unreachable: not used until it is back");
+                out.push(e.clone());
+            } else if up && was_out && s.client.add_endpoint(e).await.is_ok() {
+                tracing::info!(endpoint = %e, "etcd member reachable again");
+                out.retain(|o| o != e);
+            }
+        }
+    }
+}
+
+/// Whether the member at `endpoint` (`http(s)://HOST:PORT`) accepts a connection.
+async fn accepts(endpoint: &str) -> bool {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .trim_end_matches('/');
+    matches!(
+        tokio::time::timeout(PROBE_EVERY, tokio::net::TcpStream::connect(authority)).await,
+        Ok(Ok(_))
     )
 }
 
