@@ -315,7 +315,7 @@ fn the_compose_topology_rolls_out_through_its_agents_and_guards() {
             .count();
         assert_eq!(stops, 1, "{name}");
         assert!(
-            log(&format!("agent-{name}.log")).contains("restart"),
+            log(&format!("agent-{name}.log")).contains("restarted and healthy"),
             "{name}'s agent"
         );
     }
