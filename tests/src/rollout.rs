@@ -169,6 +169,23 @@ impl ControlPlaneProcess {
         get(self.http, path, &[("authorization", auth.as_str())])?.json()
     }
 
+    /// `POST /v1/maps` of `map` (a rollout: `202`), then the rollout's record once it
+    /// ended (`done` or `rolled_back`), within `timeout`; errors carry its logs.
+    pub fn push_and_wait(&self, map: &Value, comment: &str, timeout: Duration) -> Result<Value> {
+        let (status, body) = self.post("/v1/maps", &json!({"map": map, "comment": comment}))?;
+        if status != 202 {
+            bail!("POST /v1/maps: {status} {body}");
+        }
+        let id = body["rollout"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no rollout id in {body}"))?;
+        wait_until(timeout, "the rollout to end", || {
+            let r = self.get_json(&format!("/v1/rollouts/{id}"))?;
+            Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
+        })
+        .with_context(|| self.logs())
+    }
+
     /// Waits until every node in `ids` is connected and ACKed the current filter config.
     pub fn wait_current(&self, ids: &[&str]) -> Result<()> {
         wait_until(WAIT, &format!("Envoys {ids:?} to be current"), || {

@@ -280,20 +280,9 @@ fn the_compose_topology_rolls_out_through_its_agents_and_guards() {
     check_routing(&edge, &guards, &initial).unwrap_or_else(|e| panic!("{e:#}"));
     let pids: Vec<Option<u32>> = names.iter().map(|n| cluster.server(n).pid()).collect();
 
-    let (status, body) = cp
-        .post(
-            "/v1/maps",
-            &json!({"map": moved, "comment": "compose topology"}),
-        )
+    let rollout = cp
+        .push_and_wait(&json!(moved), "compose topology", Duration::from_secs(60))
         .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = body["rollout"].as_u64().unwrap();
-    let rollout = wait_until(Duration::from_secs(60), "the rollout to end", || {
-        let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-        Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-    })
-    .with_context(|| cp.logs())
-    .unwrap();
     let log = |name: &str| read(&dir.path().join(name)).unwrap_or_default();
     assert_eq!(
         rollout["state"],

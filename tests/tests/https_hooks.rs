@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 use seashard_tests::agent::{self, Ready};
 use seashard_tests::dtable::{Cluster, FakeDtableServer};
 use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, seactl_bin};
-use seashard_tests::{Proc, free_port, loopback, wait_until};
+use seashard_tests::{Proc, free_port, loopback};
 use serde_json::json;
 
 const SERVERS: [&str; 2] = ["dtable-server", "dtable-server-2"];
@@ -155,16 +155,9 @@ fn an_https_hook_reaches_its_agent_and_an_untrusted_certificate_is_refused() {
     let pids: Vec<Option<u32>> = SERVERS.iter().map(|n| cluster.server(n).pid()).collect();
 
     let moved = json!({"default": SERVERS[0], "slots": {"0-3": SERVERS[0], "4-f": SERVERS[1]}});
-    let (status, body) = cp
-        .post("/v1/maps", &json!({"map": moved, "comment": "https hooks"}))
+    let rollout = cp
+        .push_and_wait(&moved, "https hooks", Duration::from_secs(60))
         .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = body["rollout"].as_u64().unwrap();
-    let rollout = wait_until(Duration::from_secs(60), "the rollout to end", || {
-        let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-        Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-    })
-    .unwrap();
     let log = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
     let logs = || {
         format!(
