@@ -2,8 +2,9 @@
 //! addresses, against two real `seactl serve` replicas (each its own SQLite store,
 //! the same initial map): it keeps routing when its replica dies, moves to the other
 //! within seconds (killed: its connection resets; blackholed: HTTP/2 keepalive
-//! ends the stream, health checks keep the next one off it), and an Envoy started
-//! while one replica is dead gets its map from the other.
+//! ends the stream, health checks keep the next one off it), an Envoy started
+//! while one replica is dead gets its map from the other, and one that lost every
+//! replica keeps routing and returns to the first one back.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -225,4 +226,37 @@ fn an_envoy_leaves_a_blackholed_replica_within_seconds() {
     let took = follow_failover(&edge, &replicas, on, "blackholed").unwrap();
     // Keepalive: a PING every 5 s, 3 s to answer.
     assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[test]
+fn with_every_replica_down_an_envoy_keeps_routing_and_returns_to_the_first_back() {
+    let Setup {
+        _dir,
+        _servers,
+        mut replicas,
+    } = setup().unwrap();
+    let (ga, gb) = (replicas[0].grpc, replicas[1].grpc);
+    let edge = envoy("edge-1", ga, gb).unwrap();
+    let on = connected_to(&replicas, "edge-1").unwrap();
+    replicas[on].kill();
+    replicas[1 - on].kill();
+    // Both ejected and failing health checks, for a while: nothing to pick.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(4) {
+        routes_by_the_map(&edge).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The one it was not on comes back (same ports, same store).
+    let back = 1 - on;
+    replicas[back].start_again().unwrap();
+    let began = Instant::now();
+    wait_until(FAILOVER_LIMIT, "edge-1 to return", || {
+        Ok(current_on(&replicas[back], "edge-1").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", diagnosis(&edge)));
+    eprintln!(
+        "both replicas down; replica {back} back: edge-1 current on it after {:?}",
+        began.elapsed()
+    );
+    routes_by_the_map(&edge).unwrap();
 }
