@@ -26,7 +26,7 @@ use crate::lost_writes::{BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, SAVE_INTER
 use crate::rollout::{ControlPlaneProcess, TOKEN, old_map, slow_hook, start_managed_envoy};
 use crate::{Connection, Envoy, free_port, get, loopback, wait_until, wasm_file};
 
-/// The leader's lease: a dead leader is replaced after about this.
+/// The leader's lease of the tests: a dead leader is replaced after about this.
 pub const LEASE_TTL: &str = "2s";
 /// A bound on a takeover (lease, campaign, and a loaded 2-core machine).
 pub const TAKEOVER_LIMIT: Duration = Duration::from_secs(15);
@@ -43,6 +43,8 @@ pub struct Options {
     pub envoys: Vec<String>,
     /// `[rollout] ack_timeout`.
     pub ack_timeout: &'static str,
+    /// `[store] lease_ttl`.
+    pub lease_ttl: &'static str,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             replicas: 3,
             envoys: vec!["edge-1".into(), "edge-2".into()],
             ack_timeout: "4s",
+            lease_ttl: LEASE_TTL,
         }
     }
 }
@@ -111,12 +114,13 @@ impl HaSetup {
             "initial_map = \"initial.json\"\n\
              [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
              [store]\nkind = \"etcd\"\nendpoints = {endpoints}\nprefix = \"{}\"\n\
-             replica = \"r{i}\"\nlease_ttl = \"{LEASE_TTL}\"\ntimeout = \"2s\"\n\
+             replica = \"r{i}\"\nlease_ttl = \"{}\"\ntimeout = \"2s\"\n\
              [api]\ntoken = \"{TOKEN}\"\n\
              [filter]\nwasm = {:?}\nretry_after = 1\n\
              [rollout]\nack_timeout = \"{}\"\nhealth_timeout = \"10s\"\n\
              restart_timeout = \"20s\"\ndrain = \"200ms\"\n",
             self.prefix,
+            opts.lease_ttl,
             wasm_file("base_router.wasm")?,
             opts.ack_timeout,
         );
