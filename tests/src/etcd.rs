@@ -33,7 +33,8 @@ use crate::{free_port, loopback, wait_until};
 
 /// How long a cluster (or a restarted member) gets to become ready.
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// The timeout of one HTTP request to a member (connect, write, read).
+/// The default timeout of one HTTP request to a member (connect, write, read); see
+/// [`EtcdCluster::set_request_timeout`].
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Raft heartbeat, ms (etcd's default is 100).
 pub const HEARTBEAT_MS: u64 = 50;
@@ -72,6 +73,7 @@ struct Member {
 /// A running etcd cluster; every member is killed and the data removed on drop.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    request_timeout: Duration,
     initial_cluster: String,
     token: String,
     // Dropped after `members` (declaration order), so no member still writes to it.
@@ -134,6 +136,7 @@ impl EtcdCluster {
         );
         let mut cluster = EtcdCluster {
             members,
+            request_timeout: REQUEST_TIMEOUT,
             initial_cluster,
             token,
             dir,
@@ -186,6 +189,14 @@ impl EtcdCluster {
         m.proc = Some(proc);
         m.stopped = false;
         Ok(())
+    }
+
+    /// How long [`EtcdCluster::put`], [`EtcdCluster::get`], [`EtcdCluster::call`]
+    /// and the health checks wait for one answer ([`REQUEST_TIMEOUT`] by default).
+    /// etcd itself holds a request it cannot commit for about 5 s before it
+    /// answers with an error.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
     }
 
     /// How many members the cluster has (running or not).
@@ -290,13 +301,13 @@ impl EtcdCluster {
     }
 
     /// Whether member `i` answers `/health` with `{"health":"true"}` (it is up and
-    /// sees a leader) within [`REQUEST_TIMEOUT`].
+    /// sees a leader) within the request timeout.
     pub fn member_healthy(&self, i: usize) -> bool {
         let m = &self.members[i];
         if m.proc.is_none() {
             return false;
         }
-        health(m.client, REQUEST_TIMEOUT).unwrap_or(false)
+        health(m.client, self.request_timeout).unwrap_or(false)
     }
 
     /// Whether every member is running and healthy.
@@ -351,7 +362,7 @@ impl EtcdCluster {
 
     /// Puts `key` = `value` through member `i`'s v3 HTTP gateway; the store's
     /// revision after it. An error when the member refuses (no quorum: an etcd
-    /// error answer) or does not answer within [`REQUEST_TIMEOUT`].
+    /// error answer) or does not answer within the request timeout.
     pub fn put(&self, i: usize, key: &str, value: &str) -> Result<i64> {
         let body = json!({"key": B64.encode(key), "value": B64.encode(value)});
         let r = self.call(i, "/v3/kv/put", &body)?;
@@ -381,7 +392,7 @@ impl EtcdCluster {
             "POST",
             path,
             Some(body.to_string().as_bytes()),
-            REQUEST_TIMEOUT,
+            self.request_timeout,
         )
         .with_context(|| format!("etcd {} POST {path}", m.name))?;
         if status != 200 {
