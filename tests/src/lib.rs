@@ -17,6 +17,7 @@
 //! | seashard rollout (part b) | [`rollout::ControlPlaneProcess`] (a real `seactl serve`, SIGKILL and restart), [`rollout::seashard_experiment`] |
 //! | fleet safety (a cut-off edge, shared node ids, guards) | [`fleet::run`] |
 //! | etcd cluster (members killed, paused, restarted) | [`etcd::EtcdCluster::start`] |
+//! | control plane replicas on etcd (leader killed, paused; Envoys given every replica) | [`replicas::HaSetup::start`] |
 //! | a link that silently dies | [`relay::Relay`] (`cut`, `heal`; connects from its own loopback address) |
 //! | `seactl agent` (HTTP or HTTPS) | [`agent::start`] |
 //! | the SeaTable compose files (`deploy/compose`) | [`compose`] (bootstrap arguments, `docker-compose config` services) |
