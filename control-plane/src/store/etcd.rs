@@ -192,6 +192,29 @@ impl Shared {
         Ok(r.take_kvs())
     }
 
+    /// Marks this replica's node records disconnected (it holds no stream yet).
+    async fn disconnect_own_nodes(&self) -> Result<(), StoreError> {
+        let kvs = self.newest(&format!("nodes/{}", self.replica), 0).await?;
+        let mut puts = Vec::new();
+        for kv in &kvs {
+            let mut n: NodeRecord = decode(kv)?;
+            if n.connected_since.take().is_some() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                puts.push(TxnOp::put(key, encode(&n), None));
+            }
+        }
+        let mut puts = puts.into_iter().peekable();
+        while puts.peek().is_some() {
+            let chunk: Vec<TxnOp> = puts.by_ref().take(MAX_TXN_OPS).collect();
+            self.client
+                .kv_client()
+                .txn(Txn::new().and_then(chunk))
+                .await
+                .map_err(etcd_error)?;
+        }
+        Ok(())
+    }
+
     /// Runs a leader write; a refused condition is told apart: not the leader any
     /// more (the fence), or `other` (the caller's own condition).
     async fn leader_txn(
@@ -311,6 +334,16 @@ impl EtcdStore {
         if let Some(kv) = active {
             shared.active.send_replace(parse_u64(&kv)?);
         }
+        // Before this replica is announced alive again: the node records an earlier
+        // run of it left (killed, it could not mark them disconnected) hold no stream.
+        // Else the other replicas count them as connected, and an Envoy now on
+        // another replica as held twice (a node id conflict: every rollout refused).
+        let s = shared.clone();
+        block(
+            &runtime,
+            timeout,
+            async move { s.disconnect_own_nodes().await },
+        )?;
         runtime.spawn(watch_members(shared.clone()));
         runtime.spawn(campaign(shared.clone()));
         runtime.spawn(watch_active(shared.clone()));
