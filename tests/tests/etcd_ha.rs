@@ -152,8 +152,13 @@ fn kill_run(ha: &mut HaSetup, n: usize, kill: Kill, to: &Value) -> Result<KillRu
         .with_context(|| format!("start r{leader} again"))?;
     eprintln!(
         "run {n}: {kill:?}: killed r{leader} at {seen}; r{next} led after {takeover:?}; \
-         rollout {id} {} (resumed {})",
-        end["state"], end["resumed"]
+         rollout {id} {} (resumed {}){}",
+        end["state"],
+        end["resumed"],
+        match end["reason"].as_str() {
+            Some(why) if end["state"] == "rolled_back" => format!(": {why}"),
+            _ => String::new(),
+        }
     );
     Ok(KillRun {
         kill,
