@@ -22,10 +22,11 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(20);
 const BASE_1: &str = "12345678-1234-1234-1234-123456789abc";
 const BASE_2: &str = "9abcdef0-1234-1234-1234-123456789abc";
 
+/// Dropped in this order: the replicas, then the servers and the directory.
 struct Setup {
-    _dir: tempfile::TempDir,
-    _servers: [Upstream; 2],
     replicas: [ControlPlaneProcess; 2],
+    _servers: [Upstream; 2],
+    _dir: tempfile::TempDir,
 }
 
 /// Two fake dtable-servers and two replicas serving the same initial map.
@@ -97,6 +98,13 @@ fn connected_to(replicas: &[ControlPlaneProcess; 2], id: &str) -> Result<usize> 
     )
 }
 
+/// edge-1, given both replicas' addresses, and the replica it became current on.
+fn edge_on_a_replica(replicas: &[ControlPlaneProcess; 2]) -> Result<(Envoy, usize)> {
+    let edge = envoy("edge-1", replicas[0].grpc, replicas[1].grpc)?;
+    let on = connected_to(replicas, "edge-1")?;
+    Ok((edge, on))
+}
+
 /// Which server answered a request for `base` through `envoy`.
 fn served_by(envoy: &Envoy, base: &str) -> Result<String> {
     let r = get(
@@ -165,6 +173,23 @@ fn follow_failover(
     )
     .with_context(|| diagnosis(envoy))?;
     let took = began.elapsed();
+    if took > Duration::from_secs(2) {
+        // Why it was slow: which replica Envoy tried, how each was judged.
+        let why: Vec<String> = diagnosis(envoy)
+            .lines()
+            .filter(|l| {
+                [
+                    "::cx_connect_fail::",
+                    "::health_flags::",
+                    "outlier_detection.ejections_active",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            })
+            .map(str::to_owned)
+            .collect();
+        eprintln!("slow failover:\n{}", why.join("\n"));
+    }
     eprintln!(
         "replica {from} {how}: {id} current on replica {} after {took:?} ({routed} \
          requests routed by the map meanwhile)",
@@ -175,18 +200,13 @@ fn follow_failover(
 
 #[test]
 fn an_envoy_moves_to_the_live_replica_and_a_new_one_starts_from_it() {
-    let Setup {
-        _dir,
-        _servers,
-        mut replicas,
-    } = setup().unwrap();
-    let (ga, gb) = (replicas[0].grpc, replicas[1].grpc);
-    let edge = envoy("edge-1", ga, gb).unwrap();
-    let on = connected_to(&replicas, "edge-1").unwrap();
+    let mut setup = setup().unwrap();
+    let replicas = &mut setup.replicas;
+    let (edge, on) = edge_on_a_replica(replicas).unwrap();
     routes_by_the_map(&edge).unwrap();
 
     replicas[on].kill();
-    follow_failover(&edge, &replicas, on, "SIGKILLed").unwrap();
+    follow_failover(&edge, replicas, on, "SIGKILLed").unwrap();
     routes_by_the_map(&edge).unwrap();
 
     // A new Envoy, the dead replica listed first: its map comes from the live one.
@@ -194,24 +214,23 @@ fn an_envoy_moves_to_the_live_replica_and_a_new_one_starts_from_it() {
     let (dead, live) = (replicas[on].grpc, replicas[other].grpc);
     let began = Instant::now();
     let edge2 = envoy("edge-2", dead, live).unwrap();
+    let up = began.elapsed();
     wait_until(FAILOVER_LIMIT, "edge-2 to be current", || {
         Ok(current_on(&replicas[other], "edge-2").then_some(()))
     })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", edge2.logs()));
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", diagnosis(&edge2)));
     routes_by_the_map(&edge2).unwrap();
     eprintln!(
-        "edge-2 started with replica {on} dead: routing by the map {:?} after its start",
-        began.elapsed()
+        "edge-2 started with replica {on} dead: ready in {up:?}, current on replica {other} \
+         {:?} later",
+        began.elapsed() - up
     );
 }
 
 #[test]
 fn an_envoy_leaves_a_blackholed_replica_within_seconds() {
-    let Setup {
-        _dir,
-        _servers,
-        replicas,
-    } = setup().unwrap();
+    let setup = setup().unwrap();
+    let replicas = &setup.replicas;
     // Each replica behind a relay that can silently stop passing bytes: no reset,
     // only HTTP/2 keepalive ends the stream, and the health checks keep the new one
     // off the dead replica.
@@ -221,23 +240,18 @@ fn an_envoy_leaves_a_blackholed_replica_within_seconds() {
         Relay::start(replicas[1].grpc, source).unwrap(),
     ];
     let edge = envoy("edge-1", relays[0].addr, relays[1].addr).unwrap();
-    let on = connected_to(&replicas, "edge-1").unwrap();
+    let on = connected_to(replicas, "edge-1").unwrap();
     relays[on].cut();
-    let took = follow_failover(&edge, &replicas, on, "blackholed").unwrap();
+    let took = follow_failover(&edge, replicas, on, "blackholed").unwrap();
     // Keepalive: a PING every 5 s, 3 s to answer.
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
 
 #[test]
 fn with_every_replica_down_an_envoy_keeps_routing_and_returns_to_the_first_back() {
-    let Setup {
-        _dir,
-        _servers,
-        mut replicas,
-    } = setup().unwrap();
-    let (ga, gb) = (replicas[0].grpc, replicas[1].grpc);
-    let edge = envoy("edge-1", ga, gb).unwrap();
-    let on = connected_to(&replicas, "edge-1").unwrap();
+    let mut setup = setup().unwrap();
+    let replicas = &mut setup.replicas;
+    let (edge, on) = edge_on_a_replica(replicas).unwrap();
     replicas[on].kill();
     replicas[1 - on].kill();
     // Both ejected and failing health checks, for a while: nothing to pick.
