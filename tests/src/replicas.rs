@@ -45,6 +45,9 @@ pub struct Options {
     pub ack_timeout: &'static str,
     /// `[store] lease_ttl`.
     pub lease_ttl: &'static str,
+    /// Put before each server's restart hook (`fake-dtable-ctl restart`): by default
+    /// [`slow_hook`]'s 300 ms pause, so a kill can land while a hook runs.
+    pub hook_prefix: Vec<String>,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             envoys: vec!["edge-1".into(), "edge-2".into()],
             ack_timeout: "4s",
             lease_ttl: LEASE_TTL,
+            hook_prefix: slow_hook(Vec::new()),
         }
     }
 }
@@ -130,7 +134,7 @@ impl HaSetup {
                  restart = {{ kind = \"command\", argv = {} }}\n",
                 s.name,
                 s.addr,
-                serde_json::to_string(&slow_hook(s.restart_hook()?))?
+                serde_json::to_string(&[opts.hook_prefix.clone(), s.restart_hook()?].concat())?
             ));
         }
         let path = d.join("seashard.toml");

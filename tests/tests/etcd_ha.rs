@@ -148,6 +148,21 @@ fn kill_run(ha: &mut HaSetup, n: usize, kill: Kill, to: &Value) -> Result<KillRu
     let takeover = t0.elapsed();
     let survivors = ha.running();
     let end = ha.wait_rollout_end(&survivors, id)?;
+    if end["state"] == "rolled_back" {
+        // Why: the new leader's hook lines, and what the hooks printed.
+        let hooks: Vec<String> = ha.replicas[next]
+            .last_log()
+            .lines()
+            .filter(|l| l.contains("hook") || l.contains("restart"))
+            .map(|l| l.chars().take(300).collect())
+            .collect();
+        eprintln!("run {n}: r{next} on hooks: {hooks:#?}");
+        for s in &ha.cluster.servers {
+            let out = std::fs::read_to_string(s.output_path()).unwrap_or_default();
+            let tail: Vec<&str> = out.lines().rev().take(15).collect();
+            eprintln!("run {n}: {} output (newest first): {tail:#?}", s.name);
+        }
+    }
     ha.restart(leader)
         .with_context(|| format!("start r{leader} again"))?;
     eprintln!(
@@ -654,4 +669,85 @@ fn two_concurrent_pushes_to_two_replicas_start_exactly_one_rollout() {
     ha.wait_current(&["edge-1", "edge-2"]).unwrap();
     wait_writes(&writers, 100);
     check_no_write_lost(&mut ha, writers, 200);
+}
+
+// ---------------------------------------------------------------------------
+// 7. A restart hook a killed leader left running
+// ---------------------------------------------------------------------------
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_restart_hook_left_running_by_a_killed_leader_is_waited_for_by_the_new_one() {
+    let _serial = serial();
+    // The hook execs into a second stage that runs past the takeover, as a wrapper
+    // script ending in `exec` does (`sh -c '...; exec systemctl restart ...'`).
+    let mut hook_prefix = seashard_tests::rollout::slow_hook(Vec::new());
+    hook_prefix.extend(["sh", "-c", "sleep 5; exec \"$@\"", "sh"].map(String::from));
+    let mut ha = HaSetup::start(&Options {
+        hook_prefix,
+        ..two_replicas()
+    })
+    .unwrap();
+    let writers = ha.writers(2);
+    wait_writes(&writers, 100);
+    let leader = ha.wait_leader(None, TAKEOVER_LIMIT).unwrap();
+    let (status, body) = ha.push(leader, &new_map(), "etcd-ha hook").unwrap();
+    assert_eq!(status, 202, "{body}");
+    let id = body["rollout"].as_u64().unwrap();
+    let (server, pid) = wait_until(WAIT, "a restart hook's pid in the rollout", || {
+        let r = ha.rollout(&[leader], id)?;
+        Ok(r["restart"].as_array().and_then(|a| {
+            a.iter().find_map(|s| {
+                let hp = s["hook_process"].as_array()?;
+                Some((
+                    s["server"].as_str()?.to_owned(),
+                    hp.get(1)?.as_u64()? as u32,
+                ))
+            })
+        }))
+    })
+    .unwrap();
+    // Past its first stage's `exec`.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(alive(pid), "the hook {pid} of {server} ended too soon");
+    ha.kill(leader).unwrap();
+    let next = ha.wait_leader(Some(leader), TAKEOVER_LIMIT).unwrap();
+    let running_at_takeover = alive(pid);
+    assert!(
+        running_at_takeover,
+        "the earlier hook {pid} ended before the takeover: nothing to wait for"
+    );
+    let end = ha.wait_rollout_end(&[next], id).unwrap();
+    let log = ha.replicas[next].last_log();
+    let waited = log
+        .lines()
+        .find(|l| l.contains("an earlier leader started still runs"))
+        .map(str::to_owned);
+    eprintln!(
+        "hook {pid} of {server} ran on past the takeover by r{next}; rollout {id} {}; \
+         the new leader waited for it: {waited:?}",
+        end["state"]
+    );
+    ha.wait_current(&["edge-1", "edge-2"]).unwrap();
+    wait_writes(&writers, 100);
+    check_no_write_lost(&mut ha, writers, 200);
+    assert!(
+        waited.is_some(),
+        "r{next} took over while the hook {pid} that r{leader} started for {server} still \
+         ran (on this host, its pid recorded) and ran its own without waiting for it:\n{}",
+        log.lines()
+            .filter(|l| l.contains("restart") || l.contains("hook"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
