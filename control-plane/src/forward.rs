@@ -12,7 +12,9 @@
 //! without etcd, a change gets 503 with a `code` saying why (`no_leader`,
 //! `etcd_unavailable`), which `seactl` with several URLs answers by trying the
 //! next one. A leader whose API speaks HTTPS is not forwarded to: the answer is
-//! 503 `not_leader` naming it, and the client goes there itself.
+//! 503 `not_leader` naming it, and the client goes there itself. A forwarded
+//! change whose answer is lost is 502 `forward_outcome_unknown`: it may have been
+//! made, so no client sends it again on its own.
 
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ use crate::store::{LeaderInfo, Leadership};
 /// How long the leader gets to answer a forwarded change. A push that starts a
 /// rollout answers at once (202); one that needs none waits for the Envoys' ACKs.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting to the leader may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The header a forwarded request carries (the leader never forwards it again)
 /// and its answer carries back: the replica that did the change.
@@ -121,18 +125,38 @@ async fn forward(leader: &LeaderInfo, request: Request) -> Response {
             .unwrap_or(header::HeaderValue::from_static("leader")),
     );
     let request = Request::from_parts(parts, body);
-    match tokio::time::timeout(FORWARD_TIMEOUT, send(&authority, request)).await {
+    // Until the connection is made nothing was sent: a client may try elsewhere.
+    // Once the request went out, the leader may have done it: 502, which no
+    // client retries, since sending a change twice could apply it twice.
+    let stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&authority))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return not_leader(format!("cannot connect: {e}")),
+            Err(_) => return not_leader(format!("cannot connect within {CONNECT_TIMEOUT:?}")),
+        };
+    let unknown = |why: String| {
+        let body = json!({
+            "error": format!(
+                "forwarded to the leader `{}` at {}, whose answer was lost ({why}): the change \
+                 may or may not have been made; check `seactl status` before sending it again",
+                leader.replica, leader.api
+            ),
+            "code": "forward_outcome_unknown",
+            "problems": [],
+        });
+        (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, send(stream, request)).await {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) => not_leader(e),
-        Err(_) => not_leader(format!("no answer within {FORWARD_TIMEOUT:?}")),
+        Ok(Err(e)) => unknown(e),
+        Err(_) => unknown(format!("no answer within {FORWARD_TIMEOUT:?}")),
     }
 }
 
-/// Sends `request` over a new HTTP/1.1 connection to `authority`.
-async fn send(authority: &str, request: Request) -> Result<Response, String> {
-    let stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+/// Sends `request` over `stream` (HTTP/1.1).
+async fn send(stream: tokio::net::TcpStream, request: Request) -> Result<Response, String> {
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
