@@ -95,6 +95,8 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
             if matches!(
                 s.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    // The client's own request timeout (`Timeout expired`).
+                    | tonic::Code::Cancelled
             ) || s.message().contains("no leader") =>
         {
             StoreError::Unavailable(s.message().to_owned())
@@ -1308,4 +1310,18 @@ async fn read_rollout(s: &Shared, id: u64) -> Result<Option<StoredRollout>, Stor
         .await?
         .map(|a| String::from_utf8_lossy(a.value()).into_owned());
     Ok(Some(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_own_request_timeout_is_unavailable_not_an_internal_error() {
+        // What a request gets when `with_timeout` expires first (seen as a 500).
+        let e = etcd_client::Error::GRpcStatus(tonic::Status::cancelled("Timeout expired"));
+        assert!(matches!(etcd_error(e), StoreError::Unavailable(_)));
+        let e = etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument("bad"));
+        assert!(matches!(etcd_error(e), StoreError::Etcd(_)));
+    }
 }
