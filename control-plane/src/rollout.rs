@@ -159,10 +159,20 @@ pub struct ServerRestart {
     pub healthy_at: Option<i64>,
     #[serde(default)]
     pub error: Option<String>,
-    /// The running command hook, `(host, pid)`: a leader taking over on the same
-    /// host waits for it rather than restart the server a second time at once.
+    /// The running command hook: a leader taking over on the same host waits for
+    /// it rather than restart the server a second time at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hook_process: Option<(String, u32)>,
+    pub hook_process: Option<HookProcess>,
+}
+
+/// A command hook's process, as a leader on another term can find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookProcess {
+    pub host: String,
+    pub pid: u32,
+    /// Its start time (clock ticks since boot, `/proc/PID/stat`): a pid reused by
+    /// another process does not match; a hook that `exec`s another program does.
+    pub started: u64,
 }
 
 /// A server the rollout leaves running, and why.
@@ -917,26 +927,17 @@ async fn run_hook(
 
 /// Waits (at most `timeout`) for a command hook an earlier leader started for
 /// `server` on this host, if it still runs: one restart of a server at a time.
-async fn wait_for_earlier_hook(
-    server: &str,
-    host: &str,
-    pid: u32,
-    hook: &RestartHook,
-    timeout: Duration,
-) {
-    let RestartHook::Command { argv, .. } = hook else {
-        return;
-    };
-    if host != crate::store::etcd::hostname() {
+async fn wait_for_earlier_hook(server: &str, earlier: &HookProcess, timeout: Duration) {
+    if earlier.host != crate::store::etcd::hostname() {
         return;
     }
     let start = Instant::now();
     let mut logged = false;
-    while runs(pid, argv) && start.elapsed() < timeout {
+    while start_time(earlier.pid) == Some(earlier.started) && start.elapsed() < timeout {
         if !logged {
             tracing::warn!(
                 server,
-                pid,
+                pid = earlier.pid,
                 "the restart hook an earlier leader started still runs: waiting for it"
             );
             logged = true;
@@ -945,17 +946,12 @@ async fn wait_for_earlier_hook(
     }
 }
 
-/// Whether process `pid` runs `argv` (its command line, as /proc shows it): a pid
-/// reused by another program does not count.
-fn runs(pid: u32, argv: &[String]) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let running: Vec<&[u8]> = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .collect();
-    running.len() == argv.len() && running.iter().zip(argv).all(|(a, b)| *a == b.as_bytes())
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it exists.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Polls `url` until it answers `pong` or `timeout` passed.
@@ -1043,8 +1039,8 @@ async fn restart_servers(
             let (plane, tx) = (plane.clone(), tx.clone());
             let timeouts = (cfg.restart_timeout, cfg.health_timeout);
             tasks.spawn(async move {
-                if let Some((host, pid)) = earlier {
-                    wait_for_earlier_hook(&name, &host, pid, &server.restart, timeouts.0).await;
+                if let Some(earlier) = earlier {
+                    wait_for_earlier_hook(&name, &earlier, timeouts.0).await;
                 }
                 let spawned = |pid| {
                     let _ = tx.try_send(Restarted::Spawned(i, pid));
@@ -1080,7 +1076,11 @@ async fn restart_servers(
         };
         match event {
             Some(Restarted::Spawned(i, pid)) => {
-                r.restart[i].hook_process = Some((crate::store::etcd::hostname(), pid));
+                r.restart[i].hook_process = start_time(pid).map(|started| HookProcess {
+                    host: crate::store::etcd::hostname(),
+                    pid,
+                    started,
+                });
                 save(plane, r)?;
             }
             Some(Restarted::Hooked(i)) => {
@@ -1417,4 +1417,27 @@ fn finish(plane: &ControlPlane, r: &mut Rollout, end: Step) -> Result<(), Rollou
         "rollout finished"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hook_is_known_by_its_start_time_across_exec_and_not_after_it_ends() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.2; exec sleep 30"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let started = start_time(pid).expect("a running process has a start time");
+        // After the exec: another command line, the same process.
+        std::thread::sleep(Duration::from_millis(500));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!cmdline.starts_with(b"sh"), "the hook did not exec yet");
+        assert_eq!(start_time(pid), Some(started));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(start_time(pid), None);
+    }
 }
