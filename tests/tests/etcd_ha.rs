@@ -708,10 +708,9 @@ fn a_restart_hook_left_running_by_a_killed_leader_is_waited_for_by_the_new_one()
         let r = ha.rollout(&[leader], id)?;
         Ok(r["restart"].as_array().and_then(|a| {
             a.iter().find_map(|s| {
-                let hp = s["hook_process"].as_array()?;
                 Some((
                     s["server"].as_str()?.to_owned(),
-                    hp.get(1)?.as_u64()? as u32,
+                    s["hook_process"]["pid"].as_u64()? as u32,
                 ))
             })
         }))
