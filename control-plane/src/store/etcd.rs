@@ -348,8 +348,12 @@ impl EtcdStore {
         )?;
         runtime.spawn(watch_members(shared.clone()));
         runtime.spawn(campaign(shared.clone()));
-        runtime.spawn(watch_active(shared.clone()));
-        runtime.spawn(watch_nodes(shared.clone()));
+        runtime.spawn(keep_following(
+            shared.clone(),
+            "the active version",
+            follow_active,
+        ));
+        runtime.spawn(keep_following(shared.clone(), "node records", follow_nodes));
         Ok(EtcdStore {
             shared,
             runtime,
@@ -670,18 +674,24 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
     result
 }
 
-/// Keeps `active` current: a get, then a watch from the next revision; again after
-/// any error.
-async fn watch_active(s: Arc<Shared>) {
+/// Runs `follow` (a read, then a watch from the next revision) again after every
+/// error, for as long as the store lives.
+async fn keep_following<F, Fut>(s: Arc<Shared>, what: &'static str, follow: F)
+where
+    F: Fn(Arc<Shared>) -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
     loop {
-        if let Err(e) = follow_active(&s).await {
-            tracing::warn!(error = %e, "the watch of the active version ended; watching again");
+        if let Err(e) = follow(s.clone()).await {
+            tracing::warn!(error = %e, "the watch of {what} ended; watching again");
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
-async fn follow_active(s: &Shared) -> Result<(), StoreError> {
+/// Keeps `active` current.
+async fn follow_active(s: Arc<Shared>) -> Result<(), StoreError> {
+    let s = s.as_ref();
     let mut client = s.client.clone();
     let mut r = client
         .get(s.key("active"), None)
@@ -727,16 +737,8 @@ fn replace(v: &mut u64, new: Result<u64, StoreError>) -> bool {
 
 /// Keeps the other replicas' node records current, with whether each replica is
 /// alive.
-async fn watch_nodes(s: Arc<Shared>) {
-    loop {
-        if let Err(e) = follow_nodes(&s).await {
-            tracing::warn!(error = %e, "the watch of node records ended; watching again");
-        }
-        tokio::time::sleep(RETRY).await;
-    }
-}
-
-async fn follow_nodes(s: &Shared) -> Result<(), StoreError> {
+async fn follow_nodes(s: Arc<Shared>) -> Result<(), StoreError> {
+    let s = s.as_ref();
     let mut client = s.client.clone();
     let nodes_dir = s.key("nodes/");
     let replicas_dir = s.key("replicas/");

@@ -686,36 +686,4 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "wal");
     }
-
-    #[test]
-    fn nodes_round_trip() {
-        let s = SqliteStore::open_in_memory().unwrap();
-        let mut n = NodeRecord {
-            id: "edge-1@127.0.0.2".into(),
-            node_id: "edge-1".into(),
-            peer: Some("127.0.0.2".into()),
-            role: "guard:dtable-server-2".into(),
-            cluster: "edge".into(),
-            first_seen: 1,
-            connected_since: Some(2),
-            last_seen: 3,
-            transport: "grpc".into(),
-            types: vec![(
-                "ecds".into(),
-                TypeRecord {
-                    acked_version: Some("1".into()),
-                    acked_at: Some(3),
-                    nacked_version: Some("2".into()),
-                    nack_error: Some("bad".into()),
-                    nacked_at: Some(4),
-                },
-            )],
-        };
-        s.save_nodes(std::slice::from_ref(&n)).unwrap();
-        n.connected_since = None;
-        s.save_nodes(std::slice::from_ref(&n)).unwrap();
-        assert_eq!(s.load_nodes().unwrap(), vec![n]);
-        assert_eq!(s.delete_nodes(&["edge-1@127.0.0.2".into()]).unwrap(), 1);
-        assert!(s.load_nodes().unwrap().is_empty());
-    }
 }
