@@ -44,6 +44,11 @@ pub async fn start_mtls(dir: &Path, tls: &SimTls, bind_node_ids: bool) -> Runnin
 /// A control plane with `listen_extra` (e.g. `[listen.tls]`) after `[listen]`, and
 /// `api_extra` (e.g. `[api.tls]`) after `[api]`.
 pub async fn start_with(dir: &Path, listen_extra: &str, api_extra: &str) -> Running {
+    start_config(dir, listen_extra, api_extra, "path = \"state.db\"").await
+}
+
+/// As [`start_with`], with `store` as the `[store]` section's body.
+pub async fn start_config(dir: &Path, listen_extra: &str, api_extra: &str, store: &str) -> Running {
     let text = format!(
         r#"
         [listen]
@@ -53,7 +58,7 @@ pub async fn start_with(dir: &Path, listen_extra: &str, api_extra: &str) -> Runn
         max_streams_per_peer = 100000
         {listen_extra}
         [store]
-        path = "state.db"
+        {store}
         [api]
         token = "{TOKEN}"
         {api_extra}
