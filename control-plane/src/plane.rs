@@ -239,7 +239,7 @@ impl ControlPlane {
             .served
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if served.version >= version.version && self.snapshot().map_version >= version.version {
+        if served.version >= version.version {
             return false;
         }
         *served = Arc::new(version);
