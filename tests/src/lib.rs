@@ -132,7 +132,30 @@ pub fn wasm_file(name: &str) -> Result<PathBuf> {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago. Prefer port 0 where
 /// the server can report what it bound (Envoy, echo-upstream do).
+///
+/// Ports come from below the kernel's ephemeral range (32768-60999 on Linux), each
+/// handed out once per process: a server the tests stop and start again on its
+/// port (a restarted dtable-server) cannot find it taken meanwhile by a listener
+/// that asked the kernel for any port (`:0`), or by another test's `free_port`.
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // Another process (a test binary run beside this one) starts elsewhere.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let start = (std::process::id().wrapping_mul(7919) ^ nanos) % SPAN;
+        let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
