@@ -169,14 +169,16 @@ pub struct FakeDtableServer {
 
 impl FakeDtableServer {
     /// Starts a server named `name` on a free loopback port, saving to
-    /// `storage_dir` every `save_interval`. Returns once it listens.
+    /// `storage_dir` every `save_interval`. Returns once it listens. The port is
+    /// [`crate::free_port`]'s, outside the kernel's ephemeral range: no listener
+    /// asking for any port can take it while the server restarts.
     pub fn start(name: &str, storage_dir: &Path, save_interval: Duration) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("seashard-dtable-{name}-"))
             .tempdir()?;
         let mut s = FakeDtableServer {
             name: name.to_string(),
-            addr: "127.0.0.1:0".parse().expect("valid address"),
+            addr: crate::loopback(crate::free_port()?),
             storage: storage_dir.to_path_buf(),
             save_interval,
             dir,
