@@ -30,7 +30,7 @@
 //! The client runs on a runtime of its own, on its own thread: the [`Store`] calls
 //! are synchronous (as SQLite's), and each waits at most `[store] timeout`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -205,9 +205,14 @@ impl Shared {
                 puts.push(TxnOp::put(key, encode(&n), None));
             }
         }
-        let mut puts = puts.into_iter().peekable();
-        while puts.peek().is_some() {
-            let chunk: Vec<TxnOp> = puts.by_ref().take(MAX_TXN_OPS).collect();
+        self.unconditional(puts).await
+    }
+
+    /// Runs `ops` (no condition), in transactions of at most [`MAX_TXN_OPS`].
+    async fn unconditional(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
             self.client
                 .kv_client()
                 .txn(Txn::new().and_then(chunk))
@@ -215,6 +220,22 @@ impl Shared {
                 .map_err(etcd_error)?;
         }
         Ok(())
+    }
+
+    /// The active version number (0 in a new store).
+    async fn active_now(&self) -> Result<u64, StoreError> {
+        match self.get(self.key("active")).await? {
+            Some(kv) => parse_u64(&kv),
+            None => Ok(0),
+        }
+    }
+
+    /// A leader write with no condition of its own.
+    async fn leader_write(&self, then: Vec<TxnOp>) -> Result<(), StoreError> {
+        self.leader_txn(Vec::new(), then, || {
+            StoreError::Etcd("etcd refused an unconditional write".into())
+        })
+        .await
     }
 
     /// Runs a leader write; a refused condition is told apart: not the leader any
@@ -235,10 +256,7 @@ impl Shared {
             return Ok(());
         }
         let term = self.term()?;
-        let leader_now = r.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
-            _ => None,
-        });
+        let leader_now = first_got(&r);
         match leader_now {
             Some(kv) if kv.create_revision() == term => Err(other()),
             kv => {
@@ -461,6 +479,14 @@ pub(crate) fn hostname() -> String {
     crate::bootstrap::local_hostname().unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// The first key a transaction's `get` found.
+fn first_got(r: &etcd_client::TxnResponse) -> Option<KeyValue> {
+    r.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+        _ => None,
+    })
+}
+
 fn parse_u64(kv: &KeyValue) -> Result<u64, StoreError> {
     std::str::from_utf8(kv.value())
         .ok()
@@ -623,10 +649,7 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
                 tracing::info!(replica = %s.replica, term = revision, "elected leader");
                 (Some(revision), revision + 1)
             } else {
-                let kv = r.op_responses().into_iter().find_map(|op| match op {
-                    TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
-                    _ => None,
-                });
+                let kv = first_got(&r);
                 let leader = kv.as_ref().and_then(|kv| decode::<LeaderInfo>(kv).ok());
                 s.leadership.send_replace(Leadership::Follower { leader });
                 (None, revision + 1)
@@ -750,7 +773,7 @@ async fn follow_nodes(s: Arc<Shared>) -> Result<(), StoreError> {
     let r = client.txn(txn).await.map_err(etcd_error)?;
     let revision = r.header().map(|h| h.revision()).unwrap_or(0);
     let mut records: BTreeMap<String, (String, NodeRecord)> = BTreeMap::new();
-    let mut live: BTreeMap<String, ()> = BTreeMap::new();
+    let mut live: BTreeSet<String> = BTreeSet::new();
     for op in r.op_responses() {
         if let TxnOpResponse::Get(g) = op {
             for kv in g.kvs() {
@@ -759,26 +782,16 @@ async fn follow_nodes(s: Arc<Shared>) -> Result<(), StoreError> {
         }
     }
     publish_nodes(s, &records, &live);
-    let mut stream = client
-        .watch(
-            nodes_dir,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
-            ),
+    let after = || {
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1),
         )
-        .await
-        .map_err(etcd_error)?;
+    };
+    let mut stream = client.watch(nodes_dir, after()).await.map_err(etcd_error)?;
     stream
-        .watch(
-            replicas_dir,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
-            ),
-        )
+        .watch(replicas_dir, after())
         .await
         .map_err(etcd_error)?;
     while let Some(w) = stream.message().await.map_err(etcd_error)? {
@@ -808,14 +821,14 @@ async fn follow_nodes(s: Arc<Shared>) -> Result<(), StoreError> {
 fn apply(
     s: &Shared,
     records: &mut BTreeMap<String, (String, NodeRecord)>,
-    live: &mut BTreeMap<String, ()>,
+    live: &mut BTreeSet<String>,
     kv: &KeyValue,
     put: bool,
 ) -> bool {
     let key = String::from_utf8_lossy(kv.key());
     if let Some(replica) = key.strip_prefix(&s.key("replicas/")) {
         if put {
-            live.insert(replica.to_owned(), ());
+            live.insert(replica.to_owned());
         } else {
             live.remove(replica);
         }
@@ -848,12 +861,12 @@ fn apply(
 fn publish_nodes(
     s: &Shared,
     records: &BTreeMap<String, (String, NodeRecord)>,
-    live: &BTreeMap<String, ()>,
+    live: &BTreeSet<String>,
 ) {
     let nodes = records
         .values()
         .map(|(replica, record)| RemoteNode {
-            live: live.contains_key(replica),
+            live: live.contains(replica),
             replica: replica.clone(),
             record: record.clone(),
         })
@@ -946,11 +959,7 @@ impl Store for EtcdStore {
                     s.active.send_replace(n);
                     return Ok(n);
                 }
-                let active = match s.get(active_key).await? {
-                    Some(kv) => parse_u64(&kv)?,
-                    None => 0,
-                };
-                return Err(conflict(active));
+                return Err(conflict(s.active_now().await?));
             }
             let when = vec![Compare::value(
                 active_key.clone(),
@@ -963,13 +972,7 @@ impl Store for EtcdStore {
                     s.active.send_replace(n);
                     Ok(n)
                 }
-                Err(StoreError::Conflict { .. }) => {
-                    let active = match s.get(active_key).await? {
-                        Some(kv) => parse_u64(&kv)?,
-                        None => 0,
-                    };
-                    Err(conflict(active))
-                }
+                Err(StoreError::Conflict { .. }) => Err(conflict(s.active_now().await?)),
                 Err(e) => Err(e),
             }
         })
@@ -1012,24 +1015,15 @@ impl Store for EtcdStore {
     }
 
     fn save_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
-        let ops: Vec<(String, String)> = nodes
+        let s = &self.shared;
+        let puts: Vec<TxnOp> = nodes
             .iter()
-            .map(|n| (format!("nodes/{}/{}", self.shared.replica, n.id), encode(n)))
+            .map(|n| {
+                let key = s.key(&format!("nodes/{}/{}", s.replica, n.id));
+                TxnOp::put(key, encode(n), None)
+            })
             .collect();
-        self.call(move |s| async move {
-            for chunk in ops.chunks(MAX_TXN_OPS) {
-                let puts = chunk
-                    .iter()
-                    .map(|(k, v)| TxnOp::put(s.key(k), v.clone(), None))
-                    .collect::<Vec<_>>();
-                s.client
-                    .kv_client()
-                    .txn(Txn::new().and_then(puts))
-                    .await
-                    .map_err(etcd_error)?;
-            }
-            Ok(())
-        })
+        self.call(move |s| async move { s.unconditional(puts).await })
     }
 
     fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -1063,25 +1057,15 @@ impl Store for EtcdStore {
                     keys.iter().any(|k| k == instance).then_some(key)
                 })
                 .collect();
-            let mut deleted = 0usize;
-            for chunk in doomed.chunks(MAX_TXN_OPS) {
-                let dels = chunk
-                    .iter()
-                    .map(|k| TxnOp::delete(k.clone(), None))
-                    .collect::<Vec<_>>();
-                s.client
-                    .kv_client()
-                    .txn(Txn::new().and_then(dels))
-                    .await
-                    .map_err(etcd_error)?;
-                deleted += chunk.len();
-            }
             // One Envoy instance, however many replicas held it: as SQLite counts.
-            let instances: std::collections::BTreeSet<&str> = doomed
+            let instances: BTreeSet<&str> = doomed
                 .iter()
                 .filter_map(|k| k.strip_prefix(&dir)?.split_once('/').map(|(_, i)| i))
                 .collect();
-            Ok(instances.len().min(deleted))
+            let forgotten = instances.len();
+            let dels = doomed.iter().map(|k| TxnOp::delete(k.clone(), None));
+            s.unconditional(dels.collect()).await?;
+            Ok(forgotten)
         })
     }
 
@@ -1191,10 +1175,7 @@ impl Store for EtcdStore {
         let reason = reason.to_owned();
         self.call(move |s| async move {
             let then = vec![TxnOp::put(abort_key(&s, id), reason, None)];
-            s.leader_txn(Vec::new(), then, || {
-                StoreError::Etcd("unreachable: no condition".into())
-            })
-            .await
+            s.leader_write(then).await
         })
     }
 
@@ -1253,10 +1234,7 @@ impl Store for EtcdStore {
                     then.len() - 3
                 )));
             }
-            s.leader_txn(Vec::new(), then, || {
-                StoreError::Etcd("unreachable: no condition".into())
-            })
-            .await
+            s.leader_write(then).await
         })
     }
 
