@@ -1,8 +1,9 @@
 //! Runs the control plane: binds the gRPC (ADS) and HTTP listeners, a task that
 //! writes node changes to the store in batches, and one that follows the store:
 //! the active version another replica published, the other replicas' Envoys, and
-//! this replica's leadership (a new leader resumes the stored rollout). With `[listen.tls]` ADS is served
-//! over mutual TLS, with `[api.tls]` the API over HTTPS ([`crate::tls`]).
+//! this replica's leadership (a new leader resumes the stored rollout). With
+//! `[listen.tls]` ADS is served over mutual TLS, with `[api.tls]` the API over
+//! HTTPS ([`crate::tls`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -255,8 +256,9 @@ async fn follow_store(
     let mut active = plane.store().watch_active();
     let mut nodes = plane.store().watch_nodes();
     plane.registry().set_remote(&nodes.borrow_and_update());
-    let mut serving = *active.borrow_and_update();
-    adopt(&plane, serving).await;
+    // Read first: a watch's borrow must not be held across an await.
+    let n = *active.borrow_and_update();
+    adopt(&plane, n).await;
     enum Change {
         Active,
         Nodes,
@@ -272,8 +274,8 @@ async fn follow_store(
         match change {
             Err(_) => break,
             Ok(Change::Active) => {
-                serving = *active.borrow_and_update();
-                adopt(&plane, serving).await;
+                let n = *active.borrow_and_update();
+                adopt(&plane, n).await;
             }
             Ok(Change::Nodes) => {
                 let records = nodes.borrow_and_update().clone();

@@ -314,17 +314,11 @@ impl EtcdStore {
                 .map_err(etcd_error)
         })?;
         let replica = replica_name(config);
-        let scheme = if config.api.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
         let info = LeaderInfo {
             replica: replica.clone(),
-            api: sc
-                .advertise
-                .clone()
-                .unwrap_or_else(|| format!("{scheme}://{}", config.listen.http)),
+            // Else the listening address, from `advertise`; nothing is announced
+            // before it (campaigning waits for it).
+            api: sc.advertise.clone().unwrap_or_default(),
             host: hostname(),
             pid: std::process::id(),
         };
