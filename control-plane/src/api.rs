@@ -104,7 +104,7 @@ pub struct ApiError {
     status: StatusCode,
     error: String,
     problems: Vec<Problem>,
-    extra: Option<(&'static str, Value)>,
+    extra: Vec<(&'static str, Value)>,
 }
 
 impl ApiError {
@@ -113,16 +113,30 @@ impl ApiError {
             status,
             error: error.into(),
             problems: Vec::new(),
-            extra: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// An error with a `code` a client acts on (e.g. `etcd_unavailable`: try
+    /// another replica).
+    pub(crate) fn coded(status: StatusCode, code: &str, error: impl Into<String>) -> ApiError {
+        ApiError::new(status, error).with("code", json!(code))
+    }
+
+    /// The answer with `key` set to `value` beside `error` and `problems`.
+    pub(crate) fn with(mut self, key: &'static str, value: Value) -> ApiError {
+        self.extra.push((key, value));
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "error": self.error, "problems": self.problems });
-        if let (Some((k, v)), Some(obj)) = (self.extra, body.as_object_mut()) {
-            obj.insert(k.to_owned(), v);
+        if let Some(obj) = body.as_object_mut() {
+            for (k, v) in self.extra {
+                obj.insert(k.to_owned(), v);
+            }
         }
         (self.status, Json(body)).into_response()
     }
@@ -137,9 +151,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotLeader(_) => "not_leader",
             _ => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-        let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-        err.extra = Some(("code", json!(code)));
-        err
+        ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
     }
 }
 
@@ -156,8 +168,8 @@ impl From<ProposeError> for ApiError {
             }
             ProposeError::MovesBases(plan) => ApiError {
                 problems: moved_problems(&plan),
-                extra: Some(("plan", serde_json::to_value(&*plan).unwrap_or(Value::Null))),
                 ..ApiError::new(StatusCode::CONFLICT, reason)
+                    .with("plan", serde_json::to_value(&*plan).unwrap_or(Value::Null))
             },
             ProposeError::Store(e) => e.into(),
         }

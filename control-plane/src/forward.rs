@@ -25,7 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::api::Api;
+use crate::api::{Api, ApiError};
 use crate::store::{LeaderInfo, Leadership};
 
 /// How long the leader gets to answer a forwarded change. A push that starts a
@@ -76,14 +76,12 @@ pub(crate) async fn changes_to_leader(
 
 /// 503 with a JSON body: `{"error", "code", "leader"?}`.
 fn refuse(code: &str, error: String, leader: Option<&LeaderInfo>) -> Response {
-    let mut body = json!({ "error": error, "code": code, "problems": [] });
-    if let (Some(l), Some(obj)) = (leader, body.as_object_mut()) {
-        obj.insert(
-            "leader".into(),
-            json!({ "replica": l.replica, "api": l.api }),
-        );
+    let err = ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, code, error);
+    match leader {
+        Some(l) => err.with("leader", json!({ "replica": l.replica, "api": l.api })),
+        None => err,
     }
-    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    .into_response()
 }
 
 async fn forward(leader: &LeaderInfo, request: Request) -> Response {
@@ -137,16 +135,16 @@ async fn forward(leader: &LeaderInfo, request: Request) -> Response {
             Err(_) => return not_leader(format!("cannot connect within {CONNECT_TIMEOUT:?}")),
         };
     let unknown = |why: String| {
-        let body = json!({
-            "error": format!(
+        ApiError::coded(
+            StatusCode::BAD_GATEWAY,
+            "forward_outcome_unknown",
+            format!(
                 "forwarded to the leader `{}` at {}, whose answer was lost ({why}): the change \
                  may or may not have been made; check `seactl status` before sending it again",
                 leader.replica, leader.api
             ),
-            "code": "forward_outcome_unknown",
-            "problems": [],
-        });
-        (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+        )
+        .into_response()
     };
     match tokio::time::timeout(FORWARD_TIMEOUT, send(stream, request)).await {
         Ok(Ok(response)) => response,
