@@ -22,11 +22,8 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
 }
 
 fn toml_of(endpoints: &[String]) -> String {
-    let list = endpoints
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // A JSON array of strings is a TOML array too (as `replicas` writes it).
+    let list = serde_json::to_string(endpoints).unwrap_or_default();
     format!(
         r#"
         [listen]
@@ -34,7 +31,7 @@ fn toml_of(endpoints: &[String]) -> String {
         http = "127.0.0.1:0"
         [store]
         kind = "etcd"
-        endpoints = [{list}]
+        endpoints = {list}
         prefix = "/api-test"
         replica = "REPLICA"
         lease_ttl = "2s"

@@ -211,11 +211,8 @@ fn sqlite_store() {
 }
 
 fn etcd_config(endpoints: &[String], replica: &str, prefix: &str) -> Config {
-    let list = endpoints
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // A JSON array of strings is a TOML array too (as `replicas` writes it).
+    let list = serde_json::to_string(endpoints).unwrap_or_default();
     Config::parse(&format!(
         r#"
         [listen]
@@ -223,7 +220,7 @@ fn etcd_config(endpoints: &[String], replica: &str, prefix: &str) -> Config {
         http = "127.0.0.1:0"
         [store]
         kind = "etcd"
-        endpoints = [{list}]
+        endpoints = {list}
         prefix = "{prefix}"
         replica = "{replica}"
         lease_ttl = "2s"
