@@ -5,6 +5,23 @@
 //! bases whose uuid starts with a digit somewhere. The first-character regexes become
 //! slots, a literal uuid prefix becomes a pin, `default` stays; anything that cannot
 //! be translated exactly becomes a path rule (or is dropped) with a warning.
+//!
+//! Server names (invariant: two upstream blocks with different `server` lines are
+//! never one server unless `--server` says so, and then with a loud warning). A block
+//! is named by `--server UPSTREAM=NAME`, else by the host of its first `server` line
+//! (SeaTable's compose names, `dtable-server-2`), unless that host is shared with a
+//! block listing other servers (`10.0.0.4:5000` and `10.0.0.4:5001`: two
+//! dtable-servers) or the name is taken by another block: then by the block's own
+//! name, unique in nginx, with a warning. Falling back rather than failing keeps the
+//! common case working with no flag, and the names it picks are the ones the map
+//! already uses; only when the block's name is taken too (by a `--server` name) is it
+//! an error naming both blocks. Blocks listing the same servers are one server. Two
+//! blocks given one name by `--server` are the operator's choice (say, one machine
+//! known by a name and an address), kept, and warned about as MERGED: if they were
+//! two dtable-servers, the bases nginx spread over them are on both (`seactl
+//! audit-nginx` counts their addresses apart and reports those bases). A block with
+//! several `server` lines is nginx balancing each base over several dtable-servers:
+//! imported as one server, with a warning.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +37,8 @@ pub struct Import {
 }
 
 /// Translates an nginx configuration. `servers` maps upstream names to server names;
-/// unlisted upstreams are named after the host of their first `server` line.
+/// unlisted upstreams are named after the host of their first `server` line, or their
+/// block when that would merge two (see the module doc).
 pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, Problems> {
     let mut problems = Problems::default();
     let directives = match parse(conf) {
@@ -33,24 +51,15 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
     let mut warnings = Vec::new();
 
     // Upstream name → server name.
-    let mut upstreams: BTreeMap<String, String> = BTreeMap::new();
-    walk(&directives, &mut |d| {
-        if d.name != "upstream" {
-            return;
+    let named = match name_upstreams(&directives, servers) {
+        Ok((named, more)) => {
+            warnings.extend(more);
+            named
         }
-        let (Some(name), Some(block)) = (d.args.first(), &d.block) else {
-            return;
-        };
-        let host = block
-            .iter()
-            .find(|s| s.name == "server")
-            .and_then(|s| s.args.first())
-            .map(|a| host_of(a));
-        let server = servers.get(name).cloned().or(host);
-        if let Some(s) = server {
-            upstreams.insert(name.clone(), s);
-        }
-    });
+        Err(p) => return Err(p),
+    };
+    let upstreams: BTreeMap<String, String> =
+        named.into_iter().map(|u| (u.name, u.server)).collect();
 
     let mut maps = Vec::new();
     walk(&directives, &mut |d| {
@@ -293,6 +302,162 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// Where an upstream block's server name came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// `--server UPSTREAM=NAME`.
+    Given,
+    /// The host of its first `server` line.
+    Host,
+    /// The block's own name.
+    Block,
+}
+
+/// Names the server of every upstream block, never two blocks with different
+/// `server` lines alike unless `servers` says so (see the module doc), and warns
+/// about blocks that balance over several servers. The blocks in config order.
+fn name_upstreams(
+    directives: &[Directive],
+    servers: &BTreeMap<String, String>,
+) -> Result<(Vec<UpstreamBlock>, Vec<String>), Problems> {
+    let mut blocks: Vec<(UpstreamBlock, Named, Vec<String>)> = Vec::new();
+    walk(directives, &mut |d| {
+        let (true, Some(name), Some(block)) = (d.name == "upstream", d.args.first(), &d.block)
+        else {
+            return;
+        };
+        let addrs: Vec<String> = block
+            .iter()
+            .filter(|s| s.name == "server")
+            .filter_map(|s| s.args.first().cloned())
+            .collect();
+        let (server, named) = match (servers.get(name), addrs.first()) {
+            (Some(s), _) => (s.clone(), Named::Given),
+            (None, Some(a)) => (host_of(a), Named::Host),
+            (None, None) => (name.clone(), Named::Block),
+        };
+        // What identifies the dtable-servers behind the block.
+        let mut key: Vec<String> = addrs.iter().map(|a| a.to_ascii_lowercase()).collect();
+        key.sort();
+        key.dedup();
+        blocks.push((
+            UpstreamBlock {
+                name: name.clone(),
+                server,
+                addrs,
+            },
+            named,
+            key,
+        ));
+    });
+    let describe = |b: &UpstreamBlock| format!("`{}` ({})", b.name, b.addrs.join(", "));
+    // Indices of the blocks named `name` whose servers differ from the first's.
+    let clash = |blocks: &[(UpstreamBlock, Named, Vec<String>)], i: usize| -> Vec<usize> {
+        let group: Vec<usize> = (0..blocks.len())
+            .filter(|&j| blocks[j].0.server == blocks[i].0.server)
+            .collect();
+        if group.iter().all(|&j| blocks[j].2 == blocks[i].2) {
+            Vec::new()
+        } else {
+            group
+        }
+    };
+    let mut warnings = Vec::new();
+    // A host shared by blocks with different servers names none of them, whatever
+    // `--server` names some of them (a name does not change with another's).
+    let hosts: Vec<Option<String>> = blocks
+        .iter()
+        .map(|(b, _, _)| b.addrs.first().map(|a| host_of(a)))
+        .collect();
+    for i in 0..blocks.len() {
+        let shared: Vec<usize> = (0..blocks.len())
+            .filter(|&j| hosts[j].is_some() && hosts[j] == hosts[i] && blocks[j].2 != blocks[i].2)
+            .collect();
+        if blocks[i].1 != Named::Host || shared.is_empty() {
+            continue;
+        }
+        let others: Vec<String> = shared.iter().map(|&j| describe(&blocks[j].0)).collect();
+        warnings.push(format!(
+            "upstream {} shares its host `{}` with {}, a different server: named after its block, `{}` (name it with --server {}=NAME)",
+            describe(&blocks[i].0),
+            blocks[i].0.server,
+            others.join(" and "),
+            blocks[i].0.name,
+            blocks[i].0.name
+        ));
+        blocks[i].0.server = blocks[i].0.name.clone();
+        blocks[i].1 = Named::Block;
+    }
+    // Each round moves at least one block from Host to Block, so this ends.
+    loop {
+        let mut fell_back = false;
+        for i in 0..blocks.len() {
+            let group = clash(&blocks, i);
+            if !group.iter().any(|&j| blocks[j].1 == Named::Host) {
+                continue;
+            }
+            let shared = blocks[i].0.server.clone();
+            let list: Vec<String> = group.iter().map(|&j| describe(&blocks[j].0)).collect();
+            let mut renamed = Vec::new();
+            for &j in &group {
+                if blocks[j].1 == Named::Host {
+                    blocks[j].0.server = blocks[j].0.name.clone();
+                    blocks[j].1 = Named::Block;
+                    renamed.push(format!("`{}`", blocks[j].0.name));
+                }
+            }
+            warnings.push(format!(
+                "upstreams {} would all be named `{shared}`, but they are different servers: {} named after their blocks, {} (name them with --server UPSTREAM=NAME)",
+                list.join(" and "),
+                if renamed.len() == 1 { "one is" } else { "they are" },
+                renamed.join(", ")
+            ));
+            fell_back = true;
+        }
+        if !fell_back {
+            break;
+        }
+    }
+    let mut problems = Problems::default();
+    let mut reported: Vec<String> = Vec::new();
+    for i in 0..blocks.len() {
+        let group = clash(&blocks, i);
+        let server = &blocks[i].0.server;
+        if group.is_empty() || reported.contains(server) {
+            continue;
+        }
+        reported.push(server.clone());
+        let list: Vec<String> = group.iter().map(|&j| describe(&blocks[j].0)).collect();
+        if group.iter().all(|&j| blocks[j].1 == Named::Given) {
+            warnings.push(format!(
+                "MERGED by --server: upstreams {} are all server `{server}`: the imported map sends all their bases to `{server}`, but nginx spread them over these different addresses; if they are different dtable-servers, bases were open on several (seactl audit-nginx reports which) and moving them all to one loses writes",
+                list.join(" and ")
+            ));
+        } else {
+            problems.push(
+                format!("upstream {}", blocks[i].0.name),
+                format!(
+                    "upstreams {} would all be server `{server}`, and they are different servers; name them apart with --server UPSTREAM=NAME",
+                    list.join(" and ")
+                ),
+            );
+        }
+    }
+    for (b, _, key) in &blocks {
+        if key.len() > 1 {
+            warnings.push(format!(
+                "upstream `{}` balances over {} servers ({}): nginx sent each of its bases to any of them, so if they are several dtable-servers, its bases were open on several dtable-servers at once; the imported map names them all `{}`, one server (seactl audit-nginx reports the bases that reached several)",
+                b.name,
+                b.addrs.len(),
+                b.addrs.join(", "),
+                b.server
+            ));
+        }
+    }
+    let blocks = blocks.into_iter().map(|(b, _, _)| b).collect();
+    problems.into_result((blocks, warnings))
+}
+
 fn host_of(server: &str) -> String {
     let s = server.strip_prefix("unix:").unwrap_or(server);
     match s.rsplit_once(':') {
@@ -492,7 +657,7 @@ pub struct MapRegex {
 pub struct UpstreamBlock {
     pub name: String,
     /// The server name [`import`] gives it: `servers[name]`, else the host of its first
-    /// `server` line.
+    /// `server` line, else (shared host, taken name) the block's name.
     pub server: String,
     /// The addresses of its `server` lines, as written (`host:port`, `[::1]:5000`, `unix:/path`).
     pub addrs: Vec<String>,
@@ -510,29 +675,10 @@ pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<Nginx
             return Err(problems);
         }
     };
-    let mut upstreams = Vec::new();
+    let upstreams = name_upstreams(&directives, servers)?.0;
     let mut map = None;
     walk(&directives, &mut |d| {
-        if d.name == "upstream" {
-            let (Some(name), Some(block)) = (d.args.first(), &d.block) else {
-                return;
-            };
-            let addrs: Vec<String> = block
-                .iter()
-                .filter(|s| s.name == "server")
-                .filter_map(|s| s.args.first().cloned())
-                .collect();
-            let server = servers
-                .get(name)
-                .cloned()
-                .or_else(|| addrs.first().map(|a| host_of(a)))
-                .unwrap_or_else(|| name.clone());
-            upstreams.push(UpstreamBlock {
-                name: name.clone(),
-                server,
-                addrs,
-            });
-        } else if map.is_none()
+        if map.is_none()
             && d.name == "map"
             && d.args
                 .first()
@@ -700,6 +846,125 @@ http {
             got.warnings
         );
         assert!(got.map.pins.is_empty());
+    }
+
+    /// Two dtable-servers on one host, nginx picking by port.
+    const ONE_HOST: &str = r#"
+http {
+    upstream dtable_server_a_z { server 10.0.0.4:5000; }
+    upstream dtable_server_0_9 { server 10.0.0.4:5001; }
+    map $request_uri $dtable_upstream {
+        default dtable_server_a_z;
+        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+    }
+}
+"#;
+
+    #[test]
+    fn two_upstreams_on_one_host_stay_two_servers() {
+        let got = import(ONE_HOST, &BTreeMap::new()).unwrap();
+        let m = &got.map;
+        assert_eq!(m.default, "dtable_server_a_z");
+        assert_eq!(
+            m.slots.get("0-9").map(String::as_str),
+            Some("dtable_server_0_9")
+        );
+        assert_eq!(
+            m.slots.get("a-f").map(String::as_str),
+            Some("dtable_server_a_z")
+        );
+        assert!(
+            got.warnings.iter().any(|w| w.contains("10.0.0.4:5000")
+                && w.contains("10.0.0.4:5001")
+                && w.contains("named after its block")),
+            "{:?}",
+            got.warnings
+        );
+        let n = nginx_map(ONE_HOST, &BTreeMap::new()).unwrap();
+        let servers: Vec<_> = n.upstreams.iter().map(|u| u.server.as_str()).collect();
+        assert_eq!(servers, ["dtable_server_a_z", "dtable_server_0_9"]);
+        assert_eq!(n.default, "dtable_server_a_z");
+        assert_eq!(n.regexes[1].server, "dtable_server_0_9");
+        // A name given for one of them leaves the other on its block's name.
+        let named = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
+        let m = import(ONE_HOST, &named).unwrap().map;
+        assert_eq!(m.default, "dtable_server_a_z");
+        assert_eq!(m.slots.get("0-9").map(String::as_str), Some("ds2"));
+    }
+
+    #[test]
+    fn the_same_servers_listed_twice_are_one_server() {
+        let conf = ONE_HOST.replace("10.0.0.4:5001", "10.0.0.4:5000");
+        let got = import(&conf, &BTreeMap::new()).unwrap();
+        assert_eq!(got.map.default, "10.0.0.4");
+        assert!(got.map.slots.values().all(|s| s == "10.0.0.4"));
+        assert_eq!(got.warnings, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_fallback_that_collides_again_falls_back_again_or_fails() {
+        // `other`'s host is `dtable_server_a_z`, the name the first block falls back to.
+        let conf = ONE_HOST.replace(
+            "map $request_uri",
+            "upstream other { server dtable_server_a_z:5000; }\n    map $request_uri",
+        );
+        let n = nginx_map(&conf, &BTreeMap::new()).unwrap();
+        let servers: Vec<_> = n.upstreams.iter().map(|u| u.server.as_str()).collect();
+        assert_eq!(servers, ["dtable_server_a_z", "dtable_server_0_9", "other"]);
+        // A block's own name taken by `--server`: no name left, an error naming both.
+        let conf = ONE_HOST.replace(
+            "map $request_uri",
+            "upstream other { server 10.0.0.9:5000; }\n    map $request_uri",
+        );
+        let named = BTreeMap::from([("other".to_string(), "dtable_server_a_z".to_string())]);
+        let err = import(&conf, &named).unwrap_err().to_string();
+        assert!(
+            err.contains("`dtable_server_a_z` (10.0.0.4:5000)")
+                && err.contains("`other` (10.0.0.9:5000)")
+                && err.contains("--server"),
+            "{err}"
+        );
+        assert!(nginx_map(&conf, &named).is_err());
+    }
+
+    #[test]
+    fn two_upstreams_named_alike_on_purpose_are_merged_loudly() {
+        let named = BTreeMap::from([
+            ("dtable_server_a_z".to_string(), "ds".to_string()),
+            ("dtable_server_0_9".to_string(), "ds".to_string()),
+        ]);
+        let got = import(ONE_HOST, &named).unwrap();
+        assert_eq!(got.map.default, "ds");
+        assert!(
+            got.warnings.iter().any(|w| w.contains("MERGED")
+                && w.contains("`dtable_server_a_z`")
+                && w.contains("`dtable_server_0_9`")),
+            "{:?}",
+            got.warnings
+        );
+    }
+
+    #[test]
+    fn an_upstream_balancing_over_several_servers_is_reported() {
+        let conf = ONE_HOST.replace(
+            "server 10.0.0.4:5001;",
+            "server 10.0.0.5:5000; server 10.0.0.6:5000 backup;",
+        );
+        let got = import(&conf, &BTreeMap::new()).unwrap();
+        assert!(
+            got.warnings
+                .iter()
+                .any(|w| w.contains("`dtable_server_0_9`")
+                    && w.contains("10.0.0.5:5000, 10.0.0.6:5000")
+                    && w.contains("several dtable-servers")),
+            "{:?}",
+            got.warnings
+        );
+        assert_eq!(
+            got.map.slots.get("0-9").map(String::as_str),
+            Some("10.0.0.5")
+        );
     }
 
     #[test]
