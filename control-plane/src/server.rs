@@ -97,7 +97,9 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     let until = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let ads = Ads::new(plane.clone(), stopped.clone()).into_service();
+    let ads = Ads::new(plane.clone(), stopped.clone());
+    let ecds = ads.clone().into_ecds_service();
+    let ads = ads.into_service();
     let grpc_stop = until(stopped.clone());
     // With TLS, handshakes run beside the servers, which get established streams.
     let with_tls = |l: TcpListener, config, what, which: TlsListener, addr| {
@@ -132,7 +134,8 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(listen.keepalive_interval))
             .http2_keepalive_timeout(Some(listen.keepalive_timeout))
-            .add_service(ads);
+            .add_service(ads)
+            .add_service(ecds);
         match grpc_incoming {
             Incoming::Tls(tls) => {
                 server

@@ -17,6 +17,9 @@ use envoy_types::pb::envoy::config::core::v3::Node as PbNode;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
+use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
+    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
+};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
@@ -39,7 +42,11 @@ pub fn next_nonce() -> String {
     NONCE.fetch_add(1, Ordering::Relaxed).to_string()
 }
 
-/// The ADS service.
+/// The ADS service, and the same streams as the ECDS-only gRPC service
+/// (`ExtensionConfigDiscoveryService`): a config source with `api_config_source`
+/// instead of `ads` (an Istio sidecar, whose ADS belongs to istiod) opens one of
+/// those. Both carry `DiscoveryRequest`s and are served alike.
+#[derive(Clone)]
 pub struct Ads {
     plane: Arc<ControlPlane>,
     /// Becomes true when the control plane stops: every stream ends.
@@ -111,25 +118,22 @@ impl Ads {
     /// As a tonic service, ready for `Server::add_service`.
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
         AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(MAX_DECODING)
+            .max_encoding_message_size(MAX_ENCODING)
     }
-}
 
-type ResponseStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+    /// The ECDS-only service over the same streams, for `Server::add_service`.
+    pub fn into_ecds_service(self) -> ExtensionConfigDiscoveryServiceServer<Ads> {
+        ExtensionConfigDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_DECODING)
+            .max_encoding_message_size(MAX_ENCODING)
+    }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ResponseStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
-
-    async fn stream_aggregated_resources(
+    /// Opens one state-of-the-world stream: ADS, or ECDS alone.
+    fn open(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<ResponseStream>, Status> {
         let peer = request.remote_addr();
         let slot = self.admit(peer)?;
         let binding: Option<Binding> = self.bind_node_ids.then(|| request.peer_certs());
@@ -156,6 +160,27 @@ impl AggregatedDiscoveryService for Ads {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+const MAX_DECODING: usize = 16 * 1024 * 1024;
+const MAX_ENCODING: usize = 64 * 1024 * 1024;
+
+type ResponseStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.open(request)
+    }
 
     async fn delta_aggregated_resources(
         &self,
@@ -163,6 +188,37 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Err(Status::unimplemented(
             "seashard serves state-of-the-world ADS only (api_type: GRPC, not DELTA_GRPC)",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl ExtensionConfigDiscoveryService for Ads {
+    type StreamExtensionConfigsStream = ResponseStream;
+    type DeltaExtensionConfigsStream = DeltaStream;
+
+    async fn stream_extension_configs(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
+        self.open(request)
+    }
+
+    async fn delta_extension_configs(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
+        Err(Status::unimplemented(
+            "seashard serves state-of-the-world ECDS only (api_type: GRPC, not DELTA_GRPC)",
+        ))
+    }
+
+    async fn fetch_extension_configs(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(
+            "seashard serves ECDS as a stream (api_type: GRPC), or by REST polling on the HTTP API",
         ))
     }
 }

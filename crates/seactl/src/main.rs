@@ -8,6 +8,7 @@ mod certs;
 mod client;
 mod demo;
 mod generate;
+mod mesh;
 mod offline;
 mod serve;
 
@@ -91,6 +92,8 @@ enum Command {
     /// Run the restart agent on a dtable-server's host: `POST /restart` runs one
     /// command, then waits for `pong` (the control plane's HTTP restart hook calls it).
     Agent(agent::AgentArgs),
+    /// Write the manifests that run seashard in a service mesh (Istio).
+    Mesh(mesh::MeshArgs),
     /// Show seashard at work on sample SeaTable requests.
     Demo {
         /// Only route sample requests with a sample map; start no process.
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::agent(args),
         Command::EnvoyBootstrap(args) => bootstrap::envoy_bootstrap(*args),
         Command::Certs(args) => certs::certs(args),
+        Command::Mesh(args) => mesh::mesh(args),
         Command::PushMap(args) => client::push_map(args),
         Command::Status(args) => client::status(args),
         Command::Rollout(args) => client::rollout(args),

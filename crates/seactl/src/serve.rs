@@ -15,6 +15,13 @@ pub struct ServeArgs {
     /// Check the configuration and the store, then exit.
     #[arg(long)]
     pub check: bool,
+    /// etcd: this replica's name, over `[store] replica` (in Kubernetes, the pod's).
+    #[arg(long, env = "SEASHARD_REPLICA")]
+    pub replica: Option<String>,
+    /// etcd: this replica's API URL as the other replicas reach it, over `[store]
+    /// advertise` (in Kubernetes, from the pod's IP).
+    #[arg(long, env = "SEASHARD_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -26,7 +33,16 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(r) = args.replica.filter(|r| !r.trim().is_empty()) {
+        config.store.replica = Some(r);
+    }
+    if let Some(a) = args.advertise.filter(|a| !a.trim().is_empty()) {
+        if !(a.starts_with("http://") || a.starts_with("https://")) {
+            anyhow::bail!("--advertise `{a}` is not an http(s):// URL");
+        }
+        config.store.advertise = Some(a);
+    }
     let token = config.api_token()?;
     let plane = ControlPlane::open(config)
         .with_context(|| format!("starting from {}", args.config.display()))?;
