@@ -8,7 +8,15 @@
 //! a server name through the config's upstream addresses), else the one nginx's map
 //! picks for the request target, evaluated as nginx does ([`Predictor`]): such a
 //! report is a prediction. A base is at risk when its requests reached more than one
-//! server, or a server other than its owner under the imported map.
+//! server, a server other than its owner under the imported map, or more than one
+//! address of one server.
+//!
+//! Invariant: a logged address is counted under its `server` line (port and all),
+//! never under a name alone. Two upstream blocks are two servers even on one host
+//! (`shardmap::nginx` names them apart), and the addresses of one server (an upstream
+//! block with several `server` lines, nginx balancing over them, or blocks `--server`
+//! named alike) stay apart in the aggregates: a base that reached two of them was
+//! open on two dtable-servers, and is reported `balanced`, with the addresses.
 //!
 //! The accepted line formats are in [`line`].
 
@@ -21,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
 
-use shardmap::nginx::NginxMap;
+use shardmap::nginx::{NginxMap, UpstreamBlock};
 use shardmap::{BaseUuid, Problems, Router, ShardMap};
 
 pub use line::{LogLine, Malformed, UpstreamField, parse_line};
@@ -102,10 +110,15 @@ pub enum AuditError {
     Map(Problems),
 }
 
-/// One base on one server.
+/// The address of a predicted request (no `$upstream_addr`).
+const NO_ADDR: u16 = u16::MAX;
+
+/// One base on one address of one server.
 #[derive(Debug, Clone)]
 struct Cell {
     server: u16,
+    /// Index into `Audit::addresses`, or [`NO_ADDR`].
+    addr: u16,
     shapes: [u64; 4],
     first: Time,
     last: Time,
@@ -115,8 +128,12 @@ struct Cell {
 pub struct Audit {
     router: Router,
     predictor: Predictor,
-    /// Normalized upstream address → server index.
-    addrs: HashMap<String, u16>,
+    /// Normalized upstream address → (server index, address index).
+    addrs: HashMap<String, (u16, u16)>,
+    /// The addresses of servers: `server` lines as the config writes them, or as
+    /// logged (unknown, `--upstream`).
+    addresses: Vec<String>,
+    address_index: HashMap<String, u16>,
     servers: Vec<String>,
     server_index: HashMap<String, u16>,
     bases: HashMap<BaseUuid, Vec<Cell>>,
@@ -157,13 +174,15 @@ pub fn normalize_addr(a: &str) -> String {
 
 impl Audit {
     /// `imported` is the shard map `import-nginx` makes of the config (it names each
-    /// base's owner); `nginx` the same config as nginx evaluates it; `extra_addrs`
-    /// more `(address, server)` pairs (resolved host names, `--upstream`), which win
-    /// over the config's own addresses.
+    /// base's owner); `nginx` the same config as nginx evaluates it; `resolve` the
+    /// socket addresses a `server` line that is no literal address (a host name) has
+    /// here, counted as that line; `named` more `(address, server)` pairs
+    /// (`--upstream`), which win over the config's own addresses.
     pub fn new(
         imported: &ShardMap,
         nginx: &NginxMap,
-        extra_addrs: &[(String, String)],
+        mut resolve: impl FnMut(&UpstreamBlock, &str) -> Vec<String>,
+        named: &[(String, String)],
     ) -> Result<Audit, AuditError> {
         let router = Router::new(imported).map_err(AuditError::Map)?;
         let (predictor, warnings) = Predictor::new(nginx);
@@ -171,6 +190,8 @@ impl Audit {
             router,
             predictor,
             addrs: HashMap::new(),
+            addresses: Vec::new(),
+            address_index: HashMap::new(),
             servers: Vec::new(),
             server_index: HashMap::new(),
             bases: HashMap::new(),
@@ -178,17 +199,55 @@ impl Audit {
             counts: Counts::default(),
             warnings,
         };
+        let mut taken: HashMap<String, String> = HashMap::new();
         for u in &nginx.upstreams {
+            let server = audit.intern(&u.server);
             for a in &u.addrs {
-                let i = audit.intern(&u.server);
-                audit.addrs.insert(normalize_addr(a), i);
+                let at = audit.intern_addr(a);
+                let resolved = if a.starts_with("unix:") || a.parse::<SocketAddr>().is_ok() {
+                    Vec::new()
+                } else {
+                    resolve(u, a)
+                };
+                for n in std::iter::once(a.as_str())
+                    .chain(resolved.iter().map(String::as_str))
+                    .map(normalize_addr)
+                {
+                    // The first block listing an address keeps it.
+                    match taken.get(&n) {
+                        Some(other) if *other != u.name => audit.warnings.push(format!(
+                            "{n} is a server of upstreams `{other}` and `{}`: counted under `{other}`",
+                            u.name
+                        )),
+                        Some(_) => {}
+                        None => {
+                            taken.insert(n.clone(), u.name.clone());
+                            audit.addrs.insert(n, (server, at));
+                        }
+                    }
+                }
             }
         }
-        for (a, s) in extra_addrs {
-            let i = audit.intern(s);
-            audit.addrs.insert(normalize_addr(a), i);
+        for (a, s) in named {
+            let server = audit.intern(s);
+            let n = normalize_addr(a);
+            let at = audit.intern_addr(&n);
+            audit.addrs.insert(n, (server, at));
         }
         Ok(audit)
+    }
+
+    fn intern_addr(&mut self, addr: &str) -> u16 {
+        if let Some(&i) = self.address_index.get(addr) {
+            return i;
+        }
+        // Bounded like the servers; never NO_ADDR.
+        let i = u16::try_from(self.addresses.len())
+            .unwrap_or(NO_ADDR - 1)
+            .min(NO_ADDR - 1);
+        self.addresses.push(addr.to_owned());
+        self.address_index.insert(addr.to_owned(), i);
+        i
     }
 
     fn intern(&mut self, server: &str) -> u16 {
@@ -202,7 +261,8 @@ impl Audit {
         i
     }
 
-    fn server_of_addr(&mut self, addr: &str) -> u16 {
+    /// The (server, address) of a logged address.
+    fn server_of_addr(&mut self, addr: &str) -> (u16, u16) {
         let n = normalize_addr(addr);
         if let Some(&i) = self.addrs.get(&n) {
             return i;
@@ -213,7 +273,7 @@ impl Audit {
             OTHER_UNKNOWN.to_owned()
         };
         *self.unknown.entry(name.clone()).or_default() += 1;
-        self.intern(&name)
+        (self.intern(&name), self.intern_addr(&name))
     }
 
     /// Counts a line that could not be read (not UTF-8, too long).
@@ -234,7 +294,7 @@ impl Audit {
             self.counts.without_base += 1;
             return;
         };
-        let mut hit = [u16::MAX; 4];
+        let mut hit = [(u16::MAX, NO_ADDR); 4];
         let mut n = 0;
         match parsed.upstream {
             UpstreamField::Dash => {
@@ -254,13 +314,16 @@ impl Audit {
             UpstreamField::Absent => {
                 self.counts.predicted += 1;
                 let server = self.predictor.server(parsed.target).to_owned();
-                hit[0] = self.intern(&server);
+                hit[0] = (self.intern(&server), NO_ADDR);
                 n = 1;
             }
         }
         let cells = self.bases.entry(base).or_default();
-        for &server in &hit[..n] {
-            match cells.iter_mut().find(|c| c.server == server) {
+        for &(server, addr) in &hit[..n] {
+            match cells
+                .iter_mut()
+                .find(|c| c.server == server && c.addr == addr)
+            {
                 Some(c) => {
                     c.shapes[shape as usize] += 1;
                     if parsed.time.unix < c.first.unix {
@@ -275,6 +338,7 @@ impl Audit {
                     shapes[shape as usize] = 1;
                     cells.push(Cell {
                         server,
+                        addr,
                         shapes,
                         first: parsed.time,
                         last: parsed.time,

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::{Audit, Shape, Time};
+use crate::{Audit, NO_ADDR, Shape, Time};
 
 /// Requests by URL shape.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -44,6 +44,9 @@ impl Shapes {
     }
 }
 
+/// A base's requests on one server: by shape, first, last, by address index.
+type PerServer = ([u64; 4], Time, Time, BTreeMap<u16, u64>);
+
 /// One server that served a base.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServerReport {
@@ -53,6 +56,10 @@ pub struct ServerReport {
     pub shapes: Shapes,
     pub first: Time,
     pub last: Time,
+    /// Observed requests by address of this server (a `server` line of its upstream
+    /// block, as the config writes it, or as logged): two or more are two or more
+    /// dtable-servers.
+    pub addresses: BTreeMap<String, u64>,
 }
 
 /// A base at risk.
@@ -62,8 +69,12 @@ pub struct BaseReport {
     pub base: String,
     /// Its owner under the imported map.
     pub owner: String,
-    /// Served by more than one server.
+    /// Served by more than one dtable-server: several servers, or several addresses
+    /// of one (`balanced`).
     pub split: bool,
+    /// Some server was reached at several of its addresses: nginx balanced the base
+    /// over an upstream block's `server` lines (or over blocks `--server` named alike).
+    pub balanced: bool,
     pub requests: u64,
     /// Requests that reached a server other than the owner.
     pub off_owner: u64,
@@ -99,6 +110,8 @@ pub struct Report {
     /// Distinct bases with a server.
     pub bases: u64,
     pub bases_at_risk: u64,
+    /// Of those, bases that reached several addresses of one server.
+    pub bases_balanced: u64,
     /// Requests of the bases at risk (on any server).
     pub requests_affected: u64,
     /// Of those, requests that reached a server other than the owner.
@@ -121,30 +134,55 @@ impl Audit {
         for (base, cells) in &self.bases {
             let owner = self.router.owner_of(base);
             let owner_index = self.server_index.get(owner).copied();
-            let split = cells.len() > 1;
-            if !split && cells.iter().all(|cell| Some(cell.server) == owner_index) {
+            // Per server: request counts by shape, times, requests by address.
+            let mut by_server: BTreeMap<u16, PerServer> = BTreeMap::new();
+            for cell in cells {
+                let e = by_server.entry(cell.server).or_insert((
+                    [0; 4],
+                    cell.first,
+                    cell.last,
+                    BTreeMap::new(),
+                ));
+                for (a, b) in e.0.iter_mut().zip(cell.shapes) {
+                    *a += b;
+                }
+                if cell.first.unix < e.1.unix {
+                    e.1 = cell.first;
+                }
+                if cell.last.unix > e.2.unix {
+                    e.2 = cell.last;
+                }
+                if cell.addr != NO_ADDR {
+                    *e.3.entry(cell.addr).or_default() += cell.shapes.iter().sum::<u64>();
+                }
+            }
+            let balanced = by_server.values().any(|e| e.3.len() > 1);
+            let split = by_server.len() > 1 || balanced;
+            if !split && by_server.keys().all(|&s| Some(s) == owner_index) {
                 continue;
             }
             let mut causes = [0u64; 4];
             let mut servers = Vec::new();
-            for cell in cells {
-                let is_owner = Some(cell.server) == owner_index;
+            for (&server, (shapes, first, last, addrs)) in &by_server {
+                let is_owner = Some(server) == owner_index;
                 if !is_owner {
-                    for (a, b) in causes.iter_mut().zip(cell.shapes) {
+                    for (a, b) in causes.iter_mut().zip(shapes) {
                         *a += b;
                     }
                 }
+                let name =
+                    |v: &[String], i: u16| v.get(usize::from(i)).cloned().unwrap_or_default();
                 servers.push(ServerReport {
-                    server: self
-                        .servers
-                        .get(usize::from(cell.server))
-                        .cloned()
-                        .unwrap_or_default(),
+                    server: name(&self.servers, server),
                     owner: is_owner,
-                    requests: cell.shapes.iter().sum(),
-                    shapes: Shapes::from_counts(&cell.shapes),
-                    first: cell.first,
-                    last: cell.last,
+                    requests: shapes.iter().sum(),
+                    shapes: Shapes::from_counts(shapes),
+                    first: *first,
+                    last: *last,
+                    addresses: addrs
+                        .iter()
+                        .map(|(&a, &n)| (name(&self.addresses, a), n))
+                        .collect(),
                 });
             }
             servers.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.server.cmp(&b.server)));
@@ -157,6 +195,7 @@ impl Audit {
                 base: base.dashed(),
                 owner: owner.to_owned(),
                 split,
+                balanced,
                 requests: servers.iter().map(|s| s.requests).sum(),
                 off_owner: causes.iter().sum(),
                 causes: Shapes::from_counts(&causes),
@@ -185,6 +224,7 @@ impl Audit {
             without_base: c.without_base,
             bases: self.bases.len() as u64,
             bases_at_risk: at_risk.len() as u64,
+            bases_balanced: at_risk.iter().filter(|b| b.balanced).count() as u64,
             requests_affected,
             requests_off_owner: at_risk.iter().map(|b| b.off_owner).sum(),
             share_of_traffic: if c.requests == 0 {
@@ -241,14 +281,23 @@ impl Report {
             self.share_of_traffic * 100.0,
             self.requests_off_owner
         );
+        if self.bases_balanced > 0 {
+            let _ = writeln!(
+                s,
+                "{} of them reached several addresses of one server: nginx balanced them over several dtable-servers",
+                self.bases_balanced
+            );
+        }
         for b in &self.at_risk {
             let _ = writeln!(
                 s,
                 "\n{}  owner {}{}  {} .. {}",
                 b.base,
                 b.owner,
-                if b.split {
+                if b.servers.len() > 1 {
                     "  SPLIT across servers"
+                } else if b.balanced {
+                    "  SPLIT across several addresses of one server (dtable-servers nginx balanced over)"
                 } else {
                     "  served off its owner"
                 },
@@ -267,6 +316,14 @@ impl Report {
                     sv.shapes.describe(),
                     if sv.owner { "  owner" } else { "" }
                 );
+                if !sv.addresses.is_empty() {
+                    let at: Vec<String> = sv
+                        .addresses
+                        .iter()
+                        .map(|(a, n)| format!("{a} {n}"))
+                        .collect();
+                    let _ = writeln!(s, "    at {}", at.join(", "));
+                }
             }
         }
         s

@@ -28,7 +28,7 @@ fn audit() -> Audit {
     let imported = shardmap::nginx::import(CONF, &names).unwrap().map;
     let nginx = shardmap::nginx::nginx_map(CONF, &names).unwrap();
     let extra = [("10.0.0.4:5000".to_string(), "dtable-server".to_string())];
-    Audit::new(&imported, &nginx, &extra).unwrap()
+    Audit::new(&imported, &nginx, |_, _| Vec::new(), &extra).unwrap()
 }
 
 fn line(second: u32, target: &str, upstream: &str) -> String {
@@ -197,4 +197,173 @@ fn map_on_uri_and_exact_keys() {
     );
     assert_eq!(p.server("/q?x"), "c");
     assert_eq!(p.server("/Q"), "a");
+}
+
+/// Two dtable-servers on one host (nginx picks by port), and a block balancing over two.
+const ONE_HOST: &str = r#"
+http {
+    upstream dtable_server_a_z { server 10.0.0.4:5000; }
+    upstream dtable_server_0_9 { server 10.0.0.4:5001; }
+    upstream dtable_server_ff { server 10.0.0.6:5000; server 10.0.0.7:5000; }
+    map $request_uri $dtable_upstream {
+        default dtable_server_a_z;
+        "~*ff84e1a1-66e2" dtable_server_ff;
+        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+    }
+}
+"#;
+
+fn one_host_audit(names: &[(&str, &str)]) -> Audit {
+    let names: BTreeMap<String, String> = names
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let imported = shardmap::nginx::import(ONE_HOST, &names).unwrap().map;
+    let nginx = shardmap::nginx::nginx_map(ONE_HOST, &names).unwrap();
+    Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap()
+}
+
+#[test]
+fn two_upstreams_on_one_host_are_two_servers() {
+    let mut a = one_host_audit(&[]);
+    let hex = DIGIT.replace('-', "");
+    a.line(&line(
+        1,
+        &format!("/api/v1/dtables/{DIGIT}/"),
+        " 10.0.0.4:5001",
+    ));
+    a.line(&line(
+        2,
+        &format!("/api/v1/internal/dtables/{hex}/"),
+        " 10.0.0.4:5000",
+    ));
+    a.line(&line(
+        3,
+        &format!("/api/v1/dtables/{LETTER}/"),
+        " 10.0.0.4:5000",
+    ));
+    let r = a.report();
+    assert_eq!(r.unknown_upstream_addrs, BTreeMap::new());
+    assert_eq!((r.bases, r.bases_at_risk), (2, 1), "{}", r.to_text());
+    let b = &r.at_risk[0];
+    assert_eq!(b.base, DIGIT);
+    assert!(b.split && !b.balanced);
+    assert_eq!(b.owner, "dtable_server_0_9");
+    let servers: Vec<_> = b.servers.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(servers, ["dtable_server_0_9", "dtable_server_a_z"]);
+    assert_eq!(
+        b.servers[1].addresses,
+        BTreeMap::from([("10.0.0.4:5000".to_string(), 1)])
+    );
+}
+
+#[test]
+fn a_base_on_several_addresses_of_one_block_is_split() {
+    let mut a = one_host_audit(&[]);
+    for (i, addr) in ["10.0.0.6:5000", "10.0.0.7:5000", "10.0.0.6:5000"]
+        .iter()
+        .enumerate()
+    {
+        a.line(&line(
+            i as u32,
+            &format!("/api/v1/dtables/{PIN}/"),
+            &format!(" {addr}"),
+        ));
+    }
+    // Another base of that block, on one of its addresses only: not at risk.
+    let other = "ff84e1a1-66e2-4000-8000-000000000001";
+    a.line(&line(
+        9,
+        &format!("/api/v1/dtables/{other}/"),
+        " 10.0.0.7:5000",
+    ));
+    let r = a.report();
+    assert_eq!(
+        (r.bases, r.bases_at_risk, r.bases_balanced),
+        (2, 1, 1),
+        "{}",
+        r.to_text()
+    );
+    let b = &r.at_risk[0];
+    assert_eq!(b.base, PIN);
+    assert!(b.split && b.balanced);
+    assert_eq!(b.off_owner, 0);
+    assert_eq!(b.servers.len(), 1);
+    assert_eq!(
+        b.servers[0].addresses,
+        BTreeMap::from([
+            ("10.0.0.6:5000".to_string(), 2),
+            ("10.0.0.7:5000".to_string(), 1)
+        ])
+    );
+    let text = r.to_text();
+    assert!(text.contains("10.0.0.6:5000 2, 10.0.0.7:5000 1"), "{text}");
+    assert!(text.contains("several addresses of one server"), "{text}");
+}
+
+#[test]
+fn upstreams_merged_by_server_names_are_still_counted_apart() {
+    let mut a = one_host_audit(&[("dtable_server_a_z", "ds"), ("dtable_server_0_9", "ds")]);
+    a.line(&line(
+        1,
+        &format!("/api/v1/dtables/{DIGIT}/"),
+        " 10.0.0.4:5001",
+    ));
+    a.line(&line(
+        2,
+        &format!("/api/v1/dtables/{DIGIT}/"),
+        " 10.0.0.4:5000",
+    ));
+    let r = a.report();
+    assert_eq!(
+        (r.bases_at_risk, r.bases_balanced),
+        (1, 1),
+        "{}",
+        r.to_text()
+    );
+    assert_eq!(r.at_risk[0].servers[0].server, "ds");
+    assert_eq!(r.at_risk[0].servers[0].addresses.len(), 2);
+}
+
+#[test]
+fn resolved_host_names_count_as_their_server_line() {
+    let conf = ONE_HOST
+        .replace("10.0.0.4:5000", "dtable-server:5000")
+        .replace("10.0.0.4:5001", "dtable-server:5001");
+    let nginx = shardmap::nginx::nginx_map(&conf, &BTreeMap::new()).unwrap();
+    let imported = shardmap::nginx::import(&conf, &BTreeMap::new())
+        .unwrap()
+        .map;
+    let resolve = |_: &shardmap::nginx::UpstreamBlock, a: &str| match a {
+        "dtable-server:5000" => vec!["172.18.0.3:5000".to_string(), "[fd00::3]:5000".to_string()],
+        "dtable-server:5001" => vec!["172.18.0.3:5001".to_string()],
+        _ => Vec::new(),
+    };
+    let mut a = Audit::new(&imported, &nginx, resolve, &[]).unwrap();
+    a.line(&line(
+        1,
+        &format!("/api/v1/dtables/{LETTER}/"),
+        " 172.18.0.3:5000",
+    ));
+    a.line(&line(
+        2,
+        &format!("/api/v1/dtables/{LETTER}/"),
+        " [fd00::3]:5000",
+    ));
+    a.line(&line(
+        3,
+        &format!("/api/v1/dtables/{DIGIT}/"),
+        " 172.18.0.3:5000, 172.18.0.3:5001",
+    ));
+    let r = a.report();
+    assert_eq!(r.unknown_upstream_addrs, BTreeMap::new());
+    assert_eq!(r.bases_at_risk, 1, "{}", r.to_text());
+    assert_eq!(r.at_risk[0].base, DIGIT);
+    let servers: Vec<_> = r.at_risk[0]
+        .servers
+        .iter()
+        .map(|s| s.server.as_str())
+        .collect();
+    assert_eq!(servers, ["dtable_server_0_9", "dtable_server_a_z"]);
 }

@@ -52,36 +52,32 @@ pub fn audit_nginx(args: AuditArgs) -> Result<ExitCode> {
         |p: shardmap::Problems| anyhow::anyhow!("{}: cannot import:\n{p}", args.conf.display());
     let import = shardmap::nginx::import(&conf, &names).map_err(problems)?;
     let nginx = shardmap::nginx::nginx_map(&conf, &names).map_err(problems)?;
-    let mut extra = Vec::new();
-    if !args.no_resolve {
-        // nginx resolves `server host:port` once at start; $upstream_addr logs the address.
-        for u in &nginx.upstreams {
-            for a in &u.addrs {
-                if a.starts_with("unix:") || a.parse::<std::net::SocketAddr>().is_ok() {
-                    continue;
-                }
-                let with_port = if a
-                    .rsplit_once(':')
-                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-                {
-                    a.clone()
-                } else {
-                    format!("{a}:80")
-                };
-                match with_port.to_socket_addrs() {
-                    Ok(resolved) => {
-                        extra.extend(resolved.map(|r| (r.to_string(), u.server.clone())))
-                    }
-                    Err(e) => eprintln!(
-                        "warning: upstream {} server {a} does not resolve here ({e}); name its logged address with --upstream ADDR={}",
-                        u.name, u.server
-                    ),
-                }
+    // nginx resolves `server host:port` once at start; $upstream_addr logs the address.
+    let resolve = |u: &shardmap::nginx::UpstreamBlock, a: &str| -> Vec<String> {
+        if args.no_resolve {
+            return Vec::new();
+        }
+        let with_port = if a
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            a.to_owned()
+        } else {
+            format!("{a}:80")
+        };
+        match with_port.to_socket_addrs() {
+            Ok(resolved) => resolved.map(|r| r.to_string()).collect(),
+            Err(e) => {
+                eprintln!(
+                    "warning: upstream {} server {a} does not resolve here ({e}); name its logged address with --upstream ADDR={}",
+                    u.name, u.server
+                );
+                Vec::new()
             }
         }
-    }
-    extra.extend(pairs("--upstream", &args.upstreams)?);
-    let mut audit = nginx_audit::Audit::new(&import.map, &nginx, &extra)?;
+    };
+    let named = pairs("--upstream", &args.upstreams)?;
+    let mut audit = nginx_audit::Audit::new(&import.map, &nginx, resolve, &named)?;
     for log in &args.logs {
         let file =
             std::fs::File::open(log).with_context(|| format!("opening {}", log.display()))?;

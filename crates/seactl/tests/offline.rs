@@ -146,6 +146,138 @@ fn import_nginx_prints_the_map_and_warns_on_stderr() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: line 7"));
 }
 
+/// Two dtable-servers on one host, nginx picking by port.
+const ONE_HOST: &str = r#"http {
+  upstream dtable_server_a_z { server 10.0.0.4:5000; }
+  upstream dtable_server_0_9 { server 10.0.0.4:5001; }
+  map $request_uri $dtable_upstream {
+    default dtable_server_a_z;
+    "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
+    "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
+  }
+}"#;
+
+#[test]
+fn import_nginx_keeps_two_upstreams_on_one_host_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = file(&dir, "nginx.conf", ONE_HOST);
+    let out = seactl(&["import-nginx", &conf], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(map["default"], "dtable_server_a_z");
+    assert_eq!(map["slots"]["0-9"], "dtable_server_0_9");
+    assert_eq!(map["slots"]["a-f"], "dtable_server_a_z");
+    assert!(
+        err.contains("warning: upstream `dtable_server_a_z` (10.0.0.4:5000) shares its host")
+            && err.contains("`dtable_server_0_9` (10.0.0.4:5001)"),
+        "{err}"
+    );
+    // Merging them is the operator's to say, and said loudly.
+    let out = seactl(
+        &[
+            "import-nginx",
+            &conf,
+            "--server",
+            "dtable_server_a_z=ds",
+            "--server",
+            "dtable_server_0_9=ds",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning: MERGED by --server"), "{err}");
+    // A name that leaves one of them no name of its own: an error naming both.
+    let out = seactl(
+        &[
+            "import-nginx",
+            &conf,
+            "--server",
+            "dtable_server_0_9=dtable_server_a_z",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`dtable_server_a_z` (10.0.0.4:5000) and `dtable_server_0_9` (10.0.0.4:5001)"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn audit_nginx_finds_bases_split_over_two_upstreams_on_one_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = file(&dir, "nginx.conf", ONE_HOST);
+    // 80 bases reached both servers (the dashed form by the digit rule, the 32-hex
+    // form by `default`), 20 only their owner.
+    let mut log = String::new();
+    for i in 0..100u32 {
+        let uuid = format!("{i:08}-4b5a-4968-8776-655443322110");
+        let mut entry = |target: &str, addr: &str| {
+            log.push_str(&format!(
+                "10.0.0.9 - - [01/Dec/2026:10:00:00 +0000] \"GET {target} HTTP/1.1\" 200 12 \"-\" \"ua\" \"{addr}\"\n"
+            ))
+        };
+        entry(&format!("/api/v1/dtables/{uuid}/"), "10.0.0.4:5001");
+        if i < 80 {
+            let hex = uuid.replace('-', "");
+            entry(&format!("/api/v1/internal/dtables/{hex}/"), "10.0.0.4:5000");
+        }
+    }
+    let log = file(&dir, "access.log", &log);
+    let out = seactl(
+        &[
+            "audit-nginx",
+            &conf,
+            &log,
+            "--no-resolve",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["bases"], 100);
+    assert_eq!(r["bases_at_risk"], 80);
+    assert_eq!(r["requests_off_owner"], 80);
+    assert_eq!(r["unknown_upstream_addrs"], serde_json::json!({}));
+    let b = &r["at_risk"][0];
+    assert_eq!(b["owner"], "dtable_server_0_9");
+    assert_eq!(b["split"], true);
+    assert_eq!(b["servers"][1]["server"], "dtable_server_a_z");
+    assert_eq!(b["servers"][1]["addresses"]["10.0.0.4:5000"], 1);
+    // Named alike on purpose, the two addresses still count as two dtable-servers.
+    let out = seactl(
+        &[
+            "audit-nginx",
+            &conf,
+            &log,
+            "--no-resolve",
+            "--server",
+            "dtable_server_a_z=ds",
+            "--server",
+            "dtable_server_0_9=ds",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("100 bases; 80 at risk"), "{text}");
+    assert!(
+        text.contains("warning: import: MERGED by --server"),
+        "{text}"
+    );
+    assert!(
+        text.contains("at 10.0.0.4:5000 1, 10.0.0.4:5001 1"),
+        "{text}"
+    );
+}
+
 /// `envoy-bootstrap` run with `env`, its node id and exit status.
 fn bootstrap_node_id(args: &[&str], env: &[(&str, Option<&str>)]) -> (Option<String>, Output) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_seactl"));

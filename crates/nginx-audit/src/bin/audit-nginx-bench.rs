@@ -162,7 +162,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut audit = match nginx_audit::Audit::new(&imported, &nginx, &[]) {
+    let mut audit = match nginx_audit::Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
