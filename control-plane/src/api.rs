@@ -908,17 +908,73 @@ struct RestStatus {
     message: String,
 }
 
-async fn rest_ecds(State(api): State<Api>, body: axum::body::Bytes) -> Response {
-    rest_discovery(&api, ResourceType::Ecds, &body)
+/// The peer of an API connection, plain or TLS: how a REST poller is told apart
+/// from another with its node id. The router is served with it as connect info
+/// (`into_make_service_with_connect_info::<Peer>()`, see [`crate::server`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
 }
 
-async fn rest_cds(State(api): State<Api>, body: axum::body::Bytes) -> Response {
-    rest_discovery(&api, ResourceType::Cds, &body)
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsIncoming>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::TlsIncoming>) -> Self {
+        Peer(*s.remote_addr())
+    }
 }
 
-/// One REST poll: `304` when the node runs the current version (or NACKed it: never
-/// resent), else `200` with the resources.
-fn rest_discovery(api: &Api, t: ResourceType, body: &[u8]) -> Response {
+/// The peer address of the request, when the router is served with [`Peer`].
+struct PeerAddr(Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PeerAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map(|c| c.0.0);
+        Ok(PeerAddr(peer))
+    }
+}
+
+async fn rest_ecds(
+    State(api): State<Api>,
+    PeerAddr(peer): PeerAddr,
+    body: axum::body::Bytes,
+) -> Response {
+    rest_discovery(&api, ResourceType::Ecds, peer, &body)
+}
+
+async fn rest_cds(
+    State(api): State<Api>,
+    PeerAddr(peer): PeerAddr,
+    body: axum::body::Bytes,
+) -> Response {
+    rest_discovery(&api, ResourceType::Cds, peer, &body)
+}
+
+/// One REST poll from `peer`: `304` when the node runs the current version (or
+/// NACKed it: never resent), else `200` with the resources. The poller is the
+/// instance of its node id at `peer`'s address (see [`crate::nodes`]).
+fn rest_discovery(
+    api: &Api,
+    t: ResourceType,
+    peer: Option<std::net::SocketAddr>,
+    body: &[u8],
+) -> Response {
     let req: RestRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -940,17 +996,28 @@ fn rest_discovery(api: &Api, t: ResourceType, body: &[u8]) -> Response {
         return ApiError::new(StatusCode::BAD_REQUEST, "the request names no node id")
             .into_response();
     };
+    let max = crate::nodes::MAX_NODE_NAME;
+    if node.id.len().max(node.cluster.len()) > max {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the node id and cluster are names: at most {max} bytes are accepted"),
+        )
+        .into_response();
+    }
     api.plane.metrics().rest_polled();
     let snap = api.plane.snapshot();
     let set = snap.get(t);
-    let send = api.plane.registry().rest_poll(
-        &node.id,
-        &node.cluster,
+    let error = req.error_detail.map(|s| s.message);
+    let poll = crate::nodes::RestPoll {
+        id: &node.id,
+        cluster: &node.cluster,
+        peer,
         t,
-        &req.version_info,
-        req.error_detail.map(|s| s.message),
-        &set.version,
-    );
+        running: &req.version_info,
+        error: error.as_deref(),
+        names: &req.resource_names,
+    };
+    let send = api.plane.registry().rest_poll(&poll, &set.version);
     if !send {
         return StatusCode::NOT_MODIFIED.into_response();
     }

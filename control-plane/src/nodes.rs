@@ -12,12 +12,31 @@
 //! **Instances, not node ids.** Two Envoys given one node id (a copied bootstrap) must
 //! never be counted as one: one of them could ACK a fence the other never saw. So the
 //! registry tracks *instances*: a node id as seen from one peer address. A stream's
-//! instance is `id@ip` (REST pollers: `id@rest`); a reconnect from the same address is
-//! the same instance, a stream from another address is another one. A node id held by
-//! two instances, or by two live streams at once, is a [`Conflict`]: shown, never
-//! merged, and a rollout that must wait for that id refuses to run. A disconnected
-//! instance is kept (it may still serve with an old map) until it reconnects or is
-//! forgotten.
+//! instance is `id@ip`; a reconnect from the same address is the same instance, a
+//! stream from another address is another one. A node id held by two instances, or by
+//! two live streams at once, is a [`Conflict`]: shown, never merged, and a rollout
+//! that must wait for that id refuses to run. A disconnected instance is kept (it may
+//! still serve with an old map) until it reconnects or is forgotten.
+//!
+//! **REST pollers are instances too**, whatever the transport: `id@rest:ip`, by the
+//! peer address of the poll (see [`rest_instance_key`]), so two Envoys polling with
+//! one node id from two addresses conflict exactly as two streams do. Decided:
+//! - *Live*: a REST poll carries no connection, so a poller counts as connected from
+//!   a poll until `expiry` passes without one at this replica
+//!   ([`Registry::expire_pollers`], 60 s in `seactl serve`); then it is kept as a
+//!   disconnected instance, which a rollout still waits for (it may still serve).
+//! - *A poller and a stream of one node id* are two instances (their keys differ
+//!   even from one address: one Envoy speaks one transport), so a conflict until one
+//!   is forgotten; an Envoy moved from REST to gRPC is forgotten under its old key.
+//! - *A poller whose address changes* (restart on another host, a NAT with several
+//!   egress addresses) is a new instance: a conflict with the old one until that is
+//!   forgotten (`DELETE /v1/nodes/{instance}`), never a silent merge. Behind a NAT
+//!   that spreads one Envoy's polls over addresses, use gRPC (one stream, one address).
+//! - *Two pollers behind one address* (one host, one NAT address) are one instance:
+//!   a poll tells nothing else apart. Give each Envoy its own node id there.
+//! - *Several replicas*: a poller's polls are spread over the replicas by design, so
+//!   one REST instance connected to two replicas is not a conflict; its record seen
+//!   last stands.
 //!
 //! An instance subscribing to a guard's filter configuration
 //! (`{filter}.guard.{server}`) is a **guard** of that server.
@@ -55,6 +74,22 @@ pub struct Request {
     pub resource_names: Vec<String>,
     /// Envoy's reason for a NACK.
     pub error_detail: Option<String>,
+}
+
+/// One REST-JSON `DiscoveryRequest`, as [`Registry::rest_poll`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestPoll<'a> {
+    pub id: &'a str,
+    pub cluster: &'a str,
+    /// The socket address the poll came from (`None`: unknown, one `unknown` peer).
+    pub peer: Option<SocketAddr>,
+    pub t: ResourceType,
+    /// The version the node runs (empty: nothing yet).
+    pub running: &'a str,
+    /// Its `error_detail`, if any.
+    pub error: Option<&'a str>,
+    /// The resource names it asks for: `{filter}.guard.{server}` makes it a guard.
+    pub names: &'a [String],
 }
 
 /// What a request meant.
@@ -190,21 +225,31 @@ impl Role {
     }
 }
 
-/// The key of the instance of node `id` at `ip` (`rest` for REST pollers).
+/// The key of the instance of node `id` whose streams come from `ip`.
 pub fn instance_key(id: &str, ip: &str) -> String {
     format!("{id}@{ip}")
 }
 
+/// The key of the instance of node `id` polling REST xDS from `ip`.
+pub fn rest_instance_key(id: &str, ip: &str) -> String {
+    format!("{id}@{REST}:{ip}")
+}
+
+/// The transport of REST pollers, and the peer of their records stored when all of
+/// a node id's pollers were one instance (`id@rest`).
+const REST: &str = "rest";
+
 /// One Envoy instance (a node id at one peer address), as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
-    /// `id@ip`: what rollouts wait for and `DELETE /v1/nodes/{key}` forgets.
+    /// `id@ip` (`id@rest:ip` for a REST poller): what rollouts wait for and
+    /// `DELETE /v1/nodes/{key}` forgets.
     pub instance: String,
     pub id: String,
-    /// The peer's address (IP), `rest` for a REST poller, `null` when stored by an
+    /// The peer's address (IP); `rest` for a REST poller or `null` when stored by an
     /// older control plane.
     pub peer: Option<String>,
-    /// The socket addresses of its live streams.
+    /// The socket addresses of its live streams (a live REST poller: of its last poll).
     pub streams_from: Vec<String>,
     pub role: Role,
     pub cluster: String,
@@ -223,9 +268,9 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(id: &str, ip: &str, cluster: &str, transport: &str, now: i64) -> Node {
+    fn new(key: &str, id: &str, ip: &str, cluster: &str, transport: &str, now: i64) -> Node {
         Node {
-            instance: instance_key(id, ip),
+            instance: key.to_owned(),
             id: id.to_owned(),
             peer: Some(ip.to_owned()),
             streams_from: Vec::new(),
@@ -354,7 +399,7 @@ pub struct Conflict {
 pub struct ConflictPeer {
     pub instance: String,
     pub connected: bool,
-    /// The socket addresses of its live streams.
+    /// The socket addresses of its live streams (a REST poller: of its last poll).
     pub streams_from: Vec<String>,
 }
 
@@ -424,10 +469,11 @@ impl Inner {
         keys.into_iter().filter_map(|k| self.effective(k))
     }
 
-    /// Instances connected here and to another replica at once.
+    /// Instances with a stream here and to another replica at once (a REST
+    /// poller's polls are spread over the replicas: not one of these).
     fn doubly_connected(&self, key: &str) -> bool {
         matches!((self.nodes.get(key), self.remote.get(key)),
-            (Some(l), Some(r)) if l.connected && r.connected)
+            (Some(l), Some(r)) if l.connected && r.connected && l.transport != REST)
     }
 }
 
@@ -562,8 +608,10 @@ impl Registry {
             .filter(|s| !s.is_empty())
     }
 
-    /// The instance `id` from `ip` opens a stream (or polls): found, adopted from a
-    /// record stored without a peer, or new. Returns its key.
+    /// The instance `id` from `ip` opens a stream (or polls, `transport` `rest`):
+    /// found, adopted from a record stored without a peer (or, for a poller, from
+    /// the one record all REST pollers of the id shared, `id@rest`), or new.
+    /// Returns its key.
     fn attach(
         inner: &mut Inner,
         id: &str,
@@ -572,22 +620,42 @@ impl Registry {
         transport: &str,
         now: i64,
     ) -> String {
-        let key = instance_key(id, ip);
+        let rest = transport == REST;
+        let key = if rest {
+            rest_instance_key(id, ip)
+        } else {
+            instance_key(id, ip)
+        };
         if !inner.nodes.contains_key(&key) {
-            // A record from a control plane that tracked node ids only: the first
-            // instance of that id takes it over.
-            let node = match inner.nodes.get(id) {
-                Some(n) if n.peer.is_none() && !n.connected => inner.nodes.remove(id),
-                _ => None,
+            // A record from a control plane that tracked node ids only (or merged
+            // REST pollers): the first instance of that id takes it over.
+            let shared_rest = instance_key(id, REST);
+            let legacy = |k: &str, peer: Option<&str>| {
+                inner
+                    .nodes
+                    .get(k)
+                    .is_some_and(|n| n.peer.as_deref() == peer && !n.connected)
             };
+            let old_key = if legacy(id, None) {
+                Some(id.to_owned())
+            } else if rest && legacy(&shared_rest, Some(REST)) {
+                Some(shared_rest)
+            } else {
+                None
+            };
+            let node = old_key.and_then(|k| {
+                let n = inner.nodes.remove(&k)?;
+                Registry::recount(inner, &k);
+                inner.removed.insert(k);
+                Some(n)
+            });
             let node = match node {
                 Some(mut n) => {
-                    inner.removed.insert(id.to_owned());
                     n.instance = key.clone();
                     n.peer = Some(ip.to_owned());
                     n
                 }
-                None => Node::new(id, ip, cluster, transport, now),
+                None => Node::new(&key, id, ip, cluster, transport, now),
             };
             inner.nodes.insert(key.clone(), node);
         }
@@ -767,28 +835,33 @@ impl Registry {
         }
     }
 
-    /// One REST-JSON poll of type `t`: the node runs `running` (empty: nothing yet).
-    /// A poll after a response that does not report its version is that response's
-    /// NACK (REST carries no nonce to answer). True when `current` must be sent.
-    pub fn rest_poll(
-        &self,
-        id: &str,
-        cluster: &str,
-        t: ResourceType,
-        running: &str,
-        error: Option<String>,
-        current: &str,
-    ) -> bool {
+    /// One REST-JSON poll (see [`RestPoll`]): the poller is the instance of its node
+    /// id at its peer address, connected until it is silent for the expiry. A poll
+    /// after a response that does not report its version is that response's NACK
+    /// (REST carries no nonce to answer). True when `current` must be sent.
+    pub fn rest_poll(&self, poll: &RestPoll<'_>, current: &str) -> bool {
         let now = now_ms();
         let mut inner = self.lock();
-        let key = Registry::attach(&mut inner, id, "rest", cluster, "rest", now);
+        let ip = poll
+            .peer
+            .map(|p| p.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let key = Registry::attach(&mut inner, poll.id, &ip, poll.cluster, REST, now);
+        let guarded = (poll.t == ResourceType::Ecds)
+            .then(|| poll.names.iter().find_map(|n| self.guarded_server(n)))
+            .flatten();
         let Some(node) = inner.nodes.get_mut(&key) else {
             return false;
         };
         node.connected = true;
         node.connected_since.get_or_insert(now);
         node.last_seen = now;
-        let state = node.types.entry(t).or_default();
+        node.streams_from = poll.peer.iter().map(ToString::to_string).collect();
+        if let Some(server) = guarded {
+            node.role = Role::Guard(server.to_owned());
+        }
+        let running = poll.running;
+        let state = node.types.entry(poll.t).or_default();
         if !running.is_empty() {
             state.record.acked_version = Some(running.to_owned());
             state.record.acked_at = Some(now);
@@ -797,8 +870,11 @@ impl Registry {
             && sent != running
         {
             state.record.nacked_version = Some(sent);
-            state.record.nack_error =
-                Some(error.unwrap_or_else(|| "not applied (REST xDS gives no detail)".into()));
+            state.record.nack_error = Some(
+                poll.error
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| "not applied (REST xDS gives no detail)".into()),
+            );
             state.record.nacked_at = Some(now);
         }
         let nacked_here =
@@ -811,20 +887,25 @@ impl Registry {
         due
     }
 
-    /// REST pollers silent for longer than `after` are marked disconnected.
+    /// REST pollers silent here for longer than `after` are marked disconnected (and
+    /// kept: a poller cut off may still serve with the map it has).
     pub fn expire_pollers(&self, after: Duration) {
         let cutoff = now_ms() - after.as_millis() as i64;
         let mut inner = self.lock();
         let stale: Vec<String> = inner
             .nodes
             .values()
-            .filter(|n| n.transport == "rest" && n.connected && n.last_seen < cutoff)
+            .filter(|n| n.transport == REST && n.connected && n.last_seen < cutoff)
             .map(|n| n.instance.clone())
             .collect();
         for id in stale {
             if let Some(n) = inner.nodes.get_mut(&id) {
                 n.connected = false;
                 n.connected_since = None;
+                n.streams_from.clear();
+                for s in n.types.values_mut() {
+                    s.pending_version = None;
+                }
             }
             self.touch(&mut inner, &id);
         }
@@ -1546,6 +1627,158 @@ mod tests {
         let c = reg.conflicts();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].instances.len(), 2);
+    }
+
+    /// A REST poll of ECDS by `id` from `ip`, running `running`; whether it is sent.
+    fn rest(reg: &Registry, id: &str, ip: &str, names: &[&str], running: &str, cur: &str) -> bool {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        reg.rest_poll(
+            &RestPoll {
+                id,
+                cluster: "edge",
+                peer: Some(SocketAddr::new(ip.parse().unwrap(), 40000)),
+                t: ResourceType::Ecds,
+                running,
+                error: None,
+                names: &names,
+            },
+            cur,
+        )
+    }
+
+    const ROUTER: &[&str] = &["seashard.base_router"];
+
+    #[test]
+    fn two_rest_pollers_of_one_id_from_two_addresses_are_two_instances_and_a_conflict() {
+        let reg = Registry::default();
+        let v = snapshot(1, "/a.wasm").ecds.version.clone();
+        assert!(rest(&reg, "edge-1", "10.0.0.1", ROUTER, "", &v));
+        assert!(reg.conflicts().is_empty());
+        assert!(rest(&reg, "edge-1", "10.0.0.2", ROUTER, "", &v));
+        let keys: Vec<String> = reg.nodes().into_iter().map(|n| n.instance).collect();
+        assert_eq!(keys, ["edge-1@rest:10.0.0.1", "edge-1@rest:10.0.0.2"]);
+        let c = reg.conflicts();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(
+            c[0].to_string()
+                .contains("edge-1@rest:10.0.0.2 (connected, streams from 10.0.0.2:40000)"),
+            "{}",
+            c[0]
+        );
+        // One poller's ACK stands for that poller only.
+        assert!(!rest(&reg, "edge-1", "10.0.0.1", ROUTER, &v, &v));
+        let conv = reg.convergence(ResourceType::Ecds, &v);
+        assert_eq!(conv.acked, ["edge-1@rest:10.0.0.1"]);
+        assert_eq!(conv.pending, ["edge-1@rest:10.0.0.2"]);
+        // The second one falls silent (cut off): disconnected, kept, still a conflict.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!rest(&reg, "edge-1", "10.0.0.1", ROUTER, &v, &v));
+        reg.expire_pollers(Duration::from_millis(20));
+        let b = reg.node("edge-1@rest:10.0.0.2").unwrap();
+        assert!(!b.connected && b.streams_from.is_empty());
+        assert!(reg.node("edge-1@rest:10.0.0.1").unwrap().connected);
+        let c = reg.conflicts();
+        assert!(
+            c[0].to_string()
+                .contains("edge-1@rest:10.0.0.2 (disconnected)"),
+            "{}",
+            c[0]
+        );
+        assert_eq!(reg.forget("edge-1"), ["edge-1@rest:10.0.0.2"]);
+        assert!(reg.conflicts().is_empty());
+    }
+
+    #[test]
+    fn a_rest_poller_and_a_stream_of_one_id_are_two_instances_even_from_one_address() {
+        let reg = Registry::default();
+        let snap = snapshot(1, "/a.wasm");
+        let mut n = 0;
+        let mut s = from("10.0.0.1", 4000);
+        play(&reg, &mut s, &snap, &[req("", "", None)], &mut n);
+        assert!(reg.conflicts().is_empty());
+        rest(&reg, "edge-1", "10.0.0.1", ROUTER, "", &snap.ecds.version);
+        let keys: Vec<String> = reg.nodes().into_iter().map(|n| n.instance).collect();
+        assert_eq!(keys, ["edge-1@10.0.0.1", "edge-1@rest:10.0.0.1"]);
+        assert_eq!(reg.conflicts().len(), 1);
+        assert_eq!(reg.node("edge-1@rest:10.0.0.1").unwrap().transport, "rest");
+        assert_eq!(reg.node("edge-1@10.0.0.1").unwrap().transport, "grpc");
+    }
+
+    #[test]
+    fn a_rest_guard_gets_the_guard_role_from_the_resource_it_asks_for() {
+        let reg = Registry::new(Vec::new(), "seashard.base_router");
+        let v = snapshot(1, "/a.wasm").ecds.version.clone();
+        rest(
+            &reg,
+            "guard-a",
+            "10.0.0.9",
+            &["seashard.base_router.guard.dtable-server"],
+            "",
+            &v,
+        );
+        rest(&reg, "edge-1", "10.0.0.1", ROUTER, "", &v);
+        let g = reg.node("guard-a").unwrap();
+        assert_eq!(g.role, Role::Guard("dtable-server".into()));
+        assert_eq!(g.instance, "guard-a@rest:10.0.0.9");
+        assert_eq!(reg.node("edge-1").unwrap().role, Role::Edge);
+        // Stored and read back, it is still a guard.
+        let (dirty, _) = reg.take_dirty();
+        let again = Registry::new(dirty, "seashard.base_router");
+        assert_eq!(
+            again.node("guard-a@rest:10.0.0.9").unwrap().role,
+            Role::Guard("dtable-server".into())
+        );
+    }
+
+    #[test]
+    fn a_rest_poller_spread_over_replicas_is_one_instance_but_another_address_conflicts() {
+        let reg = Registry::default();
+        let v = snapshot(1, "/a.wasm").ecds.version.clone();
+        rest(&reg, "edge-1", "10.0.0.1", ROUTER, &v, &v);
+        // Its other polls go to another replica, which records it connected too.
+        let mut r = remote("edge-1", "10.0.0.1", true, true, Some(&v));
+        r.record.id = rest_instance_key("edge-1", "10.0.0.1");
+        r.record.transport = "rest".into();
+        reg.set_remote(std::slice::from_ref(&r));
+        assert!(reg.conflicts().is_empty(), "{:?}", reg.conflicts());
+        assert_eq!(reg.nodes().len(), 1);
+        // Another Envoy with that id polls the other replica from elsewhere.
+        let mut other = r.clone();
+        other.record.id = rest_instance_key("edge-1", "10.0.0.2");
+        other.record.peer = Some("10.0.0.2".into());
+        other.record.types = vec![];
+        reg.set_remote(&[r, other]);
+        assert_eq!(reg.conflicts().len(), 1);
+        assert_eq!(
+            reg.convergence(ResourceType::Ecds, &v).pending,
+            ["edge-1@rest:10.0.0.2"]
+        );
+    }
+
+    #[test]
+    fn the_record_all_rest_pollers_of_an_id_shared_is_taken_over_by_the_first_poller() {
+        let shared = NodeRecord {
+            id: "edge-1@rest".into(),
+            node_id: "edge-1".into(),
+            peer: Some("rest".into()),
+            role: "guard:dtable-server".into(),
+            cluster: "edge".into(),
+            first_seen: 1,
+            connected_since: None,
+            last_seen: 1,
+            transport: "rest".into(),
+            types: vec![],
+        };
+        let reg = Registry::new(vec![shared], "seashard.base_router");
+        let v = snapshot(1, "/a.wasm").ecds.version.clone();
+        rest(&reg, "edge-1", "10.0.0.1", ROUTER, "", &v);
+        let keys: Vec<String> = reg.nodes().into_iter().map(|n| n.instance).collect();
+        assert_eq!(keys, ["edge-1@rest:10.0.0.1"]);
+        assert_eq!(reg.nodes()[0].first_seen, 1);
+        assert_eq!(reg.take_dirty().1, ["edge-1@rest"]);
+        // The next poller from elsewhere is another instance: a conflict.
+        rest(&reg, "edge-1", "10.0.0.2", ROUTER, "", &v);
+        assert_eq!(reg.conflicts().len(), 1);
     }
 
     #[test]

@@ -161,6 +161,8 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     } else {
         app
     };
+    // Each request knows its peer: REST pollers are instances by address.
+    let app = app.into_make_service_with_connect_info::<crate::api::Peer>();
     let http_stop = until(stopped.clone());
     let http = tokio::spawn(async move {
         match http_incoming {
