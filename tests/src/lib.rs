@@ -37,6 +37,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod http;
 pub mod lost_writes;
+pub mod mesh;
 pub mod process;
 pub mod relay;
 pub mod replicas;
