@@ -311,10 +311,10 @@ impl Graph {
                 } else {
                     call.pop();
                     let (ui, ul, _) = idx[&u];
-                    if let Some(&(p, _)) = call.last() {
-                        if let Some(x) = idx.get_mut(&p) {
-                            x.1 = x.1.min(ul);
-                        }
+                    if let Some(&(p, _)) = call.last()
+                        && let Some(x) = idx.get_mut(&p)
+                    {
+                        x.1 = x.1.min(ul);
                     }
                     if ui == ul {
                         let mut scc = Vec::new();

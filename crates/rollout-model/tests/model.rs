@@ -396,14 +396,7 @@ fn fixed_two_rollouts_in_a_row_are_safe_and_plan_restarts_from_may_hold() {
 #[test]
 fn every_rollout_ends_under_fairness() {
     for (name, model) in [
-        (
-            "live: one replica, guards",
-            RolloutModel {
-                max_crashes: 1,
-                ..RolloutModel::new(Variant::Correct, true)
-            },
-        ),
-        ("live: replicas", replicas(Bugs::NONE, true)),
+        ("live: replicas", replicas(Bugs::NONE, false)),
         ("live: REST", rest(Bugs::NONE)),
         ("live: two rollouts, store errors", two_rollouts(Bugs::NONE)),
     ] {
