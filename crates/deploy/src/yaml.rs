@@ -21,11 +21,28 @@ pub fn documents(docs: &[Value]) -> String {
     out
 }
 
+/// Keys a Kubernetes object opens with, in this order; the others follow sorted.
+const FIRST: [&str; 3] = ["apiVersion", "kind", "metadata"];
+
 /// One value as a YAML document (ends with a newline).
 pub fn to_string(v: &Value) -> String {
     let mut out = String::new();
     match v {
-        Value::Object(m) if !m.is_empty() => write_map(&mut out, m, 0),
+        Value::Object(m) if !m.is_empty() => {
+            let mut ordered = serde_json::Map::new();
+            for k in FIRST {
+                if let Some(v) = m.get(k) {
+                    ordered.insert(k.to_owned(), v.clone());
+                }
+            }
+            write_map(&mut out, &ordered, 0);
+            let rest: serde_json::Map<String, Value> = m
+                .iter()
+                .filter(|(k, _)| !FIRST.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            write_map(&mut out, &rest, 0);
+        }
         Value::Array(a) if !a.is_empty() => write_seq(&mut out, a, 0),
         other => {
             out.push_str(&scalar(other, 0));
@@ -167,7 +184,7 @@ mod tests {
         let y = to_string(&v);
         assert_eq!(
             y,
-            "apiVersion: \"v1\"\ndata:\n  \"on\": \"yes\"\n  seashard.toml: |\n    [listen]\n    grpc = \"0.0.0.0:18000\"\nmetadata:\n  labels:\n    app.kubernetes.io/name: \"seashard\"\n  name: \"a\"\nspec:\n  empty: {}\n  none: []\n  ports:\n  - name: \"grpc\"\n    port: 18000\n"
+            "apiVersion: \"v1\"\nmetadata:\n  labels:\n    app.kubernetes.io/name: \"seashard\"\n  name: \"a\"\ndata:\n  \"on\": \"yes\"\n  seashard.toml: |\n    [listen]\n    grpc = \"0.0.0.0:18000\"\nspec:\n  empty: {}\n  none: []\n  ports:\n  - name: \"grpc\"\n    port: 18000\n"
         );
     }
 
