@@ -770,6 +770,10 @@ impl From<RolloutError> for ApiError {
             RolloutError::Propose(p) => p.into(),
             RolloutError::Store(s) => s.into(),
             RolloutError::NoneRunning => ApiError::new(StatusCode::NOT_FOUND, reason),
+            RolloutError::Unfinished(id) => {
+                ApiError::coded(StatusCode::CONFLICT, "rollout_unfinished", reason)
+                    .with("rollout", json!(id))
+            }
             RolloutError::TooLate(_)
             | RolloutError::NotWaiting { .. }
             | RolloutError::Conflicts(_)
@@ -858,7 +862,13 @@ async fn rollout_abort(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers)?;
     let who = actor(&headers);
-    let id = rollout::abort(&api.plane, &format!("aborted by {who}"))?;
+    // Off the async workers: a rollout without a driver gets one here, which may
+    // wait a moment for the change lock.
+    let plane = api.plane.clone();
+    let reason = format!("aborted by {who}");
+    let id = tokio::task::spawn_blocking(move || rollout::abort(&plane, &reason))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     api.plane
         .store()
         .audit(&who, "rollout.abort", None, &json!({ "rollout": id }))?;

@@ -77,8 +77,15 @@ use crate::store::{FinishRollout, NewVersion, StoreError, VersionKind, now_ms};
 const HEALTH_POLL: Duration = Duration::from_millis(100);
 /// How long one health check may take.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the driver retries after the store failed.
-const STORE_RETRY: Duration = Duration::from_secs(1);
+/// The driver's first wait after the store failed; it doubles with each failure
+/// in a row, up to [`STORE_RETRY_MAX`].
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The driver's longest wait between tries while the store fails: once the store
+/// is back, the rollout goes on (or rolls back on `abort`) within this.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long `abort` waits for the change lock to start a driver for a rollout
+/// that has none (a change that needs no rollout holds it for a moment).
+const ABORT_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,6 +343,13 @@ pub enum RolloutError {
     /// A node id the rollout would wait for is held by more than one Envoy.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Conflicts(Vec<Conflict>),
+    /// A rollout has not finished: no other may begin (its `may_hold` updates are
+    /// not made yet, so restarts would be planned from a stale history).
+    #[error(
+        "rollout {0} has not finished: wait for it to end, or roll it back with \
+         `seactl rollout abort`"
+    )]
+    Unfinished(u64),
     /// A guarded server has no guard to wait for.
     #[error(
         "server `{server}` is guarded, but no guard of it has connected to this control \
@@ -500,6 +514,11 @@ pub fn begin_with(
 ) -> Result<Rollout, RolloutError> {
     plane.check_map(&p.map).map_err(ProposeError::Invalid)?;
     let guard = plane.try_begin_change()?;
+    // One rollout at a time, driven or not: an unfinished one still has to update
+    // `may_hold`, which this one's restart plan reads.
+    if let Some(stored) = plane.store().unfinished_rollout()? {
+        return Err(RolloutError::Unfinished(stored.id));
+    }
     // Before the rollout is stored: an abort asked for from then on is kept.
     plane.rollout_signals().reset();
     let active = plane.active()?;
@@ -575,11 +594,23 @@ pub fn begin_with(
         restart = ?r.restart.iter().map(|s| &s.server).collect::<Vec<_>>(),
         "rollout planned"
     );
-    tokio::spawn(drive(plane.clone(), guard, r.clone()));
+    start_driver(plane, guard, r.clone());
     Ok(r)
 }
 
-/// Resumes the stored unfinished rollout, if any, from its stored step.
+/// Runs `r` in the background under the change lock `guard`.
+fn start_driver(plane: &Arc<ControlPlane>, guard: OwnedMutexGuard<()>, r: Rollout) {
+    // Set before the task runs: `abort` must not start a second driver meanwhile.
+    plane.rollout_signals().set_driving(true);
+    tokio::spawn(drive(plane.clone(), guard, r));
+}
+
+/// Resumes the stored unfinished rollout, if any, from its stored step. First the
+/// stored active version is served (a new leader's snapshot may lag the store); the
+/// driver then waits for ACKs of the rollout's own recorded versions.
+///
+/// Any error leaves the rollout without a driver: the caller tries again
+/// (`Busy`: an earlier term's driver still holds the change lock).
 pub fn resume(plane: &Arc<ControlPlane>) -> Result<Option<u64>, RolloutError> {
     let Some(stored) = plane.store().unfinished_rollout()? else {
         return Ok(None);
@@ -587,6 +618,8 @@ pub fn resume(plane: &Arc<ControlPlane>) -> Result<Option<u64>, RolloutError> {
     let mut r: Rollout = serde_json::from_value(stored.record)
         .map_err(|e| RolloutError::Corrupt(format!("rollout {}: {e}", stored.id)))?;
     let guard = plane.try_begin_change()?;
+    let active = plane.active()?;
+    plane.adopt(active.version)?;
     let signals = plane.rollout_signals();
     signals.reset();
     if let Some(reason) = stored.abort_requested {
@@ -609,27 +642,52 @@ pub fn resume(plane: &Arc<ControlPlane>) -> Result<Option<u64>, RolloutError> {
         "resuming the stored rollout"
     );
     let id = r.id;
-    tokio::spawn(drive(plane.clone(), guard, r));
+    start_driver(plane, guard, r);
     Ok(Some(id))
 }
 
-/// Asks the running rollout to roll back (refused once activation began).
-pub fn abort(plane: &ControlPlane, reason: &str) -> Result<u64, RolloutError> {
+/// Asks the unfinished rollout to roll back (refused once activation began), and
+/// makes sure it has a driver: on the leader, a rollout left without one (its
+/// driver stopped, a resume failed) gets one here, which rolls it back, or
+/// completes it when activation began. Blocking: call it off the async workers.
+pub fn abort(plane: &Arc<ControlPlane>, reason: &str) -> Result<u64, RolloutError> {
     let stored = plane
         .store()
         .unfinished_rollout()?
         .ok_or(RolloutError::NoneRunning)?;
     let state: Rollout = serde_json::from_value(stored.record)
         .map_err(|e| RolloutError::Corrupt(format!("rollout {}: {e}", stored.id)))?;
-    if !state.state.may_roll_back() {
-        if state.state == Step::RollingBack {
-            return Ok(stored.id);
-        }
+    if state.state.may_roll_back() {
+        plane.store().request_abort(stored.id, reason)?;
+        plane.rollout_signals().request_abort(reason);
+    }
+    ensure_driver(plane)?;
+    if !state.state.may_roll_back() && state.state != Step::RollingBack {
         return Err(RolloutError::TooLate(stored.id));
     }
-    plane.store().request_abort(stored.id, reason)?;
-    plane.rollout_signals().request_abort(reason);
     Ok(stored.id)
+}
+
+/// Starts a driver for the stored unfinished rollout unless one runs here (or this
+/// replica does not lead: the leader drives).
+fn ensure_driver(plane: &Arc<ControlPlane>) -> Result<(), RolloutError> {
+    let deadline = Instant::now() + ABORT_LOCK_WAIT;
+    loop {
+        if plane.rollout_signals().driving() || plane.leader_term().is_none() {
+            return Ok(());
+        }
+        match resume(plane) {
+            Ok(Some(id)) => {
+                tracing::warn!(rollout = id, "the rollout had no driver: one started");
+                return Ok(());
+            }
+            Ok(None) => return Ok(()),
+            Err(RolloutError::Propose(ProposeError::Busy)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Confirms that an operator restarted `server` (manual hook).
@@ -653,7 +711,9 @@ pub fn view(plane: &ControlPlane, r: &Rollout) -> Value {
     let mut v = r.to_value();
     let live = !r.state.finished();
     let owing = if live && r.state != Step::Plan {
-        let o = owing(plane, &r.waits());
+        let version = ecds_string(plane, recorded_version(plane, r))
+            .unwrap_or_else(|_| plane.snapshot().ecds.version.clone());
+        let o = owing(plane, &r.waits(), &version);
         json!({
             "pending": o.pending,
             "nacked": o.nacked.iter().map(|(n, e)| json!({"node": n, "error": e})).collect::<Vec<_>>(),
@@ -716,15 +776,14 @@ struct Owing {
 /// Who owes an ACK of the current filter configuration: every connected instance
 /// `waits` counts, and every one in `waits.envoys` (recorded at plan, even
 /// disconnected); a node id conflict among them is reported too.
-fn owing(plane: &ControlPlane, waits: &Waits) -> Owing {
-    let version = plane.snapshot().ecds.version.clone();
+fn owing(plane: &ControlPlane, waits: &Waits, version: &str) -> Owing {
     let required: BTreeSet<&str> = waits.envoys.iter().map(String::as_str).collect();
     let mut o = Owing::default();
     let mut ids = BTreeSet::new();
     for n in plane.registry().nodes() {
         let counted = waits.counts(&n);
         let waited = (n.connected && counted) || required.contains(n.instance.as_str());
-        if n.acked(ResourceType::Ecds) == Some(version.as_str()) && n.connected {
+        if n.acked(ResourceType::Ecds) == Some(version) && n.connected {
             if waited {
                 ids.insert(n.id.clone());
             }
@@ -738,7 +797,7 @@ fn owing(plane: &ControlPlane, waits: &Waits) -> Owing {
         }
         ids.insert(n.id.clone());
         let key = &n.instance;
-        if n.nacked(ResourceType::Ecds) == Some(version.as_str()) {
+        if n.nacked(ResourceType::Ecds) == Some(version) {
             let error = n
                 .types
                 .get(&ResourceType::Ecds)
@@ -752,7 +811,7 @@ fn owing(plane: &ControlPlane, waits: &Waits) -> Owing {
             o.nacked.push((key.clone(), error));
         } else if !n.connected {
             // Not connected now: it counts once it ACKed this version before.
-            if n.acked(ResourceType::Ecds) != Some(version.as_str()) {
+            if n.acked(ResourceType::Ecds) != Some(version) {
                 o.pending.push(format!(
                     "{key} (disconnected; if it is out of service: DELETE /v1/nodes/{key})"
                 ));
@@ -770,11 +829,63 @@ fn owing(plane: &ControlPlane, waits: &Waits) -> Owing {
     o
 }
 
-/// Waits until every Envoy that must ACK did; `Err(reason)` on a NACK, a timeout, a
-/// node id conflict among them or (when `before_activation`) an abort.
+/// The map version the rollout's current step publishes, as recorded (the fence,
+/// the new map, the rollback); the served one when none is recorded yet.
+fn recorded_version(plane: &ControlPlane, r: &Rollout) -> u64 {
+    let recorded = match r.state {
+        Step::Fence | Step::Restart => r.fence_version,
+        Step::Activate | Step::Done => r.new_version,
+        Step::RollingBack | Step::RolledBack => r.rollback_version,
+        Step::Plan => None,
+    };
+    recorded.unwrap_or_else(|| plane.snapshot().map_version)
+}
+
+/// The ECDS version string of map version `v`, which this replica serves from now
+/// on unless it serves a newer one (a new leader's snapshot may lag the store: an
+/// ACK of what it served before is not an ACK of the rollout's version).
+fn ecds_version(plane: &ControlPlane, v: u64) -> Result<String, StoreError> {
+    if plane.snapshot().map_version < v {
+        plane.adopt(v)?;
+    }
+    ecds_string(plane, v)
+}
+
+/// The ECDS version string of map version `v`.
+fn ecds_string(plane: &ControlPlane, v: u64) -> Result<String, StoreError> {
+    let snapshot = plane.snapshot();
+    if snapshot.map_version == v {
+        return Ok(snapshot.ecds.version.clone());
+    }
+    let version = plane
+        .store()
+        .version(v)?
+        .ok_or_else(|| StoreError::Corrupt(format!("version {v} is missing")))?;
+    Ok(crate::plane::build_snapshot(plane.config(), &version)
+        .ecds
+        .version
+        .clone())
+}
+
+/// Waits until every Envoy that must ACK map version `v` did; `Ok(Err(reason))` on
+/// a NACK, a timeout, a node id conflict among them or (when `before_activation`)
+/// an abort; `Err` when the version cannot be read.
 async fn wait_acks(
     plane: &ControlPlane,
     waits: &Waits,
+    v: u64,
+    timeout: Duration,
+    before_activation: bool,
+) -> Result<Result<(), String>, StoreError> {
+    let version = ecds_version(plane, v)?;
+    Ok(wait_acks_of(plane, waits, v, &version, timeout, before_activation).await)
+}
+
+async fn wait_acks_of(
+    plane: &ControlPlane,
+    waits: &Waits,
+    v: u64,
+    version: &str,
     timeout: Duration,
     before_activation: bool,
 ) -> Result<(), String> {
@@ -786,16 +897,13 @@ async fn wait_acks(
         if before_activation && let Some(r) = signals.abort_reason() {
             return Err(r);
         }
-        let o = owing(plane, waits);
+        let o = owing(plane, waits, version);
         if before_activation && !o.conflicts.is_empty() {
             let list: Vec<String> = o.conflicts.iter().map(ToString::to_string).collect();
             return Err(list.join("; "));
         }
         if let Some((node, error)) = o.nacked.first() {
-            return Err(format!(
-                "Envoy {node} refused (NACKed) version {}: {error}",
-                plane.snapshot().map_version
-            ));
+            return Err(format!("Envoy {node} refused (NACKed) version {v}: {error}"));
         }
         if o.pending.is_empty() {
             return Ok(());
@@ -810,13 +918,12 @@ async fn wait_acks(
         tokio::select! {
             r = tokio::time::timeout_at(deadline, rx.changed()) => {
                 if r.is_err() {
-                    let o = owing(plane, waits);
+                    let o = owing(plane, waits, version);
                     if o.pending.is_empty() && o.conflicts.is_empty() {
                         return Ok(());
                     }
                     return Err(format!(
-                        "no ACK of version {} within {timeout:?} from: {}",
-                        plane.snapshot().map_version,
+                        "no ACK of version {v} within {timeout:?} from: {}",
                         o.pending.join(", ")
                     ));
                 }
@@ -1129,48 +1236,94 @@ fn hold_term(plane: &ControlPlane) -> Result<(), StoreError> {
 }
 
 /// Runs the rollout to its end, holding the change lock.
+///
+/// Never leaves it unfinished while this replica leads: a failed step (the store
+/// cannot be written or read) is tried again from the stored state, after a wait
+/// that doubles up to [`STORE_RETRY_MAX`], for as long as it takes. The driver
+/// stops only at the end, or when this replica no longer leads in the term it
+/// drives under (the new leader resumes the stored step).
 async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rollout) {
+    let signals = plane.rollout_signals();
+    signals.set_driving(true);
     plane.metrics().rollout_running(true);
-    plane.rollout_signals().set_term(plane.leader_term());
-    let mut failures = 0u32;
+    signals.set_term(plane.leader_term());
+    let mut drained = false;
+    let mut wait = STORE_RETRY_FIRST;
+    let mut failures = 0u64;
     loop {
-        match advance(&plane, &mut r).await {
-            Ok(true) => failures = 0,
+        let e = match advance(&plane, &mut r, &mut drained).await {
+            Ok(true) => {
+                wait = STORE_RETRY_FIRST;
+                failures = 0;
+                continue;
+            }
             Ok(false) => break,
-            Err(e) if e.not_leader() => {
-                tracing::warn!(
-                    rollout = r.id,
-                    step = r.state.as_str(),
-                    "this replica is no longer the leader: it stops driving the rollout, \
-                     which the new leader resumes from its stored step"
-                );
+            Err(e) => e,
+        };
+        if e.not_leader() || hold_term(&plane).is_err() {
+            tracing::warn!(
+                rollout = r.id,
+                step = r.state.as_str(),
+                "this replica is no longer the leader: it stops driving the rollout, \
+                 which the new leader resumes from its stored step"
+            );
+            break;
+        }
+        failures += 1;
+        tracing::error!(rollout = r.id, step = r.state.as_str(), failures, error = %e,
+            "rollout step failed; retrying from the stored state");
+        // The next try starts from what was last committed (what is in memory may
+        // be ahead of it, e.g. an end that could not be written): read it back,
+        // waiting for the store as long as it fails.
+        loop {
+            backoff(signals, &mut wait).await;
+            if hold_term(&plane).is_err() {
                 break;
             }
-            Err(e) => {
-                failures += 1;
-                tracing::error!(rollout = r.id, step = r.state.as_str(), error = %e, "rollout step failed; retrying");
-                if failures >= 30 {
-                    tracing::error!(
-                        rollout = r.id,
-                        "giving up: a restarted control plane resumes this rollout"
-                    );
+            match plane.store().rollout(r.id).map(|s| s.map(|s| parse(s.record))) {
+                Ok(Some(Ok(stored))) => {
+                    r = stored;
                     break;
                 }
-                // Re-read the stored state: it is what was last committed.
-                if let Ok(Some(stored)) = plane.store().rollout(r.id)
-                    && let Ok(stored) = parse(stored.record)
-                {
-                    r = stored;
+                Ok(other) => {
+                    let problem = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "the rollout is missing".to_owned(),
+                    };
+                    tracing::error!(rollout = r.id, %problem, "cannot read the stored rollout");
                 }
-                tokio::time::sleep(STORE_RETRY).await;
+                Err(e) => {
+                    tracing::warn!(rollout = r.id, error = %e, "the store still fails");
+                }
             }
         }
     }
     plane.metrics().rollout_running(false);
+    signals.set_driving(false);
 }
 
-/// Performs the current step; `Ok(false)` once finished.
-async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, RolloutError> {
+/// Waits `wait` (cut short by an abort asked for meanwhile), then doubles it up to
+/// [`STORE_RETRY_MAX`].
+async fn backoff(signals: &crate::signals::Signals, wait: &mut Duration) {
+    let sleep = tokio::time::sleep(*wait);
+    if signals.abort_reason().is_some() {
+        sleep.await;
+    } else {
+        tokio::select! {
+            () = sleep => {}
+            _ = signals.aborted() => {}
+        }
+    }
+    *wait = (*wait * 2).min(STORE_RETRY_MAX);
+}
+
+/// Performs the current step; `Ok(false)` once finished. `drained`: this driver
+/// already waited the drain after the fence was ACKed (a retry does not again).
+async fn advance(
+    plane: &Arc<ControlPlane>,
+    r: &mut Rollout,
+    drained: &mut bool,
+) -> Result<bool, RolloutError> {
     let cfg = plane.config().rollout.clone();
     match r.state {
         Step::Plan => {
@@ -1222,7 +1375,8 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 }
                 save(plane, r)?;
             }
-            match wait_acks(plane, &r.waits(), cfg.ack_timeout, true).await {
+            let fence = recorded_version(plane, r);
+            match wait_acks(plane, &r.waits(), fence, cfg.ack_timeout, true).await? {
                 Ok(()) => r.enter(Step::Restart, None),
                 Err(reason) => r.roll_back(format!("fence: {reason}")),
             }
@@ -1231,14 +1385,16 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
         Step::Restart => {
             // An Envoy may have reconnected (or this control plane restarted): every
             // one must run the fence before any server restarts.
-            if let Err(reason) = wait_acks(plane, &r.waits(), cfg.ack_timeout, true).await {
+            let fence = recorded_version(plane, r);
+            if let Err(reason) = wait_acks(plane, &r.waits(), fence, cfg.ack_timeout, true).await? {
                 r.roll_back(format!("fence: {reason}"));
                 save(plane, r)?;
                 return Ok(true);
             }
             // A request routed or passed just before the fence may still wait for a
             // connection to its server: let it reach the old process, not the new one.
-            if r.restart.iter().any(|s| s.state != RestartState::Healthy) {
+            // Once per driver: time since the fence was ACKed only grows.
+            if !*drained && r.restart.iter().any(|s| s.state != RestartState::Healthy) {
                 let drain = drain_time(plane, r);
                 if let Err(reason) = abortable(plane, async {
                     tokio::time::sleep(drain).await;
@@ -1250,6 +1406,7 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                     save(plane, r)?;
                     return Ok(true);
                 }
+                *drained = true;
             }
             if let Some(reason) = restart_servers(plane, r).await? {
                 r.roll_back(reason);
@@ -1288,7 +1445,8 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 }
                 save(plane, r)?;
             }
-            if let Err(reason) = wait_acks(plane, &r.waits(), cfg.ack_timeout, false).await {
+            let new = recorded_version(plane, r);
+            if let Err(reason) = wait_acks(plane, &r.waits(), new, cfg.ack_timeout, false).await? {
                 // Safe: an Envoy still on the fence answers 503 for the moved bases.
                 r.warnings.push(format!("activation: {reason}"));
             }
@@ -1327,7 +1485,8 @@ async fn advance(plane: &Arc<ControlPlane>, r: &mut Rollout) -> Result<bool, Rol
                 envoys: Vec::new(),
                 guarded: r.guarded.clone(),
             };
-            if let Err(reason) = wait_acks(plane, &connected, cfg.ack_timeout, false).await {
+            let rollback = recorded_version(plane, r);
+            if let Err(reason) = wait_acks(plane, &connected, rollback, cfg.ack_timeout, false).await? {
                 r.warnings.push(format!("rollback: {reason}"));
             }
             finish(plane, r, Step::RolledBack)?;

@@ -192,9 +192,12 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     let mut leadership = plane.store().leadership();
     let leads = leadership.borrow_and_update().is_leader();
     plane.metrics().leader(leads);
-    if leads {
-        // At start nothing else holds the change lock.
-        resume(&plane);
+    if leads
+        && !resume(&plane)
+        && let Some(term) = plane.leader_term()
+    {
+        // At start nothing else holds the change lock, but the store may fail.
+        tokio::spawn(resume_as_leader(plane.clone(), term));
     }
     let follower = tokio::spawn(follow_store(plane.clone(), leadership, stopped));
     tracing::info!(
@@ -216,9 +219,11 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     })
 }
 
-/// Resumes the stored unfinished rollout, if any (this replica leads). False
-/// when the change lock is held: a driver of an earlier term still has to notice
-/// that it no longer leads.
+/// Resumes the stored unfinished rollout, if any (this replica leads). False when
+/// it must be tried again: the change lock is held (a driver of an earlier term
+/// still has to notice that it no longer leads), or the store failed (one
+/// `Unavailable` read right after an election must not leave the rollout without
+/// a driver).
 fn resume(plane: &Arc<ControlPlane>) -> bool {
     match crate::rollout::resume(plane) {
         Ok(Some(id)) => tracing::warn!(rollout = id, "resumed an unfinished rollout"),
@@ -226,18 +231,28 @@ fn resume(plane: &Arc<ControlPlane>) -> bool {
         Err(crate::rollout::RolloutError::Propose(crate::plane::ProposeError::Busy)) => {
             return false;
         }
-        Err(e) => tracing::error!(error = %e, "cannot resume the stored rollout"),
+        Err(e @ crate::rollout::RolloutError::Corrupt(_)) => {
+            // Trying again reads the same record.
+            tracing::error!(error = %e, "cannot resume the stored rollout");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot resume the stored rollout yet; trying again");
+            return false;
+        }
     }
     true
 }
 
-/// How often a new leader tries again to resume while an earlier term's driver
-/// still holds the change lock.
+/// How soon a new leader tries again to resume; the wait doubles up to
+/// [`RESUME_RETRY_MAX`] while it fails.
 const RESUME_RETRY: Duration = Duration::from_millis(200);
+const RESUME_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Resumes the stored rollout as the leader of `term`, trying again while the
-/// change lock is held and this replica still leads in that term.
+/// Resumes the stored rollout as the leader of `term`, trying again while it
+/// cannot (change lock held, store failing) and this replica still leads in that
+/// term.
 async fn resume_as_leader(plane: Arc<ControlPlane>, term: i64) {
+    let mut wait = RESUME_RETRY;
     loop {
         let p = plane.clone();
         let done = tokio::task::spawn_blocking(move || resume(&p))
@@ -246,7 +261,8 @@ async fn resume_as_leader(plane: Arc<ControlPlane>, term: i64) {
         if done || plane.leader_term() != Some(term) {
             return;
         }
-        tokio::time::sleep(RESUME_RETRY).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RESUME_RETRY_MAX);
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the API and the running rollout share in memory: an abort request, manual
 //! restart confirmations, the server a manual hook waits for, the leader term the
-//! rollout is driven under, and a counter that wakes the rollout's driver. The plane holds one; the rollout and the API use it.
+//! rollout is driven under, whether a driver runs, and a counter that wakes the
+//! rollout's driver. The plane holds one; the rollout and the API use it.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -15,6 +16,9 @@ pub struct Signals {
     waiting_for: Mutex<BTreeSet<String>>,
     /// The leader term of the running rollout's driver.
     term: Mutex<Option<i64>>,
+    /// A driver runs in this process (an unfinished rollout without one is an
+    /// orphan: `abort` starts one).
+    driving: Mutex<bool>,
     bump: watch::Sender<u64>,
 }
 
@@ -25,6 +29,7 @@ impl Default for Signals {
             confirmed: Mutex::new(HashSet::new()),
             waiting_for: Mutex::new(BTreeSet::new()),
             term: Mutex::new(None),
+            driving: Mutex::new(false),
             bump: watch::channel(0).0,
         }
     }
@@ -50,6 +55,16 @@ impl Signals {
     /// The leader term the running rollout is driven under.
     pub fn term(&self) -> Option<i64> {
         *lock(&self.term)
+    }
+
+    /// A driver starts (`true`) or ends.
+    pub fn set_driving(&self, driving: bool) {
+        *lock(&self.driving) = driving;
+    }
+
+    /// Whether a rollout's driver runs in this process.
+    pub fn driving(&self) -> bool {
+        *lock(&self.driving)
     }
 
     fn wake(&self) {

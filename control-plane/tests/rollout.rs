@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
 use control_plane::rollout::{self, RestartState, Rollout, Step};
-use control_plane::{Config, ControlPlane, Proposal, Running, VersionKind};
+use control_plane::store::{FinishRollout, NewVersion, StoredRollout};
+use control_plane::{Config, ControlPlane, Proposal, Running, Store, StoreError, VersionKind};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -118,12 +119,18 @@ struct Cp {
 
 impl Cp {
     fn start(config: Config) -> Cp {
+        let store = control_plane::store::open(&config).unwrap();
+        Cp::start_with(config, store)
+    }
+
+    /// As [`Cp::start`], on `store`.
+    fn start_with(config: Config, store: Arc<dyn Store>) -> Cp {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let plane = ControlPlane::open(config).unwrap();
+        let plane = ControlPlane::with_store(config, store).unwrap();
         let running = rt
             .block_on(control_plane::start(plane.clone(), TOKEN))
             .unwrap();
@@ -1230,4 +1237,420 @@ fn a_failed_restart_stops_the_parallel_ones_and_rolls_back() {
         .collect();
     assert_eq!(failed, ["a", "b", "c", "d"], "{r:#?}");
     assert_eq!(cp.plane.active().unwrap().map, quarters().0);
+}
+
+// ---- A store that fails and recovers; rollouts left without a driver ----
+
+/// Two servers whose hooks append their name to a log, in a temporary directory:
+/// the set-up most tests here share.
+struct Two {
+    dir: tempfile::TempDir,
+    /// Kept serving for as long as the test runs.
+    _pongs: [Pong; 2],
+    servers: Vec<Srv>,
+    log: PathBuf,
+}
+
+impl Two {
+    fn new() -> Two {
+        let dir = tempfile::tempdir().unwrap();
+        let pongs = [Pong::start(), Pong::start()];
+        let (servers, log) = two_servers(dir.path(), &[&pongs[0], &pongs[1]]);
+        Two {
+            dir,
+            _pongs: pongs,
+            servers,
+            log,
+        }
+    }
+
+    fn config(&self, ack_timeout: &str) -> Config {
+        write_config(self.dir.path(), &self.servers, ack_timeout)
+    }
+
+    /// A control plane on this configuration's SQLite store.
+    fn start(&self, ack_timeout: &str) -> Cp {
+        Cp::start(self.config(ack_timeout))
+    }
+
+    fn restarted(&self) -> Vec<String> {
+        restarted(&self.log)
+    }
+}
+
+/// A store that fails as one under a full disk does, on the test's command: while
+/// `failing`, every write is refused (reads go on); `fail_reads` more reads of the
+/// unfinished rollout fail (as one `Unavailable` read right after an election).
+struct Flaky {
+    inner: Arc<dyn Store>,
+    failing: Arc<AtomicBool>,
+    fail_reads: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    fn new(inner: Arc<dyn Store>) -> Flaky {
+        Flaky {
+            inner,
+            failing: Arc::new(AtomicBool::new(false)),
+            fail_reads: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn write(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("test: the disk is full".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Flaky {
+    fn info(&self) -> control_plane::store::StoreInfo {
+        self.inner.info()
+    }
+    fn active(&self) -> Result<Option<control_plane::Version>, StoreError> {
+        self.inner.active()
+    }
+    fn version(&self, version: u64) -> Result<Option<control_plane::Version>, StoreError> {
+        self.inner.version(version)
+    }
+    fn history(&self, limit: u32) -> Result<Vec<control_plane::Version>, StoreError> {
+        self.inner.history(limit)
+    }
+    fn append_version(&self, expected: u64, new: &NewVersion<'_>) -> Result<u64, StoreError> {
+        self.write()?;
+        self.inner.append_version(expected, new)
+    }
+    fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        version: Option<u64>,
+        detail: &Value,
+    ) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.audit(actor, action, version, detail)
+    }
+    fn audit_log(&self, limit: u32) -> Result<Vec<control_plane::store::AuditEntry>, StoreError> {
+        self.inner.audit_log(limit)
+    }
+    fn save_nodes(&self, nodes: &[control_plane::store::NodeRecord]) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.save_nodes(nodes)
+    }
+    fn load_nodes(&self) -> Result<Vec<control_plane::store::NodeRecord>, StoreError> {
+        self.inner.load_nodes()
+    }
+    fn delete_nodes(&self, keys: &[String]) -> Result<usize, StoreError> {
+        self.write()?;
+        self.inner.delete_nodes(keys)
+    }
+    fn insert_rollout(&self, state: &str, record: &Value) -> Result<u64, StoreError> {
+        self.write()?;
+        self.inner.insert_rollout(state, record)
+    }
+    fn save_rollout(&self, id: u64, state: &str, record: &Value) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.save_rollout(id, state, record)
+    }
+    fn rollout(&self, id: u64) -> Result<Option<StoredRollout>, StoreError> {
+        self.inner.rollout(id)
+    }
+    fn rollouts(&self, limit: u32) -> Result<Vec<StoredRollout>, StoreError> {
+        self.inner.rollouts(limit)
+    }
+    fn unfinished_rollout(&self) -> Result<Option<StoredRollout>, StoreError> {
+        if self
+            .fail_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Unavailable("test: one failed read".into()));
+        }
+        self.inner.unfinished_rollout()
+    }
+    fn request_abort(&self, id: u64, reason: &str) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.request_abort(id, reason)
+    }
+    fn finish_rollout(&self, finish: &FinishRollout<'_>) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.finish_rollout(finish)
+    }
+    fn may_hold(&self, server: &str) -> Result<Option<Vec<u64>>, StoreError> {
+        self.inner.may_hold(server)
+    }
+    fn server_states(&self) -> Result<Vec<control_plane::store::ServerState>, StoreError> {
+        self.inner.server_states()
+    }
+    fn leadership(&self) -> tokio::sync::watch::Receiver<control_plane::store::Leadership> {
+        self.inner.leadership()
+    }
+    fn watch_active(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_active()
+    }
+    fn watch_nodes(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Arc<Vec<control_plane::store::RemoteNode>>> {
+        self.inner.watch_nodes()
+    }
+}
+
+/// A rollout of `new` from the active map, as `begin` would plan it, at `state`
+/// (nothing published): what a test stores to stand for one left by a driver.
+fn planned(plane: &ControlPlane, new: &ShardMap, state: Step) -> Rollout {
+    let old = plane.active().unwrap();
+    let plan = shardmap::diff(&old.map, new).unwrap();
+    let (restart, skipped) = rollout::restart_plan(plane, &plan.fence).unwrap();
+    let now = control_plane::store::now_ms();
+    let steps = [Step::Plan, Step::Fence, Step::Restart, Step::Activate]
+        .into_iter()
+        .take_while(|s| *s != state)
+        .chain([state])
+        .map(|step| rollout::StepRecord {
+            step,
+            started_at: now,
+            finished_at: None,
+            note: None,
+        })
+        .collect();
+    Rollout {
+        id: 0,
+        state,
+        from_version: old.version,
+        old_map: old.map.clone(),
+        new_map: new.clone(),
+        fence: plan.fence.clone(),
+        plan: serde_json::to_value(&plan).unwrap(),
+        restart,
+        skipped,
+        envoys: vec![],
+        guarded: vec![],
+        fence_version: None,
+        new_version: None,
+        rollback_version: None,
+        author: "test".into(),
+        comment: String::new(),
+        reason: None,
+        warnings: vec![],
+        steps,
+        created_at: now,
+        finished_at: None,
+        restart_ms: None,
+        overhead_ms: None,
+        resumed: 0,
+        parallel: None,
+    }
+}
+
+/// Publishes `r`'s fence (as its driver would) and stores `r`, with no driver.
+fn store_fenced(plane: &ControlPlane, r: &mut Rollout) -> u64 {
+    let active = plane.active().unwrap();
+    let fence = plane
+        .publish(
+            active.version,
+            &NewVersion {
+                kind: VersionKind::Fence,
+                map: &r.old_map,
+                fence: &r.fence,
+                author: "test",
+                comment: "fence",
+            },
+        )
+        .unwrap();
+    r.fence_version = Some(fence.version);
+    let id = plane
+        .store()
+        .insert_rollout(r.state.as_str(), &serde_json::to_value(&*r).unwrap())
+        .unwrap();
+    r.id = id;
+    plane
+        .store()
+        .save_rollout(id, r.state.as_str(), &serde_json::to_value(&*r).unwrap())
+        .unwrap();
+    id
+}
+
+fn post(cp: &Cp, path: &str, body: Value) -> (u16, Value) {
+    let mut r = ureq::post(format!("{}{path}", cp.api()))
+        .header("authorization", &format!("Bearer {TOKEN}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .content_type("application/json")
+        .send(body.to_string())
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_store_that_fails_mid_rollout_for_longer_than_30_tries_never_orphans_it() {
+    let mut two = Two::new();
+    // a's restart takes a moment: the store fails while it runs.
+    two.servers[0].hook = command_hook(&format!("echo a >> {}; sleep 0.5", two.log.display()));
+    let config = two.config("5s");
+    let flaky = Arc::new(Flaky::new(control_plane::store::open(&config).unwrap()));
+    let cp = Cp::start_with(config, flaky.clone());
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    let r = cp.begin(&half());
+    cp.wait_for(r.id, "a restarting", |r| {
+        r.restart[0].state == RestartState::Restarting
+    });
+    flaky.failing.store(true, Ordering::SeqCst);
+    // Longer than the 30 tries (a second and the drain each) after which the old
+    // driver gave up and left the rollout running with nobody driving it.
+    std::thread::sleep(Duration::from_secs(42));
+    assert!(!cp.rollout(r.id).state.finished());
+    flaky.failing.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    let r = cp.finished(r.id);
+    let took = back.elapsed();
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "ended {took:?} after the store came back"
+    );
+    assert!(cp.plane.active().unwrap().fence.is_empty());
+    assert!(!cp.plane.rollout_signals().driving());
+    // A push afterwards is taken.
+    let (status, body) = post(
+        &cp,
+        "/v1/maps",
+        json!({"map": map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}))}),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        cp.finished(body["rollout"].as_u64().unwrap()).state,
+        Step::Done
+    );
+}
+
+#[test]
+fn a_resume_whose_first_read_fails_is_tried_again() {
+    let two = Two::new();
+    let config = two.config("5s");
+    let id = {
+        let plane = ControlPlane::open(config.clone()).unwrap();
+        let r = planned(&plane, &half(), Step::Plan);
+        plane
+            .store()
+            .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
+            .unwrap()
+    };
+    let flaky = Flaky::new(control_plane::store::open(&config).unwrap());
+    // One Unavailable read, as right after an election.
+    flaky.fail_reads.store(1, Ordering::SeqCst);
+    let cp = Cp::start_with(config, Arc::new(flaky));
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(two.restarted(), ["a", "b"]);
+}
+
+#[test]
+fn abort_of_a_rollout_without_a_driver_starts_one_that_rolls_back() {
+    let two = Two::new();
+    let cp = two.start("5s");
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    // A rollout at its fence that nothing drives (as one whose driver stopped).
+    let mut r = planned(&cp.plane, &half(), Step::Fence);
+    let id = store_fenced(&cp.plane, &mut r);
+    let (status, body) = post(&cp, "/v1/rollouts/current/abort", json!({}));
+    assert_eq!(status, 200, "{body}");
+    let start = Instant::now();
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(r.reason.unwrap().contains("aborted"));
+    let active = cp.plane.active().unwrap();
+    assert!(active.fence.is_empty() && active.kind == VersionKind::Rollback);
+    assert!(two.restarted().is_empty());
+}
+
+#[test]
+fn a_rollout_is_refused_while_another_is_unfinished_and_plans_from_its_may_hold() {
+    let two = Two::new();
+    let cp = two.start("5s");
+    cp.envoy("edge-1", unlimited());
+    cp.wait_connected(1);
+    // Rollout 1: every server restarts; both may hold version 3 only.
+    assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);
+    // Rollout 2 moves 4-7 from a to b; it activated (b serves 4-7 from version 5)
+    // and was left there without a driver: may_hold is not updated yet.
+    let quarter = map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}));
+    let mut r = planned(&cp.plane, &quarter, Step::Activate);
+    assert_eq!(r.restart.len(), 1);
+    r.restart[0].state = RestartState::Healthy;
+    r.restart[0].healthy_at = Some(control_plane::store::now_ms());
+    let id = store_fenced(&cp.plane, &mut r);
+    let fence = cp.plane.active().unwrap().version;
+    let new = cp
+        .plane
+        .publish(
+            fence,
+            &NewVersion {
+                kind: VersionKind::Map,
+                map: &quarter,
+                fence: &Default::default(),
+                author: "test",
+                comment: "rollout 2",
+            },
+        )
+        .unwrap();
+    r.new_version = Some(new.version);
+    cp.plane
+        .store()
+        .save_rollout(id, "activate", &serde_json::to_value(&r).unwrap())
+        .unwrap();
+    // Moving 4-7 back to a: refused while rollout 2 is unfinished (b's history
+    // would not show version 5, and b, which holds 4-7, would be skipped).
+    let (status, body) = post(&cp, "/v1/maps", json!({"map": half()}));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["rollout"], id, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("rollout {id}")),
+        "{body}"
+    );
+    // abort reaches a driver: too late to roll back, so it completes.
+    let (status, body) = post(&cp, "/v1/rollouts/current/abort", json!({}));
+    assert_eq!(status, 409, "{body}");
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    // Now b's history holds version 5: moving 4-7 back restarts b.
+    let r = cp.begin(&half());
+    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
+    assert_eq!(restart, ["b"], "{r:#?}");
+    assert_eq!(cp.finished(r.id).state, Step::Done);
+}
+
+#[test]
+fn a_resuming_leader_waits_for_acks_of_the_recorded_fence_not_of_what_it_served() {
+    let two = Two::new();
+    let config = two.config("1s");
+    let cp = Cp::start(config.clone());
+    // edge-1 runs the initial map and never ACKs a newer one.
+    cp.envoy("edge-1", Arc::new(AtomicU64::new(1)));
+    cp.wait_connected(1);
+    // Another replica (another plane on the same store) fenced and stored a
+    // rollout; this one's snapshot lags: it still serves version 1.
+    let other = ControlPlane::open(config).unwrap();
+    let mut r = planned(&other, &half(), Step::Fence);
+    let id = store_fenced(&other, &mut r);
+    assert_eq!(cp.plane.snapshot().map_version, 1);
+    {
+        let _enter = cp.rt.enter();
+        assert_eq!(rollout::resume(&cp.plane).unwrap(), Some(id));
+    }
+    // edge-1 never ACKed the fence: nothing restarts, the rollout rolls back.
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::RolledBack, "{r:#?}");
+    assert!(r.reason.as_deref().unwrap().contains("edge-1"), "{r:#?}");
+    assert!(two.restarted().is_empty());
 }
