@@ -9,6 +9,10 @@
 //! log rotated into three files given in any order, a copy with malformed lines
 //! (counted and skipped), and the log without `$upstream_addr` (predicted from the
 //! map, which for these rules is what nginx did).
+//!
+//! All upstreams listen on 127.0.0.1, so named by no `--server` they share a host:
+//! the audit must still tell them apart by port, and see a block balancing over two
+//! of them as two dtable-servers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -81,22 +85,29 @@ fn uuids(n: usize) -> Vec<String> {
 }
 
 fn audit(conf: &Path, logs: &[&Path]) -> Value {
+    audit_named(conf, logs, &NAMES).0
+}
+
+/// The JSON report and the exit code of `seactl audit-nginx` with `names` flags.
+fn audit_named(conf: &Path, logs: &[&Path], names: &[&str]) -> (Value, i32) {
     let out = Command::new(seactl_bin().unwrap())
         .arg("audit-nginx")
         .arg(conf)
         .args(logs)
-        .args(NAMES)
+        .args(names)
         .args(["--output", "json"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code();
     assert!(
-        matches!(out.status.code(), Some(0 | 1)),
+        matches!(code, Some(0 | 1)),
         "seactl audit-nginx: {:?}\n{stderr}",
         out.status
     );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)))
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
+    (report, code.unwrap_or(2))
 }
 
 /// The report without what depends on the lines read rather than the requests.
@@ -287,6 +298,149 @@ fn audit_matches_what_the_upstreams_served() {
         m.remove("mode");
         m.remove("observed");
         m.remove("predicted");
+        // A prediction names servers, not their addresses.
+        for b in m["at_risk"].as_array_mut().unwrap() {
+            for sv in b["servers"].as_array_mut().unwrap() {
+                sv.as_object_mut().unwrap().remove("addresses");
+            }
+        }
     }
     assert_eq!(p, o, "predicted");
+}
+
+#[test]
+fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
+    let a = Upstream::start("dtable-server").unwrap();
+    let b = Upstream::start("dtable-server-2").unwrap();
+    let c = Upstream::start("dtable-server-3").unwrap();
+    for u in [&b, &c] {
+        assert_eq!(u.addr.ip(), a.addr.ip(), "one host");
+    }
+    let listen = loopback(free_port().unwrap());
+    // nginx balances `dtable_server_0_9` round robin over b and c.
+    let conf = CONF
+        .replace("{A}", &a.addr.to_string())
+        .replace("{B}", &format!("{}; server {}", b.addr, c.addr))
+        .replace("{LISTEN}", &listen.to_string());
+    let nginx = Nginx::start(&conf, listen).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let conf_path = work.path().join("nginx-proxy.conf");
+    std::fs::write(&conf_path, &conf).unwrap();
+
+    // Named by no --server: each block by its own name (they share their host).
+    let import = shardmap::nginx::import(&conf, &BTreeMap::new()).unwrap();
+    let router = Router::new(&import.map).unwrap();
+    let block_of: BTreeMap<String, (&str, String)> = BTreeMap::from([
+        (a.name.clone(), ("dtable_server_a_z", a.addr.to_string())),
+        (b.name.clone(), ("dtable_server_0_9", b.addr.to_string())),
+        (c.name.clone(), ("dtable_server_0_9", c.addr.to_string())),
+    ]);
+
+    // Ground truth: base → server → address → requests, from the upstreams' answers.
+    let mut truth: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
+    let mut conn = Connection::open(listen).unwrap();
+    let mut requests = 0u64;
+    for (i, uuid) in uuids(40).iter().enumerate() {
+        let hex = uuid.replace('-', "");
+        let mut forms = vec![
+            format!("/dtable-server/api/v1/dtables/{uuid}/rows/?table_name=T"),
+            format!("/socket.io/?dtable_uuid={uuid}&EIO=4&transport=polling"),
+        ];
+        if i % 2 == 0 {
+            forms.push(format!("/api/v1/internal/dtables/{hex}/operations/"));
+        }
+        for uri in forms {
+            let r = conn
+                .get(&uri, &[])
+                .unwrap_or_else(|e| panic!("{uri}: {e:#}\n{}", nginx.logs()));
+            assert_eq!(r.status, 200, "{uri}");
+            let echo = r.json().unwrap()["server"].as_str().unwrap().to_owned();
+            let (server, addr) = &block_of[&echo];
+            *truth
+                .entry(uuid.clone())
+                .or_default()
+                .entry(server.to_string())
+                .or_default()
+                .entry(addr.clone())
+                .or_default() += 1;
+            requests += 1;
+        }
+    }
+    let log = nginx.dir().join("logs/access.log");
+    wait_until(Duration::from_secs(10), "the access log", || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok((t.lines().count() as u64 == requests).then_some(()))
+    })
+    .unwrap();
+
+    let (mut split, mut balanced) = (BTreeSet::new(), BTreeSet::new());
+    for (base, servers) in &truth {
+        let owner = router.owner_of(&shardmap::BaseUuid::parse(base).unwrap());
+        if servers.values().any(|addrs| addrs.len() > 1) {
+            balanced.insert(base.clone());
+        }
+        if servers.len() > 1 || servers.keys().any(|s| s != owner) {
+            split.insert(base.clone());
+        }
+    }
+    eprintln!(
+        "{} bases: {} on two blocks of one host or off their owner, {} balanced over two servers of one block",
+        truth.len(),
+        split.len(),
+        balanced.len()
+    );
+    assert!(
+        split.len() > 5 && balanced.len() > 5,
+        "{split:?} {balanced:?}"
+    );
+
+    let (report, code) = audit_named(&conf_path, &[&log], &[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["mode"], "observed");
+    assert_eq!(report["unknown_upstream_addrs"], serde_json::json!({}));
+    assert_eq!(report["bases"], truth.len());
+    let at_risk: BTreeSet<String> = split.union(&balanced).cloned().collect();
+    assert_eq!(report["bases_at_risk"], at_risk.len(), "{report:#}");
+    assert_eq!(report["bases_balanced"], balanced.len());
+    for r in report["at_risk"].as_array().unwrap() {
+        let base = r["base"].as_str().unwrap();
+        assert_eq!(r["balanced"], balanced.contains(base), "{base}");
+        let got: BTreeMap<String, BTreeMap<String, u64>> = r["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["server"].as_str().unwrap().to_owned(),
+                    serde_json::from_value(s["addresses"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, truth[base], "{base}");
+    }
+    // Named one server on purpose, the two blocks still count as their addresses.
+    let (merged, code) = audit_named(
+        &conf_path,
+        &[&log],
+        &[
+            "--server",
+            "dtable_server_a_z=ds",
+            "--server",
+            "dtable_server_0_9=ds",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        merged["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("MERGED")),
+        "{merged:#}"
+    );
+    let reached_two = truth
+        .values()
+        .filter(|servers| servers.values().map(BTreeMap::len).sum::<usize>() > 1)
+        .count();
+    assert_eq!(merged["bases_at_risk"], reached_two, "{merged:#}");
 }
