@@ -362,8 +362,7 @@ fn node_status(api: &Api, node: Node) -> NodeStatus {
 /// The map version of the filter configuration `node` ACKed last.
 fn acked_map_version(node: &Node) -> Option<u64> {
     node.acked(ResourceType::Ecds)
-        .and_then(|v| v.split('-').next())
-        .and_then(|v| v.parse().ok())
+        .and_then(crate::resources::ecds_map_version)
 }
 
 #[derive(Debug, Serialize)]

@@ -60,7 +60,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::resources::{ResourceType, Snapshot};
+use crate::resources::{ResourceType, Snapshot, ecds_map_version};
 use crate::store::{NodeRecord, RemoteNode, TypeRecord, now_ms};
 
 /// The parts of a `DiscoveryRequest` the tracking reads.
@@ -715,6 +715,7 @@ impl Registry {
             self.touch(&mut inner, &id);
             return Ok((Event::UnknownType, None));
         };
+        let remote = remote_floor(&inner, &id, t);
         let st = stream.types.entry(t).or_default();
         let Some(node) = inner.nodes.get_mut(&id) else {
             return Ok((Event::Stale, None));
@@ -769,7 +770,7 @@ impl Registry {
                 }
             }
         };
-        let due = is_due(st, state, &current.get(t).version);
+        let due = is_due(t, st, state, remote, &current.get(t).version);
         if !matches!(event, Event::Stale) {
             self.touch(&mut inner, &id);
         }
@@ -791,7 +792,8 @@ impl Registry {
                 let (Some(st), Some(state)) = (stream.types.get(t), node.types.get(t)) else {
                     return false;
                 };
-                is_due(st, state, &current.get(*t).version)
+                let remote = remote_floor(&inner, id, *t);
+                is_due(*t, st, state, remote, &current.get(*t).version)
             })
             .collect()
     }
@@ -1089,10 +1091,43 @@ impl Registry {
     }
 }
 
-/// Whether a stream's node must be sent `current` of its type.
-fn is_due(st: &StreamType, state: &TypeState, current: &str) -> bool {
+/// The map version another replica recorded instance `key` ACKing for type `t`.
+fn remote_floor(inner: &Inner, key: &str, t: ResourceType) -> Option<u64> {
+    ecds_map_version(inner.remote.get(key)?.acked(t)?)
+}
+
+/// Whether a stream's node must be sent `current` of type `t`: it does not run it,
+/// did not NACK exactly that content, and (filter configurations) `current` is no
+/// older a map than the newest one the node is known to run: what it reported or
+/// was sent on this stream, what this replica recorded it ACKing (an earlier
+/// process of it included), and `remote`, what another replica recorded. A map
+/// version never goes back (DESIGN): a replica that is behind sends nothing and
+/// sends the map once it catches up. A reported version that is not one of ours
+/// ([`ecds_map_version`] reads none) sets no floor; the filter still refuses an
+/// older map.
+fn is_due(
+    t: ResourceType,
+    st: &StreamType,
+    state: &TypeState,
+    remote: Option<u64>,
+    current: &str,
+) -> bool {
     let nacked_here = state.record.nacked_version.as_deref() == Some(current) && !st.fresh;
-    st.subscribed && st.version.as_deref() != Some(current) && !nacked_here
+    let older = t == ResourceType::Ecds && {
+        let floor = [st.version.as_deref(), state.record.acked_version.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter_map(ecds_map_version)
+            .chain(remote)
+            .max();
+        match (floor, ecds_map_version(current)) {
+            (Some(floor), Some(current)) => current < floor,
+            // What is served is not a version of ours: never over a known map.
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    };
+    st.subscribed && st.version.as_deref() != Some(current) && !nacked_here && !older
 }
 
 #[cfg(test)]
@@ -1564,6 +1599,110 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Opens a stream of `edge-1` from 10.0.0.1 reporting `version`; what it is sent.
+    fn subscribe(reg: &Registry, snap: &Snapshot, version: &str) -> (Stream, Vec<String>) {
+        let mut s = from("10.0.0.1", 1);
+        let (_, sent) = play(reg, &mut s, snap, &[req(version, "", None)], &mut 0);
+        (s, sent)
+    }
+
+    #[test]
+    fn is_due_never_picks_a_map_older_than_the_node_reports() {
+        let reg = Registry::default();
+        let (v7, v8, v9) = (
+            snapshot(7, "/a.wasm"),
+            snapshot(8, "/a.wasm"),
+            snapshot(9, "/a.wasm"),
+        );
+        // The Envoy runs 8; this replica serves 7: nothing is sent.
+        let (mut s, sent) = subscribe(&reg, &v7, &v8.ecds.version);
+        assert!(sent.is_empty(), "sent {sent:?} to an Envoy running 8");
+        assert!(reg.due(&s, &v7).is_empty());
+        // Once the replica serves 9, it is sent; never 7 again, even after a NACK of 9.
+        assert_eq!(reg.due(&s, &v9), vec![ResourceType::Ecds]);
+        let (_, sent) = play(&reg, &mut s, &v9, &[], &mut 0);
+        assert!(sent.is_empty());
+        reg.sent(&mut s, ResourceType::Ecds, &v9.ecds.version, "n9");
+        let nack = req(&v8.ecds.version, "n9", Some("refused"));
+        let (_, due) = reg.handle(&mut s, &nack, "grpc", &v9).unwrap();
+        assert_eq!(due, None);
+        assert!(reg.due(&s, &v7).is_empty());
+        // The same map under other filter settings is not older: it is sent.
+        let (_, sent) = subscribe(
+            &Registry::default(),
+            &snapshot(8, "/b.wasm"),
+            &v8.ecds.version,
+        );
+        assert_eq!(sent, [snapshot(8, "/b.wasm").ecds.version.clone()]);
+        // Clusters carry no map: their versions are not ordered.
+        let mut c = from("10.0.0.1", 2);
+        let cds = Request {
+            type_url: CDS_TYPE_URL.into(),
+            version_info: "ffffffffffffffff".into(),
+            ..req("", "", None)
+        };
+        let (_, due) = Registry::default()
+            .handle(&mut c, &cds, "grpc", &v7)
+            .unwrap();
+        assert_eq!(due, Some(ResourceType::Cds));
+    }
+
+    #[test]
+    fn is_due_never_picks_a_map_older_than_recorded_here_or_on_another_replica() {
+        let (v7, v8) = (snapshot(7, "/a.wasm"), snapshot(8, "/a.wasm"));
+        // Recorded here (an earlier process of this Envoy ACKed 8): a fresh process
+        // of it is not handed 7 by this replica, which is behind.
+        let reg = Registry::default();
+        let (s, _) = subscribe(&reg, &v8, &v8.ecds.version);
+        reg.close(&s);
+        let (s, sent) = subscribe(&reg, &v7, "");
+        assert!(sent.is_empty(), "sent {sent:?}");
+        assert!(reg.due(&s, &v7).is_empty());
+        assert_eq!(reg.due(&s, &v8), vec![ResourceType::Ecds]);
+        // Stored records count as well (a restarted replica).
+        let (records, _) = reg.take_dirty();
+        let restarted = Registry::new(records, "seashard.base_router");
+        let (_, sent) = subscribe(&restarted, &v7, "");
+        assert!(sent.is_empty(), "sent {sent:?}");
+        // Recorded by another replica: the Envoy ACKed 8 there.
+        let reg = Registry::default();
+        reg.set_remote(&[remote(
+            "edge-1",
+            "10.0.0.1",
+            false,
+            false,
+            Some(&v8.ecds.version),
+        )]);
+        let (s, sent) = subscribe(&reg, &v7, "");
+        assert!(sent.is_empty(), "sent {sent:?}");
+        assert!(reg.due(&s, &v7).is_empty());
+        // Another instance's record is no floor for this one.
+        let reg = Registry::default();
+        reg.set_remote(&[remote(
+            "edge-1",
+            "10.0.0.9",
+            true,
+            true,
+            Some(&v8.ecds.version),
+        )]);
+        let (_, sent) = subscribe(&reg, &v7, "");
+        assert_eq!(sent, [v7.ecds.version.clone()]);
+    }
+
+    #[test]
+    fn an_unreadable_reported_version_sets_no_floor_and_an_old_form_is_read() {
+        let v7 = snapshot(7, "/a.wasm");
+        for junk in ["not-ours", "x", "99999999999999999999999-1"] {
+            let (_, sent) = subscribe(&Registry::default(), &v7, junk);
+            assert_eq!(sent, [v7.ecds.version.clone()], "{junk}");
+        }
+        // An older seashard's unpadded form is a floor like any.
+        let (_, sent) = subscribe(&Registry::default(), &v7, "8-0a1b2c3d");
+        assert!(sent.is_empty());
+        let (_, sent) = subscribe(&Registry::default(), &v7, "6-0a1b2c3d");
+        assert_eq!(sent, [v7.ecds.version.clone()]);
     }
 
     fn remote(id: &str, ip: &str, connected: bool, live: bool, acked: Option<&str>) -> RemoteNode {

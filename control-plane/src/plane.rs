@@ -499,7 +499,10 @@ mod tests {
             .unwrap();
         assert_eq!(v.version, 2);
         let snap = p.snapshot();
-        assert!(snap.ecds.version.starts_with("2-"));
+        assert_eq!(
+            crate::resources::ecds_map_version(&snap.ecds.version),
+            Some(2)
+        );
         let json = plugin_configuration(&snap.ecds.resources[0].any).unwrap();
         assert_eq!(RouterConfig::from_json(&json).unwrap().fence, fence);
         let proposal = Proposal {
@@ -555,6 +558,57 @@ mod tests {
         };
         assert!(problems.to_string().contains("`c` is not a server"));
         assert_eq!(p.active().unwrap().version, 1);
+    }
+
+    #[test]
+    fn fence_and_rollback_maps_are_new_higher_versions() {
+        let p = plane();
+        let active = p.active().unwrap();
+        let fence = Fence {
+            slots: vec!["8-f".into()],
+            pins: vec![],
+        };
+        let mut seen = vec![(active.version, p.snapshot().ecds.version.clone())];
+        for (kind, fence) in [
+            (VersionKind::Fence, &fence),
+            (VersionKind::Rollback, &Fence::default()),
+            (VersionKind::Fence, &fence),
+            (VersionKind::Map, &Fence::default()),
+        ] {
+            let expected = seen.last().unwrap().0;
+            let v = p
+                .publish(
+                    expected,
+                    &NewVersion {
+                        kind,
+                        map: &active.map,
+                        fence,
+                        author: "rollout",
+                        comment: "",
+                    },
+                )
+                .unwrap();
+            seen.push((v.version, p.snapshot().ecds.version.clone()));
+        }
+        // Each a new version, higher than every one before, as numbers and as the
+        // ECDS version strings Envoys report.
+        assert!(
+            seen.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+            "{seen:?}"
+        );
+        // Publishing against an older version is refused: nothing goes back.
+        let r = p.publish(
+            seen[1].0,
+            &NewVersion {
+                kind: VersionKind::Rollback,
+                map: &active.map,
+                fence: &Fence::default(),
+                author: "rollout",
+                comment: "",
+            },
+        );
+        assert!(matches!(r, Err(ProposeError::Conflict { .. })), "{r:?}");
+        assert_eq!(p.snapshot().map_version, seen.last().unwrap().0);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! protobuf (gRPC ADS) and as proto3 JSON (REST xDS), built from the same inputs.
 //!
 //! A resource set's version string names its content: the ECDS version is
-//! `"{map version}-{hash}"`, so the same map with other filter settings (a new wasm
-//! path) is a new version, and content a node NACKed is never offered under a version
-//! it already answered.
+//! `"{map version, 20 digits}-{hash}"` ([`ecds_version`]), so the same map with
+//! other filter settings (a new wasm path) is a new version, and content a node
+//! NACKed is never offered under a version it already answered. Map versions are
+//! totally ordered (fence and rollback maps are new, higher versions) and the
+//! string says so: zero-padded, they order as strings, and [`ecds_map_version`] is
+//! the one reader of the map version out of a version an Envoy reports.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,7 +145,7 @@ impl Snapshot {
             bytes.extend_from_slice(&r.any.value);
         }
         let ecds = ResourceSet {
-            version: format!("{}-{:08x}", config.version, fnv1a(&bytes) as u32),
+            version: ecds_version(config.version, fnv1a(&bytes) as u32),
             resources,
         };
         let clusters: Vec<Resource> = servers.iter().map(cluster_resource).collect();
@@ -168,6 +171,23 @@ impl Snapshot {
             ResourceType::Cds => &self.cds,
         }
     }
+}
+
+/// The ECDS version string of map `map_version` with content hash `hash`: the map
+/// version zero-padded to 20 digits (every `u64`), so versions order as strings do.
+pub fn ecds_version(map_version: u64, hash: u32) -> String {
+    format!("{map_version:020}-{hash:08x}")
+}
+
+/// The map version an ECDS version string carries: the decimal digits before its
+/// first `-` (20 of them as written now, fewer from an older seashard). `None` for
+/// anything else: empty (an Envoy that runs nothing yet) or not a version of ours.
+pub fn ecds_map_version(version: &str) -> Option<u64> {
+    let (digits, _) = version.split_once('-')?;
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The ECDS resource a guard of `server` subscribes to.
@@ -362,7 +382,7 @@ mod tests {
         let c = config();
         let rc = RouterConfig::new(7, c.fallback_map());
         let snap = Snapshot::build(&rc, &c.filter, &c.servers);
-        assert!(snap.ecds.version.starts_with("7-"));
+        assert_eq!(ecds_map_version(&snap.ecds.version), Some(7));
         let r = &snap.ecds.resources[0];
         assert_eq!(r.name, "seashard.base_router");
         assert_eq!(r.any.type_url, ECDS_TYPE_URL);
@@ -393,10 +413,48 @@ mod tests {
         c.filter.wasm = "/elsewhere.wasm".into();
         let d = Snapshot::build(&rc, &c.filter, &c.servers);
         assert_ne!(a.ecds.version, d.ecds.version);
-        assert!(d.ecds.version.starts_with("7-"));
+        assert_eq!(ecds_map_version(&d.ecds.version), Some(7));
         c.servers.pop();
         let e = Snapshot::build(&rc, &c.filter, &c.servers);
         assert_ne!(a.cds.version, e.cds.version);
+    }
+
+    #[test]
+    fn ecds_versions_order_as_their_maps_and_are_read_back() {
+        let c = config();
+        let snap = |v| {
+            Snapshot::build(
+                &RouterConfig::new(v, c.fallback_map()),
+                &c.filter,
+                &c.servers,
+            )
+        };
+        let versions: Vec<String> = [1, 2, 9, 10, 11, 100, u64::MAX]
+            .into_iter()
+            .map(|v| snap(v).ecds.version.clone())
+            .collect();
+        // As strings, in the order of their maps.
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        assert!(versions[0].starts_with("00000000000000000001-"));
+        for (v, s) in [1, 2, 9, 10, 11, 100, u64::MAX].into_iter().zip(&versions) {
+            assert_eq!(ecds_map_version(s), Some(v));
+        }
+        // An older seashard's unpadded form is read too.
+        assert_eq!(ecds_map_version("7-0a1b2c3d"), Some(7));
+        // Nothing else is a version of ours.
+        for bad in [
+            "",
+            "7",
+            "-7",
+            "x-1",
+            "+7-ab",
+            "007a-1",
+            "99999999999999999999-1",
+            "000000000000000000001-1",
+            " 7-1",
+        ] {
+            assert_eq!(ecds_map_version(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -206,8 +206,8 @@ impl Cp {
         let want = version.to_string();
         while self.plane.registry().node(id).and_then(|n| {
             n.acked(control_plane::ResourceType::Ecds)
-                .and_then(|v| v.split('-').next())
-                .map(|v| v == want)
+                .and_then(control_plane::resources::ecds_map_version)
+                .map(|v| v.to_string() == want)
         }) != Some(true)
         {
             assert!(
@@ -1056,8 +1056,8 @@ fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
     let edge = cp.plane.registry().node("edge-cut").unwrap();
     assert_eq!(
         edge.acked(control_plane::ResourceType::Ecds)
-            .and_then(|v| v.split('-').next()),
-        Some("1")
+            .and_then(control_plane::resources::ecds_map_version),
+        Some(1)
     );
     // The guards got their own configuration: the map, naming the guarded server.
     let snap = cp.plane.snapshot();

@@ -116,10 +116,83 @@ impl RouterConfig {
     }
 }
 
+/// A map offered to a filter that already applied a newer one: refused, so Envoy
+/// NACKs it and keeps the newer map (DESIGN: a map version never goes back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OlderMap {
+    pub offered: u64,
+    pub applied: u64,
+}
+
+impl std::fmt::Display for OlderMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "map version {} is older than version {}, which this filter applied",
+            self.offered, self.applied
+        )
+    }
+}
+
+impl std::error::Error for OlderMap {}
+
+/// Whether a filter may apply map version `offered`. Versions are totally ordered
+/// (fence and rollback maps are new, higher versions), so an older one is refused;
+/// the same version again is accepted (the same map under other filter settings).
+///
+/// `vm_applied` is what this VM applied, `process_floor` the newest any VM of the
+/// same `vm_id` in this Envoy process applied (Envoy's shared data). A VM that
+/// applied a map compares with its own: configurations reach the worker threads in
+/// the order the main thread accepted them, and a worker still catching up must
+/// not refuse one the main thread already took. A fresh VM (the main thread's
+/// configuration canary, whose refusal is Envoy's NACK) compares with the process.
+pub fn may_apply(
+    vm_applied: Option<u64>,
+    process_floor: Option<u64>,
+    offered: u64,
+) -> Result<(), OlderMap> {
+    match vm_applied.or(process_floor) {
+        Some(applied) if offered < applied => Err(OlderMap { offered, applied }),
+        _ => Ok(()),
+    }
+}
+
 fn is_header_name(h: &str) -> bool {
     !h.is_empty()
         && !h.starts_with(':')
         && h.bytes().all(|c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_version_never_goes_back() {
+        // Nothing applied yet: anything goes, the placeholder included.
+        assert_eq!(may_apply(None, None, 0), Ok(()));
+        assert_eq!(may_apply(None, None, 7), Ok(()));
+        // Newer and the same version are applied; older is refused.
+        assert_eq!(may_apply(Some(7), None, 8), Ok(()));
+        assert_eq!(may_apply(Some(7), None, 7), Ok(()));
+        let older = may_apply(Some(8), None, 7).unwrap_err();
+        assert_eq!(
+            older,
+            OlderMap {
+                offered: 7,
+                applied: 8
+            }
+        );
+        assert!(older.to_string().contains("older than version 8"));
+        // After a real map the placeholder (0) is older too.
+        assert!(may_apply(Some(3), None, 0).is_err());
+        // A fresh VM (the configuration canary) compares with the process.
+        assert!(may_apply(None, Some(8), 7).is_err());
+        assert_eq!(may_apply(None, Some(8), 8), Ok(()));
+        // A VM that applied a map compares with its own: a worker catching up.
+        assert_eq!(may_apply(Some(6), Some(8), 7), Ok(()));
+        assert!(may_apply(Some(8), Some(6), 7).is_err());
+    }
 }

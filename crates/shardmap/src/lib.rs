@@ -24,7 +24,7 @@ mod router;
 mod unique;
 mod uuid;
 
-pub use config::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, RouterConfig};
+pub use config::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, OlderMap, RouterConfig, may_apply};
 pub use gate::{AWAITING_MAP_VERSION, Gate, Refusal, RefusalKind, Verdict};
 pub use hex::{MAX_SLOT_DIGITS, SlotRange, canonical_pin};
 pub use map::{
