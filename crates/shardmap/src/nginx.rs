@@ -193,6 +193,20 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
         });
     }
 
+    // A `--server` that names nothing (a typo) leaves its block named by its host.
+    for (upstream, name) in servers {
+        let used = upstreams.contains_key(upstream)
+            || map
+                .block
+                .iter()
+                .flatten()
+                .any(|e| e.args.first() == Some(upstream));
+        if !used {
+            warnings.push(format!(
+                "--server {upstream}={name}: no upstream block or map value `{upstream}`; ignored"
+            ));
+        }
+    }
     let Some(default) = default else {
         problems.push(
             format!("line {}", map.line),
@@ -819,6 +833,14 @@ http {
         let names = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
         let m = import(SEATABLE_CONF, &names).unwrap().map;
         assert_eq!(m.slots.get("0-9").map(String::as_str), Some("ds2"));
+        let typo = BTreeMap::from([("dtable_server_0-9".to_string(), "ds2".to_string())]);
+        let got = import(SEATABLE_CONF, &typo).unwrap();
+        assert_eq!(
+            got.warnings,
+            [
+                "--server dtable_server_0-9=ds2: no upstream block or map value `dtable_server_0-9`; ignored"
+            ]
+        );
     }
 
     #[test]
