@@ -199,7 +199,8 @@ impl Audit {
             counts: Counts::default(),
             warnings,
         };
-        let mut taken: HashMap<String, String> = HashMap::new();
+        // Address → the block that lists it first, which keeps it.
+        let mut taken: HashMap<String, &UpstreamBlock> = HashMap::new();
         for u in &nginx.upstreams {
             let server = audit.intern(&u.server);
             for a in &u.addrs {
@@ -213,15 +214,15 @@ impl Audit {
                     .chain(resolved.iter().map(String::as_str))
                     .map(normalize_addr)
                 {
-                    // The first block listing an address keeps it.
                     match taken.get(&n) {
-                        Some(other) if *other != u.name => audit.warnings.push(format!(
-                            "{n} is a server of upstreams `{other}` and `{}`: counted under `{other}`",
-                            u.name
+                        // Listed by blocks of one server: one server, nothing to say.
+                        Some(first) if first.server == u.server => {}
+                        Some(first) => audit.warnings.push(format!(
+                            "{n} is a server of upstreams `{}` (server `{}`) and `{}` (server `{}`): counted under `{}`",
+                            first.name, first.server, u.name, u.server, first.server
                         )),
-                        Some(_) => {}
                         None => {
-                            taken.insert(n.clone(), u.name.clone());
+                            taken.insert(n.clone(), u);
                             audit.addrs.insert(n, (server, at));
                         }
                     }

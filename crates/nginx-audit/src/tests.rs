@@ -367,3 +367,25 @@ fn resolved_host_names_count_as_their_server_line() {
         .collect();
     assert_eq!(servers, ["dtable_server_0_9", "dtable_server_a_z"]);
 }
+
+#[test]
+fn one_address_in_two_blocks_of_different_names_is_warned_about() {
+    let names = BTreeMap::from([("dtable_server_0_9".to_string(), "b".to_string())]);
+    let conf = ONE_HOST.replace("10.0.0.4:5001", "10.0.0.4:5000");
+    let imported = shardmap::nginx::import(&conf, &names).unwrap().map;
+    let nginx = shardmap::nginx::nginx_map(&conf, &names).unwrap();
+    let a = Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap();
+    assert_eq!(
+        a.report().warnings,
+        [
+            "10.0.0.4:5000 is a server of upstreams `dtable_server_a_z` (server `10.0.0.4`) and `dtable_server_0_9` (server `b`): counted under `10.0.0.4`"
+        ]
+    );
+    // Without names they are one server, listed twice: nothing to say.
+    let imported = shardmap::nginx::import(&conf, &BTreeMap::new())
+        .unwrap()
+        .map;
+    let nginx = shardmap::nginx::nginx_map(&conf, &BTreeMap::new()).unwrap();
+    let a = Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap();
+    assert_eq!(a.report().warnings, Vec::<String>::new());
+}
