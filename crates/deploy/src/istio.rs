@@ -44,7 +44,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
-use control_plane::config::{Config, RestartHook, ServerConfig, StoreKind, split_host_port};
+use control_plane::config::{
+    Config, RestartHook, ServerConfig, StoreKind, format_duration, split_host_port,
+};
 use control_plane::resources::guard_resource_name;
 use serde_json::{Value, json};
 use shardmap::{AWAITING_MAP_VERSION, Fence, RouterConfig, ShardMap};
@@ -800,7 +802,7 @@ fn routing(o: &Options, entry: &Entry) -> Result<Manifest, MeshError> {
                     "tls": {"mode": "ISTIO_MUTUAL"},
                     // Within `[rollout] drain`: a request routed before the fence reaches
                     // the old process or fails, never the restarted one.
-                    "connectionPool": {"tcp": {"connectTimeout": go_duration(s.connect_timeout)}},
+                    "connectionPool": {"tcp": {"connectTimeout": format_duration(s.connect_timeout)}},
                 },
             },
         }));
@@ -817,15 +819,6 @@ fn routing(o: &Options, entry: &Entry) -> Result<Manifest, MeshError> {
         ),
         docs,
     })
-}
-
-fn go_duration(d: std::time::Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }
 
 /// The annotations that give a pod's sidecar the bootstrap override and the module
