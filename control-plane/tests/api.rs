@@ -602,3 +602,169 @@ fn hostile_bodies_get_a_clear_error_and_the_api_keeps_serving() {
     assert_eq!((status, &active["version"]), (200, &json!(1)), "{active}");
     cp.stop();
 }
+
+/// One REST xDS poll of ECDS by node `id` from the loopback address `source`, as an
+/// Envoy on another host polls: `(status, body)`.
+fn rest_poll_from(cp: &Cp, source: [u8; 4], id: &str, version: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = json!({"version_info": version, "node": {"id": id, "cluster": "edge"},
+                      "resource_names": ["seashard.base_router"],
+                      "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"})
+    .to_string();
+    let target: std::net::SocketAddr = cp.base.trim_start_matches("http://").parse().unwrap();
+    let text = cp.rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let mut s = tokio::time::timeout(Duration::from_secs(5), socket.connect(target))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = format!(
+            "POST /v3/discovery:extension_configs HTTP/1.1\r\nhost: {target}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        out
+    });
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn rest_instances(cp: &Cp) -> Value {
+    call("GET", &format!("{}/v1/nodes", cp.base), Some(TOKEN), None).1
+}
+
+#[test]
+fn rest_pollers_of_one_id_from_two_addresses_are_two_instances_and_a_moving_push_gets_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path());
+    let (status, first) = rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", "");
+    assert_eq!(status, 200, "{first}");
+    let version = first["version_info"].as_str().unwrap().to_owned();
+    assert_eq!(
+        rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", &version).0,
+        304
+    );
+    assert!(
+        rest_instances(&cp)["conflicts"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // A second Envoy with the same node id polls from another host.
+    assert_eq!(rest_poll_from(&cp, [127, 0, 0, 3], "rest-1", "").0, 200);
+    let nodes = rest_instances(&cp);
+    let keys: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["rest-1@rest:127.0.0.2", "rest-1@rest:127.0.0.3"]);
+    assert_eq!(nodes["nodes"][1]["peer"], "127.0.0.3");
+    assert_eq!(nodes["nodes"][1]["transport"], "rest");
+    assert_eq!(nodes["conflicts"][0]["id"], "rest-1", "{nodes}");
+    // A map that moves bases would wait for both: refused, naming them.
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps", cp.base),
+        Some(TOKEN),
+        Some(&moving_map()),
+    );
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("`rest-1`") && error.contains("rest-1@rest:127.0.0.3"),
+        "{body}"
+    );
+    let (_, status) = call("GET", &format!("{}/v1/status", cp.base), Some(TOKEN), None);
+    assert_eq!(status["conflicts"][0]["id"], "rest-1", "{status}");
+    let metrics = agent()
+        .get(format!("{}/metrics", cp.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("seashard_node_id_conflicts 1"),
+        "{metrics}"
+    );
+    assert_eq!(cp.plane.active().unwrap().version, 1);
+    cp.stop();
+}
+
+#[test]
+fn a_rest_poller_of_a_waited_id_appearing_during_the_fence_rolls_the_rollout_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "http://127.0.0.1:1/ping/");
+    // Far beyond the test's wait: only the conflict can end the fence in time.
+    config.rollout.ack_timeout = Duration::from_secs(120);
+    let cp = Cp::start_with(config);
+    let (_, first) = rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", "");
+    let version = first["version_info"].as_str().unwrap().to_owned();
+    assert_eq!(
+        rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", &version).0,
+        304
+    );
+    let (status, body) = call(
+        "POST",
+        &format!("{}/v1/maps", cp.base),
+        Some(TOKEN),
+        Some(&moving_map()),
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["rollout"].as_u64().unwrap();
+    // The fence waits for rest-1's ACK; another Envoy with that id polls meanwhile.
+    let (_, r) = call(
+        "GET",
+        &format!("{}/v1/rollouts/{id}", cp.base),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(r["state"], "fence", "{r}");
+    assert_eq!(rest_poll_from(&cp, [127, 0, 0, 3], "rest-1", "").0, 200);
+    let rollout = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, r) = call(
+                "GET",
+                &format!("{}/v1/rollouts/{id}", cp.base),
+                Some(TOKEN),
+                None,
+            );
+            if r["state"] == want {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "{r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r = rollout("rolling_back");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("`rest-1`") && reason.contains("rest-1@rest:127.0.0.3"),
+        "{r}"
+    );
+    // Both apply the old map again: rolled back.
+    for source in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        let (status, back) = rest_poll_from(&cp, source, "rest-1", &version);
+        assert_eq!(status, 200, "{back}");
+        let back = back["version_info"].as_str().unwrap();
+        assert_eq!(rest_poll_from(&cp, source, "rest-1", back).0, 304);
+    }
+    rollout("rolled_back");
+    assert_eq!(cp.plane.active().unwrap().fence, Default::default());
+    cp.stop();
+}
