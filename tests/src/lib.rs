@@ -29,6 +29,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bootstrap;
+pub mod campaign;
 pub mod compose;
 pub mod dtable;
 pub mod dtable_server;
