@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardmap::{Plan, Problem, ShardMap};
 
+pub use crate::answer::ApiError;
 use crate::health::{self, Health};
 use crate::nodes::Node;
 use crate::plane::{ControlPlane, Proposal, ProposeError};
@@ -79,7 +80,7 @@ pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -
         .route("/v1/audit", get(audit))
         // Inner: a follower forwards changes to the leader; outer: the token first.
         .route_layer(axum::middleware::from_fn_with_state(
-            api.clone(),
+            api.plane.clone(),
             crate::forward::changes_to_leader,
         ))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -96,50 +97,6 @@ pub fn router(plane: Arc<ControlPlane>, token: &str, read_token: Option<&str>) -
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(api)
-}
-
-/// An error answer: `{"error": ..., "problems": [...], ...extra}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: String,
-    problems: Vec<Problem>,
-    extra: Vec<(&'static str, Value)>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            error: error.into(),
-            problems: Vec::new(),
-            extra: Vec::new(),
-        }
-    }
-
-    /// An error with a `code` a client acts on (e.g. `etcd_unavailable`: try
-    /// another replica).
-    pub(crate) fn coded(status: StatusCode, code: &str, error: impl Into<String>) -> ApiError {
-        ApiError::new(status, error).with("code", json!(code))
-    }
-
-    /// The answer with `key` set to `value` beside `error` and `problems`.
-    pub(crate) fn with(mut self, key: &'static str, value: Value) -> ApiError {
-        self.extra.push((key, value));
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.error, "problems": self.problems });
-        if let Some(obj) = body.as_object_mut() {
-            for (k, v) in self.extra {
-                obj.insert(k.to_owned(), v);
-            }
-        }
-        (self.status, Json(body)).into_response()
-    }
 }
 
 impl From<StoreError> for ApiError {

@@ -16,6 +16,7 @@
 //! change whose answer is lost is 502 `forward_outcome_unknown`: it may have been
 //! made, so no client sends it again on its own.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -25,7 +26,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::api::{Api, ApiError};
+use crate::answer::ApiError;
+use crate::plane::ControlPlane;
 use crate::store::{LeaderInfo, Leadership};
 
 /// How long the leader gets to answer a forwarded change. A push that starts a
@@ -40,14 +42,14 @@ pub const FORWARDED: &str = "x-seashard-forwarded-to";
 
 /// Middleware: runs a change here when this replica leads, else forwards it.
 pub(crate) async fn changes_to_leader(
-    State(api): State<Api>,
+    State(plane): State<Arc<ControlPlane>>,
     request: Request,
     next: Next,
 ) -> Response {
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         return next.run(request).await;
     }
-    let leadership = api.plane.store().leadership().borrow().clone();
+    let leadership = plane.store().leadership().borrow().clone();
     match leadership {
         Leadership::Leader { .. } => next.run(request).await,
         Leadership::Follower { leader: Some(l) } if !request.headers().contains_key(FORWARDED) => {

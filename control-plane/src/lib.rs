@@ -14,7 +14,8 @@
 //! - [`rollout`]: a map that moves bases: plan, fence, restart, activate, done (or
 //!   roll back), each step stored before it acts, resumed after a restart.
 //! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum);
-//!   [`forward`]: a follower replica's API changes go to the leader.
+//!   [`forward`]: a follower replica's API changes go to the leader; [`answer`]:
+//!   the error answer both give.
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
 //! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
 //!   certificate proves; [`certs`]: a small CA for installs without a PKI.
@@ -25,6 +26,7 @@
 //! `shardmap`'s.
 
 pub mod agent;
+pub mod answer;
 pub mod api;
 pub mod bootstrap;
 pub mod certs;
