@@ -13,13 +13,17 @@
 //! - Both answer a fenced base `503` with `retry-after`; under the bootstrap's
 //!   placeholder configuration ([`AWAITING_MAP_VERSION`], every base fenced) the body
 //!   says that no map has arrived yet rather than that the base is moving.
+//! - Both answer `400 unreadable_base` (with a `reason`) to a request whose base
+//!   cannot be read unambiguously as the dtable-server reads it ([`Unreadable`], see
+//!   [`read_base`](crate::read_base)): an edge would otherwise send it to the default
+//!   server, and a guard never passes a request whose base it cannot rule out.
 
 use serde::Serialize;
 
 use crate::config::RouterConfig;
 use crate::problem::Problems;
 use crate::router::{Decision, Reason, Router};
-use crate::uuid::BaseUuid;
+use crate::uuid::{BaseUuid, Unreadable};
 
 /// The version of the bootstrap's placeholder configuration (its `default_config`),
 /// which fences every base until the control plane's first map arrives. The control
@@ -73,6 +77,8 @@ pub enum RefusalKind {
     /// The placeholder configuration ([`AWAITING_MAP_VERSION`]): no map has arrived
     /// from the control plane yet, every base is fenced: `503` + `retry-after`.
     AwaitingMap,
+    /// The base cannot be read unambiguously: `400`, the body's `reason` says why.
+    Unreadable(Unreadable),
 }
 
 impl RefusalKind {
@@ -81,6 +87,7 @@ impl RefusalKind {
         match self {
             RefusalKind::BaseMoving | RefusalKind::AwaitingMap => 503,
             RefusalKind::Misdirected => 421,
+            RefusalKind::Unreadable(_) => 400,
         }
     }
 
@@ -90,13 +97,15 @@ impl RefusalKind {
             RefusalKind::BaseMoving => "base_moving",
             RefusalKind::Misdirected => "misdirected",
             RefusalKind::AwaitingMap => "no_shard_map_yet",
+            RefusalKind::Unreadable(_) => "unreadable_base",
         }
     }
 
     /// Whether the client is told to retry here after a while (`retry-after`): the
-    /// refusal is temporary. A misdirected request will not succeed here on retry.
+    /// refusal is temporary. A misdirected or unreadable request will not succeed on
+    /// retry.
     pub fn retries(self) -> bool {
-        !matches!(self, RefusalKind::Misdirected)
+        !matches!(self, RefusalKind::Misdirected | RefusalKind::Unreadable(_))
     }
 }
 
@@ -104,9 +113,9 @@ impl RefusalKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub kind: RefusalKind,
-    /// The base refused.
-    pub base: BaseUuid,
-    /// The HTTP status (`503` or `421`).
+    /// The base refused; `None` when it could not be read.
+    pub base: Option<BaseUuid>,
+    /// The HTTP status (`503`, `421` or `400`).
     pub status: u16,
     /// The `retry-after` header's value in seconds, when the refusal is temporary.
     pub retry_after: Option<u32>,
@@ -119,7 +128,10 @@ pub struct Refusal {
 struct Body<'a> {
     error: &'a str,
     message: &'a str,
-    base_uuid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_uuid: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     owner: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,7 +163,10 @@ impl RouterConfig {
 impl Gate {
     /// What to do with the request for `path_and_query` (the `:path` pseudo-header).
     pub fn verdict(&self, path_and_query: &str) -> Verdict<'_> {
-        let decision = self.router.decide(path_and_query);
+        let decision = match self.router.read(path_and_query) {
+            Ok(d) => d,
+            Err(why) => return Verdict::Refuse(self.unreadable(why)),
+        };
         match decision.base {
             Some(base) => self.judge(decision, base),
             None if self.guard.is_some() => Verdict::Pass { base: None },
@@ -182,38 +197,60 @@ impl Gate {
         }
     }
 
-    fn refusal(&self, kind: RefusalKind, base: BaseUuid, owner: &str) -> Refusal {
-        let dashed = base.dashed();
-        let retry_after = kind.retries().then_some(self.retry_after);
-        let body = match kind {
-            RefusalKind::BaseMoving => Body {
-                error: kind.code(),
-                message: "this base is moving to another server; retry shortly",
-                base_uuid: &dashed,
-                owner: None,
-                server: None,
-                retry_after,
-            },
-            RefusalKind::AwaitingMap => Body {
-                error: kind.code(),
-                message: "no shard map has arrived from the control plane yet; retry shortly",
-                base_uuid: &dashed,
-                owner: None,
-                server: None,
-                retry_after,
-            },
-            RefusalKind::Misdirected => Body {
-                error: kind.code(),
-                message: "this base belongs to another dtable-server under the shard map this guard holds",
-                base_uuid: &dashed,
-                owner: Some(owner),
-                server: self.guard(),
-                retry_after,
-            },
+    /// The `400` of a request whose base cannot be read.
+    fn unreadable(&self, why: Unreadable) -> Refusal {
+        let kind = RefusalKind::Unreadable(why);
+        let body = Body {
+            error: kind.code(),
+            message: why.message(),
+            reason: Some(why.as_str()),
+            base_uuid: None,
+            owner: None,
+            server: None,
+            retry_after: None,
         };
         Refusal {
             kind,
-            base,
+            base: None,
+            status: kind.status(),
+            retry_after: None,
+            body: serde_json::to_string(&body).unwrap_or_default(),
+        }
+    }
+
+    fn refusal(&self, kind: RefusalKind, base: BaseUuid, owner: &str) -> Refusal {
+        let dashed = base.dashed();
+        let retry_after = kind.retries().then_some(self.retry_after);
+        let (message, owner, server) = match kind {
+            RefusalKind::BaseMoving => (
+                "this base is moving to another server; retry shortly",
+                None,
+                None,
+            ),
+            RefusalKind::AwaitingMap => (
+                "no shard map has arrived from the control plane yet; retry shortly",
+                None,
+                None,
+            ),
+            RefusalKind::Misdirected => (
+                "this base belongs to another dtable-server under the shard map this guard holds",
+                Some(owner),
+                self.guard(),
+            ),
+            RefusalKind::Unreadable(why) => return self.unreadable(why),
+        };
+        let body = Body {
+            error: kind.code(),
+            message,
+            reason: None,
+            base_uuid: Some(&dashed),
+            owner,
+            server,
+            retry_after,
+        };
+        Refusal {
+            kind,
+            base: Some(base),
             status: kind.status(),
             retry_after,
             body: serde_json::to_string(&body).unwrap_or_default(),

@@ -36,4 +36,4 @@ pub use problem::{Problem, Problems};
 pub use rebalance::{Change, Rebalance, RebalanceError, rebalance};
 pub use router::{Decision, Fence, Reason, Router};
 pub use unique::check_unique_keys;
-pub use uuid::{BaseUuid, extract};
+pub use uuid::{BaseUuid, Unreadable, extract, read_base};

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::hex::{SlotRange, canonical_pin};
 use crate::map::{CompiledMap, ShardMap, compile};
 use crate::problem::Problems;
-use crate::uuid::{BaseUuid, extract};
+use crate::uuid::{BaseUuid, Unreadable, read_base};
 
 /// Bases a rollout is moving: requests for them are answered `503` until the new map is
 /// active, so no base is ever served by two servers.
@@ -43,6 +43,10 @@ pub enum Reason {
     Default,
     /// The base is fenced by a rollout: answer 503, send it nowhere.
     Fenced,
+    /// The request's base cannot be read unambiguously ([`Unreadable`]): answer 400,
+    /// send it nowhere. Only [`Router::decide`] gives it (its `server` is the default,
+    /// to fill the field); [`Router::read`] gives the error itself.
+    Unreadable,
 }
 
 impl Reason {
@@ -54,6 +58,7 @@ impl Reason {
             Reason::Path => "path",
             Reason::Default => "default",
             Reason::Fenced => "fenced",
+            Reason::Unreadable => "unreadable",
         }
     }
 }
@@ -136,20 +141,28 @@ impl Router {
         })
     }
 
-    /// Where the request for `path_and_query` (the `:path` pseudo-header) goes.
+    /// Where the request for `path_and_query` (the `:path` pseudo-header) goes; a
+    /// target whose base cannot be read gets [`Reason::Unreadable`] (see [`Router::read`]).
     pub fn decide(&self, path_and_query: &str) -> Decision<'_> {
-        match extract(path_and_query) {
+        self.read(path_and_query)
+            .unwrap_or_else(|_| self.decision(self.map.default, Reason::Unreadable, None))
+    }
+
+    /// Where the request for `path_and_query` goes, its base read as the dtable-server
+    /// reads it ([`read_base`]); an error when it cannot be read unambiguously.
+    pub fn read(&self, path_and_query: &str) -> Result<Decision<'_>, Unreadable> {
+        Ok(match read_base(path_and_query)? {
             Some(base) => self.decide_base(&base),
             None => {
                 let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
                 for (matcher, server) in &self.map.paths {
                     if matcher.matches(path) {
-                        return self.decision(*server, Reason::Path, None);
+                        return Ok(self.decision(*server, Reason::Path, None));
                     }
                 }
                 self.decision(self.map.default, Reason::Default, None)
             }
-        }
+        })
     }
 
     /// Where requests for `base` go.

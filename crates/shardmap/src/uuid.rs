@@ -1,4 +1,38 @@
-//! Finding the base_uuid in a request target, by hand: one pass, no allocation, no regex.
+//! Finding the base_uuid in a request target as the dtable-server reads it, by hand: no
+//! regex, and no allocation nor decoding unless the path holds a `%` or a query key a
+//! `%` or `+`.
+//!
+//! # How a dtable-server (Node, Express) reads a request
+//!
+//! - **Path.** Express matches its routes (`/api/v1/dtables/:dtable_uuid/...`) against
+//!   the *raw* path, so an encoded `/` (`%2F`) stays inside one segment; then it
+//!   decodes each route parameter once with `decodeURIComponent`, and a bad escape or
+//!   bytes that are not UTF-8 make that throw: Express answers 400. So
+//!   `ff84e1a1%2D66e2-...` or `%66f84e1a1-...` names the base `ff84e1a1-66e2-...`.
+//!   `+` is not a space in a path, and `%252D` is decoded once, to `%2D`.
+//! - **Query.** `req.query` comes from `qs` (Express 4) or `querystring` (Express 5):
+//!   keys and values are percent-decoded, `+` is a space; a bad escape is kept as it
+//!   is rather than refused; a key given twice gives an array, and `qs` also reads
+//!   `dtable_uuid[]=`, `dtable_uuid[0]=` and `[dtable_uuid]=` as `dtable_uuid`.
+//!
+//! # What [`read_base`] does
+//!
+//! The base is the first path segment that is a uuid once percent-decoded, else the
+//! query's `dtable_uuid`: when a path names a base, the route reads its parameter (as
+//! before decoding was added, the path wins; socket.io's handshake, the one reader of
+//! `dtable_uuid`, has no uuid in its path). What cannot be read unambiguously is an
+//! error ([`Unreadable`]), never "no base", since "no base" sends a request to the
+//! default server or lets it through a guard:
+//! - a bad or truncated escape, or bytes that are not UTF-8 once decoded, in a path
+//!   segment up to the base ([`Unreadable::BadEscape`], [`Unreadable::InvalidUtf8`]);
+//!   in the query, in any key (one could be `dtable_uuid` to a lenient decoder) and in
+//!   the values of `dtable_uuid` keys; other values are not read at all;
+//! - a path segment or `dtable_uuid` value that needed decoding and holds a uuid and
+//!   more (`<uuid>%2Fx`, `x%2F<uuid>`, `<uuid>%20`, `<uuid>+`): a server may split or
+//!   trim it ([`Unreadable::UuidAndMore`]). A *plain* `<uuid>x` stays what it always
+//!   was, not a base;
+//! - several `dtable_uuid` keys (any spelling, `[]` forms included) whose values are
+//!   not all one base, when one of them is a base ([`Unreadable::ConflictingQuery`]).
 
 use std::fmt;
 
@@ -76,35 +110,199 @@ impl fmt::Debug for BaseUuid {
     }
 }
 
-/// The base a request target (`path?query`) is about: the first path segment that is a
-/// uuid, else the value of the `dtable_uuid` query parameter; `None` when neither is.
-pub fn extract(path_and_query: &str) -> Option<BaseUuid> {
+/// Why the base of a request target cannot be read unambiguously: the request is
+/// refused (`400`) rather than routed as if it had no base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unreadable {
+    /// A `%` not followed by two hex digits (`decodeURIComponent` throws).
+    BadEscape,
+    /// Decoded bytes that are not UTF-8 (`decodeURIComponent` throws).
+    InvalidUtf8,
+    /// A decoded path segment or `dtable_uuid` value holding a uuid and more.
+    UuidAndMore,
+    /// `dtable_uuid` given several times, not always as the same base.
+    ConflictingQuery,
+}
+
+impl Unreadable {
+    /// A short word for the `reason` of an answer (`bad_escape`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unreadable::BadEscape => "bad_escape",
+            Unreadable::InvalidUtf8 => "invalid_utf8",
+            Unreadable::UuidAndMore => "uuid_and_more",
+            Unreadable::ConflictingQuery => "conflicting_dtable_uuid",
+        }
+    }
+
+    /// What a client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Unreadable::BadEscape => {
+                "the request target holds a bad or truncated percent-escape where a base could be named"
+            }
+            Unreadable::InvalidUtf8 => {
+                "the request target decodes to bytes that are not UTF-8 where a base could be named"
+            }
+            Unreadable::UuidAndMore => {
+                "a percent-encoded path segment or dtable_uuid value holds a base_uuid and more"
+            }
+            Unreadable::ConflictingQuery => {
+                "the query gives dtable_uuid several times, not always as the same base"
+            }
+        }
+    }
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// The base a request target (`path?query`) is about, read as the dtable-server reads
+/// it (see the module's documentation): `Ok(None)` when it names none, an error when
+/// it cannot be read unambiguously.
+pub fn read_base(path_and_query: &str) -> Result<Option<BaseUuid>, Unreadable> {
     let bytes = path_and_query.as_bytes();
-    // One pass over the path: only segments of 32 or 36 bytes are looked at.
-    let mut start = 0;
-    let mut end = bytes.len();
-    for (i, &c) in bytes.iter().enumerate() {
-        if c == b'/' || c == b'?' {
-            if let Some(u) = segment(&bytes[start..i]) {
-                return Some(u);
-            }
-            if c == b'?' {
-                end = i;
-                break;
-            }
-            start = i + 1;
+    let (path, query) = match bytes.iter().position(|&c| c == b'?') {
+        Some(q) => (&bytes[..q], bytes.get(q + 1..)),
+        None => (bytes, None),
+    };
+    for seg in path.split(|&c| c == b'/') {
+        if let Some(u) = path_segment(seg)? {
+            return Ok(Some(u));
         }
     }
-    if end == bytes.len() {
-        return segment(&bytes[start..]);
+    match query {
+        Some(q) => query_base(q),
+        None => Ok(None),
     }
-    let query = path_and_query.get(end + 1..)?;
-    for pair in query.split('&') {
-        if let Some(value) = pair.strip_prefix("dtable_uuid=") {
-            return BaseUuid::parse(value);
+}
+
+/// The base a request target is about, as [`read_base`] reads it; `None` also when it
+/// cannot be read unambiguously.
+pub fn extract(path_and_query: &str) -> Option<BaseUuid> {
+    read_base(path_and_query).ok().flatten()
+}
+
+/// The base a path segment names, decoded as `decodeURIComponent` does.
+fn path_segment(seg: &[u8]) -> Result<Option<BaseUuid>, Unreadable> {
+    if !seg.contains(&b'%') {
+        return Ok(segment(seg));
+    }
+    decoded_base(&decode(seg, false)?)
+}
+
+/// The base a decoded segment or value names; a uuid inside more is an error.
+fn decoded_base(d: &[u8]) -> Result<Option<BaseUuid>, Unreadable> {
+    if let Some(u) = segment(d) {
+        return Ok(Some(u));
+    }
+    if holds_uuid(d) {
+        return Err(Unreadable::UuidAndMore);
+    }
+    Ok(None)
+}
+
+/// The query's `dtable_uuid`: every key that names it (see [`names_base`]) must give
+/// the same base, once any gives a base.
+fn query_base(query: &[u8]) -> Result<Option<BaseUuid>, Unreadable> {
+    let mut first: Option<Option<BaseUuid>> = None;
+    let (mut any_base, mut differ) = (false, false);
+    for pair in query.split(|&c| c == b'&') {
+        let (key, value) = match pair.iter().position(|&c| c == b'=') {
+            Some(e) => (&pair[..e], &pair[e + 1..]),
+            None => (pair, &[][..]),
+        };
+        if !names_base(key)? {
+            continue;
+        }
+        let base = if value.iter().any(|&c| c == b'%' || c == b'+') {
+            decoded_base(&decode(value, true)?)?
+        } else {
+            segment(value)
+        };
+        any_base |= base.is_some();
+        match first {
+            None => first = Some(base),
+            Some(f) => differ |= f != base,
         }
     }
-    None
+    match first {
+        Some(_) if differ && any_base => Err(Unreadable::ConflictingQuery),
+        Some(base) if !differ => Ok(base),
+        _ => Ok(None),
+    }
+}
+
+/// Whether a query key, decoded as `qs`/`querystring` do, names `dtable_uuid`:
+/// `dtable_uuid`, or a `qs` bracket form rooted at it (`dtable_uuid[...`,
+/// `[dtable_uuid]...`).
+fn names_base(key: &[u8]) -> Result<bool, Unreadable> {
+    fn names(k: &[u8]) -> bool {
+        k.starts_with(b"[dtable_uuid]")
+            || k.strip_prefix(b"dtable_uuid")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"["))
+    }
+    if key.iter().any(|&c| c == b'%' || c == b'+') {
+        Ok(names(&decode(key, true)?))
+    } else {
+        Ok(names(key))
+    }
+}
+
+/// Percent-decodes `s` once (and `+` as a space in a query), strictly: a bad or
+/// truncated escape and bytes that are not UTF-8 are errors, as for
+/// `decodeURIComponent`.
+fn decode(s: &[u8], plus_is_space: bool) -> Result<Vec<u8>, Unreadable> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(&c) = s.get(i) {
+        match c {
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    s.get(i + 1).copied().and_then(lower_hex),
+                    s.get(i + 2).copied().and_then(lower_hex),
+                ) else {
+                    return Err(Unreadable::BadEscape);
+                };
+                out.push((hex_value(hi) << 4) | hex_value(lo));
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    match std::str::from_utf8(&out) {
+        Ok(_) => Ok(out),
+        Err(_) => Err(Unreadable::InvalidUtf8),
+    }
+}
+
+/// Whether `d` holds a dashed or 32-hex uuid anywhere: a run of 32 hex digits, or the
+/// dashed shape at some offset. Linear in `d`.
+fn holds_uuid(d: &[u8]) -> bool {
+    let mut run = 0;
+    for &c in d {
+        run = if lower_hex(c).is_some() { run + 1 } else { 0 };
+        if run >= 32 {
+            return true;
+        }
+    }
+    d.windows(36).any(|w| {
+        w[8] == b'-'
+            && w[13] == b'-'
+            && w[18] == b'-'
+            && w[23] == b'-'
+            && BaseUuid::parse_bytes(w).is_some()
+    })
 }
 
 fn segment(s: &[u8]) -> Option<BaseUuid> {

@@ -129,7 +129,7 @@ proptest! {
                     }
                     Verdict::Refuse(r) => {
                         prop_assert!(fenced || owner != guard, "{} refused", t);
-                        prop_assert_eq!(r.base, *u);
+                        prop_assert_eq!(r.base, Some(*u));
                         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
                         prop_assert_eq!(body["base_uuid"].as_str().map(str::to_owned), Some(u.dashed()));
                         let want = match (fenced, version) {
@@ -169,7 +169,7 @@ proptest! {
                     }
                     Verdict::Refuse(r) => {
                         prop_assert_eq!(d.reason, Reason::Fenced);
-                        prop_assert_eq!(Some(r.base), d.base);
+                        prop_assert_eq!(r.base, d.base);
                         prop_assert_eq!(r.status, 503);
                         let want = if version == 0 { RefusalKind::AwaitingMap } else { RefusalKind::BaseMoving };
                         prop_assert_eq!(r.kind, want);

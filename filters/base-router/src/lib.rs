@@ -22,7 +22,7 @@ proxy_wasm::main! {{
 }}
 
 /// Counters after the per-server ones, in this order.
-const COUNTERS: [&str; 5] = [
+const COUNTERS: [&str; 6] = [
     // An edge's requests routed to the default server (no base, no path rule).
     "seashard.requests.default",
     // Refused 503: the base is fenced by a rollout.
@@ -33,12 +33,15 @@ const COUNTERS: [&str; 5] = [
     "seashard.requests.passed",
     // Refused 503 before the first map (the bootstrap's placeholder).
     "seashard.requests.no_map",
+    // Refused 400: the base cannot be read unambiguously (bad escape, ...).
+    "seashard.requests.unreadable",
 ];
 const DEFAULT: usize = 0;
 const FENCED: usize = 1;
 const MISDIRECTED: usize = 2;
 const PASSED: usize = 3;
 const NO_MAP: usize = 4;
+const UNREADABLE: usize = 5;
 
 /// Counts requests: an edge's per server it routed to, and by outcome. Counted in the
 /// VM and flushed to Envoy's counters every tick, so a request costs no metric host
@@ -94,6 +97,7 @@ impl Metrics {
                         RefusalKind::BaseMoving => FENCED,
                         RefusalKind::Misdirected => MISDIRECTED,
                         RefusalKind::AwaitingMap => NO_MAP,
+                        RefusalKind::Unreadable(_) => UNREADABLE,
                     },
             ),
         }
