@@ -15,6 +15,10 @@
 //! The map change moves bases 4-7 from the first server to the second. Counting
 //! acknowledged writes against storage (as the lost-write experiment does) tells
 //! whether any base was open on two servers.
+//!
+//! Every Envoy takes its configuration over ADS (gRPC) or by REST polling
+//! ([`Xds`]): the REST run is the same experiment with B's polls (not a stream)
+//! going through the relay, from 127.0.0.2.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,7 +34,7 @@ use crate::lost_writes::{
 };
 use crate::relay::Relay;
 use crate::rollout::{
-    ControlPlaneProcess, TOKEN, new_map, old_map, slow_hook, start_envoy, start_managed_envoy,
+    ControlPlaneProcess, TOKEN, new_map, old_map, slow_hook, start_managed_envoy,
 };
 use crate::{Envoy, free_port, loopback, wait_until, wasm_file};
 
@@ -44,6 +48,15 @@ pub struct Case {
     pub shared_id: bool,
     /// A guard in front of each dtable-server, every server `guarded`.
     pub guards: bool,
+}
+
+/// How every Envoy of a run takes its configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xds {
+    /// One ADS stream (gRPC) to the control plane's gRPC port.
+    Grpc,
+    /// REST-JSON polling of the control plane's HTTP API.
+    Rest,
 }
 
 /// What one run did.
@@ -116,8 +129,13 @@ fn instances(cp: &ControlPlaneProcess) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// Runs one case: see the module doc.
+/// Runs one case over ADS: see the module doc.
 pub fn run(case: Case) -> Result<Run> {
+    run_with(case, Xds::Grpc)
+}
+
+/// Runs one case, every Envoy configured over `xds`: see the module doc.
+pub fn run_with(case: Case, xds: Xds) -> Result<Run> {
     let dir = tempfile::Builder::new()
         .prefix("seashard-fleet-")
         .tempdir()?;
@@ -138,11 +156,21 @@ pub fn run(case: Case) -> Result<Run> {
         case.guards.then_some(guard_addrs.as_slice()),
     )?;
     let cp = ControlPlaneProcess::start(&config, http, grpc)?;
+    // Where Envoys get their configuration, and how they are told to.
+    let (source, over): (SocketAddr, &[&str]) = match xds {
+        Xds::Grpc => (grpc, &[]),
+        Xds::Rest => (http, &["--xds", "rest"]),
+    };
+    let edge = |node_id: &str, cp: SocketAddr| {
+        let mut args = vec!["--kind", "edge", "--node-id", node_id];
+        args.extend(over);
+        start_managed_envoy(&args, cp, loopback(0))
+    };
     let mut envoys: Vec<Envoy> = Vec::new();
     for (s, listen) in cluster.servers.iter().zip(&guard_addrs) {
         let upstream = s.addr.to_string();
         let node_id = format!("guard-{}", s.name);
-        let args = [
+        let mut args = vec![
             "--kind",
             "guard",
             "--server",
@@ -152,12 +180,13 @@ pub fn run(case: Case) -> Result<Run> {
             "--node-id",
             node_id.as_str(),
         ];
-        envoys.push(start_managed_envoy(&args, grpc, *listen)?);
+        args.extend(over);
+        envoys.push(start_managed_envoy(&args, source, *listen)?);
     }
-    let edge_a = start_envoy("edge-a", grpc)?;
+    let edge_a = edge("edge-a", source)?;
     // B reaches the control plane through the relay, from 127.0.0.2: another host.
-    let relay = Relay::start(grpc, [127, 0, 0, 2].into())?;
-    let edge_b = start_envoy(if case.shared_id { "edge-a" } else { "edge-b" }, relay.addr)?;
+    let relay = Relay::start(source, [127, 0, 0, 2].into())?;
+    let edge_b = edge(if case.shared_id { "edge-a" } else { "edge-b" }, relay.addr)?;
     let expected = 2 + guard_addrs.len();
     wait_until(WAIT, &format!("{expected} Envoys to be current"), || {
         let i = instances(&cp)?;
