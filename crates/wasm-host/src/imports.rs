@@ -212,6 +212,55 @@ fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     )?;
     linker.func_wrap(
         ENV,
+        "proxy_get_shared_data",
+        |mut caller: Caller<'_, State>,
+         key: u32,
+         key_len: u32,
+         ptr_out: u32,
+         size_out: u32,
+         cas_out: u32| {
+            status((|| {
+                let key = read(&caller, key, key_len)?;
+                let found = caller
+                    .data()
+                    .shared
+                    .lock()
+                    .map_err(|_| Status::InternalFailure)?
+                    .get(&key)
+                    .cloned();
+                let (value, cas) = found.ok_or(Status::NotFound)?;
+                return_bytes(&mut caller, &value, ptr_out, size_out)?;
+                write_u32(&mut caller, cas_out, cas)
+            })())
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_set_shared_data",
+        |caller: Caller<'_, State>, key: u32, key_len: u32, ptr: u32, len: u32, cas: u32| {
+            status((|| {
+                let key = read(&caller, key, key_len)?;
+                let value = read(&caller, ptr, len)?;
+                let mut shared = caller
+                    .data()
+                    .shared
+                    .lock()
+                    .map_err(|_| Status::InternalFailure)?;
+                // As Envoy: cas 0 writes unconditionally, another must match.
+                let next = match shared.get(&key) {
+                    Some((_, current)) if cas != 0 && cas != *current => {
+                        return Err(Status::CasMismatch.into());
+                    }
+                    Some((_, current)) => current.wrapping_add(1).max(1),
+                    None => 1,
+                };
+                shared.insert(key, (value, next));
+                Ok(())
+            })())
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
         "proxy_get_log_level",
         |mut caller: Caller<'_, State>, level_out: u32| {
             status(write_u32(&mut caller, level_out, LogLevel::Trace as u32))

@@ -88,7 +88,13 @@ pub(crate) struct State {
     pub(crate) stderr: Vec<u8>,
     /// State of the deterministic generator behind WASI `random_get`.
     pub(crate) random: u64,
+    /// `proxy_{get,set}_shared_data`: shared by every VM of one [`crate::Host`], as
+    /// Envoy shares it between the VMs of one `vm_id`. Per key: value and cas.
+    pub(crate) shared: SharedData,
 }
+
+/// Envoy's shared data: key → (value, cas).
+pub(crate) type SharedData = std::sync::Arc<std::sync::Mutex<HashMap<Vec<u8>, (Vec<u8>, u32)>>>;
 
 impl State {
     /// Whether `id` is the root context or a live HTTP context.

@@ -20,6 +20,8 @@ const ROOT_CONTEXT: u32 = 1;
 /// Compiling is the slow part (Cranelift); share one `Host` between tests.
 pub struct Host {
     pre: InstancePre<State>,
+    /// Shared data, common to every VM instantiated from this host.
+    shared: crate::state::SharedData,
 }
 
 impl Host {
@@ -51,13 +53,20 @@ impl Host {
         let pre = linker
             .instantiate_pre(&module)
             .map_err(boxed(HostError::Instantiate))?;
-        Ok(Self { pre })
+        Ok(Self {
+            pre,
+            shared: Default::default(),
+        })
     }
 
     /// Creates a fresh VM: a new instance with its own memory and records.
     /// Call [`Vm::start`] next.
     pub fn instantiate(&self) -> Result<Vm, HostError> {
-        let mut store = Store::new(self.pre.module().engine(), State::default());
+        let state = State {
+            shared: self.shared.clone(),
+            ..State::default()
+        };
+        let mut store = Store::new(self.pre.module().engine(), state);
         let instance = self
             .pre
             .instantiate(&mut store)

@@ -153,6 +153,15 @@ impl RootContext for BaseRouterRoot {
                 return false;
             }
         };
+        // A map version never goes back: an older map is refused (Envoy NACKs it
+        // and keeps the newer one), whatever a control plane sends.
+        if let Err(older) = shardmap::may_apply(VM_APPLIED.get(), process_floor(), config.version) {
+            log(
+                LogLevel::Error,
+                &format!("base-router: configuration refused, newer map kept: {older}"),
+            );
+            return false;
+        }
         let gate = match config.compile_gate() {
             Ok(g) => g,
             Err(problems) => {
@@ -178,6 +187,8 @@ impl RootContext for BaseRouterRoot {
         if gauge != u32::MAX {
             let _ = proxy_wasm::hostcalls::record_metric(gauge, config.version);
         }
+        VM_APPLIED.set(Some(config.version));
+        raise_process_floor(config.version);
         let role = match gate.guard() {
             Some(server) => format!("guard of {server}"),
             None => "edge".to_owned(),
@@ -273,6 +284,46 @@ impl HttpContext for BaseRouter {
                 );
                 Action::Pause
             }
+        }
+    }
+}
+
+thread_local! {
+    /// The map version this VM applied last. Envoy gives every plugin configuration
+    /// a root context of its own in the same VM, so this lives beside them.
+    static VM_APPLIED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// The newest map version applied by any VM of this `vm_id` in this Envoy process
+/// (Envoy's shared data: it outlives the fresh VM Envoy configures first, as a
+/// canary, whose refusal is the NACK).
+const APPLIED_KEY: &str = "seashard.base_router.applied_map_version";
+
+fn process_floor() -> Option<u64> {
+    match proxy_wasm::hostcalls::get_shared_data(APPLIED_KEY) {
+        Ok((Some(bytes), _)) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Raises the process floor to `version` (compare-and-swap: VMs of several threads
+/// write it).
+fn raise_process_floor(version: u64) {
+    for _ in 0..8 {
+        let Ok((bytes, cas)) = proxy_wasm::hostcalls::get_shared_data(APPLIED_KEY) else {
+            return;
+        };
+        let stored = bytes
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if stored >= version && cas.is_some() {
+            return;
+        }
+        let value = version.to_string();
+        // `None` as cas on a key that does not exist yet: Envoy sets it.
+        if proxy_wasm::hostcalls::set_shared_data(APPLIED_KEY, Some(value.as_bytes()), cas).is_ok()
+        {
+            return;
         }
     }
 }

@@ -565,3 +565,54 @@ fn edge_and_guard_answer_exactly_as_the_gate_decides() {
         }
     }
 }
+
+/// A map version never goes back: a VM refuses a configuration older than the one it
+/// applied (Envoy NACKs it) and keeps routing with the newer map; so does a fresh VM
+/// of the same Envoy process (Envoy's configuration canary), through shared data.
+#[test]
+fn an_older_map_is_refused_and_the_newer_kept() {
+    let host = Host::load(built_filter("base-router").unwrap()).unwrap();
+    let mut vm = host.instantiate().unwrap();
+    assert!(vm.start(b"").unwrap());
+    let newer = config(8, Fence::default());
+    let mut older = config(7, Fence::default());
+    // The older map sends slot 40-9f elsewhere: routing tells which map runs.
+    older.map = ShardMap::from_json(
+        r#"{"default": "dtable-server", "slots": {"0-f": "dtable-server-2"}}"#,
+    )
+    .unwrap();
+    let base = "/api/v1/dtables/41000000-0000-0000-0000-000000000000/";
+    assert!(vm.configure(newer.to_json().as_bytes()).unwrap());
+    assert!(
+        !vm.configure(older.to_json().as_bytes()).unwrap(),
+        "an older map was applied"
+    );
+    assert!(
+        vm.logs_at_least(LogLevel::Error)
+            .any(|l| l.contains("map version 7 is older than version 8")),
+        "{:?}",
+        vm.logs()
+    );
+    let (ctx, action) = request(&mut vm, &[(":path", base)]);
+    assert_eq!(action, Action::Continue);
+    assert_eq!(vm.request_header(ctx, "x-dtable-server"), Some("dtable-server-3"));
+    assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("8"));
+    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(8));
+    // The same version again and a newer one are applied.
+    assert!(vm.configure(newer.to_json().as_bytes()).unwrap());
+    let newest = config(9, Fence::default());
+    assert!(vm.configure(newest.to_json().as_bytes()).unwrap());
+    // The placeholder (version 0) is older than any map.
+    let placeholder = config(0, Fence::default());
+    assert!(!vm.configure(placeholder.to_json().as_bytes()).unwrap());
+    // A fresh VM of the same process refuses what is older than the process applied.
+    let mut canary = host.instantiate().unwrap();
+    assert!(canary.start(b"").unwrap());
+    assert!(!canary.configure(newer.to_json().as_bytes()).unwrap());
+    assert!(canary.configure(newest.to_json().as_bytes()).unwrap());
+    // Another process (another host) starts with no floor.
+    let other = Host::load(built_filter("base-router").unwrap()).unwrap();
+    let mut fresh = other.instantiate().unwrap();
+    assert!(fresh.start(b"").unwrap());
+    assert!(fresh.configure(older.to_json().as_bytes()).unwrap());
+}
