@@ -363,6 +363,8 @@ struct World {
     logs: BTreeMap<usize, WriteLog>,
     began: Instant,
     timeline: Vec<String>,
+    /// The logs of Envoys that stopped: (file name, text).
+    envoy_logs: Vec<(String, String)>,
     /// Replicas that failed to start again when their kill healed.
     down: Vec<usize>,
     /// Whether the last accepted push was the new map (when no replica tells).
@@ -408,6 +410,7 @@ impl World {
             timeline: Vec::new(),
             pushed_new: false,
             down: Vec::new(),
+            envoy_logs: Vec::new(),
         };
         for r in 0..3 {
             let (config, http, grpc) = w.write_config(r, &guard_addrs)?;
@@ -537,7 +540,36 @@ impl World {
             if let Some(w) = slot.writers.take() {
                 self.logs.entry(s).or_default().absorb(w.stop());
             }
+            if let Some(e) = slot.envoy.take() {
+                self.keep_envoy_log(s, &e);
+            }
         }
+    }
+
+    /// Keeps the log of an Envoy about to stop, for the evidence of a failed schedule.
+    fn keep_envoy_log(&mut self, s: usize, e: &Envoy) {
+        let n = self.envoy_logs.len();
+        self.envoy_logs
+            .push((format!("envoy-{n}-{}-slot{s}.log", SLOTS[s].0), e.logs()));
+    }
+
+    /// Writes the logs of every process of this schedule under `dir`.
+    fn save_evidence(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (r, cp) in self.replicas.iter().enumerate() {
+            std::fs::write(dir.join(format!("replica-r{r}.log")), cp.logs())?;
+        }
+        for (name, text) in &self.envoy_logs {
+            std::fs::write(dir.join(name), text)?;
+        }
+        for (i, g) in self.guards.iter().enumerate() {
+            std::fs::write(dir.join(format!("guard-{i}.log")), g.logs())?;
+        }
+        for srv in &self.cluster.servers {
+            let _ = std::fs::copy(srv.log_path(), dir.join(format!("events-{}.log", srv.name)));
+        }
+        std::fs::write(dir.join("timeline.txt"), self.timeline.join("\n"))?;
+        Ok(())
     }
 
     /// Waits until every id is connected and current as a leader sees it.
@@ -589,8 +621,10 @@ impl World {
             }
             Fault::EtcdMemberKill(m) => self.etcd.kill(m),
             Fault::EnvoyRestart(s) => {
+                if let Some(old) = self.slots[s].as_mut().and_then(|slot| slot.envoy.take()) {
+                    self.keep_envoy_log(s, &old);
+                }
                 if let Some(slot) = self.slots[s].as_mut() {
-                    slot.envoy = None; // killed
                     let e = start_slot_envoy(s, &slot.relays)?;
                     if let Some(w) = &slot.writers {
                         w.retarget(e.listener_addr);
@@ -729,11 +763,20 @@ impl Report {
                 detail.join(", ")
             ));
         }
-        for d in &self.double {
+        if let Some(d) = self.double.first() {
             let [a, b] = &d.holders;
+            let bases: BTreeSet<&str> = self.double.iter().map(|d| d.base.as_str()).collect();
             v.push(format!(
-                "base {} loaded by {} (pid {}) at {} and by {} (pid {}) at {} before either restarted",
-                d.base, a.0, a.1, a.2, b.0, b.1, b.2
+                "{} bases loaded by two servers at once (first: {} by {} pid {} at {} ms and by \
+                 {} pid {} at {} ms, before either restarted)",
+                bases.len(),
+                d.base,
+                a.0,
+                a.1,
+                a.2,
+                b.0,
+                b.1,
+                b.2
             ));
         }
         for id in &self.unended {
@@ -914,7 +957,6 @@ pub fn run(schedule: &Schedule) -> Result<Report> {
     for s in 0..SLOTS.len() {
         w.close_slot(s);
     }
-    w.guards.clear();
     w.cluster.stop_all()?;
     let mut lost = Vec::new();
     let (mut acknowledged, mut unacknowledged) = (0, 0);
@@ -939,13 +981,17 @@ pub fn run(schedule: &Schedule) -> Result<Report> {
     }
     let double = double_service(&w.cluster.events()?);
     if !lost.is_empty() || !double.is_empty() || !unended.is_empty() {
-        for (r, cp) in w.replicas.iter().enumerate() {
-            notes.push(format!(
-                "r{r} log: {}",
-                save_log(schedule.seed, r, &cp.logs())
-            ));
+        let dir = std::env::temp_dir().join(format!(
+            "seashard-campaign-{}-seed{}",
+            std::process::id(),
+            schedule.seed
+        ));
+        match w.save_evidence(&dir) {
+            Ok(()) => notes.push(format!("logs of every process: {}", dir.display())),
+            Err(e) => notes.push(format!("logs not saved in {}: {e:#}", dir.display())),
         }
     }
+    w.guards.clear();
     Ok(Report {
         schedule: schedule.clone(),
         elapsed: began.elapsed(),
@@ -960,18 +1006,6 @@ pub fn run(schedule: &Schedule) -> Result<Report> {
         notes,
         timeline: std::mem::take(&mut w.timeline),
     })
-}
-
-/// Keeps a replica's logs of a failed schedule (outside the removed directory).
-fn save_log(seed: u64, r: usize, text: &str) -> String {
-    let path = std::env::temp_dir().join(format!(
-        "seashard-campaign-{}-seed{seed}-r{r}.log",
-        std::process::id()
-    ));
-    match std::fs::write(&path, text) {
-        Ok(()) => path.display().to_string(),
-        Err(e) => format!("(not saved: {e})"),
-    }
 }
 
 /// Pushes the map the active one is not, through replica `first` or the next one that

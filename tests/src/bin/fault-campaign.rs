@@ -6,7 +6,7 @@
 //! fault-campaign [--seeds N] [--first S] [--seed S] [--guards | --mixed] [--steps K]
 //!                [--kinds a,b,..] [--out FILE] [--plan]
 //! ```
-//! `--seeds N` runs seeds `S..S+N` (`--first`, default 1); `--seed S` replays one;
+//! `--seeds N` runs seeds `S..S+N` (`--first`, default 1); `--seed S[,S..]` replays some;
 //! `--mixed` guards the odd seeds; `--plan` prints the
 //! schedules without running them. Exit status 1 when a schedule failed the checker,
 //! 2 on a harness error.
@@ -42,7 +42,14 @@ fn parse() -> Result<Args> {
         match arg.as_str() {
             "--seeds" => n = Some(value()?.parse::<u64>()?),
             "--first" => first = value()?.parse()?,
-            "--seed" => one = Some(value()?.parse::<u64>()?),
+            "--seed" => {
+                one = Some(
+                    value()?
+                        .split(',')
+                        .map(str::parse::<u64>)
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            }
             "--guards" => a.guards = Some(true),
             "--mixed" => a.guards = None,
             "--steps" => a.steps = value()?.parse()?,
@@ -67,7 +74,7 @@ fn parse() -> Result<Args> {
         }
     }
     a.seeds = match (one, n) {
-        (Some(s), _) => vec![s],
+        (Some(s), _) => s,
         (None, Some(n)) => (first..first + n).collect(),
         (None, None) => vec![first],
     };
