@@ -852,6 +852,7 @@ impl Registry {
         let guarded = (poll.t == ResourceType::Ecds)
             .then(|| poll.names.iter().find_map(|n| self.guarded_server(n)))
             .flatten();
+        let remote = remote_floor(&inner, &key, poll.t);
         let Some(node) = inner.nodes.get_mut(&key) else {
             return false;
         };
@@ -881,7 +882,22 @@ impl Registry {
         }
         let nacked_here =
             state.record.nacked_version.as_deref() == Some(current) && !running.is_empty();
-        let due = running != current && !nacked_here;
+        // As for streams (`is_due`): never a map older than the newest one the poller
+        // is known to run, here or (its polls spread over replicas) on another one.
+        let older = poll.t == ResourceType::Ecds && {
+            let floor = [Some(running), state.record.acked_version.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(ecds_map_version)
+                .chain(remote)
+                .max();
+            match (floor, ecds_map_version(current)) {
+                (Some(floor), Some(current)) => current < floor,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        };
+        let due = running != current && !nacked_here && !older;
         if due {
             state.pending_version = Some(current.to_owned());
         }
@@ -1892,6 +1908,27 @@ mod tests {
             reg.convergence(ResourceType::Ecds, &v).pending,
             ["edge-1@rest:10.0.0.2"]
         );
+    }
+
+    #[test]
+    fn a_rest_poller_is_never_sent_a_map_older_than_one_it_runs_here_or_elsewhere() {
+        let reg = Registry::default();
+        let (v4, v5) = (
+            snapshot(4, "/a.wasm").ecds.version.clone(),
+            snapshot(5, "/a.wasm").ecds.version.clone(),
+        );
+        // This replica is behind (serves 4); the poller runs 5.
+        assert!(!rest(&reg, "edge-1", "10.0.0.1", ROUTER, &v5, &v4));
+        // Another poller of an id ACKed 5 on another replica; fresh here: nothing older.
+        let mut r = remote("edge-2", "10.0.0.2", true, true, Some(&v5));
+        r.record.id = rest_instance_key("edge-2", "10.0.0.2");
+        r.record.transport = "rest".into();
+        reg.set_remote(&[r]);
+        assert!(!rest(&reg, "edge-2", "10.0.0.2", ROUTER, "", &v4));
+        // A newer map is sent to both.
+        let v6 = snapshot(6, "/a.wasm").ecds.version.clone();
+        assert!(rest(&reg, "edge-1", "10.0.0.1", ROUTER, &v5, &v6));
+        assert!(rest(&reg, "edge-2", "10.0.0.2", ROUTER, "", &v6));
     }
 
     #[test]
