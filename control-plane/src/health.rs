@@ -255,8 +255,8 @@ mod https_tests {
 
     /// A CA and a certificate for 127.0.0.1 signed by it, in `dir`.
     fn pki(dir: &Path) -> ApiTls {
-        crate::certs::init(dir, None, 1, false).unwrap();
-        let w = crate::certs::server(dir, "agent", &["127.0.0.1".to_owned()], 1, false).unwrap();
+        certs::init(dir, None, 1, false).unwrap();
+        let w = certs::server(dir, "agent", &["127.0.0.1".to_owned()], 1, false).unwrap();
         ApiTls {
             cert: w.cert,
             key: w.key,
@@ -298,7 +298,7 @@ mod https_tests {
         let dir = tempfile::tempdir().unwrap();
         let tls = pki(dir.path());
         let other = tempfile::tempdir().unwrap();
-        crate::certs::init(other.path(), None, 1, false).unwrap();
+        certs::init(other.path(), None, 1, false).unwrap();
         let (port, mut heads) = serve(&tls).await;
         let url = format!("https://127.0.0.1:{port}/restart");
         let ca = dir.path().join("ca.crt");

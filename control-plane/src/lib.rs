@@ -18,7 +18,8 @@
 //!   the error answer both give.
 //! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
 //! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
-//!   certificate proves; [`certs`]: a small CA for installs without a PKI.
+//!   certificate proves (the certificates of installs without a PKI are made by the
+//!   `certs` crate, `seactl certs`).
 //! - [`agent`]: `seactl agent`, the restart agent on a dtable-server's host that an
 //!   HTTP restart hook calls (`POST /restart`: one command, joined calls, `pong`).
 //!
@@ -29,7 +30,6 @@ pub mod agent;
 pub mod answer;
 pub mod api;
 pub mod bootstrap;
-pub mod certs;
 pub mod config;
 pub mod forward;
 pub mod health;

@@ -365,8 +365,8 @@ mod tests {
             "{err}"
         );
 
-        crate::certs::init(dir.path(), None, 1, false).unwrap();
-        let s = crate::certs::server(dir.path(), "cp", &["127.0.0.1".into()], 1, false).unwrap();
+        certs::init(dir.path(), None, 1, false).unwrap();
+        let s = certs::server(dir.path(), "cp", &["127.0.0.1".into()], 1, false).unwrap();
         let err = api_server_config(&ApiTls {
             cert: s.cert.clone(),
             key: key.clone(),

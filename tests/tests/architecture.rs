@@ -21,14 +21,30 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("nginx-audit", &["shardmap"]),
     ("control-plane", &["shardmap"]),
     ("deploy", &["shardmap", "control-plane"]),
-    ("seactl", &["shardmap", "nginx-audit", "control-plane", "deploy"]),
+    ("certs", &[]),
+    (
+        "seactl",
+        &[
+            "shardmap",
+            "nginx-audit",
+            "control-plane",
+            "deploy",
+            "certs",
+        ],
+    ),
     ("seashard-tests", &["shardmap"]),
 ];
 
 fn metadata() -> Result<Value> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(workspace_dir())
         .output()?;
     ensure!(
@@ -47,7 +63,10 @@ fn crates_depend_only_downward() -> Result<()> {
         .ok_or_else(|| anyhow!("no packages in cargo metadata"))?;
     let members: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
     let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
-    let unlisted: Vec<_> = members.iter().filter(|m| !allowed.contains_key(*m)).collect();
+    let unlisted: Vec<_> = members
+        .iter()
+        .filter(|m| !allowed.contains_key(*m))
+        .collect();
     ensure!(
         unlisted.is_empty(),
         "crates with no place in the dependency order (add them to ALLOWED and to \
@@ -64,7 +83,10 @@ fn crates_depend_only_downward() -> Result<()> {
             }
         }
     }
-    ensure!(wrong.is_empty(), "dependencies against the order: {wrong:?}");
+    ensure!(
+        wrong.is_empty(),
+        "dependencies against the order: {wrong:?}"
+    );
     Ok(())
 }
 
@@ -74,10 +96,18 @@ fn module_imports(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>> {
     for e in std::fs::read_dir(src)? {
         let path = e?.path();
         if path.extension().is_some_and(|x| x == "rs") {
-            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let stem = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             files.push((stem, path));
         } else if path.join("mod.rs").exists() {
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             for f in walk(&path)? {
                 files.push((name.clone(), f));
             }
@@ -199,7 +229,11 @@ fn the_circle_check_finds_a_circle() {
     .collect();
     assert_eq!(
         circle(&g),
-        Some(vec!["api".to_owned(), "forward".to_owned(), "api".to_owned()])
+        Some(vec![
+            "api".to_owned(),
+            "forward".to_owned(),
+            "api".to_owned()
+        ])
     );
     let mut dag = g.clone();
     dag.insert("forward".into(), BTreeSet::new());

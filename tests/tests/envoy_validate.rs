@@ -197,8 +197,8 @@ fn generated_bootstraps_with_tls_validate() {
     let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    control_plane::certs::init(d, None, 1, false).unwrap();
-    control_plane::certs::client(d, "edge-1", 1, false).unwrap();
+    certs::init(d, None, 1, false).unwrap();
+    certs::client(d, "edge-1", 1, false).unwrap();
     let mutual = ControlPlaneTls {
         ca: d.join("ca.crt"),
         client: Some((d.join("edge-1.crt"), d.join("edge-1.key"))),

@@ -89,8 +89,8 @@ pub struct SimTls {
 impl SimTls {
     /// A new CA and server certificate in `dir`.
     pub fn new(dir: &Path) -> SimTls {
-        control_plane::certs::init(dir, None, 1, false).expect("CA");
-        control_plane::certs::server(
+        certs::init(dir, None, 1, false).expect("CA");
+        certs::server(
             dir,
             "control-plane",
             &["127.0.0.1".into(), "localhost".into()],
@@ -109,7 +109,7 @@ impl SimTls {
     pub fn client(&self, cn: &str) -> ClientTlsConfig {
         let cert = self.dir.join(format!("{cn}.crt"));
         if !cert.exists() {
-            control_plane::certs::client(&self.dir, cn, 1, false).expect("client certificate");
+            certs::client(&self.dir, cn, 1, false).expect("client certificate");
         }
         let read = |p: PathBuf| std::fs::read(p).expect("client certificate files");
         let identity = Identity::from_pem(read(cert), read(self.dir.join(format!("{cn}.key"))));

@@ -1,7 +1,7 @@
 //! A small certificate authority for installs without a PKI (`seactl certs`): one CA,
 //! a server certificate for the control plane (its HTTP API and ADS), and one client
 //! certificate per Envoy, whose subject common name (and DNS name) is the Envoy's
-//! node id (see [`crate::identity`]).
+//! node id (the control plane's `identity` reads it back).
 //!
 //! Keys are ECDSA P-256, written as PKCS#8 PEM. Every file is written with mode 0600
 //! and never replaced unless asked (`force`): replacing the CA's key, or an Envoy's,
@@ -201,7 +201,7 @@ fn base_params(common_name: &str, days: u32) -> Result<CertificateParams, CertsE
 }
 
 fn ring_random(buf: &mut [u8]) -> Result<(), CertsError> {
-    use tokio_rustls::rustls::crypto::ring::default_provider;
+    use rustls::crypto::ring::default_provider;
     default_provider()
         .secure_random
         .fill(buf)
@@ -365,7 +365,6 @@ fn rfc3339(t: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Identity;
     use std::os::unix::fs::MetadataExt as _;
 
     fn mode(p: &Path) -> u32 {
@@ -393,13 +392,21 @@ mod tests {
         let key = std::fs::read_to_string(&c.key).unwrap();
         assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
 
-        // The client's identity is its node id.
-        let der = crate::tls::read_certs(&c.cert).unwrap();
-        let id = Identity::of(&der[0]).unwrap();
-        assert_eq!(id.common_names, ["edge-1"]);
-        assert_eq!(id.dns_names, ["edge-1"]);
-        assert!(id.matches("edge-1"));
-        assert!(!id.matches("edge-2"));
+        // The client certificate names its node id: as CN and as DNS name.
+        let pem = std::fs::read(&c.cert).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let cn: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(cn, ["edge-1"]);
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            format!("{:?}", san.value.general_names),
+            "[DNSName(\"edge-1\")]"
+        );
 
         // Never overwritten silently, with or without the other file of the pair.
         let before = std::fs::read(&ca.key).unwrap();

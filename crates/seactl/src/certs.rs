@@ -1,11 +1,11 @@
 //! `seactl certs`: a small CA, the control plane's server certificate and one client
-//! certificate per Envoy, for installs without a PKI (`control_plane::certs`).
+//! certificate per Envoy, for installs without a PKI (the `certs` crate).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use control_plane::certs::{self, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS, Written};
+use certs::{DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS, Written};
 
 #[derive(Debug, clap::Args)]
 pub struct CertsArgs {
