@@ -106,6 +106,14 @@ fn routes_exactly_as_shardmap_decides() {
             ],
         );
         let want = router.decide(uri);
+        if want.reason == Reason::Unreadable {
+            // Junk whose escapes do not decode (`%a0...`): refused, sent nowhere.
+            assert_eq!(action, Action::Pause, "{uri}");
+            assert_eq!(vm.local_response(ctx).map(|r| r.status), Some(400), "{uri}");
+            assert_eq!(vm.request_header(ctx, "x-dtable-server"), None, "{uri}");
+            vm.finish(ctx).unwrap();
+            continue;
+        }
         assert_eq!(action, Action::Continue, "{uri}");
         assert_eq!(
             vm.request_header(ctx, "x-dtable-server"),
@@ -124,7 +132,10 @@ fn routes_exactly_as_shardmap_decides() {
     for server in router.servers() {
         let want = all
             .iter()
-            .filter(|u| router.decide(u).server == server)
+            .filter(|u| {
+                let d = router.decide(u);
+                d.server == server && d.reason != Reason::Unreadable
+            })
             .count() as u64;
         let got = vm
             .metric(&format!("seashard.requests.server.{server}"))
@@ -139,6 +150,14 @@ fn routes_exactly_as_shardmap_decides() {
     assert_eq!(
         vm.metric("seashard.requests.default").map(|m| m.value),
         Some(defaults)
+    );
+    let unreadable = all
+        .iter()
+        .filter(|u| router.decide(u).reason == Reason::Unreadable)
+        .count() as u64;
+    assert_eq!(
+        vm.metric("seashard.requests.unreadable").map(|m| m.value),
+        Some(unreadable)
     );
     assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(7));
 }
@@ -577,10 +596,9 @@ fn an_older_map_is_refused_and_the_newer_kept() {
     let newer = config(8, Fence::default());
     let mut older = config(7, Fence::default());
     // The older map sends slot 40-9f elsewhere: routing tells which map runs.
-    older.map = ShardMap::from_json(
-        r#"{"default": "dtable-server", "slots": {"0-f": "dtable-server-2"}}"#,
-    )
-    .unwrap();
+    older.map =
+        ShardMap::from_json(r#"{"default": "dtable-server", "slots": {"0-f": "dtable-server-2"}}"#)
+            .unwrap();
     let base = "/api/v1/dtables/41000000-0000-0000-0000-000000000000/";
     assert!(vm.configure(newer.to_json().as_bytes()).unwrap());
     assert!(
@@ -595,7 +613,10 @@ fn an_older_map_is_refused_and_the_newer_kept() {
     );
     let (ctx, action) = request(&mut vm, &[(":path", base)]);
     assert_eq!(action, Action::Continue);
-    assert_eq!(vm.request_header(ctx, "x-dtable-server"), Some("dtable-server-3"));
+    assert_eq!(
+        vm.request_header(ctx, "x-dtable-server"),
+        Some("dtable-server-3")
+    );
     assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("8"));
     assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(8));
     // The same version again and a newer one are applied.
@@ -615,4 +636,75 @@ fn an_older_map_is_refused_and_the_newer_kept() {
     let mut fresh = other.instantiate().unwrap();
     assert!(fresh.start(b"").unwrap());
     assert!(fresh.configure(older.to_json().as_bytes()).unwrap());
+}
+
+/// Percent-encoded bases, as Node itself reads them (the targets of
+/// `crates/shardmap/tests/fixtures/node_readings.json`, labelled by Node's
+/// `decodeURIComponent` and `querystring`), through the built filter: an edge routes
+/// every encoded form to the base's owner, a guard passes its own and refuses another
+/// server's (421), and edge and guards answer 400 `unreadable_base` to what cannot be
+/// read unambiguously, counted in `seashard.requests.unreadable`.
+#[test]
+fn encoded_bases_reach_their_owner_and_the_unreadable_get_400() {
+    let doc: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../crates/shardmap/tests/fixtures/node_readings.json"
+    ))
+    .unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    for guard in [None, Some("dtable-server"), Some("dtable-server-2")] {
+        let mut cfg = config(12, Fence::default());
+        cfg.guard = guard.map(str::to_owned);
+        let router = cfg.compile().unwrap();
+        let mut vm = vm_with(&cfg);
+        let (mut unreadable, mut moved) = (0u64, 0);
+        for c in cases {
+            let target = c["target"].as_str().unwrap();
+            let (ctx, action) = request(&mut vm, &[(":path", target)]);
+            let routed = vm.request_header(ctx, "x-dtable-server");
+            let reply = vm.local_response(ctx);
+            match c["expect"].as_str().unwrap() {
+                "base" => {
+                    let base = shardmap::BaseUuid::parse(c["base"].as_str().unwrap()).unwrap();
+                    let owner = router.owner_of(&base);
+                    moved += usize::from(owner != router.default_server());
+                    match guard {
+                        None => assert_eq!((action, routed), (Action::Continue, Some(owner))),
+                        Some(g) if g == owner => {
+                            assert_eq!((action, routed), (Action::Continue, None), "{target}");
+                            assert!(reply.is_none(), "{target}");
+                        }
+                        Some(_) => {
+                            assert_eq!(action, Action::Pause, "{target}");
+                            assert_eq!(reply.map(|r| r.status), Some(421), "{target}");
+                        }
+                    }
+                }
+                "none" => {
+                    assert_eq!(action, Action::Continue, "{target}");
+                    assert!(reply.is_none(), "{target}");
+                }
+                _ => {
+                    assert_eq!(action, Action::Pause, "{guard:?} {target}");
+                    assert_eq!(routed, None, "{target}");
+                    let reply = reply.expect("a local reply");
+                    assert_eq!(reply.status, 400, "{target}");
+                    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+                    assert_eq!(body["error"], "unreadable_base", "{target}");
+                    assert!(body["reason"].is_string(), "{body}");
+                    assert_eq!(header(reply, "retry-after"), None);
+                    unreadable += 1;
+                }
+            }
+            vm.finish(ctx).unwrap();
+        }
+        // Not decoded, these would have gone to `default` or through the guard.
+        assert!(moved > 100, "{moved}");
+        vm.tick().unwrap();
+        assert_eq!(
+            vm.metric("seashard.requests.unreadable").map(|m| m.value),
+            Some(unreadable),
+            "{guard:?}"
+        );
+        assert!(unreadable > 80);
+    }
 }
