@@ -448,9 +448,9 @@ impl World {
             .take(guard_addrs.len())
             .map(|s| format!("guard-{}", s.name))
             .collect();
-        for s in 0..2 {
+        for (s, (id, _)) in SLOTS.iter().enumerate().take(2) {
             w.open_slot(s)?;
-            ids.push(SLOTS[s].0.to_owned());
+            ids.push((*id).to_owned());
         }
         w.wait_current(&ids, Duration::from_secs(40))?;
         Ok(w)
@@ -598,11 +598,11 @@ impl World {
     }
 
     fn apply(&mut self, f: Fault) -> Result<()> {
-        if let Fault::ReplicaKill(r) | Fault::ReplicaPause(r) = f {
-            if !self.replica_up(r) {
-                self.note(format!("{f}: r{r} is not running (did not start again)"));
-                return Ok(());
-            }
+        if let Fault::ReplicaKill(r) | Fault::ReplicaPause(r) = f
+            && !self.replica_up(r)
+        {
+            self.note(format!("{f}: r{r} is not running (did not start again)"));
+            return Ok(());
         }
         match f {
             Fault::ReplicaKill(r) => {
@@ -924,12 +924,13 @@ pub fn run(schedule: &Schedule) -> Result<Report> {
         let mut last = String::from("unknown");
         let ended = wait_until(left.max(Duration::from_millis(100)), "rollout end", || {
             for cp in &w.replicas {
-                if let Ok(r) = cp.get_json(&format!("/v1/rollouts/{id}")) {
-                    if let Some(s) = r["state"].as_str() {
-                        last = s.to_owned();
-                        if matches!(s, "done" | "rolled_back") {
-                            return Ok(Some(()));
-                        }
+                let Ok(r) = cp.get_json(&format!("/v1/rollouts/{id}")) else {
+                    continue;
+                };
+                if let Some(s) = r["state"].as_str() {
+                    last = s.to_owned();
+                    if matches!(s, "done" | "rolled_back") {
+                        return Ok(Some(()));
                     }
                 }
             }
@@ -944,14 +945,15 @@ pub fn run(schedule: &Schedule) -> Result<Report> {
     notes.extend(w.sample_versions());
 
     // Writers go on after the heal (a note when they do not: not one of the checks).
-    for s in 0..SLOTS.len() {
-        if let Some(Some(wr)) = w.slots[s].as_ref().map(|slot| slot.writers.as_ref()) {
-            if let Err(e) = wr.wait_for_more(30, Duration::from_secs(20)) {
-                notes.push(format!(
-                    "{}#{s}: writers stuck after the heal: {e:#}",
-                    SLOTS[s].0
-                ));
-            }
+    for (s, slot) in w.slots.iter().enumerate() {
+        let Some(wr) = slot.as_ref().and_then(|slot| slot.writers.as_ref()) else {
+            continue;
+        };
+        if let Err(e) = wr.wait_for_more(30, Duration::from_secs(20)) {
+            notes.push(format!(
+                "{}#{s}: writers stuck after the heal: {e:#}",
+                SLOTS[s].0
+            ));
         }
     }
     for s in 0..SLOTS.len() {
