@@ -683,12 +683,26 @@ async fn forget_node(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers)?;
-    let forgotten = api.plane.registry().forget(&id);
+    // Every replica's records as they stand (with etcd, an Envoy may be held, or
+    // last seen, on another replica): an instance connected anywhere live is kept;
+    // a disconnected one is forgotten wherever it was recorded, a dead replica's
+    // record included.
+    let forgotten: Vec<String> = api
+        .plane
+        .registry()
+        .nodes()
+        .into_iter()
+        .filter(|n| !n.connected && (n.instance == id || n.id == id))
+        .map(|n| n.instance)
+        .collect();
     if forgotten.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("node `{id}` is unknown or still connected"),
         ));
+    }
+    for key in &forgotten {
+        api.plane.registry().forget(key);
     }
     api.plane.store().delete_nodes(&forgotten)?;
     api.plane.store().audit(

@@ -31,6 +31,12 @@ use crate::config::{DEFAULT_FILTER_NAME, split_host_port};
 pub use crate::resources::guard_resource_name;
 use crate::resources::proto_json_duration;
 
+/// How long a guard waits for a connection to its server (its local, or firewalled,
+/// dtable-server: connecting is immediate or refused). A rollout's drain lasts at
+/// least this long before it restarts a guarded server: a request the guard passed
+/// just before the fence connects to the old process or fails within it.
+pub const GUARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the Envoy sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -549,7 +555,7 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
                     "  # The guarded dtable-server, reachable only through this guard.
   - name: local_dtable_server
     type: {up_type}
-    connect_timeout: 5s
+    connect_timeout: {guard_connect}s
     load_assignment:
       cluster_name: local_dtable_server
       endpoints:
@@ -560,6 +566,7 @@ pub fn render(o: &Options) -> Result<String, BootstrapError> {
 ",
                     up_type = host_type(up_host),
                     up_host = yaml_str(up_host),
+                    guard_connect = GUARD_CONNECT_TIMEOUT.as_secs(),
                 ),
             )
         }
@@ -596,13 +603,6 @@ admin:
           \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {listener_name}
           codec_type: AUTO
-          # socket.io's websocket transport.
-          upgrade_configs:
-          - upgrade_type: websocket
-{route_config}          http_filters:
-          - name: {http_filter_name}
-            # The filter's configuration (the shard map) comes by ECDS{ecds_over}.
-            config_discovery:
           # Defence in depth (base-router reads encoded bases on its own): the path is
           # normalized before the filter, the route and the upstream see it (dot
           # segments, percent-encoded unreserved characters such as %2D decoded),
@@ -612,6 +612,13 @@ admin:
           normalize_path: true
           merge_slashes: true
           path_with_escaped_slashes_action: REJECT_REQUEST
+          # socket.io's websocket transport.
+          upgrade_configs:
+          - upgrade_type: websocket
+{route_config}          http_filters:
+          - name: {http_filter_name}
+            # The filter's configuration (the shard map) comes by ECDS{ecds_over}.
+            config_discovery:
               config_source:
 {ecds_source}              type_urls:
               - type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm

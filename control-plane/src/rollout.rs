@@ -903,7 +903,9 @@ async fn wait_acks_of(
             return Err(list.join("; "));
         }
         if let Some((node, error)) = o.nacked.first() {
-            return Err(format!("Envoy {node} refused (NACKed) version {v}: {error}"));
+            return Err(format!(
+                "Envoy {node} refused (NACKed) version {v}: {error}"
+            ));
         }
         if o.pending.is_empty() {
             return Ok(());
@@ -934,16 +936,31 @@ async fn wait_acks_of(
 }
 
 /// How long requests sent before the fence may still be on their way to a server
-/// this rollout restarts: `[rollout] drain`, else the longest `connect_timeout`.
+/// this rollout restarts: `[rollout] drain`, else the longest `connect_timeout`;
+/// never less than a guard's connect timeout to its server when a restarted server
+/// has a guard (one it passed a request to just before the fence is still waiting
+/// for a connection at most that long).
 fn drain_time(plane: &ControlPlane, r: &Rollout) -> Duration {
-    plane.config().rollout.drain.unwrap_or_else(|| {
+    let drain = plane.config().rollout.drain.unwrap_or_else(|| {
         r.restart
             .iter()
             .filter_map(|s| plane.config().server(&s.server))
             .map(|s| s.connect_timeout)
             .max()
             .unwrap_or_default()
-    })
+    });
+    let nodes = plane.registry().nodes();
+    let guarded = r.restart.iter().any(|s| {
+        plane.config().server(&s.server).is_some_and(|c| c.guarded)
+            || nodes
+                .iter()
+                .any(|n| n.role.guarded() == Some(s.server.as_str()))
+    });
+    if guarded {
+        drain.max(crate::bootstrap::GUARD_CONNECT_TIMEOUT)
+    } else {
+        drain
+    }
 }
 
 /// Runs one server's restart hook.
@@ -1280,7 +1297,11 @@ async fn drive(plane: Arc<ControlPlane>, _guard: OwnedMutexGuard<()>, mut r: Rol
             if hold_term(&plane).is_err() {
                 break;
             }
-            match plane.store().rollout(r.id).map(|s| s.map(|s| parse(s.record))) {
+            match plane
+                .store()
+                .rollout(r.id)
+                .map(|s| s.map(|s| parse(s.record)))
+            {
                 Ok(Some(Ok(stored))) => {
                     r = stored;
                     break;
@@ -1486,7 +1507,9 @@ async fn advance(
                 guarded: r.guarded.clone(),
             };
             let rollback = recorded_version(plane, r);
-            if let Err(reason) = wait_acks(plane, &connected, rollback, cfg.ack_timeout, false).await? {
+            if let Err(reason) =
+                wait_acks(plane, &connected, rollback, cfg.ack_timeout, false).await?
+            {
                 r.warnings.push(format!("rollback: {reason}"));
             }
             finish(plane, r, Step::RolledBack)?;

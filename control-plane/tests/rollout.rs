@@ -1654,3 +1654,39 @@ fn a_resuming_leader_waits_for_acks_of_the_recorded_fence_not_of_what_it_served(
     assert!(r.reason.as_deref().unwrap().contains("edge-1"), "{r:#?}");
     assert!(two.restarted().is_empty());
 }
+
+#[test]
+fn the_drain_before_restarting_a_guarded_server_covers_its_guards_connect_timeout() {
+    // A guard waits at most this long for a connection to its server.
+    let opts = control_plane::bootstrap::Options {
+        node_id: "guard-a".into(),
+        control_plane: "127.0.0.1:18000".into(),
+        ..control_plane::bootstrap::Options::new(control_plane::bootstrap::Kind::Guard {
+            server: "a".into(),
+        })
+    };
+    let yaml = control_plane::bootstrap::render(&opts).unwrap();
+    let cluster = &yaml[yaml.find("- name: local_dtable_server\n    type:").unwrap()..];
+    assert!(
+        cluster.lines().nth(2) == Some("    connect_timeout: 1s"),
+        "{cluster}"
+    );
+    // `drain = "300ms"`, shorter than that: a rollout restarting a guarded server
+    // still waits the guard's connect timeout after the fence.
+    let mut two = Two::new();
+    for s in &mut two.servers {
+        s.guarded = true;
+    }
+    let cp = two.start("5s");
+    cp.guard("guard-a", "a");
+    cp.guard("guard-b", "b");
+    cp.wait_connected(2);
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    let restart_step = r.steps.iter().find(|s| s.step == Step::Restart).unwrap();
+    let waited = r.restart[0].started_at.unwrap() - restart_step.started_at;
+    assert!(
+        waited >= 1000,
+        "restarted {waited} ms after the fence was ACKed"
+    );
+}

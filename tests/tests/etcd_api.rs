@@ -205,3 +205,126 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
     );
     Ok(())
 }
+
+/// Audit entries are leader writes like the rest: a follower's, or a deposed
+/// leader's late one, is refused by the leader-term condition and never stored.
+#[test]
+fn audit_entries_are_written_under_the_leader_term_only() -> Result<()> {
+    use control_plane::store::{EtcdStore, Leadership, Store, StoreError};
+    let etcd = EtcdCluster::start(1)?;
+    let a = EtcdStore::connect(&config(&etcd.endpoints(), "a")?)?;
+    a.advertise("http://127.0.0.1:1");
+    wait_until(Duration::from_secs(10), "a to lead", || {
+        Ok(a.leadership().borrow().is_leader().then_some(()))
+    })?;
+    let b = EtcdStore::connect(&config(&etcd.endpoints(), "b")?)?;
+    b.advertise("http://127.0.0.1:2");
+    wait_until(Duration::from_secs(10), "b to follow a", || {
+        Ok(matches!(&*b.leadership().borrow(),
+            Leadership::Follower { leader: Some(l) } if l.replica == "a")
+        .then_some(()))
+    })?;
+    let entry = |s: &EtcdStore, action: &str| s.audit("test", action, None, &json!({}));
+    entry(&a, "by.the.leader")?;
+    assert!(
+        matches!(entry(&b, "by.a.follower"), Err(StoreError::NotLeader(_))),
+        "a follower's audit entry was taken"
+    );
+    // a stands down (as when its lease runs out): b leads in a new term.
+    a.resign();
+    wait_until(Duration::from_secs(10), "b to lead", || {
+        Ok(b.leadership().borrow().is_leader().then_some(()))
+    })?;
+    assert!(
+        matches!(
+            entry(&a, "by.a.deposed.leader"),
+            Err(StoreError::NotLeader(_))
+        ),
+        "a deposed leader's audit entry was taken"
+    );
+    entry(&b, "by.the.new.leader")?;
+    let actions: Vec<String> = b.audit_log(10)?.into_iter().map(|e| e.action).collect();
+    assert_eq!(actions, ["by.the.new.leader", "by.the.leader"]);
+    Ok(())
+}
+
+/// An Envoy's record as replica `replica`'s store writes it.
+fn node_record(id: &str, ip: &str, connected: bool) -> control_plane::store::NodeRecord {
+    let now = control_plane::store::now_ms();
+    control_plane::store::NodeRecord {
+        id: format!("{id}@{ip}"),
+        node_id: id.into(),
+        peer: Some(ip.into()),
+        role: "edge".into(),
+        cluster: "edge".into(),
+        first_seen: now,
+        connected_since: connected.then_some(now),
+        last_seen: now,
+        transport: "grpc".into(),
+        types: vec![],
+    }
+}
+
+fn delete(cp: &Cp, path: &str) -> Result<u16> {
+    let auth = format!("Bearer {}", common::TOKEN);
+    let r = seashard_tests::Connection::open(cp.http)?.request(
+        "DELETE",
+        path,
+        &[("authorization", auth.as_str())],
+        b"",
+    )?;
+    Ok(r.status)
+}
+
+/// `DELETE /v1/nodes/{instance}` on the leader looks at every replica's records: an
+/// Envoy last seen on a dead replica is forgotten; one connected to a live replica
+/// is kept there, even though the leader holds an old disconnected record of it.
+#[test]
+fn forgetting_a_node_looks_at_every_replicas_records() -> Result<()> {
+    use control_plane::store::{EtcdStore, Store};
+    let etcd = EtcdCluster::start(1)?;
+    let endpoints = etcd.endpoints();
+    // a held edge-live once (its record, disconnected, is loaded when a starts).
+    {
+        let a = EtcdStore::connect(&config(&endpoints, "a")?)?;
+        a.save_nodes(&[node_record("edge-live", "127.0.0.8", false)])?;
+    }
+    // c held edge-dead and is gone (no membership: a dead replica).
+    {
+        let c = EtcdStore::connect(&config(&endpoints, "c")?)?;
+        c.save_nodes(&[node_record("edge-dead", "127.0.0.9", true)])?;
+    }
+    let a = Cp::start(config(&endpoints, "a")?)?;
+    wait_until(Duration::from_secs(10), "a to lead", || {
+        Ok((role(&a) == "leader").then_some(()))
+    })?;
+    // b lives (a follower: its membership lease holds) and holds edge-live's
+    // stream now.
+    let b = EtcdStore::connect(&config(&endpoints, "b")?)?;
+    b.advertise("http://127.0.0.1:2");
+    b.save_nodes(&[node_record("edge-live", "127.0.0.8", true)])?;
+    let (live, dead) = ("edge-live@127.0.0.8", "edge-dead@127.0.0.9");
+    wait_until(Duration::from_secs(15), "a to see both records", || {
+        let r = a.plane.registry();
+        Ok((r.node(live).is_some_and(|n| n.connected)
+            && r.node(dead).is_some_and(|n| !n.connected))
+        .then_some(()))
+    })?;
+
+    assert_eq!(delete(&a, &format!("/v1/nodes/{live}"))?, 409);
+    assert!(
+        b.load_nodes()?.iter().any(|n| n.id == live),
+        "the live Envoy's record was deleted on its replica"
+    );
+    assert_eq!(delete(&a, &format!("/v1/nodes/{dead}"))?, 200);
+    wait_until(
+        Duration::from_secs(10),
+        "the dead replica's record to go",
+        || {
+            let gone = !b.watch_nodes().borrow().iter().any(|n| n.record.id == dead);
+            Ok((gone && a.plane.registry().node(dead).is_none()).then_some(()))
+        },
+    )?;
+    assert!(a.plane.registry().node(live).is_some_and(|n| n.connected));
+    Ok(())
+}

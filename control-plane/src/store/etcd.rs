@@ -987,11 +987,8 @@ impl Store for EtcdStore {
             version,
             detail: detail.clone(),
         };
-        self.call(move |s| async move {
-            let txn = Txn::new().and_then(vec![audit_op(&s, &entry)]);
-            s.client.kv_client().txn(txn).await.map_err(etcd_error)?;
-            Ok(())
-        })
+        // A leader write like any other: a deposed leader's late entry is refused.
+        self.call(move |s| async move { s.leader_write(vec![audit_op(&s, &entry)]).await })
     }
 
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
