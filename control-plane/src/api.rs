@@ -984,6 +984,25 @@ fn rest_discovery(
         )
         .into_response();
     }
+    // A map version never goes back: a replica that cannot show it is current
+    // hands no map (503: the poller asks another replica), one behind none yet.
+    match api.plane.standing() {
+        crate::plane::Standing::NotCurrent { reason } => {
+            return ApiError::coded(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_current",
+                format!(
+                    "this control plane replica cannot show that its map is current \
+                     ({reason}): try another replica"
+                ),
+            )
+            .into_response();
+        }
+        crate::plane::Standing::Behind { .. } if t == ResourceType::Ecds => {
+            return StatusCode::NOT_MODIFIED.into_response();
+        }
+        _ => {}
+    }
     api.plane.metrics().rest_polled();
     let snap = api.plane.snapshot();
     let set = snap.get(t);

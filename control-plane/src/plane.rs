@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::{Convergence, Registry};
 use crate::resources::{ResourceType, Snapshot};
-use crate::store::{NewVersion, Store, StoreError, Version, VersionKind};
+use crate::store::{Currency, NewVersion, Store, StoreError, Version, VersionKind};
 
 /// How long a change waits for a finishing rollout to release the change lock.
 pub const FINISHING_GRACE: Duration = Duration::from_millis(200);
@@ -96,6 +96,20 @@ pub struct Outcome {
     pub plan: Plan,
 }
 
+/// Whether this replica may hand an Envoy a map now (see ARCHITECTURE, "A map
+/// version never goes back").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// It serves the newest version the store held at its last check.
+    Current,
+    /// The store holds a newer version than it serves yet (it is adopting it):
+    /// it sends no map meanwhile.
+    Behind { served: u64, active: u64 },
+    /// It cannot show it is current (no etcd session, no answer in time): its
+    /// streams end and REST polls get `503`, so Envoys go to another replica.
+    NotCurrent { reason: String },
+}
+
 /// The running control plane's shared state.
 pub struct ControlPlane {
     config: Config,
@@ -110,6 +124,8 @@ pub struct ControlPlane {
     metrics: Metrics,
     /// Abort requests and manual confirmations for the running rollout.
     signals: crate::signals::Signals,
+    /// Whether the store shows this replica current.
+    currency: watch::Receiver<Currency>,
 }
 
 impl ControlPlane {
@@ -160,7 +176,9 @@ impl ControlPlane {
             cds = %snapshot.cds.version,
             "serving"
         );
+        let currency = store.currency();
         Ok(Arc::new(ControlPlane {
+            currency,
             config,
             store,
             registry,
@@ -213,6 +231,31 @@ impl ControlPlane {
             tracing::info!(version = n, %ecds, "serving the leader's version");
         }
         Ok(adopted)
+    }
+
+    /// Whether this replica may hand an Envoy a map now.
+    pub fn standing(&self) -> Standing {
+        match &*self.currency.borrow() {
+            Currency::Unknown { reason } => Standing::NotCurrent {
+                reason: reason.clone(),
+            },
+            Currency::Current { active } => {
+                let served = self.snapshot().map_version;
+                if served < *active {
+                    Standing::Behind {
+                        served,
+                        active: *active,
+                    }
+                } else {
+                    Standing::Current
+                }
+            }
+        }
+    }
+
+    /// A receiver that sees every change of the store's [`Currency`].
+    pub fn watch_currency(&self) -> watch::Receiver<Currency> {
+        self.currency.clone()
     }
 
     /// What the API and the running rollout share in memory.

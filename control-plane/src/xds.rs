@@ -2,6 +2,12 @@
 //! and, when a new snapshot is published, sends it what it does not run yet. Every
 //! stream watches the same snapshot, so a push reaches all of them at once.
 //!
+//! A replica that cannot show it is current ([`Standing::NotCurrent`]: no etcd
+//! session, no answer in time) ends every stream and refuses new ones with
+//! `UNAVAILABLE`: the Envoy keeps its map and opens its next stream to another
+//! replica. One that is behind (adopting a newer version) sends no map until it
+//! serves it. Neither ever hands an Envoy a map older than one that exists.
+//!
 //! With `[listen.tls] require_node_id_match`, the node id the first request names
 //! must be one the stream's client certificate carries ([`crate::identity`]): else
 //! the stream ends with `PERMISSION_DENIED` before the node is known to the registry,
@@ -17,11 +23,11 @@ use envoy_types::pb::envoy::config::core::v3::Node as PbNode;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
-    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::{
+    ExtensionConfigDiscoveryService, ExtensionConfigDiscoveryServiceServer,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::rustls::pki_types::CertificateDer;
@@ -29,7 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::nodes::{self, Event, Stream};
-use crate::plane::ControlPlane;
+use crate::plane::{ControlPlane, Standing};
 use crate::resources::{ResourceType, Snapshot};
 
 /// Responses queued per stream before the stream task waits for Envoy to read.
@@ -233,8 +239,21 @@ async fn run_stream(
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
     let mut snapshots = plane.subscribe();
+    let mut currency = plane.watch_currency();
+    // A store that never changes currency (SQLite) closes its sender at once.
+    let mut currency_moves = true;
+    may_send_map(plane)?;
     loop {
         tokio::select! {
+            changed = currency.changed(), if currency_moves => {
+                match changed {
+                    Ok(()) => {
+                        currency.borrow_and_update();
+                        may_send_map(plane)?;
+                    }
+                    Err(_) => currency_moves = false,
+                }
+            }
             msg = inbound.message() => {
                 let Some(req) = msg? else { return Ok(()) };
                 let snap = snapshots.borrow().clone();
@@ -251,6 +270,7 @@ async fn run_stream(
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 log_event(plane, stream, &req, &event);
                 if let Some(t) = due
+                    && (t == ResourceType::Cds || may_send_map(plane)?)
                     && !send(plane, stream, &snap, t, tx).await
                 {
                     return Ok(());
@@ -262,6 +282,9 @@ async fn run_stream(
                 }
                 let snap = snapshots.borrow_and_update().clone();
                 for t in plane.registry().due(stream, &snap) {
+                    if t == ResourceType::Ecds && !may_send_map(plane)? {
+                        continue;
+                    }
                     if !send(plane, stream, &snap, t, tx).await {
                         return Ok(());
                     }
@@ -269,6 +292,27 @@ async fn run_stream(
             }
             () = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// Whether this replica may send a map now: true when current, false while it is
+/// behind (the map goes out once it serves the newer version: a new snapshot);
+/// `UNAVAILABLE` when it cannot show it is current, which ends the stream.
+fn may_send_map(plane: &ControlPlane) -> Result<bool, Status> {
+    match plane.standing() {
+        Standing::Current => Ok(true),
+        Standing::Behind { served, active } => {
+            tracing::debug!(
+                served,
+                active,
+                "behind the store: no map sent until it is adopted"
+            );
+            Ok(false)
+        }
+        Standing::NotCurrent { reason } => Err(Status::unavailable(format!(
+            "this control plane replica cannot show that its map is current ({reason}): \
+             try another replica"
+        ))),
     }
 }
 

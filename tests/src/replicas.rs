@@ -48,6 +48,9 @@ pub struct Options {
     /// Put before each server's restart hook (`fake-dtable-ctl restart`): by default
     /// [`slow_hook`]'s 300 ms pause, so a kill can land while a hook runs.
     pub hook_prefix: Vec<String>,
+    /// The replicas that reach etcd through relays ([`HaSetup::cut_etcd`] cuts
+    /// their links silently while they keep serving their Envoys).
+    pub etcd_relayed: Vec<usize>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
             ack_timeout: "4s",
             lease_ttl: LEASE_TTL,
             hook_prefix: slow_hook(Vec::new()),
+            etcd_relayed: Vec::new(),
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct HaSetup {
     pub etcd: EtcdCluster,
     /// The key prefix of this setup in etcd.
     pub prefix: String,
+    /// Per relayed replica (`Options::etcd_relayed`), a relay to each etcd member.
+    pub etcd_relays: Vec<(usize, Vec<crate::relay::Relay>)>,
     dir: tempfile::TempDir,
 }
 
@@ -90,8 +96,17 @@ impl HaSetup {
             cluster,
             etcd,
             prefix,
+            etcd_relays: Vec::new(),
             dir,
         };
+        for &i in &opts.etcd_relayed {
+            let relays = (0..setup.etcd.len())
+                .map(|k| {
+                    crate::relay::Relay::start(setup.etcd.client_addr(k), [127, 0, 0, 1].into())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            setup.etcd_relays.push((i, relays));
+        }
         for i in 0..opts.replicas {
             let (config, http, grpc) = setup.write_config(i, opts)?;
             let cp = ControlPlaneProcess::start(&config, http, grpc)
@@ -113,7 +128,14 @@ impl HaSetup {
         std::fs::create_dir_all(&d)?;
         std::fs::write(d.join("initial.json"), old_map().to_string())?;
         let (http, grpc) = (loopback(free_port()?), loopback(free_port()?));
-        let endpoints = serde_json::to_string(&self.etcd.endpoints())?;
+        let endpoints = match self.etcd_relays.iter().find(|(r, _)| *r == i) {
+            Some((_, relays)) => relays
+                .iter()
+                .map(|r| format!("http://{}", r.addr))
+                .collect(),
+            None => self.etcd.endpoints(),
+        };
+        let endpoints = serde_json::to_string(&endpoints)?;
         let mut text = format!(
             "initial_map = \"initial.json\"\n\
              [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
@@ -154,6 +176,18 @@ impl HaSetup {
         }
         start_managed_envoy(&args, self.replicas[first].grpc, loopback(0))
             .with_context(|| format!("start Envoy {node_id}"))
+    }
+
+    /// Silently cuts every link of replica `i` to etcd (it must be in
+    /// `Options::etcd_relayed`): it keeps running and serving its Envoys.
+    pub fn cut_etcd(&self, i: usize) -> Result<()> {
+        let (_, relays) = self
+            .etcd_relays
+            .iter()
+            .find(|(r, _)| *r == i)
+            .ok_or_else(|| anyhow!("replica r{i} does not reach etcd through relays"))?;
+        relays.iter().for_each(crate::relay::Relay::cut);
+        Ok(())
     }
 
     /// Whether replica `i` runs and answers `/healthz`.

@@ -27,6 +27,13 @@
 //! `nodes/` with `replicas/` (the leader counts every Envoy's ACK, whichever replica
 //! holds its stream; a record of a dead replica stands for an Envoy last seen there).
 //!
+//! **Currency.** A replica hands Envoys maps only while it can show it is current
+//! ([`Currency`]): every quarter of `lease_ttl` it reads `active` (linearizable,
+//! from a member with a leader) while its lease is held, and takes a newer number
+//! than its watch delivered (a watch behind catches up). With no successful read
+//! for half of `lease_ttl`, or the lease lost, it is not current: within the
+//! lease's lifetime, before the other replicas stop counting its Envoys.
+//!
 //! The client runs on a runtime of its own, on its own thread: the [`Store`] calls
 //! are synchronous (as SQLite's), and each waits at most `[store] timeout`.
 
@@ -45,8 +52,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::{
-    AuditEntry, FinishRollout, LeaderInfo, Leadership, NewVersion, NodeRecord, RemoteNode,
-    ServerState, Store, StoreError, StoreInfo, StoredRollout, Version, now_ms,
+    AuditEntry, Currency, FinishRollout, LeaderInfo, Leadership, NewVersion, NodeRecord,
+    RemoteNode, ServerState, Store, StoreError, StoreInfo, StoredRollout, Version, now_ms,
 };
 use crate::config::{Config, StoreConfig};
 
@@ -84,6 +91,7 @@ struct Shared {
     leadership: watch::Sender<Leadership>,
     active: watch::Sender<u64>,
     nodes: watch::Sender<Arc<Vec<RemoteNode>>>,
+    currency: watch::Sender<Currency>,
     audit_seq: AtomicU64,
 }
 
@@ -336,6 +344,10 @@ impl EtcdStore {
             leadership: watch::channel(Leadership::Follower { leader: None }).0,
             active: watch::channel(0).0,
             nodes: watch::channel(Arc::new(Vec::new())).0,
+            currency: watch::channel(Currency::Unknown {
+                reason: "not yet read from etcd".into(),
+            })
+            .0,
             audit_seq: AtomicU64::new(0),
         });
         // The first read proves the cluster answers (and has a majority).
@@ -345,9 +357,11 @@ impl EtcdStore {
             timeout,
             async move { s.get(s.key("active")).await },
         )?;
-        if let Some(kv) = active {
-            shared.active.send_replace(parse_u64(&kv)?);
-        }
+        let first = active.as_ref().map(parse_u64).transpose()?.unwrap_or(0);
+        shared.active.send_replace(first);
+        shared
+            .currency
+            .send_replace(Currency::Current { active: first });
         // Before this replica is announced alive again: the node records an earlier
         // run of it left (killed, it could not mark them disconnected) hold no stream.
         // Else the other replicas count them as connected, and an Envoy now on
@@ -366,6 +380,7 @@ impl EtcdStore {
             follow_active,
         ));
         runtime.spawn(keep_following(shared.clone(), "node records", follow_nodes));
+        runtime.spawn(keep_current(shared.clone()));
         Ok(EtcdStore {
             shared,
             runtime,
@@ -689,6 +704,62 @@ async fn term(s: &Arc<Shared>) -> Result<(), StoreError> {
     // Best effort: another replica need not wait for the lease to run out.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
     result
+}
+
+/// Keeps [`Shared::currency`]: see the module documentation.
+async fn keep_current(s: Arc<Shared>) {
+    let every = (s.lease_ttl / 4).max(Duration::from_millis(100));
+    let stale_after = s.lease_ttl / 2;
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let session = match &*s.leadership.borrow() {
+            Leadership::Unavailable { reason } => Err(format!("no etcd session: {reason}")),
+            _ => Ok(()),
+        };
+        let read = match session {
+            Err(why) => Err(why),
+            Ok(()) => match tokio::time::timeout(every, s.get(s.key("active"))).await {
+                Ok(Ok(kv)) => kv
+                    .as_ref()
+                    .map(parse_u64)
+                    .transpose()
+                    .map(Option::unwrap_or_default)
+                    .map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("etcd did not answer a read within {every:?}")),
+            },
+        };
+        match read {
+            Ok(active) => {
+                last_ok = tokio::time::Instant::now();
+                // A watch behind (or broken) catches up here.
+                s.active
+                    .send_if_modified(|v| active > *v && replace(v, Ok(active)));
+                let now = Currency::Current { active };
+                s.currency.send_if_modified(|c| {
+                    let changed = *c != now;
+                    if matches!(c, Currency::Unknown { .. }) {
+                        tracing::info!(active, "current again: etcd answers");
+                    }
+                    *c = now;
+                    changed
+                });
+            }
+            Err(why) if last_ok.elapsed() >= stale_after || why.starts_with("no etcd") => {
+                s.currency.send_if_modified(|c| {
+                    if matches!(c, Currency::Current { .. }) {
+                        tracing::warn!(reason = %why, "not current: this replica hands no map to an Envoy until etcd answers again");
+                    }
+                    let next = Currency::Unknown { reason: why };
+                    let changed = *c != next;
+                    *c = next;
+                    changed
+                });
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Runs `follow` (a read, then a watch from the next revision) again after every
@@ -1264,6 +1335,10 @@ impl Store for EtcdStore {
 
     fn watch_active(&self) -> watch::Receiver<u64> {
         self.shared.active.subscribe()
+    }
+
+    fn currency(&self) -> watch::Receiver<Currency> {
+        self.shared.currency.subscribe()
     }
 
     fn watch_nodes(&self) -> watch::Receiver<Arc<Vec<RemoteNode>>> {

@@ -205,6 +205,19 @@ impl Leadership {
     }
 }
 
+/// Whether this replica can show that it is current: that no newer version than
+/// the one it knows exists (see ARCHITECTURE, "A map version never goes back").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Currency {
+    /// A recent linearizable read found `active` the store's active version (etcd:
+    /// within the keep-alive period of a held lease; SQLite: always, 0 standing for
+    /// "whatever is served", the one process being the only writer).
+    Current { active: u64 },
+    /// It cannot: no etcd session, the lease lost, no answer in time.
+    Unknown { reason: String },
+}
+
 /// The leader as it announces itself in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderInfo {
@@ -316,6 +329,11 @@ pub trait Store: Send + Sync {
     fn watch_active(&self) -> watch::Receiver<u64>;
     /// The node records of the other replicas, kept current.
     fn watch_nodes(&self) -> watch::Receiver<Arc<Vec<RemoteNode>>>;
+    /// Whether this replica can show that it is current, kept current. By default
+    /// (SQLite: one process, the only writer) always.
+    fn currency(&self) -> watch::Receiver<Currency> {
+        watch::channel(Currency::Current { active: 0 }).1
+    }
 }
 
 /// Opens the store `config` names: the SQLite file, or etcd (connecting, and
