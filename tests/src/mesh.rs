@@ -143,11 +143,11 @@ pub fn istio_node_id(pod: &str, namespace: &str) -> String {
 }
 
 /// A static loopback cluster as istiod's EDS would fill it.
-fn static_cluster(name: &str, addr: SocketAddr) -> Value {
+fn static_cluster(name: &str, addr: SocketAddr, connect_timeout: &str) -> Value {
     json!({
         "name": name,
         "type": "STATIC",
-        "connect_timeout": "1s",
+        "connect_timeout": connect_timeout,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
             "address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}
         }}]}]},
@@ -209,22 +209,27 @@ pub fn start_sidecar(
 }
 
 /// An inbound stand-in (a dtable-server pod's sidecar): `filter` (the guard's)
-/// in front of the app at `app`.
+/// in front of the app at `app`, connecting to it within the `Sidecar` resource's
+/// `inboundConnectionPool` timeout.
 pub fn start_guard(
     node_id: &str,
     listen: SocketAddr,
     filter: Value,
+    sidecar: &Value,
     app: SocketAddr,
     override_json: &str,
 ) -> Result<Envoy> {
     let cluster = "inbound|5000||";
+    let connect = sidecar["spec"]["inboundConnectionPool"]["tcp"]["connectTimeout"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no inbound connect timeout in {sidecar}"))?;
     start_sidecar(
         node_id,
         listen,
         "inbound_0.0.0.0_5000",
         filter,
         vec![json!({"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}})],
-        vec![static_cluster(cluster, app)],
+        vec![static_cluster(cluster, app, connect)],
         override_json,
     )
 }
@@ -256,7 +261,7 @@ pub fn start_edge(
         let addr = services
             .get(host)
             .ok_or_else(|| anyhow!("no stand-in for Service {host}"))?;
-        clusters.insert(cluster.clone(), static_cluster(&cluster, *addr));
+        clusters.insert(cluster.clone(), static_cluster(&cluster, *addr, "1s"));
         let mut m = json!({"prefix": "/"});
         if let Some(matches) = http["match"].as_array() {
             ensure!(matches.len() == 1, "one match per route expected: {http}");

@@ -119,8 +119,9 @@ fn istio_stand_in_sidecars_route_by_header_and_a_guarded_rollout_loses_nothing()
             "SIDECAR_INBOUND",
             5000,
         )?;
+        let sidecar = m.object("Sidecar", &format!("seashard-guard-{}", s.name))?;
         let node = istio_node_id(&format!("{}-0", s.name), NS);
-        sidecars.push(start_guard(&node, *listen, filter, s.addr, &over)?);
+        sidecars.push(start_guard(&node, *listen, filter, sidecar, s.addr, &over)?);
         services.insert(s.name.clone(), *listen);
     }
     // Two clients' outbound sidecars: the edges; dtable-db's reaches the control

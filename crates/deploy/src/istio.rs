@@ -44,6 +44,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
+use control_plane::bootstrap::GUARD_CONNECT_TIMEOUT;
 use control_plane::config::{
     Config, RestartHook, ServerConfig, StoreKind, format_duration, split_host_port,
 };
@@ -742,6 +743,17 @@ fn guards(o: &Options) -> Result<Manifest, MeshError> {
                 "configPatches": [http_filter_patch("SIDECAR_INBOUND", port, patch)],
             },
         }));
+        // A request the guard passed just before a fence connects to the old process
+        // or fails within the rollout's drain (at least GUARD_CONNECT_TIMEOUT for a
+        // guarded server): Istio's inbound default (10 s) would outlast it.
+        docs.push(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+            "metadata": meta(o, &format!("{}-guard-{}", o.name, s.name)),
+            "spec": {
+                "workloadSelector": {"labels": selector},
+                "inboundConnectionPool": {"tcp": {"connectTimeout": format_duration(GUARD_CONNECT_TIMEOUT)}},
+            },
+        }));
         // The guard is the only way in: no plaintext that bypasses the sidecar.
         docs.push(json!({
             "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
@@ -754,7 +766,8 @@ fn guards(o: &Options) -> Result<Manifest, MeshError> {
         about: "base-router in guard mode on each dtable-server pod's inbound sidecar (label\n\
                 `seashard.io/server: NAME`): it passes a request only for a base NAME owns under\n\
                 the newest map it holds (421 for another's, 503 while fenced, 400 when the base\n\
-                cannot be read). A STRICT PeerAuthentication makes the sidecar the only way in.\n\
+                cannot be read). A STRICT PeerAuthentication makes the sidecar the only way in;\n\
+                a Sidecar keeps its connect timeout to the app within the rollout's drain.\n\
                 Rollouts wait for these guards' ACKs."
             .into(),
         docs,
