@@ -1704,7 +1704,7 @@ mod tests {
             Some(&v8.ecds.version),
         )]);
         let (_, sent) = subscribe(&reg, &v7, "");
-        assert_eq!(sent, [v7.ecds.version.clone()]);
+        assert_eq!(sent, std::slice::from_ref(&v7.ecds.version));
     }
 
     #[test]
@@ -1712,13 +1712,13 @@ mod tests {
         let v7 = snapshot(7, "/a.wasm");
         for junk in ["not-ours", "x", "99999999999999999999999-1"] {
             let (_, sent) = subscribe(&Registry::default(), &v7, junk);
-            assert_eq!(sent, [v7.ecds.version.clone()], "{junk}");
+            assert_eq!(sent, std::slice::from_ref(&v7.ecds.version), "{junk}");
         }
         // An older seashard's unpadded form is a floor like any.
         let (_, sent) = subscribe(&Registry::default(), &v7, "8-0a1b2c3d");
         assert!(sent.is_empty());
         let (_, sent) = subscribe(&Registry::default(), &v7, "6-0a1b2c3d");
-        assert_eq!(sent, [v7.ecds.version.clone()]);
+        assert_eq!(sent, std::slice::from_ref(&v7.ecds.version));
     }
 
     fn remote(id: &str, ip: &str, connected: bool, live: bool, acked: Option<&str>) -> RemoteNode {
