@@ -1,6 +1,6 @@
 //! Finding the base_uuid in a request target as the dtable-server reads it, by hand: no
-//! regex, and no allocation nor decoding unless the path holds a `%` or a query key a
-//! `%` or `+`.
+//! regex, and no allocation nor decoding unless a path segment up to the base, a query
+//! key or a `dtable_uuid` value holds a `%` (or, in the query, a `+`).
 //!
 //! # How a dtable-server (Node, Express) reads a request
 //!
@@ -9,7 +9,9 @@
 //!   decodes each route parameter once with `decodeURIComponent`, and a bad escape or
 //!   bytes that are not UTF-8 make that throw: Express answers 400. So
 //!   `ff84e1a1%2D66e2-...` or `%66f84e1a1-...` names the base `ff84e1a1-66e2-...`.
-//!   `+` is not a space in a path, and `%252D` is decoded once, to `%2D`.
+//!   `+` is not a space in a path, and `%252D` is decoded once, to `%2D`. Literal
+//!   route segments match only raw (`/api/v1/dt%61bles/...` is no route): decoding
+//!   every segment reads more bases than Express can, never fewer.
 //! - **Query.** `req.query` comes from `qs` (Express 4) or `querystring` (Express 5):
 //!   keys and values are percent-decoded, `+` is a space; a bad escape is kept as it
 //!   is rather than refused; a key given twice gives an array, and `qs` also reads
@@ -18,9 +20,10 @@
 //! # What [`read_base`] does
 //!
 //! The base is the first path segment that is a uuid once percent-decoded, else the
-//! query's `dtable_uuid`: when a path names a base, the route reads its parameter (as
-//! before decoding was added, the path wins; socket.io's handshake, the one reader of
-//! `dtable_uuid`, has no uuid in its path). What cannot be read unambiguously is an
+//! query's `dtable_uuid`. When the path names a base the query is not read: a route
+//! with a base in its path reads its parameter, and socket.io's handshake, the reader
+//! of `dtable_uuid`, has none in its path (the path won before decoding too; a route
+//! reading both would need this rule revisited). What cannot be read unambiguously is an
 //! error ([`Unreadable`]), never "no base", since "no base" sends a request to the
 //! default server or lets it through a guard:
 //! - a bad or truncated escape, or bytes that are not UTF-8 once decoded, in a path
