@@ -8,18 +8,38 @@
 use anyhow::Result;
 use seashard_tests::campaign::{self, FaultKind, Report, Schedule};
 
-/// The seeds CI runs (chosen so that, together, they apply every fault kind and push
-/// maps meanwhile; see `the_ci_seeds_cover_every_fault_kind`), and whether guards are
-/// in front of the servers.
-const CI_SEEDS: [(u64, bool); 3] = [(3, false), (5, true), (6, false)];
+/// The schedules CI runs: `(seed, guards, kinds)`, `kinds` empty for every kind. The
+/// first three together apply every fault kind and push maps meanwhile (see
+/// `the_ci_seeds_cover_every_fault_kind`); the last draws only replica etcd cuts and
+/// kills, the stale-replica seam (it lost 3 952 acknowledged writes on 7a725ce: a
+/// replica cut off from etcd answered a REST poller with an older map, the filter's
+/// refusal failed its VM and requests went to the default server).
+const CI_SCHEDULES: [(u64, bool, &[FaultKind]); 4] = [
+    (3, false, &[]),
+    (5, true, &[]),
+    (6, false, &[]),
+    (
+        10,
+        false,
+        &[FaultKind::ReplicaEtcdCut, FaultKind::ReplicaKill],
+    ),
+];
 /// Steps per CI schedule.
 const CI_STEPS: usize = 8;
+
+fn schedule(seed: u64, guards: bool, kinds: &[FaultKind]) -> Schedule {
+    if kinds.is_empty() {
+        Schedule::generate(seed, guards, CI_STEPS, &FaultKind::ALL)
+    } else {
+        Schedule::generate(seed, guards, 10, kinds)
+    }
+}
 
 #[test]
 fn the_ci_seeds_cover_every_fault_kind() {
     let mut kinds = std::collections::BTreeSet::new();
-    for (seed, guards) in CI_SEEDS {
-        let s = Schedule::generate(seed, guards, CI_STEPS, &FaultKind::ALL);
+    for (seed, guards, only) in CI_SCHEDULES {
+        let s = schedule(seed, guards, only);
         kinds.extend(s.counts().into_keys());
         assert!(
             s.steps.iter().any(|st| st.push.is_some()),
@@ -38,8 +58,8 @@ fn the_ci_seeds_cover_every_fault_kind() {
 #[test]
 fn a_few_seeded_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
     let mut reports = Vec::new();
-    for (seed, guards) in CI_SEEDS {
-        let schedule = Schedule::generate(seed, guards, CI_STEPS, &FaultKind::ALL);
+    for (seed, guards, only) in CI_SCHEDULES {
+        let schedule = schedule(seed, guards, only);
         eprint!("{}", schedule.describe());
         let r = campaign::run(&schedule)?;
         eprintln!("{}", r.line());
