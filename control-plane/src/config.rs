@@ -1035,6 +1035,43 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+/// How long a guard waits for a connection to its server (its local, or firewalled,
+/// dtable-server: connecting is immediate or refused). A rollout's drain (`rollout`) lasts at
+/// least this long before it restarts a guarded server: a request the guard passed
+/// just before the fence connects to the old process or fails within it.
+pub const GUARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// This host's name: `$HOSTNAME`, else `/proc/sys/kernel/hostname`, else
+/// `/etc/hostname`; the first that is not empty.
+pub fn local_hostname() -> Option<String> {
+    let env = std::env::var("HOSTNAME").ok();
+    let files = ["/proc/sys/kernel/hostname", "/etc/hostname"];
+    env.into_iter()
+        .chain(files.iter().filter_map(|f| std::fs::read_to_string(f).ok()))
+        .map(|h| h.trim().to_owned())
+        .find(|h| sanitize_hostname(h).is_some())
+}
+
+/// `hostname` lowercased, `[a-z0-9.-]` only, at most 63 characters, trimmed of `-`
+/// and `.`; `None` when nothing is left.
+pub fn sanitize_hostname(hostname: &str) -> Option<String> {
+    let s: String = hostname
+        .trim()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let s = s.trim_matches(|c| c == '-' || c == '.');
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,8 @@
 //! - [`xds`]: ADS over gRPC (tonic); [`api`]: HTTP API and REST xDS (axum);
 //!   [`forward`]: a follower replica's API changes go to the leader; [`answer`]:
 //!   the error answer both give.
-//! - [`server`]: binds and runs both; [`bootstrap`]: Envoy bootstraps for it.
+//! - [`server`]: binds and runs both. (Envoy bootstraps for it are written by the
+//!   `deploy` crate, `seactl envoy-bootstrap`.)
 //! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
 //!   certificate proves (the certificates of installs without a PKI are made by the
 //!   `certs` crate, `seactl certs`).
@@ -29,7 +30,6 @@
 pub mod agent;
 pub mod answer;
 pub mod api;
-pub mod bootstrap;
 pub mod config;
 pub mod forward;
 pub mod health;

@@ -957,7 +957,7 @@ fn drain_time(plane: &ControlPlane, r: &Rollout) -> Duration {
                 .any(|n| n.role.guarded() == Some(s.server.as_str()))
     });
     if guarded {
-        drain.max(crate::bootstrap::GUARD_CONNECT_TIMEOUT)
+        drain.max(crate::config::GUARD_CONNECT_TIMEOUT)
     } else {
         drain
     }

@@ -1658,14 +1658,14 @@ fn a_resuming_leader_waits_for_acks_of_the_recorded_fence_not_of_what_it_served(
 #[test]
 fn the_drain_before_restarting_a_guarded_server_covers_its_guards_connect_timeout() {
     // A guard waits at most this long for a connection to its server.
-    let opts = control_plane::bootstrap::Options {
+    let opts = deploy::bootstrap::Options {
         node_id: "guard-a".into(),
         control_plane: "127.0.0.1:18000".into(),
-        ..control_plane::bootstrap::Options::new(control_plane::bootstrap::Kind::Guard {
+        ..deploy::bootstrap::Options::new(deploy::bootstrap::Kind::Guard {
             server: "a".into(),
         })
     };
-    let yaml = control_plane::bootstrap::render(&opts).unwrap();
+    let yaml = deploy::bootstrap::render(&opts).unwrap();
     let cluster = &yaml[yaml.find("- name: local_dtable_server\n    type:").unwrap()..];
     assert!(
         cluster.lines().nth(2) == Some("    connect_timeout: 1s"),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
-use control_plane::bootstrap::{Kind, Options, Xds, render};
+use deploy::bootstrap::{Kind, Options, Xds, render};
 use seashard_tests::http::Connection;
 use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file};
 use serde_json::{Value, json};

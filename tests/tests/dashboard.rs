@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
-use control_plane::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file, workspace_dir};
 use serde_json::{Value, json};
 

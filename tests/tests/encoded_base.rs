@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use control_plane::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::{Envoy, Response, Upstream, bootstrap, get, loopback, wasm_file};
 use serde_json::Value;
 use shardmap::{BaseUuid, Router, RouterConfig, ShardMap};

@@ -14,7 +14,7 @@
 //! control plane unreachable, so the filter runs the configuration given
 //! inline as its `default_config` (or the bootstrap's own placeholder).
 
-use control_plane::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::bootstrap;
 use seashard_tests::{
     Connection, Envoy, Response, Upstream, loopback, render_edge_static, wasm_file,

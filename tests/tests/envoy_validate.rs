@@ -132,7 +132,7 @@ fn every_shipped_bootstrap_validates_with_the_built_filter() {
 /// addresses, validate with the built filter (its `default_config` included).
 #[test]
 fn generated_bootstraps_of_every_kind_validate() {
-    use control_plane::bootstrap::{Kind, Options, Xds, render};
+    use deploy::bootstrap::{Kind, Options, Xds, render};
     let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
     let guard = || Kind::Guard {
         server: "dtable-server-2".into(),
@@ -193,7 +193,7 @@ fn generated_bootstraps_of_every_kind_validate() {
 /// and to a name (SNI), and REST with the CA only.
 #[test]
 fn generated_bootstraps_with_tls_validate() {
-    use control_plane::bootstrap::{ControlPlaneTls, Kind, Options, Xds, render};
+    use deploy::bootstrap::{ControlPlaneTls, Kind, Options, Xds, render};
     let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

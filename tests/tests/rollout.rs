@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
-use control_plane::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::{Kind, Options, render};
 use control_plane::rollout::{self, Rollout, Step};
 use seashard_tests::dtable::{Cluster, double_service};
 use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};

@@ -485,7 +485,7 @@ fn replica_name(config: &Config) -> String {
 
 /// This host's name, as `envoy-bootstrap` reads it.
 pub(crate) fn hostname() -> String {
-    crate::bootstrap::local_hostname().unwrap_or_else(|| "localhost".to_owned())
+    crate::config::local_hostname().unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// The first key a transaction's `get` found.

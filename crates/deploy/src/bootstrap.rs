@@ -1,4 +1,5 @@
-//! Envoy bootstraps managed by the control plane (`seactl envoy-bootstrap`).
+//! Envoy bootstraps managed by the control plane (`seactl envoy-bootstrap`), for
+//! Envoys outside a mesh (in an Istio mesh, see [`crate::istio`]).
 //!
 //! The listener and route are static; the clusters (CDS) and the base-router
 //! filter's configuration (ECDS) come over one ADS stream (or, where gRPC cannot
@@ -24,18 +25,14 @@ use std::path::PathBuf;
 
 use shardmap::{AWAITING_MAP_VERSION, Fence, RouterConfig, ShardMap};
 
-use crate::config::{DEFAULT_FILTER_NAME, split_host_port};
+pub use control_plane::config::GUARD_CONNECT_TIMEOUT;
+pub use control_plane::config::local_hostname;
+use control_plane::config::{DEFAULT_FILTER_NAME, sanitize_hostname, split_host_port};
 /// The ECDS resource (and HttpFilter name) of a guard of `server`,
 /// `{filter_name}.guard.{server}`: the control plane serves the filter configuration
 /// with `guard: server` under this name. One definition, beside the resources.
-pub use crate::resources::guard_resource_name;
-use crate::resources::proto_json_duration;
-
-/// How long a guard waits for a connection to its server (its local, or firewalled,
-/// dtable-server: connecting is immediate or refused). A rollout's drain lasts at
-/// least this long before it restarts a guarded server: a request the guard passed
-/// just before the fence connects to the old process or fails within it.
-pub const GUARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub use control_plane::resources::guard_resource_name;
+use control_plane::resources::proto_json_duration;
 
 /// Where the Envoy sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,37 +178,6 @@ pub fn default_node_id(kind: &Kind, hostname: &str) -> Result<String, BootstrapE
         Kind::Guard { server } => format!("guard-{server}-{host}"),
         k => format!("{}-{host}", k.as_str()),
     })
-}
-
-/// This host's name: `$HOSTNAME`, else `/proc/sys/kernel/hostname`, else
-/// `/etc/hostname`; the first that is not empty.
-pub fn local_hostname() -> Option<String> {
-    let env = std::env::var("HOSTNAME").ok();
-    let files = ["/proc/sys/kernel/hostname", "/etc/hostname"];
-    env.into_iter()
-        .chain(files.iter().filter_map(|f| std::fs::read_to_string(f).ok()))
-        .map(|h| h.trim().to_owned())
-        .find(|h| sanitize_hostname(h).is_some())
-}
-
-/// `hostname` lowercased, `[a-z0-9.-]` only, at most 63 characters, trimmed of `-`
-/// and `.`; `None` when nothing is left.
-fn sanitize_hostname(hostname: &str) -> Option<String> {
-    let s: String = hostname
-        .trim()
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    let s = s.trim_matches(|c| c == '-' || c == '.');
-    (!s.is_empty()).then(|| s.to_owned())
 }
 
 /// The control plane addresses in `list`: `HOST:PORT`, several separated by commas

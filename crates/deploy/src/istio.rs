@@ -44,9 +44,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
-use control_plane::bootstrap::GUARD_CONNECT_TIMEOUT;
 use control_plane::config::{
-    Config, RestartHook, ServerConfig, StoreKind, format_duration, split_host_port,
+    Config, GUARD_CONNECT_TIMEOUT, RestartHook, ServerConfig, StoreKind, format_duration,
+    split_host_port,
 };
 use control_plane::resources::guard_resource_name;
 use serde_json::{Value, json};

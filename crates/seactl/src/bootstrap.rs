@@ -1,11 +1,11 @@
 //! `seactl envoy-bootstrap`: prints an Envoy bootstrap managed by the control plane.
-//! Every flag left out takes the generator's default (`control_plane::bootstrap`).
+//! Every flag left out takes the generator's default (`deploy::bootstrap`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use control_plane::bootstrap::{
+use deploy::bootstrap::{
     ControlPlaneTls, Kind, Options, Xds, control_plane_addresses, default_node_id,
     guard_resource_name, local_hostname, render,
 };

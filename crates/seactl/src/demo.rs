@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use control_plane::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::{Kind, Options, render};
 use control_plane::rollout::{self, Step};
 use control_plane::{Config, ControlPlane, Proposal};
 use shardmap::{PathRule, ShardMap};
