@@ -189,7 +189,7 @@ fn generated_bootstraps_of_every_kind_validate() {
 
 /// Bootstraps with TLS to the control plane (`--tls-ca`, `--tls-cert`,
 /// `--tls-key`: an `UpstreamTlsContext` on its cluster), with certificates from
-/// `control_plane::certs`, validate: over gRPC (ALPN h2, mutual TLS) to an address
+/// the `certs` crate, validate: over gRPC (ALPN h2, mutual TLS) to an address
 /// and to a name (SNI), and REST with the CA only.
 #[test]
 fn generated_bootstraps_with_tls_validate() {
