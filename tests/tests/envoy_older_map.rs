@@ -22,6 +22,9 @@ const SERVER: &str = "dtable-server-2";
 const WAIT: Duration = Duration::from_secs(20);
 /// Owned by `SERVER` under maps 8 and 9, not under map 7.
 const MOVED: &str = "/dtable-server/api/v1/dtables/45678901-1234-1234-1234-123456789abc/rows/";
+/// Owned by `dtable-server` under every map: the guard of `SERVER` refuses it (421).
+/// A filter that was bypassed (a plugin Envoy failed to configure) would pass it.
+const OTHERS: &str = "/dtable-server/api/v1/dtables/01234567-1234-1234-1234-123456789abc/rows/";
 
 /// What the scripted control plane serves, and the polls it got: `(version_info,
 /// error_detail)`.
@@ -201,6 +204,8 @@ fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
         200,
         "map 8: the moved base is the guard's"
     );
+    let others = || get(guard.listener_addr, OTHERS, &[]).map(|r| r.status);
+    assert_eq!(others().unwrap(), 421, "map 8: another server's base");
 
     // Map 7, older, under a version string of its own: refused (the next poll
     // still reports 8, with Envoy's NACK detail), 8 kept.
@@ -233,6 +238,21 @@ fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(gauge(), Some(8));
     assert_eq!(passes().unwrap(), 200, "map 8 is no longer applied");
+    // Still checked: the refusal must not leave the guard without its filter.
+    for _ in 0..20 {
+        assert_eq!(
+            others().unwrap(),
+            421,
+            "after the older map, another server's base passed the guard\n{}",
+            guard
+                .logs()
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 
     // A newer map is applied as usual.
     let (v9, r9) = guard_config(&config, 9, new_slots);
@@ -242,4 +262,81 @@ fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
     })
     .unwrap();
     assert_eq!(passes().unwrap(), 200);
+}
+
+/// Map 7 offered again after 8, as a stale replica of the old code re-sent the map
+/// an Envoy had run before: Envoy caches its canary's verdict per configuration, so
+/// the older map reaches the workers' VMs, which must keep 8 (the fault campaign saw
+/// a refusal there leave the Envoy without the filter: every request passed).
+#[test]
+fn a_real_envoy_offered_again_a_map_it_ran_before_keeps_the_newer() {
+    let wasm = wasm_file("base_router.wasm").unwrap();
+    let config = Config::parse(&format!(
+        "[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n[store]\npath = \"x.db\"\n\
+         [api]\ntoken = \"01234567\"\n[filter]\nwasm = {:?}\n\
+         [[server]]\nname = \"dtable-server\"\naddress = \"127.0.0.1:3\"\n\
+         [[server]]\nname = \"{SERVER}\"\naddress = \"127.0.0.1:4\"\n",
+        wasm.to_string_lossy()
+    ))
+    .unwrap();
+    let upstream = Upstream::start(SERVER).unwrap();
+    let xds = ScriptedXds::start();
+    let (v7, r7) = guard_config(&config, 7, json!({"0-7": "dtable-server", "8-f": SERVER}));
+    xds.set(v7.clone(), r7.clone());
+    let up = upstream.addr.to_string();
+    let guard = start_managed_envoy(
+        &[
+            "--kind",
+            "guard",
+            "--server",
+            SERVER,
+            "--upstream",
+            &up,
+            "--node-id",
+            "guard-again",
+            "--xds",
+            "rest",
+        ],
+        xds.addr,
+        loopback(0),
+    )
+    .unwrap();
+    let gauge = || envoy_map_version(&guard).ok().flatten();
+    let status = |path: &str| get(guard.listener_addr, path, &[]).unwrap().status;
+    wait_until(WAIT, "the guard to apply map 7", || {
+        Ok((gauge() == Some(7)).then_some(()))
+    })
+    .unwrap();
+    assert_eq!((status(MOVED), status(OTHERS)), (421, 421), "map 7");
+    let (v8, r8) = guard_config(&config, 8, json!({"0-3": "dtable-server", "4-f": SERVER}));
+    xds.set(v8, r8);
+    wait_until(WAIT, "the guard to apply map 8", || {
+        Ok((gauge() == Some(8)).then_some(()))
+    })
+    .unwrap();
+    assert_eq!((status(MOVED), status(OTHERS)), (200, 421), "map 8");
+
+    let asked = xds.polls().len();
+    xds.set(v7, r7);
+    wait_until(WAIT, "two polls after map 7 was offered again", || {
+        Ok((xds.polls().len() >= asked + 2).then_some(()))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..20 {
+        assert_eq!(
+            (status(MOVED), status(OTHERS)),
+            (200, 421),
+            "map 8 is not what the guard runs after map 7 came again (gauge {:?})\n{}",
+            gauge(),
+            guard
+                .logs()
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert_eq!(gauge(), Some(8));
 }

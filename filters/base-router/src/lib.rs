@@ -8,7 +8,7 @@
 //! client-sent value never survives, and set `x-shard-map-version`), pass (a guard
 //! touches no header), or refuse with the verdict's status, headers and JSON body.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -153,9 +153,23 @@ impl RootContext for BaseRouterRoot {
                 return false;
             }
         };
-        // A map version never goes back: an older map is refused (Envoy NACKs it
-        // and keeps the newer one), whatever a control plane sends.
+        // A map version never goes back, whatever a control plane sends.
         if let Err(older) = shardmap::may_apply(VM_APPLIED.get(), process_floor(), config.version) {
+            // A VM that runs a newer map (a worker's) keeps it for this configuration
+            // too. It must not fail: Envoy caches its canary's verdict per
+            // configuration, so a map this Envoy ran before reaches the workers
+            // unchecked, and a worker whose configuration failed runs requests
+            // without this filter (every base passed, or sent to the default).
+            if let Some(newest) = VM_NEWEST.with(|n| n.borrow().clone()) {
+                log(
+                    LogLevel::Warn,
+                    &format!("base-router: configuration not applied, newer map kept: {older}"),
+                );
+                self.set_tick_period(FLUSH_PERIOD);
+                self.active = Some(newest);
+                return true;
+            }
+            // A fresh VM: Envoy's configuration canary, whose refusal is the NACK.
             log(
                 LogLevel::Error,
                 &format!("base-router: configuration refused, newer map kept: {older}"),
@@ -212,12 +226,14 @@ impl RootContext for BaseRouterRoot {
             old.metrics.flush();
         }
         self.set_tick_period(FLUSH_PERIOD);
-        self.active = Some(Rc::new(Active {
+        let active = Rc::new(Active {
             metrics: Metrics::define(&gate),
             version: gate.version().to_string(),
             retry_after: gate.retry_after().to_string(),
             gate,
-        }));
+        });
+        VM_NEWEST.with(|n| *n.borrow_mut() = Some(active.clone()));
+        self.active = Some(active);
         true
     }
 
@@ -292,6 +308,9 @@ thread_local! {
     /// The map version this VM applied last. Envoy gives every plugin configuration
     /// a root context of its own in the same VM, so this lives beside them.
     static VM_APPLIED: Cell<Option<u64>> = const { Cell::new(None) };
+    /// What the newest map applied in this VM runs on: a root context offered an
+    /// older map keeps it.
+    static VM_NEWEST: RefCell<Option<Rc<Active>>> = const { RefCell::new(None) };
 }
 
 /// The newest map version applied by any VM of this `vm_id` in this Envoy process
