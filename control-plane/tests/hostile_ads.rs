@@ -146,9 +146,11 @@ impl Good {
     /// asserts this Envoy has it within 1 s.
     async fn gets_the_next_push(&mut self, plane: &Arc<ControlPlane>, i: usize, pins: usize) {
         let version = push(plane, i, pins).await;
-        let want = format!("{version}-");
-        self.wait_for(&|v: &str| v.starts_with(&want), Duration::from_secs(1))
-            .await;
+        self.wait_for(
+            &|v: &str| control_plane::resources::ecds_map_version(v) == Some(version),
+            Duration::from_secs(1),
+        )
+        .await;
     }
 }
 
