@@ -94,7 +94,8 @@ fn run() -> Result<()> {
             bail!("POST /v1/maps: {status} {}", &body[..body.len().min(300)]);
         }
         let version = body["version"].as_u64().unwrap_or(0);
-        let want = format!("{version}-");
+        // The ECDS version string: the map version in 20 digits, then a hash.
+        let want = format!("{version:020}-");
         wait_until(Duration::from_secs(30), "both Envoys to ACK", || {
             let nodes = cp.get_json("/v1/nodes")?;
             let acked = nodes["nodes"]
