@@ -1661,9 +1661,7 @@ fn the_drain_before_restarting_a_guarded_server_covers_its_guards_connect_timeou
     let opts = deploy::bootstrap::Options {
         node_id: "guard-a".into(),
         control_plane: "127.0.0.1:18000".into(),
-        ..deploy::bootstrap::Options::new(deploy::bootstrap::Kind::Guard {
-            server: "a".into(),
-        })
+        ..deploy::bootstrap::Options::new(deploy::bootstrap::Kind::Guard { server: "a".into() })
     };
     let yaml = deploy::bootstrap::render(&opts).unwrap();
     let cluster = &yaml[yaml.find("- name: local_dtable_server\n    type:").unwrap()..];

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
-use deploy::bootstrap::{Kind, Options, render};
 use control_plane::rollout::{self, Rollout, Step};
+use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::dtable::{Cluster, double_service};
 use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};
 use serde_json::{Value, json};

@@ -17,9 +17,9 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use deploy::bootstrap::{Kind, Options, render};
 use control_plane::rollout::{self, Step};
 use control_plane::{Config, ControlPlane, Proposal};
+use deploy::bootstrap::{Kind, Options, render};
 use shardmap::{PathRule, ShardMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
