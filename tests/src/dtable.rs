@@ -627,12 +627,56 @@ pub struct Writers {
     handles: Vec<JoinHandle<WriteLog>>,
 }
 
+/// How writers name a base in their requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spelling {
+    /// `/dtable-server/api/v1/dtables/<dashed uuid>/rows/`.
+    Plain,
+    /// Every other pass over the bases names each only in the query, percent-encoded as a
+    /// dtable-server (Express) decodes it: `/dtable-server/api/v1/dtables/rows/?
+    /// dtable%5Fuuid=<uuid with %2D dashes and its first hex letter encoded>`; the
+    /// others as [`Spelling::Plain`]. One base, two spellings, as a client may mix.
+    MixedEncoded,
+}
+
+/// The path (and query) of a write to `base` in the `round`-th pass over the bases
+/// (rounds alternate spellings, so every base is written both ways).
+fn write_target(base: &BaseUuid, round: usize, spelling: Spelling) -> String {
+    if spelling == Spelling::Plain || round % 2 == 0 {
+        return format!("/dtable-server/api/v1/dtables/{}/rows/", base.dashed());
+    }
+    let mut encoded = String::new();
+    let mut letter_done = false;
+    for c in base.dashed().chars() {
+        match c {
+            '-' => encoded.push_str("%2D"),
+            'a'..='f' if !letter_done => {
+                letter_done = true;
+                encoded.push_str(&format!("%{:02X}", c as u32));
+            }
+            c => encoded.push(c),
+        }
+    }
+    format!("/dtable-server/api/v1/dtables/rows/?dtable%5Fuuid={encoded}")
+}
+
 impl Writers {
     pub fn start(
         target: SocketAddr,
         bases: &[BaseUuid],
         threads: usize,
         max_per_thread: usize,
+    ) -> Writers {
+        Self::start_spelled(target, bases, threads, max_per_thread, Spelling::Plain)
+    }
+
+    /// [`Writers::start`], the bases named as `spelling` says.
+    pub fn start_spelled(
+        target: SocketAddr,
+        bases: &[BaseUuid],
+        threads: usize,
+        max_per_thread: usize,
+        spelling: Spelling,
     ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let target = Arc::new(Mutex::new(target));
@@ -657,6 +701,7 @@ impl Writers {
                         &prefix,
                         &bases,
                         max_per_thread,
+                        spelling,
                         &stop,
                         &target,
                         &acked,
@@ -710,6 +755,7 @@ fn write_loop(
     prefix: &str,
     bases: &[BaseUuid],
     max: usize,
+    spelling: Spelling,
     stop: &AtomicBool,
     target: &Mutex<SocketAddr>,
     acked: &AtomicUsize,
@@ -738,7 +784,7 @@ fn write_loop(
                 }
             },
         };
-        let path = format!("/dtable-server/api/v1/dtables/{}/rows/", base.dashed());
+        let path = write_target(base, (t + i * threads) / bases.len(), spelling);
         let body = serde_json::json!({ "write_id": write_id }).to_string();
         let res = c.request(
             "POST",

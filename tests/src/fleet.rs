@@ -75,7 +75,7 @@ pub struct Run {
 
 /// The control plane's configuration: servers reached through their guards when
 /// `guards` holds the guards' listen addresses.
-fn write_config(
+pub fn write_config(
     dir: &Path,
     cluster: &Cluster,
     http: SocketAddr,
