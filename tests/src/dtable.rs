@@ -642,7 +642,7 @@ pub enum Spelling {
 /// The path (and query) of a write to `base` in the `round`-th pass over the bases
 /// (rounds alternate spellings, so every base is written both ways).
 fn write_target(base: &BaseUuid, round: usize, spelling: Spelling) -> String {
-    if spelling == Spelling::Plain || round % 2 == 0 {
+    if spelling == Spelling::Plain || round.is_multiple_of(2) {
         return format!("/dtable-server/api/v1/dtables/{}/rows/", base.dashed());
     }
     let mut encoded = String::new();
