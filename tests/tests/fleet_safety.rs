@@ -1,14 +1,17 @@
 //! Fleet safety with real processes: a real `seactl serve`, two real edge Envoys (one
 //! cut off from the control plane by a relay that silently swallows every byte while
 //! writers keep going through it), optionally a real guard Envoy in front of each
-//! fake dtable-server. Each case counts acknowledged writes against storage.
+//! fake dtable-server. Each case counts acknowledged writes against storage, once
+//! with every Envoy on an ADS stream and once with every Envoy polling REST xDS
+//! (`api_type: REST`): two pollers of one node id from two addresses are two
+//! instances, a conflict, as two streams are.
 
-use seashard_tests::fleet::{Case, Run, run};
+use seashard_tests::fleet::{Case, Run, Xds, run_with};
 
-fn check(case: Case) -> Run {
-    let r = run(case).unwrap();
+fn check(case: Case, xds: Xds) -> Run {
+    let r = run_with(case, xds).unwrap();
     eprintln!(
-        "{case:?}: {} in {:?} ({:?}); cut-off edge refused {:?}; {}",
+        "{xds:?} {case:?}: {} in {:?} ({:?}); cut-off edge refused {:?}; {}",
         r.state,
         r.elapsed,
         r.reason,
@@ -29,38 +32,59 @@ fn check(case: Case) -> Run {
     r
 }
 
-#[test]
-fn own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back() {
-    let r = check(Case {
-        shared_id: false,
-        guards: false,
-    });
-    assert_eq!(r.state, "rolled_back", "{r:?}");
-    let reason = r.reason.unwrap_or_default();
-    assert!(reason.contains("edge-b@127.0.0.2"), "{reason}");
+/// The instance key of node `id` reaching the control plane from 127.0.0.2 (the
+/// cut-off edge's address).
+fn cut_off_instance(xds: Xds, id: &str) -> String {
+    match xds {
+        Xds::Grpc => format!("{id}@127.0.0.2"),
+        Xds::Rest => format!("{id}@rest:127.0.0.2"),
+    }
 }
 
-#[test]
-fn shared_id_without_guards_the_push_is_refused() {
-    let r = check(Case {
-        shared_id: true,
-        guards: false,
-    });
+/// Without guards, an edge with its own id that never ACKs rolls the rollout back.
+fn own_id_without_guards_rolls_back(xds: Xds) {
+    let r = check(
+        Case {
+            shared_id: false,
+            guards: false,
+        },
+        xds,
+    );
+    assert_eq!(r.state, "rolled_back", "{r:?}");
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&cut_off_instance(xds, "edge-b")),
+        "{reason}"
+    );
+}
+
+/// Without guards, two edges with one id are a conflict: the push is refused.
+fn shared_id_without_guards_is_refused(xds: Xds) {
+    let r = check(
+        Case {
+            shared_id: true,
+            guards: false,
+        },
+        xds,
+    );
     assert_eq!(r.state, "refused", "{r:?}");
     let reason = r.reason.unwrap_or_default();
     assert!(
-        reason.contains("`edge-a`") && reason.contains("edge-a@127.0.0.2"),
+        reason.contains("`edge-a`") && reason.contains(&cut_off_instance(xds, "edge-a")),
         "{reason}"
     );
 }
 
 /// With guards the rollout completes, and the cut-off edge's requests for moved
 /// bases are refused by the old owner's guard.
-fn completes_with_guards(shared_id: bool) {
-    let r = check(Case {
-        shared_id,
-        guards: true,
-    });
+fn completes_with_guards(shared_id: bool, xds: Xds) {
+    let r = check(
+        Case {
+            shared_id,
+            guards: true,
+        },
+        xds,
+    );
     assert_eq!(r.state, "done", "{r:?}");
     assert!(
         r.cut_off_refused.get(&421).copied().unwrap_or(0) > 0,
@@ -70,11 +94,42 @@ fn completes_with_guards(shared_id: bool) {
 }
 
 #[test]
+fn own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back() {
+    own_id_without_guards_rolls_back(Xds::Grpc);
+}
+
+#[test]
+fn shared_id_without_guards_the_push_is_refused() {
+    shared_id_without_guards_is_refused(Xds::Grpc);
+}
+
+#[test]
 fn own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge() {
-    completes_with_guards(false);
+    completes_with_guards(false, Xds::Grpc);
 }
 
 #[test]
 fn shared_id_with_guards_the_rollout_completes() {
-    completes_with_guards(true);
+    completes_with_guards(true, Xds::Grpc);
+}
+
+#[test]
+fn rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back() {
+    own_id_without_guards_rolls_back(Xds::Rest);
+}
+
+#[test]
+fn rest_shared_id_without_guards_the_push_is_refused() {
+    shared_id_without_guards_is_refused(Xds::Rest);
+}
+
+/// REST guards are known as guards by the resource they poll.
+#[test]
+fn rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller() {
+    completes_with_guards(false, Xds::Rest);
+}
+
+#[test]
+fn rest_shared_id_with_guards_the_rollout_completes() {
+    completes_with_guards(true, Xds::Rest);
 }
