@@ -159,8 +159,9 @@ fn guard_config(config: &Config, version: u64, slots: Value) -> (String, Value) 
     (ecds_version(version, version as u32), r.json)
 }
 
-#[test]
-fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
+/// The control plane's configuration (for the resources' filter settings), the
+/// guarded server (an echo upstream) and the scripted REST xDS.
+fn scripted() -> (Config, Upstream, ScriptedXds) {
     let wasm = wasm_file("base_router.wasm").unwrap();
     let config = Config::parse(&format!(
         "[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n[store]\npath = \"x.db\"\n\
@@ -170,29 +171,38 @@ fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
         wasm.to_string_lossy()
     ))
     .unwrap();
-    let upstream = Upstream::start(SERVER).unwrap();
-    let xds = ScriptedXds::start();
+    (
+        config,
+        Upstream::start(SERVER).unwrap(),
+        ScriptedXds::start(),
+    )
+}
+
+/// A guard of `SERVER` in front of `upstream`, polling `xds` (REST) as `node_id`.
+fn start_guard(upstream: &Upstream, xds: &ScriptedXds, node_id: &str) -> seashard_tests::Envoy {
+    let up = upstream.addr.to_string();
+    let args = [
+        "--kind",
+        "guard",
+        "--server",
+        SERVER,
+        "--upstream",
+        &up,
+        "--node-id",
+        node_id,
+        "--xds",
+        "rest",
+    ];
+    start_managed_envoy(&args, xds.addr, loopback(0)).unwrap()
+}
+
+#[test]
+fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
+    let (config, upstream, xds) = scripted();
     let new_slots = json!({"0-3": "dtable-server", "4-f": SERVER});
     let (v8, r8) = guard_config(&config, 8, new_slots.clone());
     xds.set(v8.clone(), r8);
-    let up = upstream.addr.to_string();
-    let guard = start_managed_envoy(
-        &[
-            "--kind",
-            "guard",
-            "--server",
-            SERVER,
-            "--upstream",
-            &up,
-            "--node-id",
-            "guard-older",
-            "--xds",
-            "rest",
-        ],
-        xds.addr,
-        loopback(0),
-    )
-    .unwrap();
+    let guard = start_guard(&upstream, &xds, "guard-older");
     let gauge = || envoy_map_version(&guard).ok().flatten();
     wait_until(WAIT, "the guard to apply map 8", || {
         Ok((gauge() == Some(8)).then_some(()))
@@ -270,37 +280,10 @@ fn a_real_envoy_refuses_an_older_map_and_keeps_the_newer() {
 /// a refusal there leave the Envoy without the filter: every request passed).
 #[test]
 fn a_real_envoy_offered_again_a_map_it_ran_before_keeps_the_newer() {
-    let wasm = wasm_file("base_router.wasm").unwrap();
-    let config = Config::parse(&format!(
-        "[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n[store]\npath = \"x.db\"\n\
-         [api]\ntoken = \"01234567\"\n[filter]\nwasm = {:?}\n\
-         [[server]]\nname = \"dtable-server\"\naddress = \"127.0.0.1:3\"\n\
-         [[server]]\nname = \"{SERVER}\"\naddress = \"127.0.0.1:4\"\n",
-        wasm.to_string_lossy()
-    ))
-    .unwrap();
-    let upstream = Upstream::start(SERVER).unwrap();
-    let xds = ScriptedXds::start();
+    let (config, upstream, xds) = scripted();
     let (v7, r7) = guard_config(&config, 7, json!({"0-7": "dtable-server", "8-f": SERVER}));
     xds.set(v7.clone(), r7.clone());
-    let up = upstream.addr.to_string();
-    let guard = start_managed_envoy(
-        &[
-            "--kind",
-            "guard",
-            "--server",
-            SERVER,
-            "--upstream",
-            &up,
-            "--node-id",
-            "guard-again",
-            "--xds",
-            "rest",
-        ],
-        xds.addr,
-        loopback(0),
-    )
-    .unwrap();
+    let guard = start_guard(&upstream, &xds, "guard-again");
     let gauge = || envoy_map_version(&guard).ok().flatten();
     let status = |path: &str| get(guard.listener_addr, path, &[]).unwrap().status;
     wait_until(WAIT, "the guard to apply map 7", || {
