@@ -764,41 +764,7 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
     let config = write_config(dir.path(), &servers, "5s");
     let id = {
         let plane = ControlPlane::open(config.clone()).unwrap();
-        let old = plane.active().unwrap();
-        let plan = shardmap::diff(&old.map, &half()).unwrap();
-        let (restart, skipped) = rollout::restart_plan(&plane, &plan.fence).unwrap();
-        let r = Rollout {
-            id: 0,
-            state: Step::Plan,
-            from_version: old.version,
-            old_map: old.map.clone(),
-            new_map: half(),
-            fence: plan.fence.clone(),
-            plan: serde_json::to_value(&plan).unwrap(),
-            restart,
-            skipped,
-            envoys: vec![],
-            guarded: vec![],
-            fence_version: None,
-            new_version: None,
-            rollback_version: None,
-            author: "test".into(),
-            comment: String::new(),
-            reason: None,
-            warnings: vec![],
-            steps: vec![rollout::StepRecord {
-                step: Step::Plan,
-                started_at: control_plane::store::now_ms(),
-                finished_at: None,
-                note: None,
-            }],
-            created_at: control_plane::store::now_ms(),
-            finished_at: None,
-            restart_ms: None,
-            overhead_ms: None,
-            resumed: 0,
-            parallel: None,
-        };
+        let r = planned(&plane, &half(), Step::Plan);
         plane
             .store()
             .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
