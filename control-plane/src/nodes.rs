@@ -884,19 +884,12 @@ impl Registry {
             state.record.nacked_version.as_deref() == Some(current) && !running.is_empty();
         // As for streams (`is_due`): never a map older than the newest one the poller
         // is known to run, here or (its polls spread over replicas) on another one.
-        let older = poll.t == ResourceType::Ecds && {
-            let floor = [Some(running), state.record.acked_version.as_deref()]
-                .into_iter()
-                .flatten()
-                .filter_map(ecds_map_version)
-                .chain(remote)
-                .max();
-            match (floor, ecds_map_version(current)) {
-                (Some(floor), Some(current)) => current < floor,
-                (Some(_), None) => true,
-                (None, _) => false,
-            }
-        };
+        let older = poll.t == ResourceType::Ecds
+            && older_than_known(
+                current,
+                [Some(running), state.record.acked_version.as_deref()],
+                remote,
+            );
         let due = running != current && !nacked_here && !older;
         if due {
             state.pending_version = Some(current.to_owned());
@@ -1112,6 +1105,24 @@ fn remote_floor(inner: &Inner, key: &str, t: ResourceType) -> Option<u64> {
     ecds_map_version(inner.remote.get(key)?.acked(t)?)
 }
 
+/// Whether ECDS version `current` is older than the newest map an Envoy is known to
+/// run: what it reports or was last sent, what it ACKed, or (`remote`) what another
+/// replica recorded it running. A map version never goes back: such a version is
+/// never sent. One served that is not a version of ours never goes over a known map.
+fn older_than_known(current: &str, known: [Option<&str>; 2], remote: Option<u64>) -> bool {
+    let floor = known
+        .into_iter()
+        .flatten()
+        .filter_map(ecds_map_version)
+        .chain(remote)
+        .max();
+    match (floor, ecds_map_version(current)) {
+        (Some(floor), Some(current)) => current < floor,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// Whether a stream's node must be sent `current` of type `t`: it does not run it,
 /// did not NACK exactly that content, and (filter configurations) `current` is no
 /// older a map than the newest one the node is known to run: what it reported or
@@ -1129,20 +1140,12 @@ fn is_due(
     current: &str,
 ) -> bool {
     let nacked_here = state.record.nacked_version.as_deref() == Some(current) && !st.fresh;
-    let older = t == ResourceType::Ecds && {
-        let floor = [st.version.as_deref(), state.record.acked_version.as_deref()]
-            .into_iter()
-            .flatten()
-            .filter_map(ecds_map_version)
-            .chain(remote)
-            .max();
-        match (floor, ecds_map_version(current)) {
-            (Some(floor), Some(current)) => current < floor,
-            // What is served is not a version of ours: never over a known map.
-            (Some(_), None) => true,
-            (None, _) => false,
-        }
-    };
+    let older = t == ResourceType::Ecds
+        && older_than_known(
+            current,
+            [st.version.as_deref(), state.record.acked_version.as_deref()],
+            remote,
+        );
     st.subscribed && st.version.as_deref() != Some(current) && !nacked_here && !older
 }
 
