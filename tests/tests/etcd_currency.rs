@@ -4,21 +4,19 @@
 //! Envoy's stream (the Envoy keeps its map) and answers REST polls `503
 //! not_current`; once etcd answers again it serves again.
 
-use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use control_plane::Config;
 use seashard_tests::etcd::EtcdCluster;
 use seashard_tests::relay::Relay;
 use seashard_tests::replicas::envoy_map_version;
 use seashard_tests::rollout::start_managed_envoy;
 use seashard_tests::{loopback, wait_until};
-use serde_json::{Value, json};
 
 mod common;
 
-use common::Cp;
+use common::{Cp, rest_poll};
 
 /// Longer than a lease (`lease_ttl` 2 s) and a loaded machine.
 const WAIT: Duration = Duration::from_secs(15);
@@ -50,34 +48,6 @@ fn config(endpoint: &str) -> Result<Config> {
     ))?)
 }
 
-/// One REST poll of ECDS: the HTTP status and the JSON body.
-fn poll(cp: &Cp) -> Result<(u16, Value)> {
-    let body = json!({"version_info": "", "node": {"id": "rest-1", "cluster": "edge"},
-                      "resource_names": ["seashard.base_router"]})
-    .to_string();
-    let mut s = std::net::TcpStream::connect(cp.http)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "POST /v3/discovery:extension_configs HTTP/1.1\r\nhost: {}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        cp.http,
-        body.len()
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 fn connected(cp: &Cp, id: &str) -> bool {
     cp.plane.registry().node(id).is_some_and(|n| n.connected)
 }
@@ -98,11 +68,11 @@ fn a_replica_cut_off_from_etcd_ends_its_streams_and_refuses_polls_until_etcd_ans
         Ok((envoy_map_version(&envoy)? == Some(version)).then_some(()))
     })
     .unwrap();
-    assert_eq!(poll(&cp).unwrap().0, 200);
+    assert_eq!(rest_poll(&cp, [127, 0, 0, 1], "rest-1", "").unwrap().0, 200);
 
     relay.cut();
     let (status, body) = wait_until(WAIT, "a REST poll to be refused", || {
-        let (status, body) = poll(&cp)?;
+        let (status, body) = rest_poll(&cp, [127, 0, 0, 1], "rest-1", "")?;
         Ok((status != 200 && status != 304).then_some((status, body)))
     })
     .unwrap();
@@ -116,11 +86,11 @@ fn a_replica_cut_off_from_etcd_ends_its_streams_and_refuses_polls_until_etcd_ans
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(envoy_map_version(&envoy).unwrap(), Some(version));
     assert!(!connected(&cp, "edge-currency"));
-    assert_eq!(poll(&cp).unwrap().0, 503);
+    assert_eq!(rest_poll(&cp, [127, 0, 0, 1], "rest-1", "").unwrap().0, 503);
 
     relay.heal();
     wait_until(WAIT, "REST polls to be answered again", || {
-        Ok((poll(&cp)?.0 == 200).then_some(()))
+        Ok((rest_poll(&cp, [127, 0, 0, 1], "rest-1", "")?.0 == 200).then_some(()))
     })
     .unwrap();
     wait_until(Duration::from_secs(30), "the Envoy to be back", || {

@@ -4,8 +4,6 @@
 //! and a second poller of its node id from another address, polling only the
 //! follower, is a conflict the leader sees: a moving push gets `409`.
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -16,7 +14,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::Cp;
+use common::{Cp, rest_poll};
 
 fn config(endpoints: &[String], replica: &str) -> Result<Config> {
     let list = serde_json::to_string(endpoints)?;
@@ -49,36 +47,11 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
     ))?)
 }
 
-/// One REST poll of ECDS by `id` from the loopback address `source` to `cp`, as an
-/// Envoy on another host polls: the HTTP status and the version answered, if any.
+/// One REST poll of ECDS by `id` from `source`: the HTTP status and the version
+/// answered, if any.
 fn poll(cp: &Cp, source: [u8; 4], id: &str, running: &str) -> Result<(u16, Option<String>)> {
-    let body = json!({"version_info": running, "node": {"id": id, "cluster": "edge"},
-                      "resource_names": ["seashard.base_router"]})
-    .to_string();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(IpAddr::from(source), 0).into())?;
-    socket.connect_timeout(&cp.http.into(), Duration::from_secs(5))?;
-    let mut s: std::net::TcpStream = socket.into();
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "POST /v3/discovery:extension_configs HTTP/1.1\r\nhost: {}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        cp.http,
-        body.len()
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let version = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str::<Value>(b).ok())
-        .and_then(|v| v["version_info"].as_str().map(str::to_owned));
-    Ok((status, version))
+    let (status, body) = rest_poll(cp, source, id, running)?;
+    Ok((status, body["version_info"].as_str().map(str::to_owned)))
 }
 
 /// Polls until current: returns the version it runs.

@@ -89,3 +89,37 @@ impl Cp {
         Ok((r.status, r.json()?))
     }
 }
+
+/// One REST-JSON poll of base-router's ECDS (`POST /v3/discovery:extension_configs`)
+/// by node `id` running `running`, from the loopback address `source` (an Envoy on
+/// another host): the HTTP status and the JSON body (`Null` when there is none).
+pub fn rest_poll(cp: &Cp, source: [u8; 4], id: &str, running: &str) -> Result<(u16, Value)> {
+    use std::io::{Read as _, Write as _};
+    let body = serde_json::json!({"version_info": running, "node": {"id": id, "cluster": "edge"},
+                                  "resource_names": ["seashard.base_router"]})
+    .to_string();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(std::net::IpAddr::from(source), 0).into())?;
+    socket.connect_timeout(&cp.http.into(), Duration::from_secs(5))?;
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST /v3/discovery:extension_configs HTTP/1.1\r\nhost: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        cp.http,
+        body.len()
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_default();
+    Ok((status, body))
+}
