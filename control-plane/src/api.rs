@@ -36,12 +36,13 @@ use serde_json::{Value, json};
 use shardmap::{Plan, Problem, ShardMap};
 
 pub use crate::answer::ApiError;
-use crate::health::{self, Health};
 use crate::nodes::Node;
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
 use crate::rollout::{self, RolloutError};
 use crate::store::{StoreError, Version};
+use daemon::health::{self, Health};
+use daemon::token::{bearer, constant_time_eq};
 
 /// How long one server's health check may take in an API call.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -192,15 +193,6 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// The bearer token a request carries (empty when none).
-pub(crate) fn bearer(headers: &HeaderMap) -> &str {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-}
-
 /// Every `/v1/*` request: the read-only token or the change token may pass (a change
 /// checks the change token again in its handler).
 async fn require_token(
@@ -237,15 +229,6 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
             "this change needs `Authorization: Bearer TOKEN` with the control plane's API token",
         ))
     }
-}
-
-/// Compares in time that depends only on the expected value's length.
-pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for (i, e) in expected.iter().enumerate() {
-        diff |= e ^ given.get(i).copied().unwrap_or(!e);
-    }
-    diff == 0
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

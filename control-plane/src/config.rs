@@ -49,7 +49,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use daemon::secret::{REDACTED, names_a_secret, redact_url, url_secrets};
+pub use daemon::tls::ApiTls;
+use serde::{Deserialize, Serialize};
 use shardmap::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, ShardMap, check_server_name};
 
 /// The HttpFilter name of base-router in the bootstraps, by default.
@@ -104,10 +106,16 @@ pub struct Listen {
     /// (an Envoy gone silent behind a dead link) is found dead within
     /// `keepalive_interval + keepalive_timeout`, and no longer counts as a live
     /// instance of its node id.
-    #[serde(default = "default_keepalive_interval", with = "duration")]
+    #[serde(
+        default = "default_keepalive_interval",
+        with = "daemon::duration::serde"
+    )]
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
-    #[serde(default = "default_keepalive_timeout", with = "duration")]
+    #[serde(
+        default = "default_keepalive_timeout",
+        with = "daemon::duration::serde"
+    )]
     pub keepalive_timeout: Duration,
     /// The most ADS streams one peer address may hold open at once (an Envoy holds
     /// one; several Envoys behind one address each hold theirs). More: refused with
@@ -117,7 +125,7 @@ pub struct Listen {
     /// How long a response may wait for its Envoy to read it; a stream whose Envoy
     /// reads nothing for this long is ended (it reconnects and is sent the current
     /// version), so it holds no memory or task for good.
-    #[serde(default = "default_send_timeout", with = "duration")]
+    #[serde(default = "default_send_timeout", with = "daemon::duration::serde")]
     pub send_timeout: Duration,
     /// `[listen.tls]`: ADS over mutual TLS. Without it, ADS is plain gRPC (for a
     /// single host or a private network only).
@@ -141,17 +149,6 @@ pub struct ListenTls {
     /// DNS names; a stream that names another is ended with `PERMISSION_DENIED`.
     #[serde(default)]
     pub require_node_id_match: bool,
-}
-
-/// `[api.tls]`: the HTTP API (with REST xDS and `/metrics`) over HTTPS only. Paths
-/// are relative to the configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiTls {
-    /// The server certificate (PEM, chain after it).
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
 }
 
 fn default_version_header() -> bool {
@@ -203,10 +200,10 @@ pub struct StoreConfig {
     pub advertise: Option<String>,
     /// etcd: the leader's lease. A leader that dies is replaced after at most
     /// about this long; a paused one loses the lease after it.
-    #[serde(default = "default_lease_ttl", with = "duration")]
+    #[serde(default = "default_lease_ttl", with = "daemon::duration::serde")]
     pub lease_ttl: Duration,
     /// etcd: each request's deadline.
-    #[serde(default = "default_etcd_timeout", with = "duration")]
+    #[serde(default = "default_etcd_timeout", with = "daemon::duration::serde")]
     pub timeout: Duration,
     /// etcd: user name (with `password_env` or `password`).
     #[serde(default)]
@@ -410,20 +407,20 @@ pub struct FilterConfig {
 #[serde(deny_unknown_fields)]
 pub struct RolloutConfig {
     /// How long every connected Envoy has to ACK a pushed configuration.
-    #[serde(default = "default_ack_timeout", with = "duration")]
+    #[serde(default = "default_ack_timeout", with = "daemon::duration::serde")]
     pub ack_timeout: Duration,
     /// How long a restarted server has to answer `pong`.
-    #[serde(default = "default_health_timeout", with = "duration")]
+    #[serde(default = "default_health_timeout", with = "daemon::duration::serde")]
     pub health_timeout: Duration,
     /// Longest a restart hook may run (unless the hook sets its own).
-    #[serde(default = "default_restart_timeout", with = "duration")]
+    #[serde(default = "default_restart_timeout", with = "daemon::duration::serde")]
     pub restart_timeout: Duration,
     /// How long to wait, once the fence is ACKed, before the first restart: a request
     /// routed (or passed by a guard) just before the fence may still be waiting for
     /// a connection to its server, and must reach the old process, not the restarted
     /// one. Default: the longest `connect_timeout` of the servers (Envoy does not
     /// retry: a queued request connects or fails within it).
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "daemon::duration::serde_opt")]
     pub drain: Option<Duration>,
     /// How many servers a rollout restarts at once (each with its own hook timeout
     /// and health wait); `push-map --parallel N` sets it for one rollout. 1: one
@@ -459,7 +456,7 @@ pub struct ServerConfig {
     /// A URL answering `pong` when the server is up; default `http://ADDRESS/ping/`.
     #[serde(default)]
     pub health_url: Option<String>,
-    #[serde(default = "default_connect_timeout", with = "duration")]
+    #[serde(default = "default_connect_timeout", with = "daemon::duration::serde")]
     pub connect_timeout: Duration,
     /// How to restart it during a rollout.
     #[serde(default)]
@@ -493,7 +490,7 @@ pub enum RestartHook {
     /// Run a program (no shell), wait for it to exit 0.
     Command {
         argv: Vec<String>,
-        #[serde(default, with = "opt_duration")]
+        #[serde(default, with = "daemon::duration::serde_opt")]
         timeout: Option<Duration>,
     },
     /// Call a URL (`http://`, or `https://` verified against `ca`), wait for a 2xx
@@ -511,7 +508,7 @@ pub enum RestartHook {
         /// A file of `Name: value` lines (relative to the config file).
         #[serde(default)]
         headers_file: Option<PathBuf>,
-        #[serde(default, with = "opt_duration")]
+        #[serde(default, with = "daemon::duration::serde_opt")]
         timeout: Option<Duration>,
         /// For an `https://` URL: the CA (PEM, relative to the config file) its
         /// server's certificate must chain to, e.g. `seactl certs`' `ca.crt`.
@@ -524,20 +521,6 @@ pub enum RestartHook {
     Manual,
 }
 
-/// What an API answer may show of a hook's value: `<redacted>`.
-pub const REDACTED: &str = "<redacted>";
-
-/// Words that mark a command-line argument as carrying a secret.
-const SECRET_MARKERS: [&str; 7] = [
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "authorization",
-    "bearer",
-    "key",
-];
-
 impl RestartHook {
     /// The hook as an API answer may show it: header names but never their values,
     /// a URL without its user info or query values, and a command with every
@@ -547,12 +530,7 @@ impl RestartHook {
             RestartHook::Command { argv, timeout } => serde_json::json!({
                 "kind": "command",
                 "argv": argv.iter().map(|a| {
-                    let lower = a.to_ascii_lowercase();
-                    if SECRET_MARKERS.iter().any(|m| lower.contains(m)) {
-                        REDACTED.to_owned()
-                    } else {
-                        a.clone()
-                    }
+                    if names_a_secret(a) { REDACTED.to_owned() } else { a.clone() }
                 }).collect::<Vec<_>>(),
                 "timeout": timeout.map(|t| format!("{}ms", t.as_millis())),
             }),
@@ -636,66 +614,6 @@ impl RestartHook {
         out.retain(|s| s.len() >= 4);
         out
     }
-}
-
-/// `url` without its user info, and with every query value replaced.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    let userinfo = if authority.contains('@') {
-        format!("{REDACTED}@")
-    } else {
-        String::new()
-    };
-    let path = match path.split_once('?') {
-        Some((p, q)) => {
-            let q: Vec<String> = q
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) => format!("{k}={REDACTED}"),
-                    None => kv.to_owned(),
-                })
-                .collect();
-            format!("{p}?{}", q.join("&"))
-        }
-        None => path.to_owned(),
-    };
-    let sep = if scheme.is_empty() { "" } else { "://" };
-    format!("{scheme}{sep}{userinfo}{host}{path}")
-}
-
-/// The user info and query values of `url`.
-fn url_secrets(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let mut out = Vec::new();
-    if let Some((userinfo, _)) = authority.rsplit_once('@') {
-        out.push(userinfo.to_owned());
-        out.extend(userinfo.split(':').map(str::to_owned));
-    }
-    if let Some((_, q)) = rest.split_once('?') {
-        out.extend(
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(_, v)| v.to_owned()),
-        );
-    }
-    out
-}
-
-/// `text` with every one of `secrets` replaced by `<redacted>`.
-pub fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets {
-        if !s.is_empty() {
-            out = out.replace(s.as_str(), REDACTED);
-        }
-    }
-    out
 }
 
 impl Config {
@@ -945,62 +863,6 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     (!host.is_empty() && !host.contains('/')).then_some((host, port))
 }
 
-/// Parses `"500ms"`, `"10s"`, `"2m"`, `"1h"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{s}` has no unit (ms, s, m, h)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number followed by a unit"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
-    }
-}
-
-/// Formats a duration the way [`parse_duration`] reads it.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
-    }
-}
-
-mod duration {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(*d))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_duration {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 fn default_filter_name() -> String {
     DEFAULT_FILTER_NAME.to_owned()
 }
@@ -1242,13 +1104,5 @@ mod tests {
         }
         let sqlite_without_path = GOOD.replace("path = \"state.db\"", "");
         assert!(Config::parse(&sqlite_without_path).is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10d").is_err());
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

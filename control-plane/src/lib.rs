@@ -18,21 +18,20 @@
 //!   the error answer both give.
 //! - [`server`]: binds and runs both. (Envoy bootstraps for it are written by the
 //!   `deploy` crate, `seactl envoy-bootstrap`.)
-//! - [`tls`]: the HTTPS API and ADS mutual TLS; [`identity`]: the node id a client
-//!   certificate proves (the certificates of installs without a PKI are made by the
-//!   `certs` crate, `seactl certs`).
-//! - [`agent`]: `seactl agent`, the restart agent on a dtable-server's host that an
-//!   HTTP restart hook calls (`POST /restart`: one command, joined calls, `pong`).
+//! - [`tls`]: the HTTPS API and ADS mutual TLS (on the `daemon` crate's TLS, which
+//!   the restart agent shares; so are tokens, redaction and the health client);
+//!   [`identity`]: the node id a client certificate proves (the certificates of
+//!   installs without a PKI are made by the `certs` crate, `seactl certs`).
+//! - The restart agent an HTTP restart hook may call (`seactl agent`) is the `agent`
+//!   crate.
 //!
 //! It never decides where a base lives: validation, routing and plans are
 //! `shardmap`'s.
 
-pub mod agent;
 pub mod answer;
 pub mod api;
 pub mod config;
 pub mod forward;
-pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod nodes;

@@ -67,11 +67,11 @@ use shardmap::{Fence, ShardMap, diff, owners_within};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::config::RestartHook;
-use crate::health;
 use crate::nodes::{Conflict, Node};
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
 use crate::store::{FinishRollout, NewVersion, StoreError, VersionKind, now_ms};
+use daemon::health;
 
 /// How often a restarted server's health URL is polled.
 const HEALTH_POLL: Duration = Duration::from_millis(100);
@@ -1014,7 +1014,7 @@ async fn run_hook(
             // query values), even when the answer echoes them.
             let headers = hook.http_headers()?;
             let secrets = hook.secrets(&headers);
-            let shown = crate::config::redact_url(url);
+            let shown = daemon::secret::redact_url(url);
             match tokio::time::timeout(
                 timeout,
                 health::request(method, url, &headers, ca.as_deref()),
@@ -1024,11 +1024,11 @@ async fn run_hook(
                 Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
                 Ok(Ok((status, body))) => Err(format!(
                     "{method} {shown} answered {status}: {}",
-                    crate::config::scrub(&body.chars().take(200).collect::<String>(), &secrets)
+                    daemon::secret::scrub(&body.chars().take(200).collect::<String>(), &secrets)
                 )),
                 Ok(Err(e)) => Err(format!(
                     "{method} {shown}: {}",
-                    crate::config::scrub(&e, &secrets)
+                    daemon::secret::scrub(&e, &secrets)
                 )),
                 Err(_) => Err(format!("{method} {shown}: no answer within {timeout:?}")),
             }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agent::AgentConfig;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use control_plane::agent::AgentConfig;
 use control_plane::{Config, RestartHook};
 use seashard_tests::compose::{self, BOOTSTRAPS, Service, host_port, read};
 use seashard_tests::rollout::seactl_bin;

@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ::agent::AgentConfig;
 use anyhow::{Context, Result, anyhow, bail};
-use control_plane::agent::AgentConfig;
 use control_plane::{Config, RestartHook};
 use seashard_tests::agent::{self, Ready};
 use seashard_tests::compose::{self, bootstrap_args, flag_value, read, without_flags};

@@ -45,10 +45,10 @@ use std::path::Path;
 
 use base64::Engine as _;
 use control_plane::config::{
-    Config, GUARD_CONNECT_TIMEOUT, RestartHook, ServerConfig, StoreKind, format_duration,
-    split_host_port,
+    Config, GUARD_CONNECT_TIMEOUT, RestartHook, ServerConfig, StoreKind, split_host_port,
 };
 use control_plane::resources::guard_resource_name;
+use daemon::duration::format_duration;
 use serde_json::{Value, json};
 use shardmap::{AWAITING_MAP_VERSION, Fence, RouterConfig, ShardMap};
 

@@ -1,4 +1,4 @@
-//! `seactl agent`: the restart agent on a dtable-server's host (`control_plane::agent`),
+//! `seactl agent`: the restart agent on a dtable-server's host (the `agent` crate),
 //! from a TOML file, flags, or both (flags win). Runs until SIGINT or SIGTERM; a
 //! restart in progress then ends first (a second signal stops at once).
 
@@ -8,15 +8,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agent::AgentConfig;
 use anyhow::{Context, Result};
-use control_plane::agent::{self, AgentConfig};
-use control_plane::config::{ApiTls, format_duration, parse_duration, redact_url};
+use daemon::duration::{format_duration, parse_duration};
+use daemon::secret::redact_url;
+use daemon::tls::ApiTls;
 
 use crate::serve::wait_for_signal;
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// The agent's configuration file (TOML; see control-plane/agent.example.toml).
+    /// The agent's configuration file (TOML; see crates/agent/agent.example.toml).
     #[arg(long, short = 'c', env = "SEASHARD_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where to listen, HOST:PORT (e.g. 10.0.0.11:5055).
@@ -106,7 +108,7 @@ pub fn agent(args: AgentArgs) -> Result<ExitCode> {
     let token = config.token()?;
     if check {
         if let Some(t) = &config.tls {
-            control_plane::tls::api_server_config(t)?;
+            daemon::tls::api_server_config(t)?;
         }
         println!(
             "valid: `{}` (at most {}) on POST {}://{}/restart, token from {}; then {} \

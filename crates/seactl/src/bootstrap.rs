@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use control_plane::config::parse_duration;
+use daemon::duration::parse_duration;
 use deploy::bootstrap::{
     ControlPlaneTls, Kind, Options, Xds, control_plane_addresses, default_node_id,
     guard_resource_name, local_hostname, render,

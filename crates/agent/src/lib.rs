@@ -10,7 +10,7 @@
 //! ```
 //!
 //! - `POST /restart` needs `Authorization: Bearer TOKEN` (compared in constant
-//!   time, [`crate::api::constant_time_eq`]); else `401`.
+//!   time, [`constant_time_eq`]); else `401`.
 //! - One restart at a time: a call while one runs *joins* it and gets its outcome
 //!   (`"joined": true`); the command never runs twice at once. A restart runs to its
 //!   end even when its callers hang up.
@@ -26,7 +26,7 @@
 //!   random-looking strings); `504` when the command or the health wait timed out.
 //! - `GET /healthz` is open and carries no secret.
 //!
-//! Configuration: [`AgentConfig`] (TOML, `control-plane/agent.example.toml`); the
+//! Configuration: [`AgentConfig`] (TOML, `crates/agent/agent.example.toml`); the
 //! token from an environment variable (default `SEASHARD_AGENT_TOKEN`) or a file,
 //! never from the TOML, never logged. With `[tls]` (cert and key, as `[api.tls]`)
 //! the agent speaks HTTPS only.
@@ -43,15 +43,17 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{ApiTls, REDACTED, RestartHook, parse_duration, redact_url, scrub};
-use crate::tls::{self, TlsError};
+use daemon::duration::format_duration;
+use daemon::secret::{REDACTED, names_a_secret, redact_url, scrub};
+use daemon::tls::{self, ApiTls, TlsError};
+use daemon::token::{bearer, constant_time_eq};
 
 /// The health URL polled after a restart, by default: dtable-server on this host.
 pub const DEFAULT_HEALTH_URL: &str = "http://127.0.0.1:5000/ping/";
@@ -120,13 +122,13 @@ pub struct AgentConfig {
     #[serde(default)]
     pub command: Vec<String>,
     /// Longest the command may run; then its process group is killed.
-    #[serde(default = "default_command_timeout", with = "duration")]
+    #[serde(default = "default_command_timeout", with = "daemon::duration::serde")]
     pub command_timeout: Duration,
     /// A URL answering `pong` once the server is up (plain `http://`).
     #[serde(default = "default_health_url")]
     pub health_url: String,
     /// How long the server has to answer `pong` once the command exited 0.
-    #[serde(default = "default_health_timeout", with = "duration")]
+    #[serde(default = "default_health_timeout", with = "daemon::duration::serde")]
     pub health_timeout: Duration,
     /// The environment variable holding the bearer token (default
     /// `SEASHARD_AGENT_TOKEN` unless `token_file` is set).
@@ -164,14 +166,6 @@ fn default_health_timeout() -> Duration {
 }
 fn default_health_url() -> String {
     DEFAULT_HEALTH_URL.to_owned()
-}
-
-mod duration {
-    use super::*;
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map_err(serde::de::Error::custom)
-    }
 }
 
 impl AgentConfig {
@@ -275,21 +269,13 @@ impl AgentConfig {
     }
 
     /// The command as messages and logs show it: arguments that look like they carry
-    /// a secret (as a command hook's, [`RestartHook::redacted`]) are `<redacted>`.
+    /// a secret ([`names_a_secret`], as a command hook's) are `<redacted>`.
     pub fn shown_command(&self) -> String {
-        RestartHook::Command {
-            argv: self.command.clone(),
-            timeout: None,
-        }
-        .redacted()["argv"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default()
+        self.command
+            .iter()
+            .map(|a| if names_a_secret(a) { REDACTED } else { a })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The bearer token, from its variable or file. Errors name the source, never a
@@ -497,7 +483,7 @@ impl Agent {
         } else if run.timed_out {
             Some(format!(
                 "the command did not finish within {}: its process group was killed (`{cmd}`)",
-                crate::config::format_duration(self.config.command_timeout)
+                format_duration(self.config.command_timeout)
             ))
         } else {
             match run.status {
@@ -698,7 +684,7 @@ async fn wait_healthy(url: &str, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let left = timeout.saturating_sub(start.elapsed());
-        let h = crate::health::check(
+        let h = daemon::health::check(
             url,
             HEALTH_CHECK_TIMEOUT.min(left.max(Duration::from_millis(10))),
         )
@@ -710,7 +696,7 @@ async fn wait_healthy(url: &str, timeout: Duration) -> Result<(), String> {
             return Err(format!(
                 "{} did not answer pong within {}: {}",
                 redact_url(url),
-                crate::config::format_duration(timeout),
+                format_duration(timeout),
                 h.error.unwrap_or_default()
             ));
         }
@@ -745,8 +731,8 @@ fn stderr_excerpt(raw: &[u8], cut: bool, secrets: &[String]) -> String {
 
 /// `text` with what looks like a secret replaced by `<redacted>`: every one of
 /// `secrets`; on each line, whatever follows the first word that names a secret
-/// (the markers of [`RestartHook::redacted`]: `token`, `password`, `key`,
-/// `authorization`, ...; `password=x` keeps `password=`); and random-looking runs
+/// ([`names_a_secret`]: `token`, `password`, `key`, `authorization`,
+/// ...; `password=x` keeps `password=`); and random-looking runs
 /// (at least 24 letters, digits, `+`, `=`, `_`, `-`, with a digit and both cases, or
 /// at least 32 hex digits). Best effort: a secret in plain words is not recognized.
 pub fn redact(text: &str, secrets: &[String]) -> String {
@@ -759,19 +745,6 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
         out.push_str(&redact_runs(&redact_after_marker(line)));
     }
     out
-}
-
-/// A word that names a secret, as [`RestartHook::redacted`] judges command
-/// arguments (one list of markers for both).
-fn names_a_secret(word: &str) -> bool {
-    if word == REDACTED {
-        return false;
-    }
-    let probe = RestartHook::Command {
-        argv: vec![word.to_owned()],
-        timeout: None,
-    };
-    probe.redacted()["argv"][0] == REDACTED
 }
 
 /// `line` with everything after its first secret-naming word (and that word's
@@ -864,8 +837,8 @@ async fn restart(
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    let given = crate::api::bearer(&headers);
-    if !crate::api::constant_time_eq(given.as_bytes(), agent.token.as_bytes()) {
+    let given = bearer(&headers);
+    if !constant_time_eq(given.as_bytes(), agent.token.as_bytes()) {
         tracing::warn!(%peer, "restart refused: no valid bearer token");
         return (
             StatusCode::UNAUTHORIZED,
@@ -984,9 +957,9 @@ pub async fn start(config: AgentConfig, token: String) -> Result<RunningAgent, A
         %addr,
         https,
         command = %agent.shown,
-        command_timeout = %crate::config::format_duration(agent.config.command_timeout),
+        command_timeout = %format_duration(agent.config.command_timeout),
         health_url = %redact_url(&agent.config.health_url),
-        health_timeout = %crate::config::format_duration(agent.config.health_timeout),
+        health_timeout = %format_duration(agent.config.health_timeout),
         token = %agent.config.token_source(),
         "restart agent listening"
     );

@@ -248,7 +248,7 @@ mod tests {
 #[cfg(test)]
 mod https_tests {
     use super::*;
-    use crate::config::ApiTls;
+    use crate::tls::ApiTls;
     use tokio::net::TcpListener;
 
     const SECRET: &str = "Bearer hook-secret-0123456789";
