@@ -207,8 +207,8 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
-/// One HTTP request (`token` as its bearer token, `body` as `content_type`):
-/// (status, body text).
+/// One HTTP request, GET, DELETE or POST (which sends `body` as `content_type`),
+/// with `token` as its bearer token: (status, body text).
 pub fn fetch(
     method: &str,
     url: &str,
