@@ -1,122 +1,37 @@
 //! The HTTP API against the real server on 127.0.0.1 with a temporary SQLite file.
 
+mod sim;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use control_plane::{Config, ControlPlane, Running};
+use control_plane::Config;
 use serde_json::{Value, json};
+use sim::{Served, TOKEN};
+use tempfile::TempDir;
 
-const TOKEN: &str = "test-token-0123";
 const READ_TOKEN: &str = "read-only-token-4567";
+/// The health URL of a server that is down.
+const DOWN: &str = "http://127.0.0.1:1/ping/";
 
-/// A control plane serving on loopback in its own runtime; dropped = killed.
-struct Cp {
-    rt: tokio::runtime::Runtime,
-    running: Option<Running>,
-    base: String,
-    plane: Arc<ControlPlane>,
-}
-
+/// Both servers, the first with the health URL `ping`, and a read-only token.
 fn config(dir: &Path, ping: &str) -> Config {
-    let text = format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        path = "state.db"
-        [api]
-        token = "{TOKEN}"
-        read_token = "{READ_TOKEN}"
-        max_body = 65536
-        [filter]
-        wasm = "/opt/base-router.wasm"
-        [[server]]
-        name = "dtable-server"
-        address = "127.0.0.1:5000"
-        health_url = "{ping}"
-        [[server]]
-        name = "dtable-server-2"
-        address = "127.0.0.1:5001"
-        health_url = "http://127.0.0.1:1/ping/"
-        "#
-    );
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
+    let health = format!("health_url = \"{ping}\"");
+    let servers = sim::two_servers([&health, &format!("health_url = \"{DOWN}\"")]);
+    let api = format!("read_token = \"{READ_TOKEN}\"\nmax_body = 65536");
+    sim::write_config(dir, &sim::config_text("", sim::STATE_DB, &api, &servers))
 }
 
-impl Cp {
-    fn start(dir: &Path) -> Cp {
-        Cp::start_with(config(dir, "http://127.0.0.1:1/ping/"))
-    }
-
-    fn start_with(config: Config) -> Cp {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let plane = ControlPlane::open(config).unwrap();
-        let running = rt
-            .block_on(control_plane::start(plane.clone(), TOKEN))
-            .unwrap();
-        let base = format!("http://{}", running.http_addr);
-        Cp {
-            rt,
-            running: Some(running),
-            base,
-            plane,
-        }
-    }
-
-    fn stop(mut self) {
-        if let Some(r) = self.running.take() {
-            self.rt.block_on(r.shutdown());
-        }
-    }
+/// A control plane with its store in `dir`, both servers down.
+fn start(dir: &Path) -> Served {
+    Served::start(config(dir, DOWN))
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
-}
-
-/// (status, JSON body or Null).
-fn call(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
-    let a = agent();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let resp = match (method, body) {
-        ("GET", _) => {
-            let mut r = a.get(url);
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.call()
-        }
-        ("DELETE", _) => {
-            let mut r = a.delete(url);
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.call()
-        }
-        (_, b) => {
-            let mut r = a.post(url).header("Content-Type", "application/json");
-            if let Some(h) = &auth {
-                r = r.header("Authorization", h);
-            }
-            r.send(b.map(|b| b.to_string()).unwrap_or_default())
-        }
-    };
-    let mut resp = resp.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+/// [`start`] in a new temporary directory.
+fn fresh() -> (TempDir, Served) {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(dir.path());
+    (dir, cp)
 }
 
 fn moving_map() -> Value {
@@ -126,40 +41,33 @@ fn moving_map() -> Value {
 
 #[test]
 fn changes_without_the_token_get_401() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
+    let (_dir, cp) = fresh();
     let map = json!({"default": "dtable-server", "paths": [{"prefix": "/x/", "server": "dtable-server-2"}]});
-    let url = format!("{}/v1/maps", cp.base);
+    let url = "/v1/maps";
     for token in [None, Some("wrong-token-0123"), Some("")] {
-        let (status, body) = call("POST", &url, token, Some(&map));
+        let (status, body) = cp.call("POST", url, token, Some(&map));
         assert_eq!(status, 401, "{body}");
         assert!(body["error"].as_str().unwrap().contains("Bearer"));
     }
-    let (status, _) = call("DELETE", &format!("{}/v1/nodes/x", cp.base), None, None);
+    let (status, _) = cp.call("DELETE", "/v1/nodes/x", None, None);
     assert_eq!(status, 401);
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["version"], 1);
-    let (status, _) = call("POST", &url, Some(TOKEN), Some(&map));
+    let (status, _) = cp.post(url, &map);
     assert_eq!(status, 200);
     cp.stop();
 }
 
 #[test]
 fn an_invalid_map_gets_422_with_every_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
+    let (_dir, cp) = fresh();
     let bad = json!({
         "default": "dtable-server",
         "slots": {"0-6": "dtable-server", "8-f": "dtable-server-9"},
         "pins": {"not-hex": "dtable-server"},
         "paths": [{"prefix": "no-slash", "server": "dtable-server"}]
     });
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps", cp.base),
-        Some(TOKEN),
-        Some(&bad),
-    );
+    let (status, body) = cp.post("/v1/maps", &bad);
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"], "the map is invalid");
     let problems = body["problems"].as_array().unwrap();
@@ -174,11 +82,9 @@ fn an_invalid_map_gets_422_with_every_problem() {
         "the unknown server: {body}"
     );
     // Not JSON at all, and not a map: 422 too.
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps", cp.base),
-        Some(TOKEN),
-        Some(&json!({"default": "dtable-server", "colour": 1})),
+    let (status, body) = cp.post(
+        "/v1/maps",
+        &json!({"default": "dtable-server", "colour": 1}),
     );
     assert_eq!(status, 422, "{body}");
     assert!(
@@ -187,82 +93,69 @@ fn an_invalid_map_gets_422_with_every_problem() {
             .unwrap()
             .contains("colour")
     );
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["version"], 1);
     cp.stop();
 }
 
 #[test]
 fn a_concurrent_change_gets_409() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v1/maps", cp.base);
+    let (_dir, cp) = fresh();
+    let url = "/v1/maps";
     let a = json!({"map": {"default": "dtable-server", "paths": [{"prefix": "/a/", "server": "dtable-server-2"}]},
                    "base_version": 1, "comment": "a"});
     let b = json!({"map": {"default": "dtable-server", "paths": [{"prefix": "/b/", "server": "dtable-server-2"}]},
                    "base_version": 1, "comment": "b"});
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&a));
+    let (status, body) = cp.post(url, &a);
     assert_eq!((status, &body["version"]), (200, &json!(2)), "{body}");
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&b));
+    let (status, body) = cp.post(url, &b);
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("someone else"));
     // A change in progress (a rollout holds the lock): 409 too.
     let guard = cp.plane.try_begin_change().unwrap();
     let c = json!({"default": "dtable-server", "paths": [{"prefix": "/c/", "server": "dtable-server-2"}]});
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&c));
+    let (status, body) = cp.post(url, &c);
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("in progress"));
     drop(guard);
-    let (status, _) = call("POST", &url, Some(TOKEN), Some(&c));
+    let (status, _) = cp.post(url, &c);
     assert_eq!(status, 200);
     cp.stop();
 }
 
 #[test]
 fn dry_run_returns_the_plan_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v1/maps?dry_run=true", cp.base);
+    let (_dir, cp) = fresh();
+    let url = "/v1/maps?dry_run=true";
     // A dry run is a read: the read-only token may plan.
-    let (status, body) = call("POST", &url, Some(READ_TOKEN), Some(&moving_map()));
+    let (status, body) = cp.call("POST", url, Some(READ_TOKEN), Some(&moving_map()));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["dry_run"], true);
     assert_eq!(body["applied"], false);
     assert_eq!(body["needs_rollout"], true);
     assert_eq!(body["plan"]["slots"][0]["range"], "8-f");
     assert_eq!(body["plan"]["losing"], json!(["dtable-server"]));
-    let (_, history) = call("GET", &format!("{}/v1/maps", cp.base), Some(TOKEN), None);
+    let (_, history) = cp.get("/v1/maps");
     assert_eq!(history["versions"].as_array().unwrap().len(), 1);
-    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), Some(TOKEN), None);
+    let (_, audit) = cp.get("/v1/audit");
     assert_eq!(audit["entries"].as_array().unwrap().len(), 1);
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps?dry_run=maybe", cp.base),
-        Some(TOKEN),
-        Some(&moving_map()),
-    );
+    let (status, body) = cp.post("/v1/maps?dry_run=maybe", &moving_map());
     assert_eq!(status, 400, "{body}");
     cp.stop();
 }
 
 #[test]
 fn every_error_is_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let (status, body) = call(
-        "GET",
-        &format!("{}/v1/maps/abc", cp.base),
-        Some(TOKEN),
-        None,
-    );
+    let (_dir, cp) = fresh();
+    let (status, body) = cp.get("/v1/maps/abc");
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("abc"));
-    let (status, body) = call("GET", &format!("{}/v2/nothing", cp.base), None, None);
+    let (status, body) = cp.call("GET", "/v2/nothing", None, None);
     assert_eq!(status, 404);
     assert!(body["error"].as_str().unwrap().contains("/v2/nothing"));
-    let (status, body) = call(
+    let (status, body) = cp.call(
         "POST",
-        &format!("{}/v3/discovery:clusters", cp.base),
+        "/v3/discovery:clusters",
         None,
         Some(&json!({"node": {}})),
     );
@@ -273,16 +166,10 @@ fn every_error_is_json() {
 
 #[test]
 fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
+    let (_dir, cp) = fresh();
     let mut map = moving_map();
     map["pins"] = json!({"ff84e1a1-66e2": "dtable-server-2"});
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps", cp.base),
-        Some(TOKEN),
-        Some(&map),
-    );
+    let (status, body) = cp.post("/v1/maps", &map);
     assert_eq!(status, 202, "{body}");
     let id = body["rollout"].as_u64().unwrap();
     assert_eq!(body["plan"]["slots"][0]["range"], "8-f", "{body}");
@@ -291,12 +178,7 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
     // Both servers have manual hooks: the rollout waits for the first one.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call(
-            "GET",
-            &format!("{}/v1/rollouts/{id}", cp.base),
-            Some(TOKEN),
-            None,
-        );
+        let (_, r) = cp.get(&format!("/v1/rollouts/{id}"));
         if r["waiting_for_confirm"] == "dtable-server" {
             assert_eq!(r["state"], "restart");
             break;
@@ -304,27 +186,22 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
         assert!(std::time::Instant::now() < deadline, "{r}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["kind"], "fence");
     // Abort without the token: 401; with it: rolled back to the old map.
-    let abort = format!("{}/v1/rollouts/current/abort", cp.base);
-    assert_eq!(call("POST", &abort, None, Some(&json!({}))).0, 401);
-    assert_eq!(call("POST", &abort, Some(TOKEN), Some(&json!({}))).0, 200);
+    let abort = "/v1/rollouts/current/abort";
+    assert_eq!(cp.call("POST", abort, None, Some(&json!({}))).0, 401);
+    assert_eq!(cp.post(abort, &json!({})).0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, r) = call(
-            "GET",
-            &format!("{}/v1/rollouts/{id}", cp.base),
-            Some(TOKEN),
-            None,
-        );
+        let (_, r) = cp.get(&format!("/v1/rollouts/{id}"));
         if r["state"] == "rolled_back" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{r}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["kind"], "rollback");
     assert_eq!(active["version"], 3);
     cp.stop();
@@ -333,49 +210,48 @@ fn a_map_that_moves_bases_starts_a_rollout_naming_the_moves() {
 #[test]
 fn a_non_moving_map_is_applied_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v1/maps", cp.base);
+    let cp = start(dir.path());
+    let url = "/v1/maps";
     let map = json!({"map": {"default": "dtable-server",
                              "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]},
                      "comment": "admin to server 2", "author": "alice"});
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    let (status, body) = cp.post(url, &map);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["applied"], true);
     assert_eq!(body["plan"]["paths_changed"], true);
     let ecds = cp.plane.snapshot().ecds.version.clone();
     assert_eq!(control_plane::resources::ecds_map_version(&ecds), Some(2));
     // The same map again: nothing to do, no new version.
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    let (status, body) = cp.post(url, &map);
     assert_eq!((status, body["unchanged"].as_bool()), (200, Some(true)));
     assert_eq!(body["version"], 2);
-    let (_, one) = call("GET", &format!("{}/v1/maps/2", cp.base), Some(TOKEN), None);
+    let (_, one) = cp.get("/v1/maps/2");
     assert_eq!(one["author"], "alice");
     assert_eq!(one["comment"], "admin to server 2");
-    let (status, _) = call("GET", &format!("{}/v1/maps/9", cp.base), Some(TOKEN), None);
+    let (status, _) = cp.get("/v1/maps/9");
     assert_eq!(status, 404);
     cp.stop();
 
-    let cp = Cp::start(dir.path());
+    let cp = start(dir.path());
     assert_eq!(cp.plane.snapshot().ecds.version, ecds);
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["version"], 2);
     assert_eq!(active["map"]["paths"][0]["server"], "dtable-server-2");
-    let (_, audit) = call("GET", &format!("{}/v1/audit", cp.base), Some(TOKEN), None);
+    let (_, audit) = cp.get("/v1/audit");
     assert_eq!(audit["entries"][0]["actor"], "alice");
     cp.stop();
 }
 
 #[test]
 fn rest_xds_answers_304_when_current() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v3/discovery:extension_configs", cp.base);
+    let (_dir, cp) = fresh();
+    let url = "/v3/discovery:extension_configs";
     let req = |version: &str| {
         json!({"version_info": version, "node": {"id": "rest-1", "cluster": "edge"},
                "resource_names": ["seashard.base_router"],
                "type_url": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"})
     };
-    let (status, body) = call("POST", &url, None, Some(&req("")));
+    let (status, body) = cp.call("POST", url, None, Some(&req("")));
     assert_eq!(status, 200, "{body}");
     let version = body["version_info"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -391,21 +267,16 @@ fn rest_xds_answers_304_when_current() {
         serde_json::from_str::<Value>(conf).unwrap()["map"]["default"],
         "dtable-server"
     );
-    let (status, _) = call("POST", &url, None, Some(&req(&version)));
+    let (status, _) = cp.call("POST", url, None, Some(&req(&version)));
     assert_eq!(status, 304);
-    let (_, node) = call(
-        "GET",
-        &format!("{}/v1/nodes/rest-1", cp.base),
-        Some(TOKEN),
-        None,
-    );
+    let (_, node) = cp.get("/v1/nodes/rest-1");
     assert_eq!(node["transport"], "rest");
     assert_eq!(node["types"]["ecds"]["acked_version"], version.as_str());
     assert_eq!(node["state"]["ecds"], "current");
     // Clusters.
-    let (status, body) = call(
+    let (status, body) = cp.call(
         "POST",
-        &format!("{}/v3/discovery:clusters", cp.base),
+        "/v3/discovery:clusters",
         None,
         Some(&json!({"node": {"id": "rest-1"}})),
     );
@@ -429,26 +300,20 @@ fn health_metrics_and_servers() {
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npong");
         }
     });
-    let cp = Cp::start_with(config(dir.path(), &ping));
-    let (status, body) = call("GET", &format!("{}/healthz", cp.base), None, None);
+    let cp = Served::start(config(dir.path(), &ping));
+    let (status, body) = cp.call("GET", "/healthz", None, None);
     assert_eq!((status, &body["ok"]), (200, &json!(true)));
-    let (status, body) = call("GET", &format!("{}/v1/servers", cp.base), Some(TOKEN), None);
+    let (status, body) = cp.get("/v1/servers");
     assert_eq!(status, 200);
     let servers = body["servers"].as_array().unwrap();
     assert_eq!(servers[0]["health"]["up"], true, "{body}");
     assert_eq!(servers[0]["assigned"]["default"], true);
     assert_eq!(servers[1]["health"]["up"], false);
     assert_eq!(servers[1]["restart"]["kind"], "manual");
-    let metrics = agent()
-        .get(&format!("{}/metrics", cp.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = cp.metrics();
     assert!(metrics.contains("seashard_map_version 1"), "{metrics}");
     assert!(metrics.contains("seashard_nodes{state=\"connected\"} 0"));
-    let (status, body) = call("GET", &format!("{}/v1/status", cp.base), Some(TOKEN), None);
+    let (status, body) = cp.get("/v1/status");
     assert_eq!(status, 200);
     assert_eq!(body["version"], 1);
     assert_eq!(
@@ -460,8 +325,7 @@ fn health_metrics_and_servers() {
 
 #[test]
 fn every_v1_endpoint_needs_a_token_and_only_the_change_token_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start_with(config(dir.path(), "http://127.0.0.1:1/ping/"));
+    let (_dir, cp) = fresh();
     let reads = [
         "/v1/status",
         "/v1/map",
@@ -475,89 +339,58 @@ fn every_v1_endpoint_needs_a_token_and_only_the_change_token_changes() {
         "/v1/audit",
     ];
     for path in reads {
-        let url = format!("{}{path}", cp.base);
         for token in [None, Some("wrong-token-0000")] {
-            let (status, body) = call("GET", &url, token, None);
+            let (status, body) = cp.call("GET", path, token, None);
             assert_eq!(status, 401, "GET {path} with {token:?}: {body}");
             assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
         }
         for token in [READ_TOKEN, TOKEN] {
-            let (status, body) = call("GET", &url, Some(token), None);
+            let (status, body) = cp.call("GET", path, Some(token), None);
             assert_ne!(status, 401, "GET {path}: {body}");
         }
     }
     // The read-only token changes nothing.
     let map = json!({"map": {"default": "dtable-server",
         "paths": [{"prefix": "/api/v1/admin/", "server": "dtable-server-2"}]}});
-    let url = format!("{}/v1/maps", cp.base);
-    let (status, _) = call("POST", &url, Some(READ_TOKEN), Some(&map));
+    let url = "/v1/maps";
+    let (status, _) = cp.call("POST", url, Some(READ_TOKEN), Some(&map));
     assert_eq!(status, 401);
-    let (status, _) = call("POST", &url, None, Some(&map));
+    let (status, _) = cp.call("POST", url, None, Some(&map));
     assert_eq!(status, 401);
-    let (_, active) = call(
-        "GET",
-        &format!("{}/v1/map", cp.base),
-        Some(READ_TOKEN),
-        None,
-    );
+    let (_, active) = cp.call("GET", "/v1/map", Some(READ_TOKEN), None);
     assert_eq!(active["version"], 1, "{active}");
-    let (status, body) = call("POST", &url, Some(TOKEN), Some(&map));
+    let (status, body) = cp.post(url, &map);
     assert_eq!(status, 200, "{body}");
     // Health and metrics stay open, and carry no map.
-    let (status, _) = call("GET", &format!("{}/healthz", cp.base), None, None);
+    let (status, _) = cp.call("GET", "/healthz", None, None);
     assert_eq!(status, 200);
-    let metrics = agent()
-        .get(&format!("{}/metrics", cp.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = cp.metrics();
     assert!(!metrics.contains("dtable-server-2"), "{metrics}");
     cp.stop();
 }
 
 #[test]
 fn a_key_given_twice_is_refused_naming_it_and_nothing_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v1/maps", cp.base);
-    let agent = agent();
+    let (_dir, cp) = fresh();
     for body in [
         r#"{"map": {"default": "dtable-server", "slots": {"0-f": "dtable-server", "0-f": "dtable-server-2"}}}"#,
         r#"{"default": "dtable-server", "default": "dtable-server-2"}"#,
         r#"{"map": {"default": "dtable-server"}, "comment": "a", "comment": "b"}"#,
     ] {
-        let mut resp = agent
-            .post(&url)
-            .header("Authorization", &format!("Bearer {TOKEN}"))
-            .header("Content-Type", "application/json")
-            .send(body)
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap();
+        let (status, text) = cp.send("/v1/maps", "application/json", body.as_bytes());
         assert_eq!(status, 422, "{body}: {text}");
         assert!(text.contains("is given twice"), "{text}");
     }
-    let (_, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (_, active) = cp.get("/v1/map");
     assert_eq!(active["version"], 1);
     cp.stop();
 }
 
 #[test]
 fn hostile_bodies_get_a_clear_error_and_the_api_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
-    let url = format!("{}/v1/maps", cp.base);
+    let (_dir, cp) = fresh();
     let send = |content_type: &str, body: Vec<u8>| -> (u16, Value) {
-        let mut resp = agent()
-            .post(&url)
-            .header("Authorization", &format!("Bearer {TOKEN}"))
-            .header("Content-Type", content_type)
-            .send(&body[..])
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let (status, text) = cp.send("/v1/maps", content_type, &body);
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     };
     // Over the size limit (64 KiB here; small enough to be sent whole before the
@@ -598,14 +431,14 @@ fn hostile_bodies_get_a_clear_error_and_the_api_keeps_serving() {
         assert!(body.to_string().contains(why), "{why}: {body}");
     }
     // Still serving, nothing changed.
-    let (status, active) = call("GET", &format!("{}/v1/map", cp.base), Some(TOKEN), None);
+    let (status, active) = cp.get("/v1/map");
     assert_eq!((status, &active["version"]), (200, &json!(1)), "{active}");
     cp.stop();
 }
 
 /// One REST xDS poll of ECDS by node `id` from the loopback address `source`, as an
 /// Envoy on another host polls: `(status, body)`.
-fn rest_poll_from(cp: &Cp, source: [u8; 4], id: &str, version: &str) -> (u16, Value) {
+fn rest_poll_from(cp: &Served, source: [u8; 4], id: &str, version: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let body = json!({"version_info": version, "node": {"id": id, "cluster": "edge"},
                       "resource_names": ["seashard.base_router"],
@@ -641,14 +474,13 @@ fn rest_poll_from(cp: &Cp, source: [u8; 4], id: &str, version: &str) -> (u16, Va
     (status, json)
 }
 
-fn rest_instances(cp: &Cp) -> Value {
-    call("GET", &format!("{}/v1/nodes", cp.base), Some(TOKEN), None).1
+fn rest_instances(cp: &Served) -> Value {
+    cp.get("/v1/nodes").1
 }
 
 #[test]
 fn rest_pollers_of_one_id_from_two_addresses_are_two_instances_and_a_moving_push_gets_409() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = Cp::start(dir.path());
+    let (_dir, cp) = fresh();
     let (status, first) = rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", "");
     assert_eq!(status, 200, "{first}");
     let version = first["version_info"].as_str().unwrap().to_owned();
@@ -676,27 +508,16 @@ fn rest_pollers_of_one_id_from_two_addresses_are_two_instances_and_a_moving_push
     assert_eq!(nodes["nodes"][1]["transport"], "rest");
     assert_eq!(nodes["conflicts"][0]["id"], "rest-1", "{nodes}");
     // A map that moves bases would wait for both: refused, naming them.
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps", cp.base),
-        Some(TOKEN),
-        Some(&moving_map()),
-    );
+    let (status, body) = cp.post("/v1/maps", &moving_map());
     assert_eq!(status, 409, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("`rest-1`") && error.contains("rest-1@rest:127.0.0.3"),
         "{body}"
     );
-    let (_, status) = call("GET", &format!("{}/v1/status", cp.base), Some(TOKEN), None);
+    let (_, status) = cp.get("/v1/status");
     assert_eq!(status["conflicts"][0]["id"], "rest-1", "{status}");
-    let metrics = agent()
-        .get(format!("{}/metrics", cp.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = cp.metrics();
     assert!(
         metrics.contains("seashard_node_id_conflicts 1"),
         "{metrics}"
@@ -708,42 +529,27 @@ fn rest_pollers_of_one_id_from_two_addresses_are_two_instances_and_a_moving_push
 #[test]
 fn a_rest_poller_of_a_waited_id_appearing_during_the_fence_rolls_the_rollout_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path(), "http://127.0.0.1:1/ping/");
+    let mut config = config(dir.path(), DOWN);
     // Far beyond the test's wait: only the conflict can end the fence in time.
     config.rollout.ack_timeout = Duration::from_secs(120);
-    let cp = Cp::start_with(config);
+    let cp = Served::start(config);
     let (_, first) = rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", "");
     let version = first["version_info"].as_str().unwrap().to_owned();
     assert_eq!(
         rest_poll_from(&cp, [127, 0, 0, 2], "rest-1", &version).0,
         304
     );
-    let (status, body) = call(
-        "POST",
-        &format!("{}/v1/maps", cp.base),
-        Some(TOKEN),
-        Some(&moving_map()),
-    );
+    let (status, body) = cp.post("/v1/maps", &moving_map());
     assert_eq!(status, 202, "{body}");
     let id = body["rollout"].as_u64().unwrap();
     // The fence waits for rest-1's ACK; another Envoy with that id polls meanwhile.
-    let (_, r) = call(
-        "GET",
-        &format!("{}/v1/rollouts/{id}", cp.base),
-        Some(TOKEN),
-        None,
-    );
+    let (_, r) = cp.get(&format!("/v1/rollouts/{id}"));
     assert_eq!(r["state"], "fence", "{r}");
     assert_eq!(rest_poll_from(&cp, [127, 0, 0, 3], "rest-1", "").0, 200);
     let rollout = |want: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let (_, r) = call(
-                "GET",
-                &format!("{}/v1/rollouts/{id}", cp.base),
-                Some(TOKEN),
-                None,
-            );
+            let (_, r) = cp.get(&format!("/v1/rollouts/{id}"));
             if r["state"] == want {
                 break r;
             }

@@ -4,51 +4,36 @@
 //! never reads its stream, 2 000 streams from one address, an unknown type URL, and
 //! bytes that are not a `DiscoveryRequest`.
 
+mod sim;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
-use control_plane::{Config, ControlPlane, Proposal, Running};
-use envoy_types::pb::envoy::config::core::v3::Node;
+use control_plane::resources::ECDS_TYPE_URL;
+use control_plane::{ControlPlane, Running};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use shardmap::{PathRule, ShardMap};
+use sim::{FILTER, TOKEN, node, push};
+use tempfile::TempDir;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-const TOKEN: &str = "hostile-token-0123";
-const FILTER: &str = "seashard.base_router";
-
-async fn start(dir: &std::path::Path) -> Running {
-    let text = format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        max_streams_per_peer = 64
-        send_timeout = "1s"
-        [store]
-        path = "state.db"
-        [api]
-        token = "{TOKEN}"
-        max_body = 65536
-        [filter]
-        wasm = "/opt/base-router.wasm"
-        [[server]]
-        name = "dtable-server"
-        address = "127.0.0.1:5000"
-        [[server]]
-        name = "dtable-server-2"
-        address = "127.0.0.1:5001"
-        "#
+/// A control plane in a new temporary directory, and a well-behaved Envoy that got
+/// its first configuration.
+async fn start() -> (TempDir, Running, Good) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = sim::config_text(
+        "max_streams_per_peer = 64\nsend_timeout = \"1s\"",
+        sim::STATE_DB,
+        "max_body = 65536",
+        &sim::two_servers(["", ""]),
     );
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text).unwrap();
-    let plane = ControlPlane::open(Config::load(&path).unwrap()).unwrap();
-    control_plane::start(plane, TOKEN).await.unwrap()
+    let running = sim::start_plane(sim::write_config(dir.path(), &text)).await;
+    let good = Good::start(running.grpc_addr).await;
+    (dir, running, good)
 }
 
 /// A channel to the control plane from `source` (a loopback address of its own).
@@ -61,27 +46,9 @@ async fn channel(addr: SocketAddr, source: Option<IpAddr>) -> Channel {
         .unwrap()
 }
 
-fn subscribe(node: Option<Node>) -> [DiscoveryRequest; 2] {
-    [
-        DiscoveryRequest {
-            node,
-            type_url: CDS_TYPE_URL.into(),
-            ..Default::default()
-        },
-        DiscoveryRequest {
-            type_url: ECDS_TYPE_URL.into(),
-            resource_names: vec![FILTER.into()],
-            ..Default::default()
-        },
-    ]
-}
-
-fn node(id: &str) -> Option<Node> {
-    Some(Node {
-        id: id.into(),
-        cluster: "test".into(),
-        ..Default::default()
-    })
+/// The first requests of an Envoy that is node `id`.
+fn subscribe(id: &str) -> Vec<DiscoveryRequest> {
+    sim::subscribe(node(id), FILTER).to_vec()
 }
 
 /// A well-behaved Envoy: ACKs everything; `latest` is the last ECDS version it got.
@@ -92,36 +59,14 @@ struct Good {
 impl Good {
     async fn start(addr: SocketAddr) -> Good {
         let (latest_tx, latest) = watch::channel(String::new());
-        let mut client = AggregatedDiscoveryServiceClient::new(channel(addr, None).await);
-        let (tx, rx) = mpsc::channel(8);
-        for r in subscribe(node("good")) {
-            tx.send(r).await.unwrap();
-        }
-        let mut inbound = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
         tokio::spawn(async move {
-            while let Ok(Some(r)) = inbound.message().await {
+            sim::ads(addr, "good", FILTER, None, |r| {
                 if r.type_url == ECDS_TYPE_URL {
                     latest_tx.send_replace(r.version_info.clone());
                 }
-                let ack = DiscoveryRequest {
-                    resource_names: if r.type_url == ECDS_TYPE_URL {
-                        vec![FILTER.into()]
-                    } else {
-                        vec![]
-                    },
-                    version_info: r.version_info,
-                    response_nonce: r.nonce,
-                    type_url: r.type_url,
-                    ..Default::default()
-                };
-                if tx.send(ack).await.is_err() {
-                    return;
-                }
-            }
+                true
+            })
+            .await
         });
         let mut good = Good { latest };
         good.wait_for(&|v: &str| !v.is_empty(), Duration::from_secs(10))
@@ -154,37 +99,6 @@ impl Good {
     }
 }
 
-/// Proposes a map that moves no base; returns its version.
-async fn push(plane: &Arc<ControlPlane>, i: usize, pins: usize) -> u64 {
-    let mut map = ShardMap {
-        default: "dtable-server".into(),
-        paths: vec![PathRule {
-            prefix: Some(format!("/push/{i}/")),
-            regex: None,
-            server: "dtable-server-2".into(),
-        }],
-        ..ShardMap::default()
-    };
-    for p in 0..pins {
-        // Pins on the default server: they move nothing.
-        map.pins.insert(format!("{p:08x}"), "dtable-server".into());
-    }
-    let p = plane.clone();
-    tokio::task::spawn_blocking(move || {
-        p.propose(&Proposal {
-            map,
-            base_version: None,
-            author: "test".into(),
-            comment: String::new(),
-            dry_run: false,
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap()
-    .version
-}
-
 /// Opens a stream sending `first`, returns the response stream (or the refusal).
 async fn open(
     ch: Channel,
@@ -207,15 +121,9 @@ async fn open(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_id_of_one_megabyte_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
+    let (_dir, running, mut good) = start().await;
     let huge = "x".repeat(1024 * 1024);
-    let (_tx, r) = open(
-        channel(running.grpc_addr, None).await,
-        subscribe(node(&huge)).to_vec(),
-    )
-    .await;
+    let (_tx, r) = open(channel(running.grpc_addr, None).await, subscribe(&huge)).await;
     let status = match r {
         Ok(mut s) => s.message().await.unwrap_err(),
         Err(s) => s,
@@ -236,14 +144,8 @@ async fn a_node_id_of_one_megabyte_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_nacks_everything_is_never_sent_the_same_content_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
-    let (tx, r) = open(
-        channel(running.grpc_addr, None).await,
-        subscribe(node("nacker")).to_vec(),
-    )
-    .await;
+    let (_dir, running, mut good) = start().await;
+    let (tx, r) = open(channel(running.grpc_addr, None).await, subscribe("nacker")).await;
     let mut inbound = r.unwrap();
     let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = received.clone();
@@ -280,13 +182,11 @@ async fn a_node_that_nacks_everything_is_never_sent_the_same_content_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_never_reads_its_stream_is_ended_and_holds_nobody_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
+    let (_dir, running, mut good) = start().await;
     // Subscribes, then never reads a response.
     let (_tx, r) = open(
         channel(running.grpc_addr, Some([127, 0, 0, 3].into())).await,
-        subscribe(node("sloth")).to_vec(),
+        subscribe("sloth"),
     )
     .await;
     let _never_read = r.unwrap();
@@ -310,11 +210,7 @@ async fn a_node_that_never_reads_its_stream_is_ended_and_holds_nobody_up() {
         good.gets_the_next_push(&running.plane, i, 3000).await;
     }
     good.gets_the_next_push(&running.plane, i + 1, 0).await;
-    let metrics = running.plane.metrics().render(
-        &running.plane.snapshot(),
-        &running.plane.registry().nodes(),
-        &[],
-    );
+    let metrics = sim::metrics(&running);
     assert!(
         metrics.contains("seashard_ads_slow_consumers_total 1"),
         "{metrics}"
@@ -324,14 +220,12 @@ async fn a_node_that_never_reads_its_stream_is_ended_and_holds_nobody_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_streams_from_one_address_meet_the_per_peer_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
+    let (_dir, running, mut good) = start().await;
     let ch = channel(running.grpc_addr, Some([127, 0, 0, 4].into())).await;
     let mut open_streams = Vec::new();
     let (mut accepted, mut refused) = (0, 0);
     for i in 0..2000 {
-        let (tx, r) = open(ch.clone(), subscribe(node(&format!("flood-{i}"))).to_vec()).await;
+        let (tx, r) = open(ch.clone(), subscribe(&format!("flood-{i}"))).await;
         match r {
             Ok(s) => {
                 accepted += 1;
@@ -350,7 +244,7 @@ async fn two_thousand_streams_from_one_address_meet_the_per_peer_limit() {
     open_streams.clear();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_tx, r) = open(ch.clone(), subscribe(node("late")).to_vec()).await;
+        let (_tx, r) = open(ch.clone(), subscribe("late")).await;
         if r.is_ok() {
             break;
         }
@@ -369,12 +263,10 @@ struct Garbage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_type_and_bytes_that_are_not_a_request_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
+    let (_dir, running, mut good) = start().await;
 
     // An unknown type URL: ignored, the stream stays.
-    let mut first = subscribe(node("curious")).to_vec();
+    let mut first = subscribe("curious");
     first.push(DiscoveryRequest {
         type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
         ..Default::default()
@@ -416,9 +308,7 @@ async fn an_unknown_type_and_bytes_that_are_not_a_request_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_api_bodies_hold_up_no_push() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path()).await;
-    let mut good = Good::start(running.grpc_addr).await;
+    let (_dir, running, mut good) = start().await;
     let url = format!("http://{}/v1/maps", running.http_addr);
     let mut big = br#"{"map": {"default": "dtable-server"}, "comment": ""#.to_vec();
     // Over `max_body` (64 KiB here), small enough to be sent whole before the answer.
@@ -439,18 +329,8 @@ async fn hostile_api_bodies_hold_up_no_push() {
     ];
     for (i, (content_type, body, want)) in cases.into_iter().enumerate() {
         let url = url.clone();
-        let status = tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            agent
-                .post(&url)
-                .header("authorization", &format!("Bearer {TOKEN}"))
-                .header("content-type", content_type)
-                .send(&body[..])
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
+        let (status, _) = tokio::task::spawn_blocking(move || {
+            sim::fetch("POST", &url, Some(TOKEN), Some(content_type), &body)
         })
         .await
         .unwrap();

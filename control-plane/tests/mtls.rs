@@ -5,15 +5,28 @@ mod sim;
 
 use std::time::Duration;
 
-use control_plane::ResourceType;
+use control_plane::{ResourceType, Running};
 use sim::{SimTls, first_response};
+use tempfile::TempDir;
+
+/// A control plane whose ADS requires a client certificate of a new CA (`tls`) and,
+/// with `bind`, node ids matching the certificates; in a temporary directory.
+async fn with_ca(bind: bool) -> (TempDir, SimTls, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = SimTls::new(&dir.path().join("tls"));
+    let running = sim::start_mtls(dir.path(), &tls, bind).await;
+    (dir, tls, running)
+}
+
+/// Another CA's certificates, in `dir`.
+fn other_ca(dir: &TempDir) -> SimTls {
+    SimTls::new(&dir.path().join("other"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ads_needs_a_client_certificate_of_the_ca_and_a_matching_node_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = SimTls::new(&dir.path().join("tls"));
-    let other = SimTls::new(&dir.path().join("other"));
-    let running = sim::start_mtls(dir.path(), &tls, true).await;
+    let (dir, tls, running) = with_ca(true).await;
+    let other = other_ca(&dir);
     let addr = running.grpc_addr;
 
     // Its own certificate: served.
@@ -48,11 +61,7 @@ async fn ads_needs_a_client_certificate_of_the_ca_and_a_matching_node_id() {
         .map(|n| n.id.clone())
         .collect();
     assert_eq!(nodes, ["edge-1"]);
-    let text = running.plane.metrics().render(
-        &running.plane.snapshot(),
-        &running.plane.registry().nodes(),
-        &[],
-    );
+    let text = sim::metrics(&running);
     assert!(
         text.contains("seashard_ads_node_id_refused_total 1"),
         "{text}"
@@ -68,9 +77,7 @@ async fn ads_needs_a_client_certificate_of_the_ca_and_a_matching_node_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_binding_any_certificate_of_the_ca_may_name_any_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = SimTls::new(&dir.path().join("tls"));
-    let running = sim::start_mtls(dir.path(), &tls, false).await;
+    let (_dir, tls, running) = with_ca(false).await;
     let shared = tls.client("fleet");
     for id in ["edge-1", "edge-2"] {
         first_response(running.grpc_addr, id, Some(shared.clone()))
@@ -84,10 +91,8 @@ async fn without_the_binding_any_certificate_of_the_ca_may_name_any_node() {
 /// not waited for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_over_mtls_converges_without_the_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = SimTls::new(&dir.path().join("tls"));
-    let other = SimTls::new(&dir.path().join("other"));
-    let running = sim::start_mtls(dir.path(), &tls, true).await;
+    let (dir, tls, running) = with_ca(true).await;
+    let other = other_ca(&dir);
     // Refused Envoys keep retrying meanwhile.
     let addr = running.grpc_addr;
     let impostor = tls.client("sim-0000");
@@ -170,23 +175,11 @@ async fn the_api_over_https_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_xds_is_refused_where_node_ids_are_bound() {
     for bind in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let tls = SimTls::new(&dir.path().join("tls"));
-        let running = sim::start_mtls(dir.path(), &tls, bind).await;
+        let (_dir, _tls, running) = with_ca(bind).await;
         let url = format!("http://{}/v3/discovery:clusters", running.http_addr);
         let (status, body) = tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let mut r = agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .send(
-                    r#"{"node": {"id": "edge-1", "cluster": "rest"}, "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"}"#,
-                )
-                .unwrap();
-            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+            let request = r#"{"node": {"id": "edge-1", "cluster": "rest"}, "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"}"#;
+            sim::fetch("POST", &url, None, Some("application/json"), request.as_bytes())
         })
         .await
         .unwrap();

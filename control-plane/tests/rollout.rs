@@ -3,26 +3,24 @@
 //! threads, restart hooks that are real commands. A control plane is killed by
 //! dropping its runtime (no shutdown, no last flush), as a SIGKILL would.
 
+mod sim;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
+use control_plane::resources::ECDS_TYPE_URL;
 use control_plane::rollout::{self, RestartState, Rollout, Step};
 use control_plane::store::{FinishRollout, NewVersion, StoredRollout};
-use control_plane::{Config, ControlPlane, Proposal, Running, Store, StoreError, VersionKind};
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use control_plane::{Config, ControlPlane, Proposal, Store, StoreError, VersionKind};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use serde_json::{Value, json};
 use shardmap::ShardMap;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-
-const TOKEN: &str = "rollout-token-0123";
+use sim::{FILTER, Served};
 
 /// A health URL answering `pong` while `up`.
 struct Pong {
@@ -81,75 +79,54 @@ fn toml_str(s: &str) -> String {
 }
 
 fn write_config(dir: &Path, servers: &[Srv], ack_timeout: &str) -> Config {
-    let mut text = format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        path = "state.db"
-        [api]
-        token = "{TOKEN}"
-        [filter]
-        wasm = "/opt/base-router.wasm"
-        [rollout]
-        ack_timeout = "{ack_timeout}"
-        health_timeout = "1s"
-        restart_timeout = "20s"
-        drain = "300ms"
-        "#
+    let mut rest = format!(
+        "[rollout]\nack_timeout = \"{ack_timeout}\"\nhealth_timeout = \"1s\"\n\
+         restart_timeout = \"20s\"\ndrain = \"300ms\"\n"
     );
     for s in servers {
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nhealth_url = \"http://{}/ping/\"\nrestart = {}\nguarded = {}\n",
-            s.name, s.pong, s.pong, s.hook, s.guarded
-        ));
+        let more = format!(
+            "health_url = \"http://{}/ping/\"\nrestart = {}\nguarded = {}",
+            s.pong, s.hook, s.guarded
+        );
+        rest.push_str(&sim::server(s.name, &s.pong.to_string(), &more));
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
+    sim::write_config(dir, &sim::config_text("", sim::STATE_DB, "", &rest))
 }
 
-/// A control plane in its own runtime; dropping it kills it.
-struct Cp {
-    rt: tokio::runtime::Runtime,
-    running: Running,
-    plane: Arc<ControlPlane>,
+/// A control plane in its own runtime ([`Served`]); dropping it kills it.
+struct Cp(Served);
+
+impl Deref for Cp {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl Cp {
     fn start(config: Config) -> Cp {
-        let store = control_plane::store::open(&config).unwrap();
-        Cp::start_with(config, store)
+        Cp(Served::start(config))
     }
 
     /// As [`Cp::start`], on `store`.
     fn start_with(config: Config, store: Arc<dyn Store>) -> Cp {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let plane = ControlPlane::with_store(config, store).unwrap();
-        let running = rt
-            .block_on(control_plane::start(plane.clone(), TOKEN))
-            .unwrap();
-        Cp { rt, running, plane }
+        Cp(Served::start_on(config, store))
     }
 
     /// Simulated Envoy `id` that ACKs every version up to `*limit` (and ignores newer).
     fn envoy(&self, id: &str, limit: Arc<AtomicU64>) {
-        self.envoy_handle_limited(id, EDGE, limit);
+        self.envoy_handle_limited(id, FILTER, limit);
     }
 
     /// As [`Cp::envoy`], with a handle to disconnect it.
     fn envoy_handle(&self, id: &str) -> tokio::task::JoinHandle<()> {
-        self.envoy_handle_limited(id, EDGE, unlimited())
+        self.envoy_handle_limited(id, FILTER, unlimited())
     }
 
     /// A simulated guard of `server`, ACKing every version.
     fn guard(&self, id: &str, server: &str) -> tokio::task::JoinHandle<()> {
-        let resource = control_plane::resources::guard_resource_name(EDGE, server);
+        let resource = control_plane::resources::guard_resource_name(FILTER, server);
         self.envoy_handle_limited(id, &resource, unlimited())
     }
 
@@ -165,6 +142,14 @@ impl Cp {
             resource.to_owned(),
             limit,
         ))
+    }
+
+    /// Simulated Envoys `ids`, ACKing every version; returns once all are current.
+    fn edges(&self, ids: &[&str]) {
+        for id in ids {
+            self.envoy(id, unlimited());
+        }
+        self.wait_connected(ids.len());
     }
 
     /// Waits until `n` Envoys are connected and current.
@@ -188,16 +173,7 @@ impl Cp {
 
     fn try_begin(&self, map: &ShardMap) -> Result<Rollout, rollout::RolloutError> {
         let _enter = self.rt.enter();
-        rollout::begin(
-            &self.plane,
-            &Proposal {
-                map: map.clone(),
-                base_version: None,
-                author: "test".into(),
-                comment: "test rollout".into(),
-                dry_run: false,
-            },
-        )
+        rollout::begin(&self.plane, &proposal(map, "test rollout"))
     }
 
     /// Waits until node `id` ACKed map version `version` of the filter configuration.
@@ -264,77 +240,53 @@ impl Cp {
     fn finished(&self, id: u64) -> Rollout {
         self.wait_for(id, "its end", |r| r.state.finished())
     }
-
-    fn api(&self) -> String {
-        format!("http://{}", self.running.http_addr)
-    }
 }
-
-/// The edges' filter configuration name.
-const EDGE: &str = "seashard.base_router";
 
 /// An ADS client: subscribes to CDS and to the ECDS `resource`, ACKs what it is sent
 /// while the map version is at most `limit`, stays silent otherwise (as a stopped
 /// Envoy).
 async fn sim_envoy(addr: SocketAddr, id: String, resource: String, limit: Arc<AtomicU64>) {
-    let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
-    else {
-        return;
+    let within_limit = |r: &DiscoveryResponse| {
+        let v: u64 = r
+            .version_info
+            .split('-')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        r.type_url != ECDS_TYPE_URL || v <= limit.load(Ordering::SeqCst)
     };
-    let (tx, rx) = mpsc::channel(8);
-    let first = [
-        DiscoveryRequest {
-            node: Some(Node {
-                id,
-                cluster: "sim".into(),
-                ..Default::default()
-            }),
-            type_url: CDS_TYPE_URL.into(),
-            ..Default::default()
-        },
-        DiscoveryRequest {
-            type_url: ECDS_TYPE_URL.into(),
-            resource_names: vec![resource.clone()],
-            ..Default::default()
-        },
-    ];
-    for r in first {
-        if tx.send(r).await.is_err() {
-            return;
-        }
-    }
-    let Ok(resp) = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-    else {
-        return;
-    };
-    let mut inbound = resp.into_inner();
-    while let Ok(Some(r)) = inbound.message().await {
-        let ecds = r.type_url == ECDS_TYPE_URL;
-        if ecds {
-            let v: u64 = r
-                .version_info
-                .split('-')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if v > limit.load(Ordering::SeqCst) {
-                continue;
-            }
-        }
-        let ack = DiscoveryRequest {
-            version_info: r.version_info,
-            response_nonce: r.nonce,
-            type_url: r.type_url,
-            resource_names: if ecds { vec![resource.clone()] } else { vec![] },
-            ..Default::default()
-        };
-        if tx.send(ack).await.is_err() {
-            return;
-        }
+    let _ = sim::ads(addr, &id, &resource, None, within_limit).await;
+}
+
+/// A rollout proposal of `map` by "test".
+fn proposal(map: &ShardMap, comment: &str) -> Proposal {
+    Proposal {
+        map: map.clone(),
+        base_version: None,
+        author: "test".into(),
+        comment: comment.into(),
+        dry_run: false,
     }
 }
+
+/// The servers `r` restarts, in order.
+fn restarting(r: &Rollout) -> Vec<&str> {
+    r.restart.iter().map(|s| s.server.as_str()).collect()
+}
+
+/// The steps `r` went through.
+fn steps(r: &Rollout) -> Vec<Step> {
+    r.steps.iter().map(|s| s.step).collect()
+}
+
+/// The steps of a rollout that completed.
+const EVERY_STEP: [Step; 5] = [
+    Step::Plan,
+    Step::Fence,
+    Step::Restart,
+    Step::Activate,
+    Step::Done,
+];
 
 fn map(v: Value) -> ShardMap {
     serde_json::from_value(v).unwrap()
@@ -345,16 +297,57 @@ fn half() -> ShardMap {
     map(json!({"default": "a", "slots": {"0-7": "a", "8-f": "b"}}))
 }
 
-/// Two servers whose hooks append their name to `log`.
-fn two_servers(dir: &Path, pongs: &[&Pong; 2]) -> (Vec<Srv>, PathBuf) {
-    let log = dir.join("restarts.log");
-    let srv = |name: &'static str, p: &Pong| Srv {
-        name,
-        pong: p.addr,
-        hook: command_hook(&format!("echo {name} >> {}", log.display())),
-        guarded: false,
-    };
-    (vec![srv("a", pongs[0]), srv("b", pongs[1])], log)
+/// Two servers whose hooks append their name to a log, in a temporary directory:
+/// the set-up most tests here share.
+struct Two {
+    dir: tempfile::TempDir,
+    /// Their health URLs, kept serving for as long as the test runs.
+    pongs: [Pong; 2],
+    servers: Vec<Srv>,
+    log: PathBuf,
+}
+
+impl Two {
+    fn new() -> Two {
+        let dir = tempfile::tempdir().unwrap();
+        let pongs = [Pong::start(), Pong::start()];
+        let log = dir.path().join("restarts.log");
+        let srv = |name: &'static str, p: &Pong| Srv {
+            name,
+            pong: p.addr,
+            hook: command_hook(&format!("echo {name} >> {}", log.display())),
+            guarded: false,
+        };
+        let servers = vec![srv("a", &pongs[0]), srv("b", &pongs[1])];
+        Two {
+            dir,
+            pongs,
+            servers,
+            log,
+        }
+    }
+
+    /// Both servers reached only through their guards.
+    fn guarded() -> Two {
+        let mut two = Two::new();
+        for s in &mut two.servers {
+            s.guarded = true;
+        }
+        two
+    }
+
+    fn config(&self, ack_timeout: &str) -> Config {
+        write_config(self.dir.path(), &self.servers, ack_timeout)
+    }
+
+    /// A control plane on this configuration's SQLite store.
+    fn start(&self, ack_timeout: &str) -> Cp {
+        Cp::start(self.config(ack_timeout))
+    }
+
+    fn restarted(&self) -> Vec<String> {
+        restarted(&self.log)
+    }
 }
 
 fn restarted(log: &Path) -> Vec<String> {
@@ -371,19 +364,14 @@ fn unlimited() -> Arc<AtomicU64> {
 
 #[test]
 fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
-    cp.envoy("edge-1", unlimited());
-    cp.envoy("edge-2", unlimited());
-    cp.wait_connected(2);
+    let two = Two::new();
+    let cp = two.start("5s");
+    cp.edges(&["edge-1", "edge-2"]);
 
     // First rollout after adopting seashard: every server restarts.
     let r = cp.begin(&half());
     assert_eq!(r.fence.slots, vec!["8-f".to_owned()]);
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["a", "b"]);
+    assert_eq!(restarting(&r), ["a", "b"]);
     assert!(r.restart[0].why.contains("never restarted"), "{r:?}");
     assert_eq!(r.envoys, ["edge-1@127.0.0.1", "edge-2@127.0.0.1"]);
     let r = cp.finished(r.id);
@@ -396,18 +384,8 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
         "restarted {} ms after the fence was ACKed",
         first_hook - restart_step.started_at
     );
-    assert_eq!(restarted(&log), ["a", "b"]);
-    let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
-    assert_eq!(
-        steps,
-        [
-            Step::Plan,
-            Step::Fence,
-            Step::Restart,
-            Step::Activate,
-            Step::Done
-        ]
-    );
+    assert_eq!(two.restarted(), ["a", "b"]);
+    assert_eq!(steps(&r), EVERY_STEP);
     let fence = cp.plane.store().version(2).unwrap().unwrap();
     assert_eq!(fence.kind, VersionKind::Fence);
     assert_eq!(fence.fence, r.fence);
@@ -429,12 +407,11 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
     // A later rollout moving 4-7 from a to b: only a may hold them.
     let quarter = map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}));
     let r = cp.begin(&quarter);
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["a"], "{r:#?}");
+    assert_eq!(restarting(&r), ["a"], "{r:#?}");
     assert_eq!(r.skipped[0].server, "b");
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::Done);
-    assert_eq!(restarted(&log), ["a", "b", "a"]);
+    assert_eq!(two.restarted(), ["a", "b", "a"]);
     eprintln!(
         "rollout 2 (restart a): overhead {} ms, restarts {} ms",
         r.overhead_ms.unwrap(),
@@ -453,16 +430,10 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
 
     // Moving 4-7 back to a: b owned them under version 5, a did not since its restart.
     let r = cp.begin(&half());
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["b"], "{r:#?}");
+    assert_eq!(restarting(&r), ["b"], "{r:#?}");
     assert_eq!(cp.finished(r.id).state, Step::Done);
 
-    let metrics = ureq::get(format!("{}/metrics", cp.api()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = cp.metrics();
     assert!(
         metrics.contains("seashard_rollouts_total{state=\"done\"} 3"),
         "{metrics}"
@@ -479,13 +450,10 @@ fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
 
 #[test]
 fn a_failing_hook_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
-    servers[1].hook = command_hook("echo no >&2; exit 3");
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    let mut two = Two::new();
+    two.servers[1].hook = command_hook("echo no >&2; exit 3");
+    let cp = two.start("5s");
+    cp.edges(&["edge-1"]);
     let r = cp.begin(&half());
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::RolledBack, "{r:#?}");
@@ -519,11 +487,9 @@ fn a_failing_hook_rolls_back() {
 
 #[test]
 fn a_server_that_never_answers_pong_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    pa.up.store(false, Ordering::SeqCst);
-    let (servers, _) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let two = Two::new();
+    two.pongs[0].up.store(false, Ordering::SeqCst);
+    let cp = two.start("5s");
     let r = cp.begin(&half());
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::RolledBack);
@@ -537,10 +503,8 @@ fn a_server_that_never_answers_pong_rolls_back() {
 
 #[test]
 fn an_envoy_that_never_acks_the_fence_rolls_back_after_the_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "700ms"));
+    let two = Two::new();
+    let cp = two.start("700ms");
     cp.envoy("edge-1", unlimited());
     cp.envoy("stuck", Arc::new(AtomicU64::new(1)));
     cp.wait_connected(2);
@@ -555,45 +519,20 @@ fn an_envoy_that_never_acks_the_fence_rolls_back_after_the_timeout() {
     );
     assert!(start.elapsed() >= Duration::from_millis(700));
     assert!(
-        restarted(&log).is_empty(),
+        two.restarted().is_empty(),
         "nothing restarts without the fence"
     );
 }
 
 #[test]
 fn abort_and_manual_confirmation_through_the_api() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
-    for s in &mut servers {
+    let mut two = Two::new();
+    for s in &mut two.servers {
         s.hook = r#"{ kind = "manual" }"#.into();
     }
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let post = |path: &str, body: Value| -> (u16, Value) {
-        let mut r = agent
-            .post(format!("{}{path}", cp.api()))
-            .header("authorization", &format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .send(body.to_string())
-            .unwrap();
-        let s = r.status().as_u16();
-        (
-            s,
-            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null),
-        )
-    };
-    let get = |path: &str| -> Value {
-        let mut r = agent
-            .get(format!("{}{path}", cp.api()))
-            .header("authorization", &format!("Bearer {TOKEN}"))
-            .call()
-            .unwrap();
-        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
-    };
+    let cp = two.start("5s");
+    let post = |path: &str, body: Value| cp.post(path, &body);
+    let get = |path: &str| cp.get(path).1;
 
     // Dry run: the plan with the servers to restart and why.
     let (status, body) = post("/v1/maps?dry_run=true", json!({"map": half()}));
@@ -668,14 +607,13 @@ fn abort_and_manual_confirmation_through_the_api() {
 /// Envoy or a slow hook), starts a new one on the same store, and checks the
 /// rollout completes from that step without skipping one.
 fn killed_at(step: Step) {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (mut servers, log) = two_servers(dir.path(), &[&pa, &pb]);
+    let mut two = Two::new();
     let slow = step == Step::Restart;
     if slow {
-        servers[1].hook = command_hook(&format!("echo b-slow >> {}; sleep 30", log.display()));
+        two.servers[1].hook =
+            command_hook(&format!("echo b-slow >> {}; sleep 30", two.log.display()));
     }
-    let cp = Cp::start(write_config(dir.path(), &servers, "30s"));
+    let cp = two.start("30s");
     // Version 1 is the initial map; the fence will be 2, the new map 3.
     let limit = match step {
         Step::Fence => 1,
@@ -695,27 +633,15 @@ fn killed_at(step: Step) {
     drop(cp);
 
     if slow {
-        servers[1].hook = command_hook(&format!("echo b >> {}", log.display()));
+        two.servers[1].hook = command_hook(&format!("echo b >> {}", two.log.display()));
     }
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let cp = two.start("5s");
     cp.envoy("edge-1", unlimited());
     cp.envoy("edge-2", unlimited());
     let r = cp.finished(id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
     assert_eq!(r.resumed, 1);
-    let steps: Vec<Step> = r.steps.iter().map(|s| s.step).collect();
-    assert_eq!(
-        steps,
-        [
-            Step::Plan,
-            Step::Fence,
-            Step::Restart,
-            Step::Activate,
-            Step::Done
-        ],
-        "held at {:?}",
-        held.state
-    );
+    assert_eq!(steps(&r), EVERY_STEP, "held at {:?}", held.state);
     // One fence version, one new version: nothing published twice.
     let kinds: Vec<VersionKind> = cp
         .plane
@@ -730,7 +656,7 @@ fn killed_at(step: Step) {
         kinds,
         [VersionKind::Initial, VersionKind::Fence, VersionKind::Map]
     );
-    let log = restarted(&log);
+    let log = two.restarted();
     if slow {
         // a was healthy before the kill: not restarted again; b's hook re-ran.
         assert_eq!(log, ["a", "b-slow", "b"]);
@@ -758,30 +684,13 @@ fn a_control_plane_killed_during_activation_resumes_and_completes() {
 #[test]
 fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
     // A rollout stored at its first step (as if killed before it acted).
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let config = write_config(dir.path(), &servers, "5s");
-    let id = {
-        let plane = ControlPlane::open(config.clone()).unwrap();
-        let r = planned(&plane, &half(), Step::Plan);
-        plane
-            .store()
-            .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
-            .unwrap()
-    };
-    let cp = Cp::start(config);
-    let r = cp.finished(id);
-    assert_eq!(r.state, Step::Done, "{r:#?}");
-    assert_eq!(restarted(&log), ["a", "b"]);
+    a_stored_plan_completes(0);
 }
 
 #[test]
 fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "500ms"));
+    let two = Two::new();
+    let cp = two.start("500ms");
     cp.envoy("edge-1", unlimited());
     let gone = cp.envoy_handle("gone");
     cp.wait_connected(2);
@@ -805,7 +714,7 @@ fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
             && reason.contains("DELETE /v1/nodes/gone@127.0.0.1"),
         "{reason}"
     );
-    assert!(restarted(&log).is_empty());
+    assert!(two.restarted().is_empty());
     // Forgotten (taken out of service): the next rollout goes through.
     let forgotten = cp.plane.registry().forget("gone");
     assert_eq!(forgotten, ["gone@127.0.0.1"]);
@@ -816,20 +725,18 @@ fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
 
 #[test]
 fn http_hooks_are_called_with_their_method_and_headers() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (mut servers, _) = two_servers(dir.path(), &[&pa, &pb]);
-    servers[0].hook = format!(
+    let mut two = Two::new();
+    two.servers[0].hook = format!(
         r#"{{ kind = "http", method = "POST", url = "http://{}/restart", headers = {{ authorization = "Bearer hook" }}, timeout = "5s" }}"#,
-        pa.addr
+        two.pongs[0].addr
     );
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    servers[1].hook =
+    two.servers[1].hook =
         format!(r#"{{ kind = "http", method = "PUT", url = "http://{closed}/restart" }}"#);
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let cp = two.start("5s");
     let r = cp.finished(cp.begin(&half()).id);
     assert_eq!(r.state, Step::RolledBack, "{r:#?}");
     assert!(
@@ -841,7 +748,7 @@ fn http_hooks_are_called_with_their_method_and_headers() {
         r.reason
     );
     assert_eq!(r.restart[0].state, RestartState::Healthy);
-    let seen = pa.seen.lock().unwrap().clone();
+    let seen = two.pongs[0].seen.lock().unwrap().clone();
     let hook = seen
         .iter()
         .find(|h| h.starts_with("POST /restart HTTP/1.1"))
@@ -851,12 +758,9 @@ fn http_hooks_are_called_with_their_method_and_headers() {
 
 #[test]
 fn a_pin_moves_one_base_and_restarts_only_its_holder() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    let two = Two::new();
+    let cp = two.start("5s");
+    cp.edges(&["edge-1"]);
     assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);
     // A pin moves one base of a's slots to b: only a may hold it.
     let mut pinned = half();
@@ -864,32 +768,19 @@ fn a_pin_moves_one_base_and_restarts_only_its_holder() {
     let r = cp.begin(&pinned);
     assert!(r.fence.slots.is_empty(), "{:?}", r.fence);
     assert_eq!(r.fence.pins, vec!["4c1b2c3d4e5f".to_owned()]);
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["a"]);
+    assert_eq!(restarting(&r), ["a"]);
     assert_eq!(cp.finished(r.id).state, Step::Done);
     // Removing the pin moves it back: now only b may hold it.
     let r = cp.begin(&half());
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["b"]);
+    assert_eq!(restarting(&r), ["b"]);
     assert_eq!(cp.finished(r.id).state, Step::Done);
-    assert_eq!(restarted(&log), ["a", "b", "a", "b"]);
-}
-
-/// Two servers, both reached only through their guards.
-fn guarded_servers(dir: &Path, pongs: &[&Pong; 2]) -> (Vec<Srv>, PathBuf) {
-    let (mut servers, log) = two_servers(dir, pongs);
-    for s in &mut servers {
-        s.guarded = true;
-    }
-    (servers, log)
+    assert_eq!(two.restarted(), ["a", "b", "a", "b"]);
 }
 
 #[test]
 fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "5s"));
+    let two = Two::new();
+    let cp = two.start("5s");
     let first = cp.envoy_handle("edge-1");
     let second = cp.envoy_handle("edge-1");
     cp.wait_streams("edge-1", 2);
@@ -910,34 +801,16 @@ fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
         "{text}"
     );
     // Over the API: 409 naming the id; status and /metrics show both peers.
-    let answer = ureq::post(format!("{}/v1/maps", cp.api()))
-        .header("authorization", &format!("Bearer {TOKEN}"))
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .content_type("application/json")
-        .send(json!({ "map": half() }).to_string())
-        .unwrap();
-    assert_eq!(answer.status(), 409);
-    let body = answer.into_body().read_to_string().unwrap();
+    let (status, body) = cp.send(
+        "/v1/maps",
+        "application/json",
+        json!({ "map": half() }).to_string().as_bytes(),
+    );
+    assert_eq!(status, 409);
     assert!(body.contains("edge-1") && body.contains(&from[1]), "{body}");
-    let status: Value = serde_json::from_str(
-        &ureq::get(format!("{}/v1/status", cp.api()))
-            .header("authorization", &format!("Bearer {TOKEN}"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap(),
-    )
-    .unwrap();
+    let (_, status) = cp.get("/v1/status");
     assert_eq!(status["conflicts"][0]["id"], "edge-1");
-    let metrics = ureq::get(format!("{}/metrics", cp.api()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = cp.metrics();
     assert!(
         metrics.contains("seashard_node_id_conflicts 1"),
         "{metrics}"
@@ -946,7 +819,7 @@ fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
         metrics.contains(&format!("peers=\"{} {}\"", from[0], from[1])),
         "{metrics}"
     );
-    assert!(restarted(&log).is_empty());
+    assert!(two.restarted().is_empty());
     assert_eq!(cp.plane.active().unwrap().version, 1);
     // One of them goes away: the id is no longer shared and the rollout runs.
     second.abort();
@@ -959,10 +832,8 @@ fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
 
 #[test]
 fn a_node_id_conflict_appearing_during_the_fence_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = two_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "20s"));
+    let two = Two::new();
+    let cp = two.start("20s");
     // edge-1 ACKs the initial map only: the fence waits for it.
     let limit = Arc::new(AtomicU64::new(1));
     cp.envoy("edge-1", limit);
@@ -978,15 +849,13 @@ fn a_node_id_conflict_appearing_during_the_fence_rolls_back() {
         reason.contains("node id `edge-1` is held by more than one Envoy"),
         "{reason}"
     );
-    assert!(restarted(&log).is_empty(), "restarted while in conflict");
+    assert!(two.restarted().is_empty(), "restarted while in conflict");
 }
 
 #[test]
 fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (servers, log) = guarded_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "1s"));
+    let two = Two::guarded();
+    let cp = two.start("1s");
     cp.guard("guard-a", "a");
     cp.guard("guard-b", "b");
     // An edge cut off after the initial map, and two edges sharing one id.
@@ -1012,7 +881,7 @@ fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
     assert_eq!(r.envoys, ["guard-a@127.0.0.1", "guard-b@127.0.0.1"]);
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
-    assert_eq!(restarted(&log), ["a", "b"]);
+    assert_eq!(two.restarted(), ["a", "b"]);
     // The cut-off edge is reported, not waited for.
     assert!(
         r.warnings.is_empty(),
@@ -1041,10 +910,8 @@ fn with_every_involved_server_guarded_the_rollout_waits_for_guards_not_edges() {
 
 #[test]
 fn a_guarded_server_without_a_guard_refuses_and_a_partly_guarded_change_waits_for_every_edge() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (Pong::start(), Pong::start());
-    let (mut servers, log) = guarded_servers(dir.path(), &[&pa, &pb]);
-    let cp = Cp::start(write_config(dir.path(), &servers, "500ms"));
+    let mut two = Two::guarded();
+    let cp = two.start("500ms");
     cp.guard("guard-a", "a");
     cp.envoy("edge-cut", Arc::new(AtomicU64::new(1)));
     cp.wait_streams("guard-a", 1);
@@ -1058,9 +925,9 @@ fn a_guarded_server_without_a_guard_refuses_and_a_partly_guarded_change_waits_fo
 
     // Only `a` guarded: a request for a moved base may still reach `b` unchecked,
     // so every edge must ACK; the cut-off one never does.
-    servers[1].guarded = false;
+    two.servers[1].guarded = false;
     let dir2 = tempfile::tempdir().unwrap();
-    let cp = Cp::start(write_config(dir2.path(), &servers, "500ms"));
+    let cp = Cp::start(write_config(dir2.path(), &two.servers, "500ms"));
     cp.guard("guard-a", "a");
     cp.envoy("edge-cut", Arc::new(AtomicU64::new(1)));
     cp.wait_streams("guard-a", 1);
@@ -1070,7 +937,7 @@ fn a_guarded_server_without_a_guard_refuses_and_a_partly_guarded_change_waits_fo
     let r = cp.finished(r.id);
     assert_eq!(r.state, Step::RolledBack, "{r:#?}");
     assert!(r.reason.unwrap().contains("edge-cut@127.0.0.1"));
-    assert!(restarted(&log).is_empty());
+    assert!(two.restarted().is_empty());
 }
 
 /// Four servers whose hooks log `start NAME`, sleep `secs`, then log `end NAME` (the
@@ -1118,25 +985,13 @@ fn four_server_plane(dir: &Path, secs: f64, fail: &str) -> (Cp, PathBuf, Vec<Pon
     let mut config = write_config(dir, &servers, "5s");
     config.initial_map = Some(dir.join("initial.json"));
     let cp = Cp::start(config);
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    cp.edges(&["edge-1"]);
     (cp, log, pongs)
 }
 
 fn begin_parallel(cp: &Cp, m: &ShardMap, parallel: Option<usize>) -> Rollout {
     let _enter = cp.rt.enter();
-    rollout::begin_with(
-        &cp.plane,
-        &Proposal {
-            map: m.clone(),
-            base_version: None,
-            author: "test".into(),
-            comment: String::new(),
-            dry_run: false,
-        },
-        parallel,
-    )
-    .unwrap()
+    rollout::begin_with(&cp.plane, &proposal(m, ""), parallel).unwrap()
 }
 
 /// The most hooks that ran at once, from the log's start and end lines.
@@ -1206,43 +1061,6 @@ fn a_failed_restart_stops_the_parallel_ones_and_rolls_back() {
 }
 
 // ---- A store that fails and recovers; rollouts left without a driver ----
-
-/// Two servers whose hooks append their name to a log, in a temporary directory:
-/// the set-up most tests here share.
-struct Two {
-    dir: tempfile::TempDir,
-    /// Kept serving for as long as the test runs.
-    _pongs: [Pong; 2],
-    servers: Vec<Srv>,
-    log: PathBuf,
-}
-
-impl Two {
-    fn new() -> Two {
-        let dir = tempfile::tempdir().unwrap();
-        let pongs = [Pong::start(), Pong::start()];
-        let (servers, log) = two_servers(dir.path(), &[&pongs[0], &pongs[1]]);
-        Two {
-            dir,
-            _pongs: pongs,
-            servers,
-            log,
-        }
-    }
-
-    fn config(&self, ack_timeout: &str) -> Config {
-        write_config(self.dir.path(), &self.servers, ack_timeout)
-    }
-
-    /// A control plane on this configuration's SQLite store.
-    fn start(&self, ack_timeout: &str) -> Cp {
-        Cp::start(self.config(ack_timeout))
-    }
-
-    fn restarted(&self) -> Vec<String> {
-        restarted(&self.log)
-    }
-}
 
 /// A store that fails as one under a full disk does, on the test's command: while
 /// `failing`, every write is refused (reads go on); `fail_reads` more reads of the
@@ -1410,6 +1228,36 @@ fn planned(plane: &ControlPlane, new: &ShardMap, state: Step) -> Rollout {
     }
 }
 
+/// A rollout of [`half`] stored at its first step by a control plane on `config` that
+/// is gone (as if killed before the rollout acted): its id.
+fn stored_plan(config: &Config) -> u64 {
+    let plane = ControlPlane::open(config.clone()).unwrap();
+    let r = planned(&plane, &half(), Step::Plan);
+    plane
+        .store()
+        .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
+        .unwrap()
+}
+
+/// Starts a control plane on a store holding a rollout at its first step
+/// ([`stored_plan`]), whose first `failed_reads` reads of that rollout fail, and
+/// checks that it completes the rollout.
+fn a_stored_plan_completes(failed_reads: u64) {
+    let two = Two::new();
+    let config = two.config("5s");
+    let id = stored_plan(&config);
+    let cp = if failed_reads == 0 {
+        Cp::start(config)
+    } else {
+        let flaky = Flaky::new(control_plane::store::open(&config).unwrap());
+        flaky.fail_reads.store(failed_reads, Ordering::SeqCst);
+        Cp::start_with(config, Arc::new(flaky))
+    };
+    let r = cp.finished(id);
+    assert_eq!(r.state, Step::Done, "{r:#?}");
+    assert_eq!(two.restarted(), ["a", "b"]);
+}
+
 /// Publishes `r`'s fence (as its driver would) and stores `r`, with no driver.
 fn store_fenced(plane: &ControlPlane, r: &mut Rollout) -> u64 {
     let active = plane.active().unwrap();
@@ -1438,20 +1286,6 @@ fn store_fenced(plane: &ControlPlane, r: &mut Rollout) -> u64 {
     id
 }
 
-fn post(cp: &Cp, path: &str, body: Value) -> (u16, Value) {
-    let mut r = ureq::post(format!("{}{path}", cp.api()))
-        .header("authorization", &format!("Bearer {TOKEN}"))
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .content_type("application/json")
-        .send(body.to_string())
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 #[test]
 fn a_store_that_fails_mid_rollout_for_longer_than_30_tries_never_orphans_it() {
     let mut two = Two::new();
@@ -1460,8 +1294,7 @@ fn a_store_that_fails_mid_rollout_for_longer_than_30_tries_never_orphans_it() {
     let config = two.config("5s");
     let flaky = Arc::new(Flaky::new(control_plane::store::open(&config).unwrap()));
     let cp = Cp::start_with(config, flaky.clone());
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    cp.edges(&["edge-1"]);
     let r = cp.begin(&half());
     cp.wait_for(r.id, "a restarting", |r| {
         r.restart[0].state == RestartState::Restarting
@@ -1483,10 +1316,9 @@ fn a_store_that_fails_mid_rollout_for_longer_than_30_tries_never_orphans_it() {
     assert!(cp.plane.active().unwrap().fence.is_empty());
     assert!(!cp.plane.rollout_signals().driving());
     // A push afterwards is taken.
-    let (status, body) = post(
-        &cp,
+    let (status, body) = cp.post(
         "/v1/maps",
-        json!({"map": map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}))}),
+        &json!({"map": map(json!({"default": "a", "slots": {"0-3": "a", "4-f": "b"}}))}),
     );
     assert_eq!(status, 202, "{body}");
     assert_eq!(
@@ -1497,35 +1329,19 @@ fn a_store_that_fails_mid_rollout_for_longer_than_30_tries_never_orphans_it() {
 
 #[test]
 fn a_resume_whose_first_read_fails_is_tried_again() {
-    let two = Two::new();
-    let config = two.config("5s");
-    let id = {
-        let plane = ControlPlane::open(config.clone()).unwrap();
-        let r = planned(&plane, &half(), Step::Plan);
-        plane
-            .store()
-            .insert_rollout("plan", &serde_json::to_value(&r).unwrap())
-            .unwrap()
-    };
-    let flaky = Flaky::new(control_plane::store::open(&config).unwrap());
     // One Unavailable read, as right after an election.
-    flaky.fail_reads.store(1, Ordering::SeqCst);
-    let cp = Cp::start_with(config, Arc::new(flaky));
-    let r = cp.finished(id);
-    assert_eq!(r.state, Step::Done, "{r:#?}");
-    assert_eq!(two.restarted(), ["a", "b"]);
+    a_stored_plan_completes(1);
 }
 
 #[test]
 fn abort_of_a_rollout_without_a_driver_starts_one_that_rolls_back() {
     let two = Two::new();
     let cp = two.start("5s");
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    cp.edges(&["edge-1"]);
     // A rollout at its fence that nothing drives (as one whose driver stopped).
     let mut r = planned(&cp.plane, &half(), Step::Fence);
     let id = store_fenced(&cp.plane, &mut r);
-    let (status, body) = post(&cp, "/v1/rollouts/current/abort", json!({}));
+    let (status, body) = cp.post("/v1/rollouts/current/abort", &json!({}));
     assert_eq!(status, 200, "{body}");
     let start = Instant::now();
     let r = cp.finished(id);
@@ -1541,8 +1357,7 @@ fn abort_of_a_rollout_without_a_driver_starts_one_that_rolls_back() {
 fn a_rollout_is_refused_while_another_is_unfinished_and_plans_from_its_may_hold() {
     let two = Two::new();
     let cp = two.start("5s");
-    cp.envoy("edge-1", unlimited());
-    cp.wait_connected(1);
+    cp.edges(&["edge-1"]);
     // Rollout 1: every server restarts; both may hold version 3 only.
     assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);
     // Rollout 2 moves 4-7 from a to b; it activated (b serves 4-7 from version 5)
@@ -1574,7 +1389,7 @@ fn a_rollout_is_refused_while_another_is_unfinished_and_plans_from_its_may_hold(
         .unwrap();
     // Moving 4-7 back to a: refused while rollout 2 is unfinished (b's history
     // would not show version 5, and b, which holds 4-7, would be skipped).
-    let (status, body) = post(&cp, "/v1/maps", json!({"map": half()}));
+    let (status, body) = cp.post("/v1/maps", &json!({"map": half()}));
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["rollout"], id, "{body}");
     assert!(
@@ -1585,14 +1400,13 @@ fn a_rollout_is_refused_while_another_is_unfinished_and_plans_from_its_may_hold(
         "{body}"
     );
     // abort reaches a driver: too late to roll back, so it completes.
-    let (status, body) = post(&cp, "/v1/rollouts/current/abort", json!({}));
+    let (status, body) = cp.post("/v1/rollouts/current/abort", &json!({}));
     assert_eq!(status, 409, "{body}");
     let r = cp.finished(id);
     assert_eq!(r.state, Step::Done, "{r:#?}");
     // Now b's history holds version 5: moving 4-7 back restarts b.
     let r = cp.begin(&half());
-    let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
-    assert_eq!(restart, ["b"], "{r:#?}");
+    assert_eq!(restarting(&r), ["b"], "{r:#?}");
     assert_eq!(cp.finished(r.id).state, Step::Done);
 }
 
@@ -1637,10 +1451,7 @@ fn the_drain_before_restarting_a_guarded_server_covers_its_guards_connect_timeou
     );
     // `drain = "300ms"`, shorter than that: a rollout restarting a guarded server
     // still waits the guard's connect timeout after the fence.
-    let mut two = Two::new();
-    for s in &mut two.servers {
-        s.guarded = true;
-    }
+    let two = Two::guarded();
     let cp = two.start("5s");
     cp.guard("guard-a", "a");
     cp.guard("guard-b", "b");

@@ -1,6 +1,8 @@
-//! Simulated Envoys: ADS clients that subscribe to CDS and ECDS and ACK every
-//! response, each on its own connection, as many as wanted in one process; over
-//! plain gRPC, or over mutual TLS with a client certificate per node ([`SimTls`]).
+//! The control plane's test harness: a control plane on loopback, in the test's
+//! runtime or in one of its own ([`Served`]), its HTTP API, and simulated Envoys:
+//! ADS clients that subscribe to CDS and ECDS and ACK every response, each on its
+//! own connection, as many as wanted in one process; over plain gRPC, or over
+//! mutual TLS with a client certificate per node ([`SimTls`]).
 
 #![allow(dead_code)] // Each test and bench uses a part.
 
@@ -10,16 +12,66 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_plane::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
-use control_plane::{Config, ControlPlane, Proposal, ResourceType, Running};
+use control_plane::{Config, ControlPlane, Proposal, ResourceType, Running, Store};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use serde_json::Value;
 use shardmap::{PathRule, ShardMap};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+/// The API token of every control plane here.
 pub const TOKEN: &str = "sim-token-0123456";
+
+/// The edges' filter configuration name (their ECDS resource).
+pub const FILTER: &str = "seashard.base_router";
+
+/// The `[store]` body of a SQLite store in the configuration's directory.
+pub const STATE_DB: &str = "path = \"state.db\"";
+
+/// The text of a `seashard.toml` for a control plane on loopback (ports the system
+/// picks) with the API token [`TOKEN`]: `listen` and `api` are more lines of those
+/// sections, `store` the `[store]` section's body, `rest` what follows `[filter]`
+/// (the servers, a `[rollout]` section).
+pub fn config_text(listen: &str, store: &str, api: &str, rest: &str) -> String {
+    format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        {listen}
+        [store]
+        {store}
+        [api]
+        token = "{TOKEN}"
+        {api}
+        [filter]
+        wasm = "/opt/base-router.wasm"
+        {rest}
+        "#
+    )
+}
+
+/// A `[[server]]` section: `name` at `address`, then the lines `more`.
+pub fn server(name: &str, address: &str, more: &str) -> String {
+    format!("[[server]]\nname = \"{name}\"\naddress = \"{address}\"\n{more}\n")
+}
+
+/// The two servers of most tests, `dtable-server` (127.0.0.1:5000) and
+/// `dtable-server-2` (127.0.0.1:5001), each with its lines of `more`.
+pub fn two_servers(more: [&str; 2]) -> String {
+    server("dtable-server", "127.0.0.1:5000", more[0])
+        + &server("dtable-server-2", "127.0.0.1:5001", more[1])
+}
+
+/// Writes `text` as `dir`/seashard.toml and loads it.
+pub fn write_config(dir: &Path, text: &str) -> Config {
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text).expect("write config");
+    Config::load(&path).expect("config")
+}
 
 /// A control plane on loopback with a store in `dir`.
 pub async fn start(dir: &Path) -> Running {
@@ -44,39 +96,167 @@ pub async fn start_mtls(dir: &Path, tls: &SimTls, bind_node_ids: bool) -> Runnin
 /// A control plane with `listen_extra` (e.g. `[listen.tls]`) after `[listen]`, and
 /// `api_extra` (e.g. `[api.tls]`) after `[api]`.
 pub async fn start_with(dir: &Path, listen_extra: &str, api_extra: &str) -> Running {
-    start_config(dir, listen_extra, api_extra, "path = \"state.db\"").await
+    start_config(dir, listen_extra, api_extra, STATE_DB).await
 }
 
 /// As [`start_with`], with `store` as the `[store]` section's body.
 pub async fn start_config(dir: &Path, listen_extra: &str, api_extra: &str, store: &str) -> Running {
-    let text = format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        # Every simulated Envoy connects from 127.0.0.1.
-        max_streams_per_peer = 100000
-        {listen_extra}
-        [store]
-        {store}
-        [api]
-        token = "{TOKEN}"
-        {api_extra}
-        [filter]
-        wasm = "/opt/base-router.wasm"
-        [[server]]
-        name = "dtable-server"
-        address = "127.0.0.1:5000"
-        [[server]]
-        name = "dtable-server-2"
-        address = "127.0.0.1:5001"
-        "#
-    );
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text).expect("write config");
-    let config = Config::load(&path).expect("config");
+    // Every simulated Envoy connects from 127.0.0.1.
+    let listen = format!("max_streams_per_peer = 100000\n{listen_extra}");
+    let text = config_text(&listen, store, api_extra, &two_servers(["", ""]));
+    start_plane(write_config(dir, &text)).await
+}
+
+/// A control plane on `config`, serving in this runtime.
+pub async fn start_plane(config: Config) -> Running {
     let plane = ControlPlane::open(config).expect("open");
     control_plane::start(plane, TOKEN).await.expect("start")
+}
+
+/// The control plane's metrics as `/metrics` shows them.
+pub fn metrics(running: &Running) -> String {
+    let plane = &running.plane;
+    plane
+        .metrics()
+        .render(&plane.snapshot(), &plane.registry().nodes(), &[])
+}
+
+/// A control plane serving on loopback in a runtime of its own, for tests that block
+/// (HTTP calls, sleeps). Dropping it drops the runtime: the control plane is killed
+/// (no shutdown, no last flush), as a SIGKILL would; [`Served::stop`] shuts it down.
+pub struct Served {
+    pub rt: tokio::runtime::Runtime,
+    pub running: Running,
+    pub plane: Arc<ControlPlane>,
+    /// The API's URL, `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Served {
+    /// A control plane on `config` and the store it names.
+    pub fn start(config: Config) -> Served {
+        let store = control_plane::store::open(&config).expect("store");
+        Served::start_on(config, store)
+    }
+
+    /// As [`Served::start`], on `store`.
+    pub fn start_on(config: Config, store: Arc<dyn Store>) -> Served {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let plane = ControlPlane::with_store(config, store).expect("open");
+        let running = rt
+            .block_on(control_plane::start(plane.clone(), TOKEN))
+            .expect("start");
+        let base = format!("http://{}", running.http_addr);
+        Served {
+            rt,
+            running,
+            plane,
+            base,
+        }
+    }
+
+    /// Shuts the control plane down.
+    pub fn stop(self) {
+        let Served { rt, running, .. } = self;
+        rt.block_on(running.shutdown());
+    }
+
+    /// [`call`] of the API's `path`.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        call(method, &format!("{}{path}", self.base), token, body)
+    }
+
+    /// GET `path` with [`TOKEN`]: (status, JSON body or `Null`).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, Some(TOKEN), None)
+    }
+
+    /// POST `body` to `path` with [`TOKEN`]: (status, JSON body or `Null`).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call("POST", path, Some(TOKEN), Some(body))
+    }
+
+    /// POST `body` as `content_type` to `path` with [`TOKEN`]: (status, body text).
+    pub fn send(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        let url = format!("{}{path}", self.base);
+        fetch("POST", &url, Some(TOKEN), Some(content_type), body)
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        fetch("GET", &format!("{}/metrics", self.base), None, None, &[]).1
+    }
+}
+
+/// An HTTP client that takes every status as an answer, with a 10 s timeout.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// One HTTP request, GET, DELETE or POST (which sends `body` as `content_type`),
+/// with `token` as its bearer token: (status, body text).
+pub fn fetch(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let a = agent();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match method {
+        "GET" | "DELETE" => {
+            let mut r = if method == "GET" {
+                a.get(url)
+            } else {
+                a.delete(url)
+            };
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = a.post(url);
+            if let Some(t) = content_type {
+                r = r.header("Content-Type", t);
+            }
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.send(body)
+        }
+    };
+    let mut resp = resp.expect("HTTP request");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// An API call with `body` as JSON: (status, JSON body or `Null`).
+pub fn call(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let (status, text) = fetch(
+        method,
+        url,
+        token,
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// A CA, the control plane's certificate (`127.0.0.1`, `localhost`) and client
@@ -134,10 +314,54 @@ pub async fn envoy(addr: SocketAddr, id: String) {
 /// [`envoy`], over TLS with `tls`.
 pub async fn envoy_with(addr: SocketAddr, id: String, tls: Option<ClientTlsConfig>) {
     for _ in 0..100 {
-        if matches!(session(addr, &id, tls.clone()).await, Ok(true)) {
+        if matches!(
+            ads(addr, &id, FILTER, tls.clone(), |_| true).await,
+            Ok(true)
+        ) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Node `id` of the simulated cluster.
+pub fn node(id: &str) -> Option<Node> {
+    Some(Node {
+        id: id.to_owned(),
+        cluster: "sim".into(),
+        ..Default::default()
+    })
+}
+
+/// An Envoy's first requests: CDS as `node`, then the ECDS `resource`.
+pub fn subscribe(node: Option<Node>, resource: &str) -> [DiscoveryRequest; 2] {
+    [
+        DiscoveryRequest {
+            node,
+            type_url: CDS_TYPE_URL.into(),
+            ..Default::default()
+        },
+        DiscoveryRequest {
+            type_url: ECDS_TYPE_URL.into(),
+            resource_names: vec![resource.into()],
+            ..Default::default()
+        },
+    ]
+}
+
+/// The ACK of `r`; an ECDS one names `resource` again.
+pub fn ack(r: DiscoveryResponse, resource: &str) -> DiscoveryRequest {
+    let names = if r.type_url == ECDS_TYPE_URL {
+        vec![resource.into()]
+    } else {
+        vec![]
+    };
+    DiscoveryRequest {
+        version_info: r.version_info,
+        response_nonce: r.nonce,
+        type_url: r.type_url,
+        resource_names: names,
+        ..Default::default()
     }
 }
 
@@ -150,16 +374,8 @@ pub async fn first_response(
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::channel(8);
     let mut client = connect(addr, tls).await?;
-    let first = DiscoveryRequest {
-        node: Some(Node {
-            id: id.to_owned(),
-            cluster: "sim".into(),
-            ..Default::default()
-        }),
-        type_url: CDS_TYPE_URL.into(),
-        ..Default::default()
-    };
-    tx.send(first).await.map_err(|e| e.to_string())?;
+    let [cds, _] = subscribe(node(id), FILTER);
+    tx.send(cds).await.map_err(|e| e.to_string())?;
     let mut inbound = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
@@ -196,29 +412,19 @@ async fn connect(
     Ok(AggregatedDiscoveryServiceClient::new(channel))
 }
 
-/// One ADS stream; `Ok(true)` when it got at least one response.
-async fn session(addr: SocketAddr, id: &str, tls: Option<ClientTlsConfig>) -> Result<bool, String> {
+/// One ADS stream as node `id`, subscribed to CDS and the ECDS `resource`: ACKs each
+/// response `take` accepts and ignores the others (as a stopped Envoy), until the
+/// stream ends. `Ok(true)` when it got at least one response.
+pub async fn ads(
+    addr: SocketAddr,
+    id: &str,
+    resource: &str,
+    tls: Option<ClientTlsConfig>,
+    mut take: impl FnMut(&DiscoveryResponse) -> bool,
+) -> Result<bool, String> {
     let mut client = connect(addr, tls).await?;
-    let id = id.to_owned();
     let (tx, rx) = mpsc::channel(8);
-    let node = Some(Node {
-        id,
-        cluster: "sim".into(),
-        ..Default::default()
-    });
-    let first = [
-        DiscoveryRequest {
-            node,
-            type_url: CDS_TYPE_URL.into(),
-            ..Default::default()
-        },
-        DiscoveryRequest {
-            type_url: ECDS_TYPE_URL.into(),
-            resource_names: vec!["seashard.base_router".into()],
-            ..Default::default()
-        },
-    ];
-    for r in first {
+    for r in subscribe(node(id), resource) {
         if tx.send(r).await.is_err() {
             return Ok(false);
         }
@@ -233,19 +439,7 @@ async fn session(addr: SocketAddr, id: &str, tls: Option<ClientTlsConfig>) -> Re
     let mut answered = false;
     while let Ok(Some(r)) = inbound.message().await {
         answered = true;
-        let names = if r.type_url == ECDS_TYPE_URL {
-            vec!["seashard.base_router".into()]
-        } else {
-            vec![]
-        };
-        let ack = DiscoveryRequest {
-            version_info: r.version_info,
-            response_nonce: r.nonce,
-            type_url: r.type_url,
-            resource_names: names,
-            ..Default::default()
-        };
-        if tx.send(ack).await.is_err() {
+        if take(&r) && tx.send(ack(r, resource)).await.is_err() {
             break;
         }
     }
@@ -298,32 +492,43 @@ pub async fn connect_all_with(
     }
 }
 
-/// Publishes a map that moves nothing (a path rule named after `i`) and returns how
-/// long until every connected node ACKed it.
-pub async fn push_and_wait(plane: &Arc<ControlPlane>, i: usize, timeout: Duration) -> Duration {
-    let map = ShardMap {
+/// Proposes a map that moves no base: a path rule named after `i`, and `pins` pins
+/// on the default server (to make it big). Returns its version.
+pub async fn push(plane: &Arc<ControlPlane>, i: usize, pins: usize) -> u64 {
+    let mut map = ShardMap {
         default: "dtable-server".into(),
         paths: vec![PathRule {
-            prefix: Some(format!("/bench/{i}/")),
+            prefix: Some(format!("/push/{i}/")),
             regex: None,
             server: "dtable-server-2".into(),
         }],
         ..ShardMap::default()
     };
-    let start = Instant::now();
+    for p in 0..pins {
+        // Pins on the default server: they move nothing.
+        map.pins.insert(format!("{p:08x}"), "dtable-server".into());
+    }
     let p = plane.clone();
     tokio::task::spawn_blocking(move || {
         p.propose(&Proposal {
             map,
             base_version: None,
-            author: "bench".into(),
+            author: "test".into(),
             comment: String::new(),
             dry_run: false,
         })
     })
     .await
     .expect("join")
-    .expect("propose");
+    .expect("propose")
+    .version
+}
+
+/// Publishes a map that moves nothing ([`push`]) and returns how long until every
+/// connected node ACKed it.
+pub async fn push_and_wait(plane: &Arc<ControlPlane>, i: usize, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    push(plane, i, 0).await;
     let c = plane.wait_ecds_converged(timeout).await;
     assert!(
         c.complete(),
