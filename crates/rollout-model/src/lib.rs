@@ -713,6 +713,16 @@ impl RolloutModel {
         Some(v)
     }
 
+    /// The version with `owner`'s map: the active one if it has that map already,
+    /// else a newly published one (`None`: no version left).
+    fn publish_map_unless_active(&self, s: &mut State, owner: Server) -> Option<u8> {
+        if s.content(s.active) == Content::Map(owner) {
+            Some(s.active)
+        } else {
+            self.publish(s, Content::Map(owner))
+        }
+    }
+
     /// Records what `p` reports running on replica `r`, as an ACK (subscribe, poll).
     fn record_report(&self, s: &mut State, p: Proxy, r: u8) {
         let v = s.proxy(p).version;
@@ -1112,11 +1122,7 @@ impl Model for RolloutModel {
             Action::Activate => {
                 let i = s.driving()?;
                 let new = s.content(s.rollouts[i].from).map_owner()?.other();
-                s.rollouts[i].to = if s.content(s.active) == Content::Map(new) {
-                    s.active
-                } else {
-                    self.publish(&mut s, Content::Map(new))?
-                };
+                s.rollouts[i].to = self.publish_map_unless_active(&mut s, new)?;
             }
             Action::RollBack => {
                 let i = s.driving()?;
@@ -1126,11 +1132,7 @@ impl Model for RolloutModel {
             Action::PublishRollback => {
                 let i = s.driving()?;
                 let old = s.content(s.rollouts[i].from).map_owner()?;
-                s.rollouts[i].to = if s.content(s.active) == Content::Map(old) {
-                    s.active
-                } else {
-                    self.publish(&mut s, Content::Map(old))?
-                };
+                s.rollouts[i].to = self.publish_map_unless_active(&mut s, old)?;
             }
             Action::Finish => {
                 let i = s.driving()?;
