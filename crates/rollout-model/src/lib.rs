@@ -429,6 +429,14 @@ impl State {
         self.rollouts.iter().all(|r| !r.step.unfinished())
     }
 
+    /// Replica `r` no longer leads (if it did): no leader, and no driver.
+    fn depose(&mut self, r: u8) {
+        if self.leader == Some(r) {
+            self.leader = None;
+            self.driver = false;
+        }
+    }
+
     /// The rollout the leader drives: the newest unfinished (`unfinished_rollout`).
     fn driving(&self) -> Option<usize> {
         (0..2).rev().find(|i| self.rollouts[*i].step.unfinished())
@@ -1165,10 +1173,7 @@ impl Model for RolloutModel {
             Action::Crash(r) => {
                 s.crashes += 1;
                 s.replicas[r as usize].up = false;
-                if s.leader == Some(r) {
-                    s.leader = None;
-                    s.driver = false;
-                }
+                s.depose(r);
                 for ps in &mut s.proxies {
                     if ps.conn == Conn::To(r) {
                         close_stream(ps);
@@ -1183,10 +1188,7 @@ impl Model for RolloutModel {
             Action::CutFromStore(r) => {
                 s.store_cuts += 1;
                 s.replicas[r as usize].linked = false;
-                if s.leader == Some(r) {
-                    s.leader = None;
-                    s.driver = false;
-                }
+                s.depose(r);
             }
             Action::CutOff(e) => {
                 s.cut_offs += 1;
