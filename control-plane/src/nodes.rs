@@ -1152,35 +1152,9 @@ fn is_due(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::resources::testing::snapshot;
     use crate::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
-    use shardmap::RouterConfig;
     use std::sync::Arc;
-
-    fn snapshot(version: u64, wasm: &str) -> Arc<Snapshot> {
-        let c = Config::parse(&format!(
-            r#"
-            [listen]
-            grpc = "127.0.0.1:1"
-            http = "127.0.0.1:2"
-            [store]
-            path = "x.db"
-            [api]
-            token = "01234567"
-            [filter]
-            wasm = "{wasm}"
-            [[server]]
-            name = "dtable-server"
-            address = "127.0.0.1:5000"
-            "#
-        ))
-        .unwrap();
-        Snapshot::build(
-            &RouterConfig::new(version, c.fallback_map()),
-            &c.filter,
-            &c.servers,
-        )
-    }
 
     fn req(version: &str, nonce: &str, error: Option<&str>) -> Request {
         Request {

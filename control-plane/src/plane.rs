@@ -80,6 +80,18 @@ pub struct Proposal {
     pub dry_run: bool,
 }
 
+impl Proposal {
+    /// A conflict if the proposer planned against another version than `active`.
+    pub(crate) fn check_base(&self, active: u64) -> Result<(), ProposeError> {
+        match self.base_version {
+            Some(expected) if expected != active => {
+                Err(ProposeError::Conflict { expected, active })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a proposal did (or, dry, would do).
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -343,14 +355,7 @@ impl ControlPlane {
             Some(self.try_begin_change()?)
         };
         let active = self.active()?;
-        if let Some(expected) = p.base_version
-            && expected != active.version
-        {
-            return Err(ProposeError::Conflict {
-                expected,
-                active: active.version,
-            });
-        }
+        p.check_base(active.version)?;
         if !active.fence.is_empty() && !p.dry_run {
             // A rollout left its fence up: only the rollout may lift it.
             return Err(ProposeError::Busy);
@@ -488,30 +493,11 @@ fn initial_map(config: &Config) -> Result<ShardMap, StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::plugin_configuration;
+    use crate::resources::{plugin_configuration, testing};
     use crate::store::SqliteStore;
 
     fn plane() -> Arc<ControlPlane> {
-        let config = Config::parse(
-            r#"
-            [listen]
-            grpc = "127.0.0.1:0"
-            http = "127.0.0.1:0"
-            [store]
-            path = "x.db"
-            [api]
-            token = "01234567"
-            [filter]
-            wasm = "/a.wasm"
-            [[server]]
-            name = "a"
-            address = "127.0.0.1:1"
-            [[server]]
-            name = "b"
-            address = "127.0.0.1:2"
-            "#,
-        )
-        .unwrap();
+        let config = testing::config("/a.wasm", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
         ControlPlane::with_store(config, Arc::new(SqliteStore::open_in_memory().unwrap())).unwrap()
     }
 

@@ -349,13 +349,20 @@ pub fn plugin_configuration(resource: &Any) -> Option<String> {
     Some(StringValue::decode(any.value.as_slice()).ok()?.value)
 }
 
+/// Configurations and snapshots for the crate's unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use shardmap::RouterConfig;
+
+    use super::Snapshot;
     use crate::config::Config;
 
-    fn config() -> Config {
-        Config::parse(
+    /// A configuration with the filter at `wasm` and these dtable-servers
+    /// (name, address).
+    pub(crate) fn config(wasm: &str, servers: &[(&str, &str)]) -> Config {
+        let mut text = format!(
             r#"
             [listen]
             grpc = "127.0.0.1:1"
@@ -365,16 +372,42 @@ mod tests {
             [api]
             token = "01234567"
             [filter]
-            wasm = "/opt/base-router.wasm"
-            [[server]]
-            name = "dtable-server"
-            address = "127.0.0.1:5000"
-            [[server]]
-            name = "dtable-server-2"
-            address = "db2.internal:5000"
-            "#,
+            wasm = "{wasm}"
+            "#
+        );
+        for (name, address) in servers {
+            text.push_str(&format!(
+                "[[server]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+            ));
+        }
+        Config::parse(&text).unwrap()
+    }
+
+    /// The snapshot of version `version` of the fallback map, with the filter at
+    /// `wasm` and one dtable-server (`127.0.0.1:5000`).
+    pub(crate) fn snapshot(version: u64, wasm: &str) -> Arc<Snapshot> {
+        let c = config(wasm, &[("dtable-server", "127.0.0.1:5000")]);
+        Snapshot::build(
+            &RouterConfig::new(version, c.fallback_map()),
+            &c.filter,
+            &c.servers,
         )
-        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config() -> Config {
+        testing::config(
+            "/opt/base-router.wasm",
+            &[
+                ("dtable-server", "127.0.0.1:5000"),
+                ("dtable-server-2", "db2.internal:5000"),
+            ],
+        )
     }
 
     #[test]

@@ -522,15 +522,7 @@ pub fn begin_with(
     // Before the rollout is stored: an abort asked for from then on is kept.
     plane.rollout_signals().reset();
     let active = plane.active()?;
-    if let Some(expected) = p.base_version
-        && expected != active.version
-    {
-        return Err(ProposeError::Conflict {
-            expected,
-            active: active.version,
-        }
-        .into());
-    }
+    p.check_base(active.version)?;
     if !active.fence.is_empty() {
         return Err(ProposeError::Busy.into());
     }

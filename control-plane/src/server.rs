@@ -102,33 +102,31 @@ pub async fn start(plane: Arc<ControlPlane>, token: &str) -> Result<Running, Ser
     let ads = ads.into_service();
     let grpc_stop = until(stopped.clone());
     // With TLS, handshakes run beside the servers, which get established streams.
-    let with_tls = |l: TcpListener, config, what, which: TlsListener, addr| {
-        let p = plane.clone();
-        tls::incoming(l, config, what, move || {
-            p.metrics().tls_handshake_failed(which)
-        })
-        .map_err(|source| ServeError::Bind { what, addr, source })
+    let incoming = |l: TcpListener, config, what, which: TlsListener, addr| match config {
+        Some(config) => {
+            let p = plane.clone();
+            tls::incoming(l, config, what, move || {
+                p.metrics().tls_handshake_failed(which)
+            })
+            .map(Incoming::Tls)
+            .map_err(|source| ServeError::Bind { what, addr, source })
+        }
+        None => Ok(Incoming::Plain(l)),
     };
-    let grpc_incoming = match ads_tls {
-        Some(c) => Incoming::Tls(with_tls(
-            grpc_listener,
-            c,
-            "ADS gRPC",
-            TlsListener::Ads,
-            grpc_addr,
-        )?),
-        None => Incoming::Plain(grpc_listener),
-    };
-    let http_incoming = match api_tls {
-        Some(c) => Incoming::Tls(with_tls(
-            http_listener,
-            c,
-            "HTTP API",
-            TlsListener::Api,
-            http_addr,
-        )?),
-        None => Incoming::Plain(http_listener),
-    };
+    let grpc_incoming = incoming(
+        grpc_listener,
+        ads_tls,
+        "ADS gRPC",
+        TlsListener::Ads,
+        grpc_addr,
+    )?;
+    let http_incoming = incoming(
+        http_listener,
+        api_tls,
+        "HTTP API",
+        TlsListener::Api,
+        http_addr,
+    )?;
     let grpc = tokio::spawn(async move {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)

@@ -421,25 +421,10 @@ mod tests {
     //! ECDS named, CDS wildcard, a NACK carrying `error_detail` (gRPC status).
 
     use super::*;
-    use crate::config::Config;
     use crate::nodes::Registry;
+    use crate::resources::testing::snapshot;
     use crate::resources::{CDS_TYPE_URL, ECDS_TYPE_URL};
     use envoy_types::pb::google::rpc::Status as RpcStatus;
-    use shardmap::RouterConfig;
-
-    fn snapshot(version: u64, wasm: &str) -> Arc<Snapshot> {
-        let c = Config::parse(&format!(
-            "[listen]\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n[store]\npath = \"x\"\n\
-             [api]\ntoken = \"01234567\"\n[filter]\nwasm = \"{wasm}\"\n\
-             [[server]]\nname = \"dtable-server\"\naddress = \"127.0.0.1:5000\"\n"
-        ))
-        .unwrap();
-        Snapshot::build(
-            &RouterConfig::new(version, c.fallback_map()),
-            &c.filter,
-            &c.servers,
-        )
-    }
 
     fn request(
         node: bool,

@@ -429,6 +429,14 @@ impl State {
         self.rollouts.iter().all(|r| !r.step.unfinished())
     }
 
+    /// Replica `r` no longer leads (if it did): no leader, and no driver.
+    fn depose(&mut self, r: u8) {
+        if self.leader == Some(r) {
+            self.leader = None;
+            self.driver = false;
+        }
+    }
+
     /// The rollout the leader drives: the newest unfinished (`unfinished_rollout`).
     fn driving(&self) -> Option<usize> {
         (0..2).rev().find(|i| self.rollouts[*i].step.unfinished())
@@ -711,6 +719,16 @@ impl RolloutModel {
             self.push(s, l);
         }
         Some(v)
+    }
+
+    /// The version with `owner`'s map: the active one if it has that map already,
+    /// else a newly published one (`None`: no version left).
+    fn publish_map_unless_active(&self, s: &mut State, owner: Server) -> Option<u8> {
+        if s.content(s.active) == Content::Map(owner) {
+            Some(s.active)
+        } else {
+            self.publish(s, Content::Map(owner))
+        }
     }
 
     /// Records what `p` reports running on replica `r`, as an ACK (subscribe, poll).
@@ -1112,11 +1130,7 @@ impl Model for RolloutModel {
             Action::Activate => {
                 let i = s.driving()?;
                 let new = s.content(s.rollouts[i].from).map_owner()?.other();
-                s.rollouts[i].to = if s.content(s.active) == Content::Map(new) {
-                    s.active
-                } else {
-                    self.publish(&mut s, Content::Map(new))?
-                };
+                s.rollouts[i].to = self.publish_map_unless_active(&mut s, new)?;
             }
             Action::RollBack => {
                 let i = s.driving()?;
@@ -1126,11 +1140,7 @@ impl Model for RolloutModel {
             Action::PublishRollback => {
                 let i = s.driving()?;
                 let old = s.content(s.rollouts[i].from).map_owner()?;
-                s.rollouts[i].to = if s.content(s.active) == Content::Map(old) {
-                    s.active
-                } else {
-                    self.publish(&mut s, Content::Map(old))?
-                };
+                s.rollouts[i].to = self.publish_map_unless_active(&mut s, old)?;
             }
             Action::Finish => {
                 let i = s.driving()?;
@@ -1163,10 +1173,7 @@ impl Model for RolloutModel {
             Action::Crash(r) => {
                 s.crashes += 1;
                 s.replicas[r as usize].up = false;
-                if s.leader == Some(r) {
-                    s.leader = None;
-                    s.driver = false;
-                }
+                s.depose(r);
                 for ps in &mut s.proxies {
                     if ps.conn == Conn::To(r) {
                         close_stream(ps);
@@ -1181,10 +1188,7 @@ impl Model for RolloutModel {
             Action::CutFromStore(r) => {
                 s.store_cuts += 1;
                 s.replicas[r as usize].linked = false;
-                if s.leader == Some(r) {
-                    s.leader = None;
-                    s.driver = false;
-                }
+                s.depose(r);
             }
             Action::CutOff(e) => {
                 s.cut_offs += 1;

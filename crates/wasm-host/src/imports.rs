@@ -61,6 +61,19 @@ fn errno(result: HostResult) -> wasmtime::Result<u32> {
     }
 }
 
+/// Defines the proxy-wasm (`env`) host function `$name`: its body is run as a
+/// [`HostResult`] and answered as the ABI status ([`status`]). The first
+/// parameter is the caller (`Caller<'_, State>`), the others are typed.
+macro_rules! proxy_fn {
+    ($linker:ident, $name:literal, |$caller:pat_param $(, $arg:ident: $ty:ty)* $(,)?| $body:block) => {
+        $linker.func_wrap(
+            ENV,
+            $name,
+            |$caller: Caller<'_, State> $(, $arg: $ty)*| status((|| $body)()),
+        )
+    };
+}
+
 fn guest<'a>(caller: &'a Caller<'_, State>) -> HostResult<&'a Guest> {
     Ok(caller
         .data()
@@ -198,66 +211,55 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<State>> {
 }
 
 fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_log",
-        |mut caller: Caller<'_, State>, level: u32, ptr: u32, len: u32| {
-            status((|| {
-                let level = LogLevel::from_abi(level).ok_or(Status::BadArgument)?;
-                let message = String::from_utf8_lossy(&read(&caller, ptr, len)?).into_owned();
-                caller.data_mut().logs.push(LogEntry { level, message });
-                Ok(())
-            })())
-        },
+        |mut caller, level: u32, ptr: u32, len: u32| {
+            let level = LogLevel::from_abi(level).ok_or(Status::BadArgument)?;
+            let message = String::from_utf8_lossy(&read(&caller, ptr, len)?).into_owned();
+            caller.data_mut().logs.push(LogEntry { level, message });
+            Ok(())
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_shared_data",
-        |mut caller: Caller<'_, State>,
-         key: u32,
-         key_len: u32,
-         ptr_out: u32,
-         size_out: u32,
-         cas_out: u32| {
-            status((|| {
-                let key = read(&caller, key, key_len)?;
-                let found = caller
-                    .data()
-                    .shared
-                    .lock()
-                    .map_err(|_| Status::InternalFailure)?
-                    .get(&key)
-                    .cloned();
-                let (value, cas) = found.ok_or(Status::NotFound)?;
-                return_bytes(&mut caller, &value, ptr_out, size_out)?;
-                write_u32(&mut caller, cas_out, cas)
-            })())
-        },
+        |mut caller, key: u32, key_len: u32, ptr_out: u32, size_out: u32, cas_out: u32| {
+            let key = read(&caller, key, key_len)?;
+            let found = caller
+                .data()
+                .shared
+                .lock()
+                .map_err(|_| Status::InternalFailure)?
+                .get(&key)
+                .cloned();
+            let (value, cas) = found.ok_or(Status::NotFound)?;
+            return_bytes(&mut caller, &value, ptr_out, size_out)?;
+            write_u32(&mut caller, cas_out, cas)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_set_shared_data",
-        |caller: Caller<'_, State>, key: u32, key_len: u32, ptr: u32, len: u32, cas: u32| {
-            status((|| {
-                let key = read(&caller, key, key_len)?;
-                let value = read(&caller, ptr, len)?;
-                let mut shared = caller
-                    .data()
-                    .shared
-                    .lock()
-                    .map_err(|_| Status::InternalFailure)?;
-                // As Envoy: cas 0 writes unconditionally, another must match.
-                let next = match shared.get(&key) {
-                    Some((_, current)) if cas != 0 && cas != *current => {
-                        return Err(Status::CasMismatch.into());
-                    }
-                    Some((_, current)) => current.wrapping_add(1).max(1),
-                    None => 1,
-                };
-                shared.insert(key, (value, next));
-                Ok(())
-            })())
-        },
+        |caller, key: u32, key_len: u32, ptr: u32, len: u32, cas: u32| {
+            let key = read(&caller, key, key_len)?;
+            let value = read(&caller, ptr, len)?;
+            let mut shared = caller
+                .data()
+                .shared
+                .lock()
+                .map_err(|_| Status::InternalFailure)?;
+            // As Envoy: cas 0 writes unconditionally, another must match.
+            let next = match shared.get(&key) {
+                Some((_, current)) if cas != 0 && cas != *current => {
+                    return Err(Status::CasMismatch.into());
+                }
+                Some((_, current)) => current.wrapping_add(1).max(1),
+                None => 1,
+            };
+            shared.insert(key, (value, next));
+            Ok(())
+        }
     )?;
     linker.func_wrap(
         ENV,
@@ -281,56 +283,45 @@ fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             status(Ok(()))
         },
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_buffer_bytes",
-        |mut caller: Caller<'_, State>,
-         buffer: u32,
-         start: u32,
-         max_size: u32,
-         ptr_out: u32,
-         size_out: u32| {
-            status((|| {
-                let state = caller.data();
-                let data = match buffer {
-                    BUFFER_VM_CONFIGURATION => &state.vm_configuration,
-                    BUFFER_PLUGIN_CONFIGURATION => &state.plugin_configuration,
-                    _ => return Err(Status::NotFound.into()),
-                };
-                let start = start as usize;
-                let end = data.len().min(start.saturating_add(max_size as usize));
-                let bytes = data.get(start..end).ok_or(Status::BadArgument)?.to_vec();
-                return_bytes(&mut caller, &bytes, ptr_out, size_out)
-            })())
-        },
+        |mut caller, buffer: u32, start: u32, max_size: u32, ptr_out: u32, size_out: u32| {
+            let state = caller.data();
+            let data = match buffer {
+                BUFFER_VM_CONFIGURATION => &state.vm_configuration,
+                BUFFER_PLUGIN_CONFIGURATION => &state.plugin_configuration,
+                _ => return Err(Status::NotFound.into()),
+            };
+            let start = start as usize;
+            let end = data.len().min(start.saturating_add(max_size as usize));
+            let bytes = data.get(start..end).ok_or(Status::BadArgument)?.to_vec();
+            return_bytes(&mut caller, &bytes, ptr_out, size_out)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_property",
-        |mut caller: Caller<'_, State>, path: u32, path_len: u32, ptr_out: u32, size_out: u32| {
-            status((|| {
-                let path = read(&caller, path, path_len)?;
-                let value = caller
-                    .data()
-                    .properties
-                    .get(&path)
-                    .ok_or(Status::NotFound)?
-                    .clone();
-                return_bytes(&mut caller, &value, ptr_out, size_out)
-            })())
-        },
+        |mut caller, path: u32, path_len: u32, ptr_out: u32, size_out: u32| {
+            let path = read(&caller, path, path_len)?;
+            let value = caller
+                .data()
+                .properties
+                .get(&path)
+                .ok_or(Status::NotFound)?
+                .clone();
+            return_bytes(&mut caller, &value, ptr_out, size_out)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_set_property",
-        |mut caller: Caller<'_, State>, path: u32, path_len: u32, value: u32, value_len: u32| {
-            status((|| {
-                let path = read(&caller, path, path_len)?;
-                let value = read(&caller, value, value_len)?;
-                caller.data_mut().properties.insert(path, value);
-                Ok(())
-            })())
-        },
+        |mut caller, path: u32, path_len: u32, value: u32, value_len: u32| {
+            let path = read(&caller, path, path_len)?;
+            let value = read(&caller, value, value_len)?;
+            caller.data_mut().properties.insert(path, value);
+            Ok(())
+        }
     )?;
     for name in ["proxy_continue_stream", "proxy_close_stream"] {
         linker.func_wrap(ENV, name, |_: Caller<'_, State>, stream: u32| {
@@ -342,10 +333,10 @@ fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             })
         })?;
     }
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_send_local_response",
-        |mut caller: Caller<'_, State>,
+        |mut caller,
          code: u32,
          details: u32,
          details_len: u32,
@@ -354,26 +345,24 @@ fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          headers: u32,
          headers_len: u32,
          grpc_status: i32| {
-            status((|| {
-                let details =
-                    String::from_utf8_lossy(&read(&caller, details, details_len)?).into_owned();
-                let body = read(&caller, body, body_len)?;
-                let headers = decode_headers(&read(&caller, headers, headers_len)?)?;
-                let state = caller.data_mut();
-                let stream = state
-                    .streams
-                    .get_mut(&state.effective_context)
-                    .ok_or(Status::BadArgument)?;
-                stream.local_response = Some(LocalResponse {
-                    status: code,
-                    body,
-                    headers,
-                    details,
-                    grpc_status,
-                });
-                Ok(())
-            })())
-        },
+            let details =
+                String::from_utf8_lossy(&read(&caller, details, details_len)?).into_owned();
+            let body = read(&caller, body, body_len)?;
+            let headers = decode_headers(&read(&caller, headers, headers_len)?)?;
+            let state = caller.data_mut();
+            let stream = state
+                .streams
+                .get_mut(&state.effective_context)
+                .ok_or(Status::BadArgument)?;
+            stream.local_response = Some(LocalResponse {
+                status: code,
+                body,
+                headers,
+                details,
+                grpc_status,
+            });
+            Ok(())
+        }
     )?;
     linker.func_wrap(
         ENV,
@@ -393,188 +382,153 @@ fn define_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 }
 
 fn define_headers(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_header_map_pairs",
-        |mut caller: Caller<'_, State>, map: u32, ptr_out: u32, size_out: u32| {
-            status((|| {
-                let bytes = abi::encode_header_map(headers(caller.data(), map)?);
-                return_bytes(&mut caller, &bytes, ptr_out, size_out)
-            })())
-        },
+        |mut caller, map: u32, ptr_out: u32, size_out: u32| {
+            let bytes = abi::encode_header_map(headers(caller.data(), map)?);
+            return_bytes(&mut caller, &bytes, ptr_out, size_out)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_set_header_map_pairs",
-        |mut caller: Caller<'_, State>, map: u32, ptr: u32, len: u32| {
-            status((|| {
-                let pairs = decode_headers(&read(&caller, ptr, len)?)?;
-                *headers_mut(caller.data_mut(), map)? = pairs;
-                Ok(())
-            })())
-        },
+        |mut caller, map: u32, ptr: u32, len: u32| {
+            let pairs = decode_headers(&read(&caller, ptr, len)?)?;
+            *headers_mut(caller.data_mut(), map)? = pairs;
+            Ok(())
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_header_map_value",
-        |mut caller: Caller<'_, State>,
-         map: u32,
-         key: u32,
-         key_len: u32,
-         ptr_out: u32,
-         size_out: u32| {
-            status((|| {
-                let key = read(&caller, key, key_len)?;
-                let value = headers(caller.data(), map)?
-                    .iter()
-                    .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(&key))
-                    .map(|(_, v)| v.clone())
-                    .ok_or(Status::NotFound)?;
-                return_bytes(&mut caller, value.as_bytes(), ptr_out, size_out)
-            })())
-        },
+        |mut caller, map: u32, key: u32, key_len: u32, ptr_out: u32, size_out: u32| {
+            let key = read(&caller, key, key_len)?;
+            let value = headers(caller.data(), map)?
+                .iter()
+                .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(&key))
+                .map(|(_, v)| v.clone())
+                .ok_or(Status::NotFound)?;
+            return_bytes(&mut caller, value.as_bytes(), ptr_out, size_out)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_replace_header_map_value",
-        |mut caller: Caller<'_, State>,
-         map: u32,
-         key: u32,
-         key_len: u32,
-         value: u32,
-         value_len: u32| {
-            status((|| {
-                let key = read_string(&caller, key, key_len)?.to_ascii_lowercase();
-                let mut value = read_string(&caller, value, value_len)?;
-                let headers = headers_mut(caller.data_mut(), map)?;
-                // Like Envoy: the first entry takes the value, the others go.
-                let mut found = false;
-                headers.retain_mut(|(k, v)| {
-                    if !k.eq_ignore_ascii_case(&key) {
-                        true
-                    } else if found {
-                        false
-                    } else {
-                        found = true;
-                        *v = std::mem::take(&mut value);
-                        true
-                    }
-                });
-                if !found {
-                    headers.push((key, value));
+        |mut caller, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
+            let key = read_string(&caller, key, key_len)?.to_ascii_lowercase();
+            let mut value = read_string(&caller, value, value_len)?;
+            let headers = headers_mut(caller.data_mut(), map)?;
+            // Like Envoy: the first entry takes the value, the others go.
+            let mut found = false;
+            headers.retain_mut(|(k, v)| {
+                if !k.eq_ignore_ascii_case(&key) {
+                    true
+                } else if found {
+                    false
+                } else {
+                    found = true;
+                    *v = std::mem::take(&mut value);
+                    true
                 }
-                Ok(())
-            })())
-        },
+            });
+            if !found {
+                headers.push((key, value));
+            }
+            Ok(())
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_add_header_map_value",
-        |mut caller: Caller<'_, State>,
-         map: u32,
-         key: u32,
-         key_len: u32,
-         value: u32,
-         value_len: u32| {
-            status((|| {
-                let key = read_string(&caller, key, key_len)?.to_ascii_lowercase();
-                let value = read_string(&caller, value, value_len)?;
-                headers_mut(caller.data_mut(), map)?.push((key, value));
-                Ok(())
-            })())
-        },
+        |mut caller, map: u32, key: u32, key_len: u32, value: u32, value_len: u32| {
+            let key = read_string(&caller, key, key_len)?.to_ascii_lowercase();
+            let value = read_string(&caller, value, value_len)?;
+            headers_mut(caller.data_mut(), map)?.push((key, value));
+            Ok(())
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_remove_header_map_value",
-        |mut caller: Caller<'_, State>, map: u32, key: u32, key_len: u32| {
-            status((|| {
-                let key = read(&caller, key, key_len)?;
-                headers_mut(caller.data_mut(), map)?
-                    .retain(|(k, _)| !k.as_bytes().eq_ignore_ascii_case(&key));
-                Ok(())
-            })())
-        },
+        |mut caller, map: u32, key: u32, key_len: u32| {
+            let key = read(&caller, key, key_len)?;
+            headers_mut(caller.data_mut(), map)?
+                .retain(|(k, _)| !k.as_bytes().eq_ignore_ascii_case(&key));
+            Ok(())
+        }
     )?;
     Ok(())
 }
 
 fn define_metrics(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_define_metric",
-        |mut caller: Caller<'_, State>, kind: u32, name: u32, name_len: u32, id_out: u32| {
-            status((|| {
-                let kind = MetricKind::from_abi(kind).ok_or(Status::BadArgument)?;
-                let name = read_string(&caller, name, name_len)?;
-                let metrics = &mut caller.data_mut().metrics;
-                let id = match metrics.iter().position(|m| m.name == name) {
-                    Some(id) if metrics[id].kind == kind => id,
-                    Some(_) => return Err(Status::BadArgument.into()),
-                    None => {
-                        metrics.push(Metric {
-                            name,
-                            kind,
-                            value: 0,
-                            samples: Vec::new(),
-                        });
-                        metrics.len() - 1
-                    }
-                };
-                let id = u32::try_from(id).map_err(|_| Status::InternalFailure)?;
-                write_u32(&mut caller, id_out, id)
-            })())
-        },
+        |mut caller, kind: u32, name: u32, name_len: u32, id_out: u32| {
+            let kind = MetricKind::from_abi(kind).ok_or(Status::BadArgument)?;
+            let name = read_string(&caller, name, name_len)?;
+            let metrics = &mut caller.data_mut().metrics;
+            let id = match metrics.iter().position(|m| m.name == name) {
+                Some(id) if metrics[id].kind == kind => id,
+                Some(_) => return Err(Status::BadArgument.into()),
+                None => {
+                    metrics.push(Metric {
+                        name,
+                        kind,
+                        value: 0,
+                        samples: Vec::new(),
+                    });
+                    metrics.len() - 1
+                }
+            };
+            let id = u32::try_from(id).map_err(|_| Status::InternalFailure)?;
+            write_u32(&mut caller, id_out, id)
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_increment_metric",
-        |mut caller: Caller<'_, State>, id: u32, offset: i64| {
-            status((|| {
-                let metric = metric_mut(caller.data_mut(), id)?;
-                match metric.kind {
-                    MetricKind::Counter if offset < 0 => Err(Status::BadArgument.into()),
-                    MetricKind::Counter | MetricKind::Gauge => {
-                        metric.value = metric.value.wrapping_add_signed(offset);
-                        Ok(())
-                    }
-                    MetricKind::Histogram => Err(Status::BadArgument.into()),
+        |mut caller, id: u32, offset: i64| {
+            let metric = metric_mut(caller.data_mut(), id)?;
+            match metric.kind {
+                MetricKind::Counter if offset < 0 => Err(Status::BadArgument.into()),
+                MetricKind::Counter | MetricKind::Gauge => {
+                    metric.value = metric.value.wrapping_add_signed(offset);
+                    Ok(())
                 }
-            })())
-        },
+                MetricKind::Histogram => Err(Status::BadArgument.into()),
+            }
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_record_metric",
-        |mut caller: Caller<'_, State>, id: u32, value: u64| {
-            status((|| {
-                let metric = metric_mut(caller.data_mut(), id)?;
-                match metric.kind {
-                    // A counter only grows (as in Envoy).
-                    MetricKind::Counter => metric.value = metric.value.max(value),
-                    MetricKind::Gauge => metric.value = value,
-                    MetricKind::Histogram => {
-                        metric.value = value;
-                        metric.samples.push(value);
-                    }
+        |mut caller, id: u32, value: u64| {
+            let metric = metric_mut(caller.data_mut(), id)?;
+            match metric.kind {
+                // A counter only grows (as in Envoy).
+                MetricKind::Counter => metric.value = metric.value.max(value),
+                MetricKind::Gauge => metric.value = value,
+                MetricKind::Histogram => {
+                    metric.value = value;
+                    metric.samples.push(value);
                 }
-                Ok(())
-            })())
-        },
+            }
+            Ok(())
+        }
     )?;
-    linker.func_wrap(
-        ENV,
+    proxy_fn!(
+        linker,
         "proxy_get_metric",
-        |mut caller: Caller<'_, State>, id: u32, value_out: u32| {
-            status((|| {
-                let metric = metric_mut(caller.data_mut(), id)?;
-                if metric.kind == MetricKind::Histogram {
-                    return Err(Status::BadArgument.into());
-                }
-                let value = metric.value;
-                write_u64(&mut caller, value_out, value)
-            })())
-        },
+        |mut caller, id: u32, value_out: u32| {
+            let metric = metric_mut(caller.data_mut(), id)?;
+            if metric.kind == MetricKind::Histogram {
+                return Err(Status::BadArgument.into());
+            }
+            let value = metric.value;
+            write_u64(&mut caller, value_out, value)
+        }
     )?;
     Ok(())
 }

@@ -170,19 +170,11 @@ impl Vm {
             create,
             (ROOT_CONTEXT, 0),
         )?;
-        match &self.exports.vm_start {
-            Some(vm_start) => {
-                let size = len_u32(vm_configuration.len());
-                let ok = self.runtime.call(
-                    "proxy_on_vm_start",
-                    ROOT_CONTEXT,
-                    vm_start,
-                    (ROOT_CONTEXT, size),
-                )?;
-                Ok(ok != 0)
-            }
-            None => Ok(true),
-        }
+        self.runtime.root_verdict(
+            "proxy_on_vm_start",
+            self.exports.vm_start.as_ref(),
+            vm_configuration.len(),
+        )
     }
 
     /// Calls `proxy_on_configure` with this plugin configuration; returns the
@@ -190,19 +182,11 @@ impl Vm {
     pub fn configure(&mut self, plugin_configuration: &[u8]) -> Result<bool, HostError> {
         self.ensure_started()?;
         self.runtime.store.data_mut().plugin_configuration = plugin_configuration.to_vec();
-        match &self.exports.configure {
-            Some(configure) => {
-                let size = len_u32(plugin_configuration.len());
-                let ok = self.runtime.call(
-                    "proxy_on_configure",
-                    ROOT_CONTEXT,
-                    configure,
-                    (ROOT_CONTEXT, size),
-                )?;
-                Ok(ok != 0)
-            }
-            None => Ok(true),
-        }
+        self.runtime.root_verdict(
+            "proxy_on_configure",
+            self.exports.configure.as_ref(),
+            plugin_configuration.len(),
+        )
     }
 
     /// Creates an HTTP context (`proxy_on_context_create`) for one request.
@@ -420,6 +404,24 @@ impl Runtime {
         params: P,
     ) -> Result<R, HostError> {
         self.guarded(name, context, |store| func.call(store, params))
+    }
+
+    /// Calls the root context's `proxy_on_vm_start` or `proxy_on_configure`
+    /// with the configuration's size; `false` if it refused (returned 0), `true`
+    /// if the filter does not export it.
+    fn root_verdict(
+        &mut self,
+        name: &str,
+        func: Option<&TypedFunc<(u32, u32), u32>>,
+        size: usize,
+    ) -> Result<bool, HostError> {
+        match func {
+            Some(func) => {
+                let ok = self.call(name, ROOT_CONTEXT, func, (ROOT_CONTEXT, len_u32(size)))?;
+                Ok(ok != 0)
+            }
+            None => Ok(true),
+        }
     }
 
     /// Runs a guest call; turns traps and exits into errors and poisons the VM.

@@ -191,13 +191,6 @@ fn print_plan(o: &Value) {
         println!("The map is the active one: no change.");
         return;
     }
-    let list = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_owned))
-            .collect()
-    };
     for m in p["slots"].as_array().into_iter().flatten() {
         println!(
             "  slots {:<12} {} → {}",
@@ -220,17 +213,17 @@ fn print_plan(o: &Value) {
     if p["paths_changed"] == true {
         println!("  path rules change (requests without a base)");
     }
-    for s in list(&p["servers_added"]) {
+    for s in strings(&p["servers_added"]) {
         println!("  new server: {s}");
     }
-    for s in list(&p["servers_removed"]) {
+    for s in strings(&p["servers_removed"]) {
         println!("  server no longer used: {s}");
     }
     if o["needs_rollout"] == true {
         println!(
             "Moves bases from {} to {}: a rollout (fence, restart, activate).",
-            list(&p["losing"]).join(", "),
-            list(&p["gaining"]).join(", ")
+            strings(&p["losing"]).join(", "),
+            strings(&p["gaining"]).join(", ")
         );
         let restart = o["restart"].as_array().cloned().unwrap_or_default();
         if restart.is_empty() {

@@ -102,13 +102,6 @@ pub(super) fn follow(client: &Client, id: u64, json_out: bool) -> Result<ExitCod
 /// One line of a rollout's progress.
 pub(super) fn progress_line(r: &Value) -> String {
     let state = r["state"].as_str().unwrap_or("?");
-    let names = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_owned))
-            .collect()
-    };
     let mut line = match state {
         "plan" => "plan".to_owned(),
         "fence" => match r["fence_version"].as_u64() {
@@ -123,11 +116,11 @@ pub(super) fn progress_line(r: &Value) -> String {
         "rolling_back" => format!("rolling back: {}", r["reason"].as_str().unwrap_or("")),
         other => other.to_owned(),
     };
-    let owing = names(&r["owing_ack"]["pending"]);
+    let owing = strings(&r["owing_ack"]["pending"]);
     if !owing.is_empty() {
         line.push_str(&format!("; owing an ACK: {}", owing.join(", ")));
     }
-    let restarting = names(&r["restarting_all"]);
+    let restarting = strings(&r["restarting_all"]);
     if !restarting.is_empty() {
         line.push_str(&format!("; restarting {}", restarting.join(", ")));
     } else if let Some(s) = r["restarting"].as_str() {

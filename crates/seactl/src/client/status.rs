@@ -132,12 +132,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                 c["id"].as_str().unwrap_or("")
             );
             for p in c["instances"].as_array().into_iter().flatten() {
-                let from: Vec<&str> = p["streams_from"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
+                let from = strings(&p["streams_from"]);
                 println!(
                     "    {:<30} {}",
                     p["instance"].as_str().unwrap_or(""),
@@ -163,12 +158,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         if assigned["default"] == true {
             what.push("default".into());
         }
-        let slots: Vec<&str> = assigned["slots"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let slots = strings(&assigned["slots"]);
         if !slots.is_empty() {
             what.push(format!("slots {}", slots.join(",")));
         }
