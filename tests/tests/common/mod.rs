@@ -123,3 +123,96 @@ pub fn rest_poll(cp: &Cp, source: [u8; 4], id: &str, running: &str) -> Result<(u
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The generator's bootstrap of a guard of `server` (node `node_id`) in front of
+/// `upstream`, as a document to edit: its listener and admin on any loopback port,
+/// its control plane port 1 (privileged: nothing of ours ever listens there), so
+/// the filter keeps running its `default_config`: `config` when given (inline),
+/// else the bootstrap's placeholder (no map yet).
+pub fn offline_guard_bootstrap(
+    node_id: &str,
+    server: &str,
+    upstream: SocketAddr,
+    config: Option<&shardmap::RouterConfig>,
+) -> Result<serde_yaml::Value> {
+    use deploy::bootstrap::{Kind, Options, render};
+    use seashard_tests::{bootstrap, loopback, wasm_file};
+    let yaml = render(&Options {
+        node_id: node_id.into(),
+        control_plane: "127.0.0.1:1".into(),
+        wasm: wasm_file("base_router.wasm")?,
+        listen_port: 0,
+        admin_port: 0,
+        upstream: upstream.to_string(),
+        ..Options::new(Kind::Guard {
+            server: server.into(),
+        })
+    })?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    bootstrap::set_listener(&mut doc, 0, loopback(0))?;
+    if let Some(config) = config {
+        let plugin = bootstrap::ecds_default_plugin(&mut doc)?;
+        *bootstrap::at(plugin, &["configuration", "value"])? = config.to_json().into();
+    }
+    Ok(doc)
+}
+
+/// A control plane config on etcd: keys under `prefix` on `endpoints`, this replica
+/// named `replica`, a lease of 2 s, requests timing out after `timeout`; listening
+/// on any loopback ports, the tests' token, the filter `wasm` (a path an Envoy
+/// loads, else any). `rest` follows: `[rollout]`, `[[server]]`, ...
+pub fn etcd_config(
+    endpoints: &[String],
+    prefix: &str,
+    replica: &str,
+    timeout: &str,
+    wasm: &str,
+    rest: &str,
+) -> Result<Config> {
+    Ok(Config::parse(&etcd_config_text(
+        endpoints, prefix, replica, timeout, wasm, rest,
+    ))?)
+}
+
+/// The text of [`etcd_config`].
+pub fn etcd_config_text(
+    endpoints: &[String],
+    prefix: &str,
+    replica: &str,
+    timeout: &str,
+    wasm: &str,
+    rest: &str,
+) -> String {
+    // A JSON array of strings is a TOML array too (as `replicas` writes it).
+    let list = serde_json::to_string(endpoints).unwrap_or_default();
+    format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        [store]
+        kind = "etcd"
+        endpoints = {list}
+        prefix = "{prefix}"
+        replica = "{replica}"
+        lease_ttl = "2s"
+        timeout = "{timeout}"
+        [api]
+        token = "{TOKEN}"
+        [filter]
+        wasm = {wasm:?}
+        {rest}"#
+    )
+}
+
+/// Two servers `a` and `b` (at a port nothing answers), restarted by hand.
+pub const SERVERS_A_B: &str = r#"
+        [[server]]
+        name = "a"
+        address = "127.0.0.1:9"
+        restart = { kind = "manual" }
+        [[server]]
+        name = "b"
+        address = "127.0.0.1:9"
+        restart = { kind = "manual" }
+"#;
