@@ -21,6 +21,8 @@ use seashard_tests::replicas::{
 use seashard_tests::rollout::{Kill, STEPS, new_map, old_map};
 use seashard_tests::wait_until;
 
+mod common;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -34,13 +36,7 @@ const BASE_B: &str = "9abcdef0-1234-1234-1234-123456789abc";
 /// Stops the writers, then every server (final saves); asserts no acknowledged
 /// write is missing from storage and no base was held by two servers.
 fn check_no_write_lost(ha: &mut HaSetup, writers: Vec<Writers>, at_least: usize) -> Outcome {
-    let logs = writers.into_iter().map(Writers::stop).collect();
-    let outcome = Outcome::from_logs(&mut ha.cluster, logs).unwrap();
-    eprintln!(
-        "writes: {} (refused: {:?})",
-        outcome.summary(),
-        outcome.refused
-    );
+    let outcome = common::stop_writers(ha, writers).unwrap();
     assert!(
         outcome.acknowledged >= at_least,
         "too few writes acknowledged: {}",
@@ -682,13 +678,7 @@ fn two_concurrent_pushes_to_two_replicas_start_exactly_one_rollout() {
 
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = &s[s.rfind(')')? + 1..];
-            after.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
+    !seashard_tests::dtable::process_gone(pid)
 }
 
 #[test]

@@ -216,3 +216,20 @@ pub const SERVERS_A_B: &str = r#"
         address = "127.0.0.1:9"
         restart = { kind = "manual" }
 "#;
+
+/// Stops `writers`, then every server of `ha` (final saves): what became of the
+/// writes, also printed.
+pub fn stop_writers(
+    ha: &mut seashard_tests::replicas::HaSetup,
+    writers: Vec<seashard_tests::dtable::Writers>,
+) -> Result<seashard_tests::lost_writes::Outcome> {
+    use seashard_tests::dtable::Writers;
+    let logs = writers.into_iter().map(Writers::stop).collect();
+    let outcome = seashard_tests::lost_writes::Outcome::from_logs(&mut ha.cluster, logs)?;
+    eprintln!(
+        "writes: {} (refused: {:?})",
+        outcome.summary(),
+        outcome.refused
+    );
+    Ok(outcome)
+}
