@@ -22,9 +22,9 @@ use std::time::Duration;
 use seashard_tests::rollout::seactl_bin;
 use seashard_tests::seatable_nginx::{self, served_by};
 use seashard_tests::{Connection, Nginx, Upstream, wait_until};
-use tempfile::TempDir;
 use serde_json::Value;
 use shardmap::Router;
+use tempfile::TempDir;
 
 const CONF: &str = r#"
 worker_processes 1;
@@ -322,8 +322,10 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
         assert_eq!(u.addr.ip(), a.addr.ip(), "one host");
     }
     // nginx balances `dtable_server_0_9` round robin over b and c.
-    let (nginx, conf, _work, conf_path) =
-        start_nginx(&a.addr.to_string(), &format!("{}; server {}", b.addr, c.addr));
+    let (nginx, conf, _work, conf_path) = start_nginx(
+        &a.addr.to_string(),
+        &format!("{}; server {}", b.addr, c.addr),
+    );
 
     // Named by no --server: each block by its own name (they share their host).
     let import = shardmap::nginx::import(&conf, &BTreeMap::new()).unwrap();

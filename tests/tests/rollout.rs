@@ -5,22 +5,21 @@
 //! The control plane runs in its own tokio runtime: dropping that runtime without
 //! any shutdown is its SIGKILL (sockets closed, nothing flushed).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
 use control_plane::rollout::{self, Rollout, Step};
-use deploy::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::Kind;
 use seashard_tests::dtable::{Cluster, double_service};
-use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};
+use seashard_tests::{Envoy, get, wait_until, wasm_file};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
 mod common;
 
-use common::{Cp, TOKEN};
+use common::{Cp, TOKEN, start_envoy};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const A: &str = "dtable-server";
@@ -166,7 +165,11 @@ impl Servers {
 
     /// A control plane on any port with an edge (`edge-1`) and a sidecar
     /// (`sidecar-1`) Envoy on it, both current.
-    fn cp_and_envoys(&self, hooks: &[Vec<String>], ack_timeout: &str) -> Result<(Cp, Envoy, Envoy)> {
+    fn cp_and_envoys(
+        &self,
+        hooks: &[Vec<String>],
+        ack_timeout: &str,
+    ) -> Result<(Cp, Envoy, Envoy)> {
         let cp = self.cp(0, hooks, ack_timeout)?;
         let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &self.wasm)?;
         let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &self.wasm)?;
@@ -202,20 +205,6 @@ impl Servers {
         assert_eq!(self.starts(B)?, 2);
         self.assert_no_double_service()
     }
-}
-
-fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result<Envoy> {
-    let yaml = render(&Options {
-        node_id: node_id.into(),
-        control_plane: cp.to_string(),
-        wasm: wasm.to_path_buf(),
-        listen_port: 0,
-        admin_port: 0,
-        ..Options::new(kind)
-    })?;
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
-    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
-    Envoy::start(&bootstrap::to_yaml(&doc)?)
 }
 
 fn rows(base: &str) -> String {

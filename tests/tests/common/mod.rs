@@ -157,25 +157,11 @@ pub fn offline_guard_bootstrap(
     Ok(doc)
 }
 
-/// A control plane config on etcd: keys under `prefix` on `endpoints`, this replica
+/// The text of a control plane config on etcd: keys under `prefix` on `endpoints`, this replica
 /// named `replica`, a lease of 2 s, requests timing out after `timeout`; listening
 /// on any loopback ports, the tests' token, the filter `wasm` (a path an Envoy
 /// loads, else any). `rest` follows: `[rollout]`, `[[server]]`, ...
 pub fn etcd_config(
-    endpoints: &[String],
-    prefix: &str,
-    replica: &str,
-    timeout: &str,
-    wasm: &str,
-    rest: &str,
-) -> Result<Config> {
-    Ok(Config::parse(&etcd_config_text(
-        endpoints, prefix, replica, timeout, wasm, rest,
-    ))?)
-}
-
-/// The text of [`etcd_config`].
-pub fn etcd_config_text(
     endpoints: &[String],
     prefix: &str,
     replica: &str,
@@ -232,4 +218,65 @@ pub fn stop_writers(
         outcome.refused
     );
     Ok(outcome)
+}
+
+/// A control plane config on a SQLite store in `dir` (written there as
+/// `seashard.toml`, `initial` as `initial.json`): ADS on `grpc_port` (0: any), the
+/// HTTP API on any port, the tests' token, the filter `wasm`; `rest` (TOML: more of
+/// `[filter]`, `[rollout]`, ...) follows the `wasm` line, then a `[[server]]` for
+/// each of `servers`.
+pub fn sqlite_config(
+    dir: &std::path::Path,
+    grpc_port: u16,
+    wasm: &std::path::Path,
+    initial: &Value,
+    rest: &str,
+    servers: &[&seashard_tests::Upstream],
+) -> Result<Config> {
+    std::fs::write(dir.join("initial.json"), initial.to_string())?;
+    let mut text = format!(
+        "initial_map = \"initial.json\"\n\
+         [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
+         [store]\npath = \"seashard.db\"\n\
+         [api]\ntoken = \"{TOKEN}\"\n\
+         [filter]\nwasm = {wasm:?}\n{rest}"
+    );
+    for u in servers {
+        text.push_str(&format!(
+            "[[server]]\nname = \"{}\"\naddress = \"{}\"\n",
+            u.name, u.addr
+        ));
+    }
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text)?;
+    Ok(Config::load(&path)?)
+}
+
+/// An Envoy bootstrapped by the generator (`seactl envoy-bootstrap`), on loopback.
+pub fn start_envoy(
+    kind: deploy::bootstrap::Kind,
+    node_id: &str,
+    cp: SocketAddr,
+    wasm: &std::path::Path,
+) -> Result<seashard_tests::Envoy> {
+    start_envoy_with(deploy::bootstrap::Options {
+        node_id: node_id.into(),
+        control_plane: cp.to_string(),
+        wasm: wasm.to_path_buf(),
+        ..deploy::bootstrap::Options::new(kind)
+    })
+}
+
+/// As [`start_envoy`], with every option given (ports are set to 0 here).
+pub fn start_envoy_with(options: deploy::bootstrap::Options) -> Result<seashard_tests::Envoy> {
+    use seashard_tests::bootstrap;
+    let yaml = deploy::bootstrap::render(&deploy::bootstrap::Options {
+        listen_port: 0,
+        admin_port: 0,
+        ..options
+    })?;
+    // The edge listens on every interface; the tests stay on loopback.
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
+    seashard_tests::Envoy::start(&bootstrap::to_yaml(&doc)?)
 }
