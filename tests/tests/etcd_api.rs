@@ -23,7 +23,7 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
 
 fn toml_of(endpoints: &[String]) -> String {
     let rollout = "[rollout]\nack_timeout = \"2s\"\ndrain = \"0ms\"\n";
-    common::etcd_config_text(
+    common::etcd_config(
         endpoints,
         "/api-test",
         "REPLICA",

@@ -22,7 +22,7 @@ use common::{Cp, rest_poll};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn config(endpoint: &str) -> Result<Config> {
-    common::etcd_config(
+    Ok(Config::parse(&common::etcd_config(
         &[endpoint.to_owned()],
         "/currency-test",
         "r0",
@@ -34,7 +34,7 @@ fn config(endpoint: &str) -> Result<Config> {
         address = "127.0.0.1:9"
         restart = { kind = "manual" }
         "#,
-    )
+    ))?)
 }
 
 fn connected(cp: &Cp, id: &str) -> bool {

@@ -17,14 +17,14 @@ mod common;
 use common::{Cp, rest_poll};
 
 fn config(endpoints: &[String], replica: &str) -> Result<Config> {
-    common::etcd_config(
+    Ok(Config::parse(&common::etcd_config(
         endpoints,
         "/rest-test",
         replica,
         "1s",
         "/opt/seashard/base-router.wasm",
         common::SERVERS_A_B,
-    )
+    ))?)
 }
 
 /// One REST poll of ECDS by `id` from `source`: the HTTP status and the version

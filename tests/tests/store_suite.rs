@@ -214,7 +214,10 @@ fn sqlite_store() {
 
 fn etcd_config(endpoints: &[String], replica: &str, prefix: &str) -> Config {
     let server = "[[server]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n";
-    common::etcd_config(endpoints, prefix, replica, "2s", "/a.wasm", server).unwrap()
+    Config::parse(&common::etcd_config(
+        endpoints, prefix, replica, "2s", "/a.wasm", server,
+    ))
+    .unwrap()
 }
 
 #[test]
