@@ -43,6 +43,7 @@ pub mod process;
 pub mod relay;
 pub mod replicas;
 pub mod rollout;
+pub mod seatable_nginx;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

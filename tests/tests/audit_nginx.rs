@@ -15,14 +15,16 @@
 //! of them as two dtable-servers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use seashard_tests::rollout::seactl_bin;
-use seashard_tests::{Connection, Nginx, Upstream, free_port, loopback, wait_until};
+use seashard_tests::seatable_nginx::{self, served_by};
+use seashard_tests::{Connection, Nginx, Upstream, wait_until};
 use serde_json::Value;
 use shardmap::Router;
+use tempfile::TempDir;
 
 const CONF: &str = r#"
 worker_processes 1;
@@ -33,14 +35,7 @@ http {
     access_log logs/access.log seatable;
     client_body_temp_path tmp/body;
     proxy_temp_path tmp/proxy;
-    upstream dtable_server_a_z { server {A}; keepalive 15; }
-    upstream dtable_server_0_9 { server {B}; keepalive 15; }
-    map $request_uri $dtable_upstream {
-        default dtable_server_a_z;
-        "~*ff84e1a1-66e2" dtable_server_0_9;
-        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-    }
+{ROUTING}
     server {
         listen {LISTEN};
         location / {
@@ -110,6 +105,33 @@ fn audit_named(conf: &Path, logs: &[&Path], names: &[&str]) -> (Value, i32) {
     (report, code.unwrap_or(2))
 }
 
+/// SeaTable's nginx (with the servers `a` and `b` of each upstream) logging to
+/// `logs/access.log`; its config text, also written to `nginx-proxy.conf` in a new
+/// directory for `seactl audit-nginx`.
+fn start_nginx(a: &str, b: &str) -> (Nginx, String, TempDir, PathBuf) {
+    let (nginx, conf) = seatable_nginx::start(CONF, a, b).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let conf_path = work.path().join("nginx-proxy.conf");
+    std::fs::write(&conf_path, &conf).unwrap();
+    (nginx, conf, work, conf_path)
+}
+
+/// The name of the echo upstream that answered `uri` through nginx (200).
+fn via_nginx(conn: &mut Connection, nginx: &Nginx, uri: &str) -> String {
+    served_by(conn, nginx, uri).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// nginx's access log, once it has `requests` lines: its path and text.
+fn access_log(nginx: &Nginx, requests: u64) -> (PathBuf, String) {
+    let log = nginx.dir().join("logs/access.log");
+    let text = wait_until(Duration::from_secs(10), "the access log", || {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok((t.lines().count() as u64 == requests).then_some(t))
+    })
+    .unwrap();
+    (log, text)
+}
+
 /// The report without what depends on the lines read rather than the requests.
 fn requests_part(r: &Value) -> Value {
     let mut r = r.clone();
@@ -123,15 +145,7 @@ fn requests_part(r: &Value) -> Value {
 fn audit_matches_what_the_upstreams_served() {
     let a = Upstream::start("dtable-server").unwrap();
     let b = Upstream::start("dtable-server-2").unwrap();
-    let listen = loopback(free_port().unwrap());
-    let conf = CONF
-        .replace("{A}", &a.addr.to_string())
-        .replace("{B}", &b.addr.to_string())
-        .replace("{LISTEN}", &listen.to_string());
-    let nginx = Nginx::start(&conf, listen).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let conf_path = work.path().join("nginx-proxy.conf");
-    std::fs::write(&conf_path, &conf).unwrap();
+    let (nginx, conf, work, conf_path) = start_nginx(&a.addr.to_string(), &b.addr.to_string());
 
     let names: BTreeMap<String, String> = BTreeMap::from([
         ("dtable_server_a_z".into(), "dtable-server".into()),
@@ -141,7 +155,7 @@ fn audit_matches_what_the_upstreams_served() {
 
     // Ground truth: base → server → (requests by shape), from the upstreams' answers.
     let mut truth: BTreeMap<String, BTreeMap<String, [u64; 3]>> = BTreeMap::new();
-    let mut conn = Connection::open(listen).unwrap();
+    let mut conn = Connection::open(nginx.addr).unwrap();
     let mut requests = 0u64;
     for (i, uuid) in uuids(40).iter().enumerate() {
         let hex = uuid.replace('-', "");
@@ -163,11 +177,7 @@ fn audit_matches_what_the_upstreams_served() {
             forms.push((2, format!("/socket.io/?EIO=4&dtable_uuid={hex}")));
         }
         for (shape, uri) in forms {
-            let r = conn
-                .get(&uri, &[])
-                .unwrap_or_else(|e| panic!("{uri}: {e:#}\n{}", nginx.logs()));
-            assert_eq!(r.status, 200, "{uri}");
-            let server = r.json().unwrap()["server"].as_str().unwrap().to_owned();
+            let server = via_nginx(&mut conn, &nginx, &uri);
             truth
                 .entry(uuid.clone())
                 .or_default()
@@ -181,12 +191,7 @@ fn audit_matches_what_the_upstreams_served() {
         requests += 1;
     }
 
-    let log = nginx.dir().join("logs/access.log");
-    let text = wait_until(Duration::from_secs(10), "the access log", || {
-        let t = std::fs::read_to_string(&log).unwrap_or_default();
-        Ok((t.lines().count() as u64 == requests).then_some(t))
-    })
-    .unwrap();
+    let (log, text) = access_log(&nginx, requests);
 
     // What the report must say.
     let mut at_risk = BTreeSet::new();
@@ -316,16 +321,11 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
     for u in [&b, &c] {
         assert_eq!(u.addr.ip(), a.addr.ip(), "one host");
     }
-    let listen = loopback(free_port().unwrap());
     // nginx balances `dtable_server_0_9` round robin over b and c.
-    let conf = CONF
-        .replace("{A}", &a.addr.to_string())
-        .replace("{B}", &format!("{}; server {}", b.addr, c.addr))
-        .replace("{LISTEN}", &listen.to_string());
-    let nginx = Nginx::start(&conf, listen).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let conf_path = work.path().join("nginx-proxy.conf");
-    std::fs::write(&conf_path, &conf).unwrap();
+    let (nginx, conf, _work, conf_path) = start_nginx(
+        &a.addr.to_string(),
+        &format!("{}; server {}", b.addr, c.addr),
+    );
 
     // Named by no --server: each block by its own name (they share their host).
     let import = shardmap::nginx::import(&conf, &BTreeMap::new()).unwrap();
@@ -338,7 +338,7 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
 
     // Ground truth: base → server → address → requests, from the upstreams' answers.
     let mut truth: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
-    let mut conn = Connection::open(listen).unwrap();
+    let mut conn = Connection::open(nginx.addr).unwrap();
     let mut requests = 0u64;
     for (i, uuid) in uuids(40).iter().enumerate() {
         let hex = uuid.replace('-', "");
@@ -350,12 +350,7 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
             forms.push(format!("/api/v1/internal/dtables/{hex}/operations/"));
         }
         for uri in forms {
-            let r = conn
-                .get(&uri, &[])
-                .unwrap_or_else(|e| panic!("{uri}: {e:#}\n{}", nginx.logs()));
-            assert_eq!(r.status, 200, "{uri}");
-            let echo = r.json().unwrap()["server"].as_str().unwrap().to_owned();
-            let (server, addr) = &block_of[&echo];
+            let (server, addr) = &block_of[&via_nginx(&mut conn, &nginx, &uri)];
             *truth
                 .entry(uuid.clone())
                 .or_default()
@@ -366,12 +361,7 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
             requests += 1;
         }
     }
-    let log = nginx.dir().join("logs/access.log");
-    wait_until(Duration::from_secs(10), "the access log", || {
-        let t = std::fs::read_to_string(&log).unwrap_or_default();
-        Ok((t.lines().count() as u64 == requests).then_some(()))
-    })
-    .unwrap();
+    let (log, _) = access_log(&nginx, requests);
 
     let (mut split, mut balanced) = (BTreeSet::new(), BTreeSet::new());
     for (base, servers) in &truth {

@@ -5,20 +5,19 @@
 //! The control plane runs in its own tokio runtime: dropping that runtime without
 //! any shutdown is its SIGKILL (sockets closed, nothing flushed).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
-use deploy::bootstrap::{Kind, Options, Xds, render};
+use deploy::bootstrap::{Kind, Options, Xds};
 use seashard_tests::http::Connection;
-use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file};
+use seashard_tests::{Envoy, Upstream, get, wait_until, wasm_file};
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{Cp, TOKEN};
+use common::{Cp, start_envoy, start_envoy_with};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -64,60 +63,9 @@ impl Cp {
     }
 }
 
-/// The control plane's configuration for `servers`, its store in `dir`.
-fn cp_config(
-    dir: &Path,
-    grpc_port: u16,
-    wasm: &Path,
-    servers: &[&Upstream],
-    initial: &Value,
-) -> Result<Config> {
-    std::fs::write(dir.join("initial.json"), initial.to_string())?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\n\
-         [rollout]\nack_timeout = \"5s\"\n"
-    );
-    for u in servers {
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\n",
-            u.name, u.addr
-        ));
-    }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(Config::load(&path)?)
-}
-
 fn initial_map() -> Value {
     json!({"default": "dtable-server",
            "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}})
-}
-
-/// An Envoy bootstrapped by the generator (`seactl envoy-bootstrap`), on loopback.
-fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result<Envoy> {
-    start_envoy_with(Options {
-        node_id: node_id.into(),
-        control_plane: cp.to_string(),
-        wasm: wasm.to_path_buf(),
-        ..Options::new(kind)
-    })
-}
-
-/// As [`start_envoy`], with every option given (ports are set to 0 here).
-fn start_envoy_with(options: Options) -> Result<Envoy> {
-    let yaml = render(&Options {
-        listen_port: 0,
-        admin_port: 0,
-        ..options
-    })?;
-    // The edge listens on every interface; the tests stay on loopback.
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
-    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
-    Envoy::start(&bootstrap::to_yaml(&doc)?)
 }
 
 /// Which server a request for `path` reached through `envoy`, and the map version
@@ -187,12 +135,13 @@ impl Fixture {
     }
 
     fn config(&self, grpc_port: u16, wasm: &Path) -> Result<Config> {
-        cp_config(
+        common::sqlite_config(
             self.dir.path(),
             grpc_port,
             wasm,
-            &[&self.a, &self.b],
             &initial_map(),
+            "[rollout]\nack_timeout = \"5s\"\n",
+            &[&self.a, &self.b],
         )
     }
 }

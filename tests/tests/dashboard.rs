@@ -4,44 +4,20 @@
 //! must exist in the control plane's `/metrics` or the Envoy's `/stats/prometheus`.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use control_plane::Config;
-use deploy::bootstrap::{Kind, Options, render};
-use seashard_tests::{Envoy, Upstream, bootstrap, get, wait_until, wasm_file, workspace_dir};
+use deploy::bootstrap::Kind;
+use seashard_tests::{Upstream, get, wait_until, wasm_file, workspace_dir};
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{Cp, TOKEN};
+use common::Cp;
 
 /// Bases on either side of the map's split (`0-7` | `8-f`).
 const BASE_LOW: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const BASE_HIGH: &str = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a";
-
-fn cp_config(dir: &Path, wasm: &Path, servers: &[&Upstream]) -> Result<Config> {
-    let map = json!({"default": "dtable-server",
-                     "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}});
-    std::fs::write(dir.join("initial.json"), map.to_string())?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\n"
-    );
-    for u in servers {
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\n",
-            u.name, u.addr
-        ));
-    }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(Config::load(&path)?)
-}
 
 #[test]
 fn every_metric_the_dashboard_queries_is_scraped() -> Result<()> {
@@ -49,18 +25,11 @@ fn every_metric_the_dashboard_queries_is_scraped() -> Result<()> {
     let wasm = wasm_file("base_router.wasm")?;
     let a = Upstream::start("dtable-server")?;
     let b = Upstream::start("dtable-server-2")?;
-    let cp = Cp::start(cp_config(dir.path(), &wasm, &[&a, &b])?)?;
-    let yaml = render(&Options {
-        node_id: "edge-1".into(),
-        control_plane: cp.grpc.to_string(),
-        wasm: wasm.clone(),
-        listen_port: 0,
-        admin_port: 0,
-        ..Options::new(Kind::Edge)
-    })?;
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
-    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
-    let envoy = Envoy::start(&bootstrap::to_yaml(&doc)?)?;
+    let map = json!({"default": "dtable-server",
+                     "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}});
+    let config = common::sqlite_config(dir.path(), 0, &wasm, &map, "", &[&a, &b])?;
+    let cp = Cp::start(config)?;
+    let envoy = common::start_envoy(Kind::Edge, "edge-1", cp.grpc, &wasm)?;
 
     // The map reached the filter; then requests to both servers, so that the
     // per-server counters have samples.

@@ -13,10 +13,11 @@
 
 use std::collections::BTreeMap;
 
-use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::{Envoy, Response, Upstream, bootstrap, get, loopback, wasm_file};
 use serde_json::Value;
 use shardmap::{BaseUuid, Router, RouterConfig, ShardMap};
+
+mod common;
 
 const A: &str = "dtable-server"; // owns a-f and the default under the shipped map
 const B: &str = "dtable-server-2"; // owns 0-9 and the pin
@@ -97,24 +98,11 @@ fn start_edge(normalized: bool) -> (Envoy, [Upstream; 2]) {
 /// port nothing listens on).
 fn start_guard(normalized: bool, config: &RouterConfig) -> (Envoy, Upstream) {
     let server = Upstream::start(B).unwrap();
-    let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
-    let yaml = render(&Options {
-        node_id: "guard-encoded".into(),
-        control_plane: "127.0.0.1:1".into(),
-        wasm,
-        listen_port: 0,
-        admin_port: 0,
-        upstream: server.addr.to_string(),
-        ..Options::new(Kind::Guard { server: B.into() })
-    })
-    .unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let mut doc = common::offline_guard_bootstrap("guard-encoded", B, server.addr, Some(config))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     if !normalized {
         assert_eq!(without_normalization(&mut doc), 3, "the guard bootstrap");
     }
-    bootstrap::set_listener(&mut doc, 0, loopback(0)).unwrap();
-    let plugin = bootstrap::ecds_default_plugin(&mut doc).unwrap();
-    *bootstrap::at(plugin, &["configuration", "value"]).unwrap() = config.to_json().into();
     let envoy =
         Envoy::start(&bootstrap::to_yaml(&doc).unwrap()).unwrap_or_else(|e| panic!("{e:#}"));
     (envoy, server)
@@ -123,6 +111,17 @@ fn start_guard(normalized: bool, config: &RouterConfig) -> (Envoy, Upstream) {
 fn send(envoy: &Envoy, target: &str) -> Response {
     get(envoy.listener_addr, target, &[])
         .unwrap_or_else(|e| panic!("GET {target}: {e:#}\n{}", envoy.logs()))
+}
+
+/// A 200 from `server`.
+fn assert_served_by(r: &Response, server: &str, target: &str, normalized: bool, envoy: &Envoy) {
+    assert_eq!(
+        (r.status, r.header("x-served-by")),
+        (200, Some(server)),
+        "GET {target} (normalized: {normalized}): {}\n{}",
+        r.text(),
+        envoy.logs()
+    );
 }
 
 /// A 400 that reached no server; when the filter gave it (always, without Envoy's
@@ -155,14 +154,7 @@ fn every_encoded_form_reaches_the_owner_through_an_edge_and_the_unreadable_get_4
                 "base" => {
                     let base = c.base.unwrap();
                     let owner = router.owner_of(&base);
-                    assert_eq!(
-                        (r.status, r.header("x-served-by")),
-                        (200, Some(owner)),
-                        "GET {} (normalized: {normalized}): {}\n{}",
-                        c.target,
-                        r.text(),
-                        edge.logs()
-                    );
+                    assert_served_by(&r, owner, &c.target, normalized, &edge);
                     // Without decoding it would have gone to the default server.
                     if owner != router.default_server() {
                         *tally.entry("base, owner not the default").or_default() += 1;
@@ -212,14 +204,7 @@ fn a_guard_passes_only_its_servers_encoded_bases_and_refuses_the_unreadable() {
             let owner = c.base.map(|b| router.owner_of(&b));
             match (c.expect.as_str(), owner) {
                 ("base", Some(B)) | ("none", _) => {
-                    assert_eq!(
-                        (r.status, r.header("x-served-by")),
-                        (200, Some(B)),
-                        "GET {} (normalized: {normalized}): {}\n{}",
-                        c.target,
-                        r.text(),
-                        guard.logs()
-                    );
+                    assert_served_by(&r, B, &c.target, normalized, &guard);
                     passed += 1;
                 }
                 ("base", Some(other)) => {

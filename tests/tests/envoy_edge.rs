@@ -14,12 +14,13 @@
 //! control plane unreachable, so the filter runs the configuration given
 //! inline as its `default_config` (or the bootstrap's own placeholder).
 
-use deploy::bootstrap::{Kind, Options, render};
 use seashard_tests::bootstrap;
 use seashard_tests::{
     Connection, Envoy, Response, Upstream, loopback, render_edge_static, wasm_file,
 };
 use serde_json::Value;
+
+mod common;
 
 const A: &str = "dtable-server"; // owns a-f and the default
 const B: &str = "dtable-server-2"; // owns 0-9 and the pin
@@ -322,24 +323,8 @@ struct Guard {
 impl Guard {
     fn start(config: Option<&shardmap::RouterConfig>) -> Guard {
         let server = Upstream::start(B).unwrap();
-        let wasm = wasm_file("base_router.wasm").unwrap_or_else(|e| panic!("{e:#}"));
-        let yaml = render(&Options {
-            node_id: "guard-test".into(),
-            // Port 1: privileged, nothing of ours ever listens there.
-            control_plane: "127.0.0.1:1".into(),
-            wasm,
-            listen_port: 0,
-            admin_port: 0,
-            upstream: server.addr.to_string(),
-            ..Options::new(Kind::Guard { server: B.into() })
-        })
-        .unwrap();
-        let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
-        bootstrap::set_listener(&mut doc, 0, loopback(0)).unwrap();
-        if let Some(config) = config {
-            let plugin = bootstrap::ecds_default_plugin(&mut doc).unwrap();
-            *bootstrap::at(plugin, &["configuration", "value"]).unwrap() = config.to_json().into();
-        }
+        let doc = common::offline_guard_bootstrap("guard-test", B, server.addr, config)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let envoy =
             Envoy::start(&bootstrap::to_yaml(&doc).unwrap()).unwrap_or_else(|e| panic!("{e:#}"));
         Guard {

@@ -22,37 +22,14 @@ fn config(endpoints: &[String], replica: &str) -> Result<Config> {
 }
 
 fn toml_of(endpoints: &[String]) -> String {
-    // A JSON array of strings is a TOML array too (as `replicas` writes it).
-    let list = serde_json::to_string(endpoints).unwrap_or_default();
-    format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        kind = "etcd"
-        endpoints = {list}
-        prefix = "/api-test"
-        replica = "REPLICA"
-        lease_ttl = "2s"
-        timeout = "1s"
-        [api]
-        token = "{token}"
-        [filter]
-        wasm = "/opt/seashard/base-router.wasm"
-        [rollout]
-        ack_timeout = "2s"
-        drain = "0ms"
-        [[server]]
-        name = "a"
-        address = "127.0.0.1:9"
-        restart = {{ kind = "manual" }}
-        [[server]]
-        name = "b"
-        address = "127.0.0.1:9"
-        restart = {{ kind = "manual" }}
-        "#,
-        token = common::TOKEN,
+    let rollout = "[rollout]\nack_timeout = \"2s\"\ndrain = \"0ms\"\n";
+    common::etcd_config(
+        endpoints,
+        "/api-test",
+        "REPLICA",
+        "1s",
+        "/opt/seashard/base-router.wasm",
+        &format!("{rollout}{}", common::SERVERS_A_B),
     )
 }
 

@@ -22,29 +22,18 @@ use common::{Cp, rest_poll};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn config(endpoint: &str) -> Result<Config> {
-    Ok(Config::parse(&format!(
+    Ok(Config::parse(&common::etcd_config(
+        &[endpoint.to_owned()],
+        "/currency-test",
+        "r0",
+        "1s",
+        &seashard_tests::wasm_file("base_router.wasm")?.to_string_lossy(),
         r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        kind = "etcd"
-        endpoints = ["{endpoint}"]
-        prefix = "/currency-test"
-        replica = "r0"
-        lease_ttl = "2s"
-        timeout = "1s"
-        [api]
-        token = "{token}"
-        [filter]
-        wasm = {wasm:?}
         [[server]]
         name = "dtable-server"
         address = "127.0.0.1:9"
-        restart = {{ kind = "manual" }}
+        restart = { kind = "manual" }
         "#,
-        token = common::TOKEN,
-        wasm = seashard_tests::wasm_file("base_router.wasm")?.to_string_lossy(),
     ))?)
 }
 

@@ -21,6 +21,8 @@ use seashard_tests::replicas::{
 use seashard_tests::rollout::{Kill, STEPS, new_map, old_map};
 use seashard_tests::wait_until;
 
+mod common;
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -34,13 +36,7 @@ const BASE_B: &str = "9abcdef0-1234-1234-1234-123456789abc";
 /// Stops the writers, then every server (final saves); asserts no acknowledged
 /// write is missing from storage and no base was held by two servers.
 fn check_no_write_lost(ha: &mut HaSetup, writers: Vec<Writers>, at_least: usize) -> Outcome {
-    let logs = writers.into_iter().map(Writers::stop).collect();
-    let outcome = Outcome::from_logs(&mut ha.cluster, logs).unwrap();
-    eprintln!(
-        "writes: {} (refused: {:?})",
-        outcome.summary(),
-        outcome.refused
-    );
+    let outcome = common::stop_writers(ha, writers).unwrap();
     assert!(
         outcome.acknowledged >= at_least,
         "too few writes acknowledged: {}",
@@ -63,6 +59,20 @@ fn wait_writes(writers: &[Writers], n: usize) {
     for w in writers {
         w.wait_for_more(n, WAIT).unwrap();
     }
+}
+
+/// The set-up of `opts` with two writers, once they have written 100 more.
+fn writing(opts: &Options) -> (HaSetup, Vec<Writers>) {
+    let ha = HaSetup::start(opts).unwrap();
+    let writers = ha.writers(2);
+    wait_writes(&writers, 100);
+    (ha, writers)
+}
+
+/// Once `writers` have written 100 more: [`check_no_write_lost`].
+fn check_after_more_writes(ha: &mut HaSetup, writers: Vec<Writers>, at_least: usize) -> Outcome {
+    wait_writes(&writers, 100);
+    check_no_write_lost(ha, writers, at_least)
 }
 
 /// A map that moves nothing: the active one with a path rule (no rollout).
@@ -373,8 +383,7 @@ fn a_paused_leader_resumed_after_a_takeover_is_refused_by_the_store_and_loses_no
     assert_eq!(after["state"], end["state"]);
 
     ha.wait_current(&["edge-1", "edge-2"]).unwrap();
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 400);
+    check_after_more_writes(&mut ha, writers, 400);
 }
 
 // ---------------------------------------------------------------------------
@@ -416,9 +425,7 @@ fn push_no_move(ha: &HaSetup, n: usize) -> Result<(u64, Duration)> {
 #[test]
 fn with_one_etcd_member_killed_pushes_still_work() {
     let _serial = serial();
-    let mut ha = HaSetup::start(&two_replicas()).unwrap();
-    let writers = ha.writers(2);
-    wait_writes(&writers, 100);
+    let (mut ha, writers) = writing(&two_replicas());
     // The raft leader: the remaining two elect a new one.
     let member = ha.etcd.leader(0).unwrap();
     ha.etcd.kill(member);
@@ -472,8 +479,7 @@ fn with_one_etcd_member_killed_pushes_still_work() {
         ha.logs_tail(20)
     );
     assert_routes(&ha, "one-member-dead");
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 200);
+    check_after_more_writes(&mut ha, writers, 200);
 }
 
 // ---------------------------------------------------------------------------
@@ -483,9 +489,7 @@ fn with_one_etcd_member_killed_pushes_still_work() {
 #[test]
 fn without_an_etcd_majority_changes_are_refused_naming_etcd_and_envoys_keep_routing() {
     let _serial = serial();
-    let mut ha = HaSetup::start(&two_replicas()).unwrap();
-    let writers = ha.writers(2);
-    wait_writes(&writers, 100);
+    let (mut ha, writers) = writing(&two_replicas());
     let active = ha.get_json(0, "/v1/map").unwrap();
     let version = active["version"].as_u64().unwrap();
 
@@ -562,8 +566,7 @@ fn without_an_etcd_majority_changes_are_refused_naming_etcd_and_envoys_keep_rout
         back.elapsed()
     );
     assert_routes(&ha, "majority-back");
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 300);
+    check_after_more_writes(&mut ha, writers, 300);
 }
 
 // ---------------------------------------------------------------------------
@@ -573,9 +576,7 @@ fn without_an_etcd_majority_changes_are_refused_naming_etcd_and_envoys_keep_rout
 #[test]
 fn an_envoy_restarted_while_its_replica_is_down_gets_its_map_from_another() {
     let _serial = serial();
-    let mut ha = HaSetup::start(&two_replicas()).unwrap();
-    let writers = ha.writers(2);
-    wait_writes(&writers, 100);
+    let (mut ha, writers) = writing(&two_replicas());
     let version = ha.get_json(0, "/v1/map").unwrap()["version"]
         .as_u64()
         .unwrap();
@@ -616,8 +617,7 @@ fn an_envoy_restarted_while_its_replica_is_down_gets_its_map_from_another() {
     assert_eq!(envoy_map_version(&e).unwrap(), Some(version));
     ha.envoys.insert(0, e);
     ha.wait_current(&["edge-1", "edge-2"]).unwrap();
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 200);
+    check_after_more_writes(&mut ha, writers, 200);
 }
 
 // ---------------------------------------------------------------------------
@@ -627,9 +627,7 @@ fn an_envoy_restarted_while_its_replica_is_down_gets_its_map_from_another() {
 #[test]
 fn two_concurrent_pushes_to_two_replicas_start_exactly_one_rollout() {
     let _serial = serial();
-    let mut ha = HaSetup::start(&two_replicas()).unwrap();
-    let writers = ha.writers(2);
-    wait_writes(&writers, 100);
+    let (mut ha, writers) = writing(&two_replicas());
     let before = rollout_ids(&ha.replicas[0]).unwrap();
     // Two different moving maps, one to each replica, at once.
     let [a, b] = ENVOY_SERVERS;
@@ -672,8 +670,7 @@ fn two_concurrent_pushes_to_two_replicas_start_exactly_one_rollout() {
     eprintln!("rollout {id}: {}", end["state"]);
     assert_eq!(end["state"], "done", "{end}");
     ha.wait_current(&["edge-1", "edge-2"]).unwrap();
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 200);
+    check_after_more_writes(&mut ha, writers, 200);
 }
 
 // ---------------------------------------------------------------------------
@@ -682,13 +679,7 @@ fn two_concurrent_pushes_to_two_replicas_start_exactly_one_rollout() {
 
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = &s[s.rfind(')')? + 1..];
-            after.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
+    !seashard_tests::dtable::process_gone(pid)
 }
 
 #[test]
@@ -698,13 +689,10 @@ fn a_restart_hook_left_running_by_a_killed_leader_is_waited_for_by_the_new_one()
     // script ending in `exec` does (`sh -c '...; exec systemctl restart ...'`).
     let mut hook_prefix = seashard_tests::rollout::slow_hook(Vec::new());
     hook_prefix.extend(["sh", "-c", "sleep 5; exec \"$@\"", "sh"].map(String::from));
-    let mut ha = HaSetup::start(&Options {
+    let (mut ha, writers) = writing(&Options {
         hook_prefix,
         ..two_replicas()
-    })
-    .unwrap();
-    let writers = ha.writers(2);
-    wait_writes(&writers, 100);
+    });
     let leader = ha.wait_leader(None, TAKEOVER_LIMIT).unwrap();
     let (status, body) = ha.push(leader, &new_map(), "etcd-ha hook").unwrap();
     assert_eq!(status, 202, "{body}");
@@ -743,8 +731,7 @@ fn a_restart_hook_left_running_by_a_killed_leader_is_waited_for_by_the_new_one()
         end["state"]
     );
     ha.wait_current(&["edge-1", "edge-2"]).unwrap();
-    wait_writes(&writers, 100);
-    check_no_write_lost(&mut ha, writers, 200);
+    check_after_more_writes(&mut ha, writers, 200);
     assert!(
         waited.is_some(),
         "r{next} took over while the hook {pid} that r{leader} started for {server} still \

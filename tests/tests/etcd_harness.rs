@@ -10,14 +10,7 @@ use seashard_tests::wait_until;
 
 /// Whether `pid` is still a process (a zombie counts as gone: it runs nothing).
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // `pid (comm) STATE ...`: the state follows the last `)`.
-            let after = &s[s.rfind(')')? + 1..];
-            after.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
+    !seashard_tests::dtable::process_gone(pid)
 }
 
 fn comm(pid: u32) -> String {

@@ -17,33 +17,13 @@ mod common;
 use common::{Cp, rest_poll};
 
 fn config(endpoints: &[String], replica: &str) -> Result<Config> {
-    let list = serde_json::to_string(endpoints)?;
-    Ok(Config::parse(&format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        kind = "etcd"
-        endpoints = {list}
-        prefix = "/rest-test"
-        replica = "{replica}"
-        lease_ttl = "2s"
-        timeout = "1s"
-        [api]
-        token = "{token}"
-        [filter]
-        wasm = "/opt/seashard/base-router.wasm"
-        [[server]]
-        name = "a"
-        address = "127.0.0.1:9"
-        restart = {{ kind = "manual" }}
-        [[server]]
-        name = "b"
-        address = "127.0.0.1:9"
-        restart = {{ kind = "manual" }}
-        "#,
-        token = common::TOKEN,
+    Ok(Config::parse(&common::etcd_config(
+        endpoints,
+        "/rest-test",
+        replica,
+        "1s",
+        "/opt/seashard/base-router.wasm",
+        common::SERVERS_A_B,
     ))?)
 }
 

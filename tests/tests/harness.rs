@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use seashard_tests::{Connection, Envoy, Nginx, Upstream, free_port, get, loopback};
 
+/// A websocket through `proxy` reaches `dtable-server`, which echoes `line`.
+fn assert_websocket_echoes(proxy: std::net::SocketAddr, line: &str) {
+    let (_, mut ws) = Connection::open(proxy)
+        .unwrap()
+        .upgrade_websocket("/socket.io/?transport=websocket", &[])
+        .unwrap();
+    assert_eq!(ws.read_line().unwrap(), "dtable-server");
+    ws.write_all(format!("{line}\n").as_bytes()).unwrap();
+    assert_eq!(ws.read_line().unwrap(), line);
+}
+
 #[test]
 fn echo_upstream_answers_ping_and_echoes_requests() {
     let up = Upstream::start("dtable-server").unwrap();
@@ -147,13 +158,7 @@ fn nginx_proxies_to_an_echo_upstream() {
     assert_eq!(j["path"], "/api/v1/dtables/abc/?x=1");
     assert_eq!(j["headers"]["x-upstream-server"], "dtable_server");
 
-    let (_, mut ws) = Connection::open(nginx.addr)
-        .unwrap()
-        .upgrade_websocket("/socket.io/?transport=websocket", &[])
-        .unwrap();
-    assert_eq!(ws.read_line().unwrap(), "dtable-server");
-    ws.write_all(b"through nginx\n").unwrap();
-    assert_eq!(ws.read_line().unwrap(), "through nginx");
+    assert_websocket_echoes(nginx.addr, "through nginx");
 }
 
 #[test]
@@ -232,13 +237,7 @@ fn envoy_starts_and_proxies_with_keep_alive_and_websockets() {
     assert_eq!(envoy.stat("cluster.up.upstream_rq_200").unwrap(), Some(3));
     assert_eq!(envoy.stat("no.such.stat").unwrap(), None);
 
-    let (_, mut ws) = Connection::open(envoy.listener_addr)
-        .unwrap()
-        .upgrade_websocket("/socket.io/?transport=websocket", &[])
-        .unwrap();
-    assert_eq!(ws.read_line().unwrap(), "dtable-server");
-    ws.write_all(b"through envoy\n").unwrap();
-    assert_eq!(ws.read_line().unwrap(), "through envoy");
+    assert_websocket_echoes(envoy.listener_addr, "through envoy");
 }
 
 #[test]

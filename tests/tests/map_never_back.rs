@@ -7,11 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use seashard_tests::dtable::Writers;
-use seashard_tests::lost_writes::{ENVOY_SERVERS, Outcome, WAIT};
+use seashard_tests::lost_writes::{ENVOY_SERVERS, WAIT};
 use seashard_tests::replicas::{HaSetup, Options, TAKEOVER_LIMIT, envoy_map_version, write_once};
 use seashard_tests::rollout::{new_map, start_managed_envoy};
 use seashard_tests::{Envoy, loopback, wait_until};
+
+mod common;
 
 /// A base the new map moves from the first server to the second.
 const MOVED: &str = "45678901-1234-1234-1234-123456789abc";
@@ -141,13 +142,7 @@ fn a_replica_cut_off_from_etcd_never_hands_envoys_its_older_map() {
         w.wait_for_more(100, WAIT).unwrap();
     }
 
-    let logs = writers.into_iter().map(Writers::stop).collect();
-    let outcome = Outcome::from_logs(&mut ha.cluster, logs).unwrap();
-    eprintln!(
-        "writes: {} (refused: {:?})",
-        outcome.summary(),
-        outcome.refused
-    );
+    let outcome = common::stop_writers(&mut ha, writers).unwrap();
     assert!(
         went_back.is_empty(),
         "Envoys went back from map {version}: {went_back:?}; {} acknowledged writes \

@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use seashard_tests::{Connection, Nginx, Upstream, free_port, loopback};
+use seashard_tests::seatable_nginx::{self, served_by};
+use seashard_tests::{Connection, Upstream};
 use shardmap::Router;
 
 /// SeaTable's documented `nginx-proxy.conf` (routing part), with `{A}` and `{B}` for the
-/// addresses of the two dtable-servers.
+/// addresses of the two dtable-servers (see [`seatable_nginx::conf`]).
 const SEATABLE_CONF: &str = r#"
 worker_processes 1;
 events { worker_connections 256; }
@@ -19,14 +20,7 @@ http {
     access_log off;
     client_body_temp_path tmp/body;
     proxy_temp_path tmp/proxy;
-    upstream dtable_server_a_z { server {A}; keepalive 15; }
-    upstream dtable_server_0_9 { server {B}; keepalive 15; }
-    map $request_uri $dtable_upstream {
-        default dtable_server_a_z;
-        "~*ff84e1a1-66e2" dtable_server_0_9;
-        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-    }
+{ROUTING}
     server {
         listen {LISTEN};
         keepalive_requests 100000;
@@ -72,30 +66,23 @@ fn uuids(n: usize) -> Vec<String> {
 fn imported_map_decides_as_nginx_for_dashed_uuids_and_fixes_the_other_forms() {
     let a = Upstream::start("dtable-server").unwrap();
     let b = Upstream::start("dtable-server-2").unwrap();
-    let listen = loopback(free_port().unwrap());
-    let conf = SEATABLE_CONF
-        .replace("{A}", &a.addr.to_string())
-        .replace("{B}", &b.addr.to_string())
-        .replace("{LISTEN}", &listen.to_string());
-    let nginx = Nginx::start(&conf, listen).unwrap();
+    let (nginx, _) =
+        seatable_nginx::start(SEATABLE_CONF, &a.addr.to_string(), &b.addr.to_string()).unwrap();
 
     // What an operator imports: the same config naming the servers by host.
-    let documented = SEATABLE_CONF
-        .replace("{A}", "dtable-server:5000")
-        .replace("{B}", "dtable-server-2:5000")
-        .replace("{LISTEN}", "5000");
+    let documented = seatable_nginx::conf(
+        SEATABLE_CONF,
+        "dtable-server:5000",
+        "dtable-server-2:5000",
+        "5000",
+    );
     let import = shardmap::nginx::import(&documented, &BTreeMap::new()).unwrap();
     assert!(import.warnings.is_empty(), "{:?}", import.warnings);
     let router = Router::new(&import.map).unwrap();
 
-    let mut conn = Connection::open(listen).unwrap();
-    let mut via_nginx = |uri: &str| -> String {
-        let r = conn.get(uri, &[]).unwrap_or_else(|e| {
-            panic!("{uri} (request {}): {e:#}\n{}", conn.requests, nginx.logs())
-        });
-        assert_eq!(r.status, 200, "{uri}");
-        r.json().unwrap()["server"].as_str().unwrap().to_owned()
-    };
+    let mut conn = Connection::open(nginx.addr).unwrap();
+    let mut via_nginx =
+        |uri: &str| served_by(&mut conn, &nginx, uri).unwrap_or_else(|e| panic!("{e:#}"));
 
     let (mut dashed, mut nginx_split, mut bases_split) = (0, 0, 0);
     for uuid in uuids(300) {

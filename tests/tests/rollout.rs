@@ -5,21 +5,21 @@
 //! The control plane runs in its own tokio runtime: dropping that runtime without
 //! any shutdown is its SIGKILL (sockets closed, nothing flushed).
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use control_plane::Config;
 use control_plane::rollout::{self, Rollout, Step};
-use deploy::bootstrap::{Kind, Options, render};
+use deploy::bootstrap::Kind;
 use seashard_tests::dtable::{Cluster, double_service};
-use seashard_tests::{Envoy, bootstrap, get, wait_until, wasm_file};
+use seashard_tests::{Envoy, get, wait_until, wasm_file};
 use serde_json::{Value, json};
+use tempfile::TempDir;
 
 mod common;
 
-use common::{Cp, TOKEN};
+use common::{Cp, TOKEN, start_envoy};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const A: &str = "dtable-server";
@@ -95,79 +95,116 @@ impl Cp {
     }
 }
 
-/// The hook argv of each server, optionally delayed by `delay` seconds (so a test
-/// can look at the Envoys while the restart step runs).
-fn hooks(cluster: &Cluster, delay: f64) -> Result<Vec<Vec<String>>> {
-    cluster
-        .servers
-        .iter()
-        .map(|s| {
-            let argv = s.restart_hook()?;
-            if delay <= 0.0 {
-                return Ok(argv);
-            }
-            let mut v = vec![
-                "sh".to_owned(),
-                "-c".to_owned(),
-                format!("sleep {delay}; exec \"$@\""),
-                "sh".to_owned(),
-            ];
-            v.extend(argv);
-            Ok(v)
+/// The fake dtable-servers A and B (restarted by their hooks), the wasm filter and
+/// a directory for the control plane's config and store.
+struct Servers {
+    wasm: PathBuf,
+    dir: TempDir,
+    cluster: Cluster,
+}
+
+impl Servers {
+    /// A and B, each saving every `save_interval`.
+    fn start(save_interval: Duration) -> Result<Servers> {
+        Ok(Servers {
+            wasm: wasm_file("base_router.wasm")?,
+            dir: tempfile::tempdir()?,
+            cluster: Cluster::start(&[A, B], save_interval)?,
         })
-        .collect()
-}
-
-fn cp_config(
-    dir: &Path,
-    grpc_port: u16,
-    wasm: &Path,
-    cluster: &Cluster,
-    hooks: &[Vec<String>],
-    ack_timeout: &str,
-) -> Result<Config> {
-    std::fs::write(dir.join("initial.json"), initial_map().to_string())?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 2\n\
-         [rollout]\nack_timeout = \"{ack_timeout}\"\nhealth_timeout = \"10s\"\nrestart_timeout = \"30s\"\n"
-    );
-    for (s, hook) in cluster.servers.iter().zip(hooks) {
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            s.addr,
-            serde_json::to_string(hook)?
-        ));
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(Config::load(&path)?)
-}
 
-fn start_envoy(kind: Kind, node_id: &str, cp: SocketAddr, wasm: &Path) -> Result<Envoy> {
-    let yaml = render(&Options {
-        node_id: node_id.into(),
-        control_plane: cp.to_string(),
-        wasm: wasm.to_path_buf(),
-        listen_port: 0,
-        admin_port: 0,
-        ..Options::new(kind)
-    })?;
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
-    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
-    Envoy::start(&bootstrap::to_yaml(&doc)?)
-}
+    /// The hook argv of each server, optionally delayed by `delay` seconds (so a
+    /// test can look at the Envoys while the restart step runs).
+    fn hooks(&self, delay: f64) -> Result<Vec<Vec<String>>> {
+        self.cluster
+            .servers
+            .iter()
+            .map(|s| {
+                let argv = s.restart_hook()?;
+                if delay <= 0.0 {
+                    return Ok(argv);
+                }
+                let mut v = vec![
+                    "sh".to_owned(),
+                    "-c".to_owned(),
+                    format!("sleep {delay}; exec \"$@\""),
+                    "sh".to_owned(),
+                ];
+                v.extend(argv);
+                Ok(v)
+            })
+            .collect()
+    }
 
-/// An edge (`edge-1`) and a sidecar (`sidecar-1`) Envoy on `cp`, both current.
-fn two_envoys(cp: &Cp, wasm: &Path) -> Result<(Envoy, Envoy)> {
-    let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, wasm)?;
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, wasm)?;
-    cp.wait_current(&["edge-1", "sidecar-1"])?;
-    Ok((edge, side))
+    /// A control plane restarting the servers with `hooks`, its ADS on `grpc_port`
+    /// (0: any), its store in the directory (a second one resumes the first's).
+    fn cp(&self, grpc_port: u16, hooks: &[Vec<String>], ack_timeout: &str) -> Result<Cp> {
+        let dir = self.dir.path();
+        std::fs::write(dir.join("initial.json"), initial_map().to_string())?;
+        let wasm = &self.wasm;
+        let mut text = format!(
+            "initial_map = \"initial.json\"\n\
+             [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
+             [store]\npath = \"seashard.db\"\n\
+             [api]\ntoken = \"{TOKEN}\"\n\
+             [filter]\nwasm = {wasm:?}\nretry_after = 2\n\
+             [rollout]\nack_timeout = \"{ack_timeout}\"\nhealth_timeout = \"10s\"\nrestart_timeout = \"30s\"\n"
+        );
+        for (s, hook) in self.cluster.servers.iter().zip(hooks) {
+            text.push_str(&format!(
+                "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
+                s.name,
+                s.addr,
+                serde_json::to_string(hook)?
+            ));
+        }
+        let path = dir.join("seashard.toml");
+        std::fs::write(&path, text)?;
+        Cp::start(Config::load(&path)?)
+    }
+
+    /// A control plane on any port with an edge (`edge-1`) and a sidecar
+    /// (`sidecar-1`) Envoy on it, both current.
+    fn cp_and_envoys(
+        &self,
+        hooks: &[Vec<String>],
+        ack_timeout: &str,
+    ) -> Result<(Cp, Envoy, Envoy)> {
+        let cp = self.cp(0, hooks, ack_timeout)?;
+        let edge = start_envoy(Kind::Edge, "edge-1", cp.grpc, &self.wasm)?;
+        let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &self.wasm)?;
+        cp.wait_current(&["edge-1", "sidecar-1"])?;
+        Ok((cp, edge, side))
+    }
+
+    /// How many times `server` started.
+    fn starts(&self, server: &str) -> Result<usize> {
+        Ok(self
+            .cluster
+            .events()?
+            .iter()
+            .filter(|e| e.server == server && e.event == "start")
+            .count())
+    }
+
+    /// No base was ever held in memory by two servers at once.
+    fn assert_no_double_service(&self) -> Result<()> {
+        let doubles = double_service(&self.cluster.events()?);
+        assert!(doubles.is_empty(), "bases held twice: {doubles:#?}");
+        Ok(())
+    }
+
+    /// After the move to [`moved_map`] restarting each server once: the moved base
+    /// is served by B through `envoys`, each server started twice, no base was held
+    /// twice.
+    fn assert_moved_restarting_each_once(&self, envoys: [&Envoy; 2]) -> Result<()> {
+        for e in envoys {
+            wait_served_by(e, BASE_MOVED, B)?;
+        }
+        assert_eq!(self.starts(A)?, 2);
+        assert_eq!(self.starts(B)?, 2);
+        self.assert_no_double_service()
+    }
 }
 
 fn rows(base: &str) -> String {
@@ -232,29 +269,10 @@ fn signal(pid: i32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-/// No base was ever held in memory by two servers at once.
-fn assert_no_double_service(cluster: &Cluster) -> Result<()> {
-    let doubles = double_service(&cluster.events()?);
-    assert!(doubles.is_empty(), "bases held twice: {doubles:#?}");
-    Ok(())
-}
-
-fn starts(cluster: &Cluster, server: &str) -> Result<usize> {
-    Ok(cluster
-        .events()?
-        .iter()
-        .filter(|e| e.server == server && e.event == "start")
-        .count())
-}
-
 #[test]
 fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
-    let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 1.5)?, "5s")?;
-    let cp = Cp::start(config)?;
-    let (edge, side) = two_envoys(&cp, &wasm)?;
+    let servers = Servers::start(Duration::from_millis(200))?;
+    let (cp, edge, side) = servers.cp_and_envoys(&servers.hooks(1.5)?, "5s")?;
     for e in [&edge, &side] {
         assert_eq!(served_by(e, BASE_MOVED)?, A);
         assert_eq!(served_by(e, BASE_STAY)?, A);
@@ -281,8 +299,8 @@ fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Re
         wait_served_by(e, BASE_MOVED, B)?;
         assert_eq!(served_by(e, BASE_STAY)?, A);
     }
-    assert_eq!(starts(&cluster, A)?, 2);
-    assert_eq!(starts(&cluster, B)?, 2);
+    assert_eq!(servers.starts(A)?, 2);
+    assert_eq!(servers.starts(B)?, 2);
     eprintln!(
         "rollout 1 (2 real Envoys, restart {A} and {B}): total {} ms, restarts {} ms, overhead {} ms",
         r.finished_at.unwrap_or(0) - r.created_at,
@@ -296,8 +314,8 @@ fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Re
     assert_eq!(r.state, Step::Done, "{r:#?}");
     let restart: Vec<&str> = r.restart.iter().map(|s| s.server.as_str()).collect();
     assert_eq!(restart, [A], "{r:#?}");
-    assert_eq!(starts(&cluster, A)?, 3);
-    assert_eq!(starts(&cluster, B)?, 2);
+    assert_eq!(servers.starts(A)?, 3);
+    assert_eq!(servers.starts(B)?, 2);
     for e in [&edge, &side] {
         wait_served_by(e, BASE_STAY, B)?;
     }
@@ -308,19 +326,15 @@ fn a_rollout_through_two_real_envoys_fences_restarts_then_moves_the_base() -> Re
         r.restart_ms.unwrap_or(0),
     );
     assert!(overhead <= 1000, "rollout overhead {overhead} ms > 1 s");
-    assert_no_double_service(&cluster)?;
+    servers.assert_no_double_service()?;
     cp.kill();
     Ok(())
 }
 
 #[test]
 fn an_envoy_that_never_acks_the_fence_rolls_back() -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
-    let config = cp_config(dir.path(), 0, &wasm, &cluster, &hooks(&cluster, 0.0)?, "1s")?;
-    let cp = Cp::start(config)?;
-    let (edge, side) = two_envoys(&cp, &wasm)?;
+    let servers = Servers::start(Duration::from_millis(200))?;
+    let (cp, edge, side) = servers.cp_and_envoys(&servers.hooks(0.0)?, "1s")?;
     let pid = envoy_pid(&side)?;
     signal(pid, libc::SIGSTOP)?;
     let id = cp.start_rollout(&moved_map());
@@ -334,8 +348,8 @@ fn an_envoy_that_never_acks_the_fence_rolls_back() -> Result<()> {
         "{reason}"
     );
     // No server was restarted, the rollback reaches both Envoys, the base stays on A.
-    assert_eq!(starts(&cluster, A)?, 1);
-    assert_eq!(starts(&cluster, B)?, 1);
+    assert_eq!(servers.starts(A)?, 1);
+    assert_eq!(servers.starts(B)?, 1);
     cp.wait_current(&["edge-1", "sidecar-1"])?;
     for e in [&edge, &side] {
         wait_served_by(e, BASE_MOVED, A)?;
@@ -346,19 +360,16 @@ fn an_envoy_that_never_acks_the_fence_rolls_back() -> Result<()> {
 
 #[test]
 fn a_failing_hook_rolls_back_and_an_envoy_restarted_mid_rollout_gets_the_fence() -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
-    let mut h = hooks(&cluster, 2.0)?;
+    let servers = Servers::start(Duration::from_millis(200))?;
+    let mut h = servers.hooks(2.0)?;
     // B's hook fails after A restarted.
     h[1] = vec!["sh".into(), "-c".into(), "sleep 0.5; exit 7".into()];
-    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "5s")?)?;
-    let (edge, side) = two_envoys(&cp, &wasm)?;
+    let (cp, edge, side) = servers.cp_and_envoys(&h, "5s")?;
     let id = cp.start_rollout(&moved_map())?;
     cp.wait_rollout(id, "the restart step", |r| r.state == Step::Restart)?;
     // The sidecar restarts while A's hook runs: it comes back with the fence.
     drop(side);
-    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &wasm)?;
+    let side = start_envoy(Kind::Sidecar, "sidecar-1", cp.grpc, &servers.wasm)?;
     wait_until(Duration::from_secs(10), "the new sidecar to fence", || {
         let (status, body, _) = fetch(&side, BASE_MOVED)?;
         if status == 200 && body != A {
@@ -374,20 +385,16 @@ fn a_failing_hook_rolls_back_and_an_envoy_restarted_mid_rollout_gets_the_fence()
     for e in [&edge, &side] {
         wait_served_by(e, BASE_MOVED, A)?;
     }
-    assert_no_double_service(&cluster)?;
+    servers.assert_no_double_service()?;
     cp.kill();
     Ok(())
 }
 
 #[test]
 fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
-    let slow = hooks(&cluster, 3.0)?;
-    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &slow, "5s")?)?;
+    let servers = Servers::start(Duration::from_millis(200))?;
+    let (cp, edge, side) = servers.cp_and_envoys(&servers.hooks(3.0)?, "5s")?;
     let port = cp.grpc.port();
-    let (edge, side) = two_envoys(&cp, &wasm)?;
     assert_eq!(served_by(&edge, BASE_MOVED)?, A);
     let id = cp.start_rollout(&moved_map())?;
     cp.wait_rollout(id, "A's restart", |r| r.restarting().is_some())?;
@@ -397,8 +404,7 @@ fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Res
     for e in [&edge, &side] {
         assert_eq!(fetch(e, BASE_MOVED)?.0, 503);
     }
-    let fast = hooks(&cluster, 0.0)?;
-    let cp = Cp::start(cp_config(dir.path(), port, &wasm, &cluster, &fast, "5s")?)?;
+    let cp = servers.cp(port, &servers.hooks(0.0)?, "5s")?;
     let r = cp.finished(id)?;
     assert_eq!(r.state, Step::Done, "{r:#?}");
     assert_eq!(r.resumed, 1);
@@ -406,42 +412,27 @@ fn a_control_plane_killed_during_the_restart_step_resumes_and_completes() -> Res
         "killed during the restart step, resumed and done {:?} later",
         killed_at.elapsed()
     );
-    for e in [&edge, &side] {
-        wait_served_by(e, BASE_MOVED, B)?;
-    }
     // A's slow hook was killed with the control plane; the new one ran it again.
-    assert_eq!(starts(&cluster, A)?, 2);
-    assert_eq!(starts(&cluster, B)?, 2);
-    assert_no_double_service(&cluster)?;
+    servers.assert_moved_restarting_each_once([&edge, &side])?;
     cp.kill();
     Ok(())
 }
 
 #[test]
 fn writes_through_envoy_during_a_rollout_lose_nothing() -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(&[A, B], Duration::from_millis(300))?;
-    let cp = Cp::start(cp_config(
-        dir.path(),
-        0,
-        &wasm,
-        &cluster,
-        &hooks(&cluster, 0.3)?,
-        "5s",
-    )?)?;
-    let (edge, side) = two_envoys(&cp, &wasm)?;
+    let mut servers = Servers::start(Duration::from_millis(300))?;
+    let (cp, edge, side) = servers.cp_and_envoys(&servers.hooks(0.3)?, "5s")?;
     let bases = seashard_tests::dtable::spread_bases(32);
     let writers = seashard_tests::dtable::Writers::start(edge.listener_addr, &bases, 4, 100_000);
     writers.wait_for_more(200, Duration::from_secs(20))?;
     // Moved bases are loaded by A before the change.
-    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&cluster, A)?;
+    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&servers.cluster, A)?;
     let id = cp.start_rollout(&moved_map())?;
     let r = cp.finished(id)?;
     assert_eq!(r.state, Step::Done, "{r:#?}");
-    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&cluster, B)?;
+    seashard_tests::lost_writes::wait_until_a_moved_base_is_loaded_by(&servers.cluster, B)?;
     writers.wait_for_more(200, Duration::from_secs(20))?;
-    let outcome = seashard_tests::lost_writes::Outcome::collect(&mut cluster, writers)?;
+    let outcome = seashard_tests::lost_writes::Outcome::collect(&mut servers.cluster, writers)?;
     eprintln!(
         "writes during a rollout (overhead {} ms): {}",
         r.overhead_ms.unwrap_or(0),
@@ -458,13 +449,10 @@ fn writes_through_envoy_during_a_rollout_lose_nothing() -> Result<()> {
 /// (the sidecar is stopped with SIGSTOP), lets the sidecar go, starts a new control
 /// plane on the same port and store: the rollout completes from that step.
 fn killed_while_waiting_for_acks(step: Step) -> Result<()> {
-    let wasm = wasm_file("base_router.wasm")?;
-    let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(&[A, B], Duration::from_millis(200))?;
-    let h = hooks(&cluster, 0.5)?;
-    let cp = Cp::start(cp_config(dir.path(), 0, &wasm, &cluster, &h, "60s")?)?;
+    let servers = Servers::start(Duration::from_millis(200))?;
+    let h = servers.hooks(0.5)?;
+    let (cp, edge, side) = servers.cp_and_envoys(&h, "60s")?;
     let port = cp.grpc.port();
-    let (edge, side) = two_envoys(&cp, &wasm)?;
     let pid = envoy_pid(&side)?;
     if step == Step::Fence {
         signal(pid, libc::SIGSTOP)?;
@@ -482,7 +470,7 @@ fn killed_while_waiting_for_acks(step: Step) -> Result<()> {
     cp.kill();
     signal(pid, libc::SIGCONT)?;
     let held = held?;
-    let cp = Cp::start(cp_config(dir.path(), port, &wasm, &cluster, &h, "10s")?)?;
+    let cp = servers.cp(port, &h, "10s")?;
     let r = cp.finished(id)?;
     assert_eq!(r.state, Step::Done, "held at {:?}: {r:#?}", held.state);
     assert_eq!(r.resumed, 1);
@@ -511,12 +499,7 @@ fn killed_while_waiting_for_acks(step: Step) -> Result<()> {
         [K::Initial, K::Fence, K::Map],
         "one fence, one activation"
     );
-    for e in [&edge, &side] {
-        wait_served_by(e, BASE_MOVED, B)?;
-    }
-    assert_eq!(starts(&cluster, A)?, 2);
-    assert_eq!(starts(&cluster, B)?, 2);
-    assert_no_double_service(&cluster)?;
+    servers.assert_moved_restarting_each_once([&edge, &side])?;
     cp.kill();
     Ok(())
 }

@@ -12,6 +12,8 @@ use control_plane::store::{
 use seashard_tests::etcd::EtcdCluster;
 use shardmap::{Fence, ShardMap};
 
+mod common;
+
 fn map(default: &str) -> ShardMap {
     ShardMap {
         default: default.into(),
@@ -211,28 +213,9 @@ fn sqlite_store() {
 }
 
 fn etcd_config(endpoints: &[String], replica: &str, prefix: &str) -> Config {
-    // A JSON array of strings is a TOML array too (as `replicas` writes it).
-    let list = serde_json::to_string(endpoints).unwrap_or_default();
-    Config::parse(&format!(
-        r#"
-        [listen]
-        grpc = "127.0.0.1:0"
-        http = "127.0.0.1:0"
-        [store]
-        kind = "etcd"
-        endpoints = {list}
-        prefix = "{prefix}"
-        replica = "{replica}"
-        lease_ttl = "2s"
-        timeout = "2s"
-        [api]
-        token = "01234567"
-        [filter]
-        wasm = "/a.wasm"
-        [[server]]
-        name = "a"
-        address = "127.0.0.1:1"
-        "#
+    let server = "[[server]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n";
+    Config::parse(&common::etcd_config(
+        endpoints, prefix, replica, "2s", "/a.wasm", server,
     ))
     .unwrap()
 }

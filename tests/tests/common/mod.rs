@@ -123,3 +123,160 @@ pub fn rest_poll(cp: &Cp, source: [u8; 4], id: &str, running: &str) -> Result<(u
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The generator's bootstrap of a guard of `server` (node `node_id`) in front of
+/// `upstream`, as a document to edit: its listener and admin on any loopback port,
+/// its control plane port 1 (privileged: nothing of ours ever listens there), so
+/// the filter keeps running its `default_config`: `config` when given (inline),
+/// else the bootstrap's placeholder (no map yet).
+pub fn offline_guard_bootstrap(
+    node_id: &str,
+    server: &str,
+    upstream: SocketAddr,
+    config: Option<&shardmap::RouterConfig>,
+) -> Result<serde_yaml::Value> {
+    use deploy::bootstrap::{Kind, Options, render};
+    use seashard_tests::{bootstrap, loopback, wasm_file};
+    let yaml = render(&Options {
+        node_id: node_id.into(),
+        control_plane: "127.0.0.1:1".into(),
+        wasm: wasm_file("base_router.wasm")?,
+        listen_port: 0,
+        admin_port: 0,
+        upstream: upstream.to_string(),
+        ..Options::new(Kind::Guard {
+            server: server.into(),
+        })
+    })?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    bootstrap::set_listener(&mut doc, 0, loopback(0))?;
+    if let Some(config) = config {
+        let plugin = bootstrap::ecds_default_plugin(&mut doc)?;
+        *bootstrap::at(plugin, &["configuration", "value"])? = config.to_json().into();
+    }
+    Ok(doc)
+}
+
+/// The text of a control plane config on etcd: keys under `prefix` on `endpoints`, this replica
+/// named `replica`, a lease of 2 s, requests timing out after `timeout`; listening
+/// on any loopback ports, the tests' token, the filter `wasm` (a path an Envoy
+/// loads, else any). `rest` follows: `[rollout]`, `[[server]]`, ...
+pub fn etcd_config(
+    endpoints: &[String],
+    prefix: &str,
+    replica: &str,
+    timeout: &str,
+    wasm: &str,
+    rest: &str,
+) -> String {
+    // A JSON array of strings is a TOML array too (as `replicas` writes it).
+    let list = serde_json::to_string(endpoints).unwrap_or_default();
+    format!(
+        r#"
+        [listen]
+        grpc = "127.0.0.1:0"
+        http = "127.0.0.1:0"
+        [store]
+        kind = "etcd"
+        endpoints = {list}
+        prefix = "{prefix}"
+        replica = "{replica}"
+        lease_ttl = "2s"
+        timeout = "{timeout}"
+        [api]
+        token = "{TOKEN}"
+        [filter]
+        wasm = {wasm:?}
+        {rest}"#
+    )
+}
+
+/// Two servers `a` and `b` (at a port nothing answers), restarted by hand.
+pub const SERVERS_A_B: &str = r#"
+        [[server]]
+        name = "a"
+        address = "127.0.0.1:9"
+        restart = { kind = "manual" }
+        [[server]]
+        name = "b"
+        address = "127.0.0.1:9"
+        restart = { kind = "manual" }
+"#;
+
+/// Stops `writers`, then every server of `ha` (final saves): what became of the
+/// writes, also printed.
+pub fn stop_writers(
+    ha: &mut seashard_tests::replicas::HaSetup,
+    writers: Vec<seashard_tests::dtable::Writers>,
+) -> Result<seashard_tests::lost_writes::Outcome> {
+    use seashard_tests::dtable::Writers;
+    let logs = writers.into_iter().map(Writers::stop).collect();
+    let outcome = seashard_tests::lost_writes::Outcome::from_logs(&mut ha.cluster, logs)?;
+    eprintln!(
+        "writes: {} (refused: {:?})",
+        outcome.summary(),
+        outcome.refused
+    );
+    Ok(outcome)
+}
+
+/// A control plane config on a SQLite store in `dir` (written there as
+/// `seashard.toml`, `initial` as `initial.json`): ADS on `grpc_port` (0: any), the
+/// HTTP API on any port, the tests' token, the filter `wasm`; `rest` (TOML: more of
+/// `[filter]`, `[rollout]`, ...) follows the `wasm` line, then a `[[server]]` for
+/// each of `servers`.
+pub fn sqlite_config(
+    dir: &std::path::Path,
+    grpc_port: u16,
+    wasm: &std::path::Path,
+    initial: &Value,
+    rest: &str,
+    servers: &[&seashard_tests::Upstream],
+) -> Result<Config> {
+    std::fs::write(dir.join("initial.json"), initial.to_string())?;
+    let mut text = format!(
+        "initial_map = \"initial.json\"\n\
+         [listen]\ngrpc = \"127.0.0.1:{grpc_port}\"\nhttp = \"127.0.0.1:0\"\n\
+         [store]\npath = \"seashard.db\"\n\
+         [api]\ntoken = \"{TOKEN}\"\n\
+         [filter]\nwasm = {wasm:?}\n{rest}"
+    );
+    for u in servers {
+        text.push_str(&format!(
+            "[[server]]\nname = \"{}\"\naddress = \"{}\"\n",
+            u.name, u.addr
+        ));
+    }
+    let path = dir.join("seashard.toml");
+    std::fs::write(&path, text)?;
+    Ok(Config::load(&path)?)
+}
+
+/// An Envoy bootstrapped by the generator (`seactl envoy-bootstrap`), on loopback.
+pub fn start_envoy(
+    kind: deploy::bootstrap::Kind,
+    node_id: &str,
+    cp: SocketAddr,
+    wasm: &std::path::Path,
+) -> Result<seashard_tests::Envoy> {
+    start_envoy_with(deploy::bootstrap::Options {
+        node_id: node_id.into(),
+        control_plane: cp.to_string(),
+        wasm: wasm.to_path_buf(),
+        ..deploy::bootstrap::Options::new(kind)
+    })
+}
+
+/// As [`start_envoy`], with every option given (ports are set to 0 here).
+pub fn start_envoy_with(options: deploy::bootstrap::Options) -> Result<seashard_tests::Envoy> {
+    use seashard_tests::bootstrap;
+    let yaml = deploy::bootstrap::render(&deploy::bootstrap::Options {
+        listen_port: 0,
+        admin_port: 0,
+        ..options
+    })?;
+    // The edge listens on every interface; the tests stay on loopback.
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    bootstrap::set_listener(&mut doc, 0, "127.0.0.1:0".parse()?)?;
+    seashard_tests::Envoy::start(&bootstrap::to_yaml(&doc)?)
+}
