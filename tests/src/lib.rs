@@ -30,6 +30,7 @@ pub mod agent;
 pub mod bench;
 pub mod bootstrap;
 pub mod campaign;
+pub mod cli;
 pub mod compose;
 pub mod dtable;
 pub mod dtable_server;

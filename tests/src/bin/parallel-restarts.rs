@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::dtable::Cluster;
 use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_envoy};
 use seashard_tests::{Connection, free_port, loopback, wait_until, wasm_file, workspace_dir};
@@ -37,13 +38,7 @@ const SERVERS: [&str; 4] = [
 const MOVED: &str = "/dtable-server/api/v1/dtables/c0ffee00-0000-4000-8000-000000000001/rows/";
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("parallel-restarts: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("parallel-restarts", run)
 }
 
 fn run() -> Result<()> {
@@ -51,12 +46,11 @@ fn run() -> Result<()> {
         2u64,
         workspace_dir().join("target/bench/parallel-restarts.md"),
     );
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--restart" => restart = val()?.parse()?,
-            "--out" => out = PathBuf::from(val()?),
+            "--restart" => restart = flags.parse(&a)?,
+            "--out" => out = PathBuf::from(flags.value(&a)?),
             _ => bail!("usage: parallel-restarts [--restart SECONDS] [--out FILE]"),
         }
     }
