@@ -215,11 +215,7 @@ pub fn run_with(case: Case, xds: Xds) -> Result<Run> {
             let id = body["rollout"]
                 .as_u64()
                 .ok_or_else(|| anyhow!("no rollout id in {body}"))?;
-            let r = wait_until(Duration::from_secs(90), "the rollout to end", || {
-                let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-                Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-            })
-            .with_context(|| cp.logs())?;
+            let r = cp.wait_rollout(id, Duration::from_secs(90))?;
             (
                 r["state"].as_str().unwrap_or_default().to_owned(),
                 r["reason"].as_str().map(str::to_owned),

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::dtable::{Cluster, Writers, spread_bases};
-use crate::http::Connection;
+use crate::http::{get_json, post_json};
 use crate::lost_writes::{
     BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, Outcome, SAVE_INTERVAL, WAIT, WRITERS,
     wait_until_a_moved_base_is_loaded_by,
@@ -150,23 +150,12 @@ impl ControlPlaneProcess {
 
     /// `POST path` with the token; status and JSON body.
     pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let auth = format!("Bearer {TOKEN}");
-        let r = Connection::open(self.http)?.request(
-            "POST",
-            path,
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )?;
-        Ok((r.status, r.json()?))
+        post_json(self.http, path, TOKEN, body)
     }
 
     /// `GET path` as JSON, with the token (an error while the process is down).
     pub fn get_json(&self, path: &str) -> Result<Value> {
-        let auth = format!("Bearer {TOKEN}");
-        get(self.http, path, &[("authorization", auth.as_str())])?.json()
+        get_json(self.http, path, TOKEN)
     }
 
     /// `POST /v1/maps` of `map` (a rollout: `202`), then the rollout's record once it
@@ -179,6 +168,12 @@ impl ControlPlaneProcess {
         let id = body["rollout"]
             .as_u64()
             .ok_or_else(|| anyhow!("no rollout id in {body}"))?;
+        self.wait_rollout(id, timeout)
+    }
+
+    /// Rollout `id`'s record once it ended (`done` or `rolled_back`), within
+    /// `timeout`; errors carry the logs.
+    pub fn wait_rollout(&self, id: u64, timeout: Duration) -> Result<Value> {
         wait_until(timeout, "the rollout to end", || {
             let r = self.get_json(&format!("/v1/rollouts/{id}"))?;
             Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))

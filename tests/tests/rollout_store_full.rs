@@ -174,11 +174,10 @@ fn a_store_whose_disk_fills_mid_rollout_keeps_its_driver_and_ends_once_space_is_
 
     std::fs::remove_file(&fill)?;
     let back = Instant::now();
-    let end = wait_until(Duration::from_secs(30), "the rollout to end", || {
-        let s = state(&cp, id)?;
-        Ok(matches!(s.as_str(), "done" | "rolled_back").then_some(s))
-    })
-    .with_context(|| cp.logs())?;
+    let end = cp.wait_rollout(id, Duration::from_secs(30))?["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
     let took = back.elapsed();
     eprintln!("rollout {id} ended ({end}) {took:?} after the space came back");
     assert_eq!(end, "done");

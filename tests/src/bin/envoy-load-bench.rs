@@ -47,8 +47,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::bench::{self, Variant};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::{
     Connection, Envoy, Nginx, envoy_bin, free_port, loopback, nginx_bin, wasm_file, workspace_dir,
 };

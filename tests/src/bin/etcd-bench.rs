@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use seashard_tests::cli::{Flags, run_main};
 use base64::Engine as _;
+use seashard_tests::cli::{Flags, run_main};
 use serde_json::{Value, json};
 
 use seashard_tests::etcd::EtcdCluster;
@@ -241,11 +241,7 @@ fn ha_push_times(ha: &HaSetup, pushes: usize) -> Result<Vec<Duration>> {
 /// The store's current revision.
 fn revision(etcd: &EtcdCluster) -> Result<i64> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let member = (0..etcd.len())
-        .find(|&i| etcd.member_healthy(i))
-        .ok_or_else(|| anyhow!("no healthy etcd member"))?;
-    let r = etcd.call(
-        member,
+    let r = etcd.call_healthy(
         "/v3/kv/range",
         &json!({"key": b64.encode("/"), "count_only": true}),
     )?;

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::bench::{median, range};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::fleet::{ACK_TIMEOUT, Case, run};
 use seashard_tests::workspace_dir;
 

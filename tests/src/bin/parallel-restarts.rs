@@ -26,7 +26,7 @@ use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::dtable::Cluster;
 use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_envoy};
 use seashard_tests::{Connection, free_port, loopback, wait_until, wasm_file, workspace_dir};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SERVERS: [&str; 4] = [
     "dtable-server",
@@ -134,10 +134,7 @@ fn once(parallel: u64, restart: u64) -> Result<(Duration, u64)> {
         bail!("POST /v1/maps: {status} {body}");
     }
     let id = body["rollout"].as_u64().ok_or_else(|| anyhow!("{body}"))?;
-    let r: Value = wait_until(Duration::from_secs(120), "the rollout to end", || {
-        let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-        Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-    })?;
+    let r = cp.wait_rollout(id, Duration::from_secs(120))?;
     if r["state"] != "done" {
         bail!("the rollout did not complete: {r}");
     }
