@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::dtable::Cluster;
-use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_envoy};
-use seashard_tests::{Connection, free_port, loopback, wait_until, wasm_file, workspace_dir};
+use seashard_tests::rollout::{
+    ControlPlaneProcess, ServeConfig, delayed_hook, server_table, start_envoy,
+};
+use seashard_tests::{Connection, free_port, loopback, wait_until, workspace_dir};
 use serde_json::json;
 
 const SERVERS: [&str; 4] = [
@@ -165,34 +167,18 @@ fn write_config(
     grpc: SocketAddr,
     restart: u64,
 ) -> Result<PathBuf> {
-    std::fs::write(
-        dir.join("initial.json"),
-        json!({"default": SERVERS[0], "slots": {"0-f": SERVERS[0]}}).to_string(),
-    )?;
-    let wasm = wasm_file("base_router.wasm")?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
-         [rollout]\nack_timeout = \"10s\"\nhealth_timeout = \"20s\"\nrestart_timeout = \"60s\"\n\
-         drain = \"200ms\"\n"
-    );
+    let mut servers = String::new();
     for s in &cluster.servers {
-        let mut argv: Vec<String> = ["sh", "-c", &format!("sleep {restart}; exec \"$@\""), "sh"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        argv.extend(s.restart_hook()?);
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            s.addr,
-            serde_json::to_string(&argv)?
-        ));
+        let hook = delayed_hook(&restart.to_string(), s.restart_hook()?);
+        servers += &server_table(&s.name, s.addr, "", &hook)?;
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    ServeConfig {
+        initial_map: json!({"default": SERVERS[0], "slots": {"0-f": SERVERS[0]}}),
+        listen: "",
+        store: "path = \"seashard.db\"\n",
+        rollout: "ack_timeout = \"10s\"\nhealth_timeout = \"20s\"\nrestart_timeout = \"60s\"\n\
+                  drain = \"200ms\"\n",
+        servers,
+    }
+    .write(dir, http, grpc)
 }
