@@ -6,46 +6,22 @@
 //!
 //! `cargo bench -p control-plane --bench big_map`
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use control_plane::store::NewVersion;
 use control_plane::{Config, Snapshot, SqliteStore, Store, VersionKind};
 use shardmap::{Fence, RouterConfig, ShardMap, diff};
 
-const SERVERS: [&str; 2] = ["dtable-server", "dtable-server-2"];
+#[path = "../../crates/shardmap/benches/support/big_map.rs"]
+mod big_map;
 
 fn old_map() -> ShardMap {
-    ShardMap {
-        default: SERVERS[0].into(),
-        slots: [("0-7", SERVERS[0]), ("8-f", SERVERS[1])]
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect(),
-        ..ShardMap::default()
-    }
+    serde_json::from_value(big_map::two_slot_map()).expect("the two-slot map")
 }
 
-/// 256 four-digit slots with the old map's owners, `pins` pins on their slots' owners.
+/// [`big_map::big_map`]: 256 four-digit slots, `pins` pins, the old map's routing.
 fn new_map(pins: usize) -> ShardMap {
-    let owner = |first_digit: u64| SERVERS[usize::from(first_digit >= 8)].to_owned();
-    let slots: BTreeMap<String, String> = (0..256u64)
-        .map(|i| (format!("{i:02x}00-{i:02x}ff"), owner(i >> 4)))
-        .collect();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut pin_map = BTreeMap::new();
-    while pin_map.len() < pins {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        pin_map.insert(format!("{:012x}", x >> 16), owner(x >> 60));
-    }
-    ShardMap {
-        default: SERVERS[0].into(),
-        slots,
-        pins: pin_map,
-        ..ShardMap::default()
-    }
+    serde_json::from_value(big_map::big_map(pins)).expect("the big map")
 }
 
 /// The median of `runs` timings of `f`.

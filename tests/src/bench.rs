@@ -262,29 +262,15 @@ pub fn replace_http_filter(doc: &mut Value, name: &str, with: Option<Value>) -> 
     let listener = listeners
         .first_mut()
         .ok_or_else(|| anyhow!("bootstrap has no listener"))?;
-    let chains = bootstrap::at(listener, &["filter_chains"])?
-        .as_sequence_mut()
-        .ok_or_else(|| anyhow!("filter_chains is not a list"))?;
     let mut removed = 0;
-    for chain in chains {
-        let Some(filters) = chain.get_mut("filters").and_then(Value::as_sequence_mut) else {
-            continue;
-        };
-        for f in filters {
-            if let Some(hf) = f
-                .get_mut("typed_config")
-                .and_then(|t| t.get_mut("http_filters"))
-                .and_then(Value::as_sequence_mut)
-            {
-                let is_it = |f: &Value| f.get("name").and_then(Value::as_str) == Some(name);
-                let before = hf.len();
-                let place = hf.iter().position(is_it);
-                hf.retain(|f| !is_it(f));
-                removed += before - hf.len();
-                if let (Some(i), Some(new)) = (place, &with) {
-                    hf.insert(i, new.clone());
-                }
-            }
+    for hf in bootstrap::http_filter_lists(listener)? {
+        let is_it = |f: &Value| f.get("name").and_then(Value::as_str) == Some(name);
+        let before = hf.len();
+        let place = hf.iter().position(is_it);
+        hf.retain(|f| !is_it(f));
+        removed += before - hf.len();
+        if let (Some(i), Some(new)) = (place, &with) {
+            hf.insert(i, new.clone());
         }
     }
     if removed != 1 {

@@ -97,21 +97,30 @@ pub fn set_listener(doc: &mut Value, index: usize, listen: SocketAddr) -> Result
 fn http_filters(doc: &mut Value) -> Result<Vec<&mut Value>> {
     let mut out = Vec::new();
     for l in listeners(doc)? {
-        let chains = at(l, &["filter_chains"])?
-            .as_sequence_mut()
-            .ok_or_else(|| anyhow!("filter_chains is not a list"))?;
-        for chain in chains {
-            let Some(filters) = chain.get_mut("filters").and_then(Value::as_sequence_mut) else {
-                continue;
-            };
-            for f in filters {
-                if let Some(hf) = f
-                    .get_mut("typed_config")
-                    .and_then(|t| t.get_mut("http_filters"))
-                    .and_then(Value::as_sequence_mut)
-                {
-                    out.extend(hf.iter_mut());
-                }
+        for hf in http_filter_lists(l)? {
+            out.extend(hf.iter_mut());
+        }
+    }
+    Ok(out)
+}
+
+/// The `http_filters` list of every HTTP connection manager of `listener`.
+pub(crate) fn http_filter_lists(listener: &mut Value) -> Result<Vec<&mut Vec<Value>>> {
+    let chains = at(listener, &["filter_chains"])?
+        .as_sequence_mut()
+        .ok_or_else(|| anyhow!("filter_chains is not a list"))?;
+    let mut out = Vec::new();
+    for chain in chains {
+        let Some(filters) = chain.get_mut("filters").and_then(Value::as_sequence_mut) else {
+            continue;
+        };
+        for f in filters {
+            if let Some(hf) = f
+                .get_mut("typed_config")
+                .and_then(|t| t.get_mut("http_filters"))
+                .and_then(Value::as_sequence_mut)
+            {
+                out.push(hf);
             }
         }
     }

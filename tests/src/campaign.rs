@@ -38,7 +38,7 @@ use crate::lost_writes::{BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, SAVE_INTER
 use crate::relay::Relay;
 use crate::replicas::{LEASE_TTL, ROLLOUT_LIMIT, TAKEOVER_LIMIT, envoy_map_version, leads};
 use crate::rollout::{
-    ControlPlaneProcess, TOKEN, new_map, old_map, slow_hook, start_managed_envoy,
+    ControlPlaneProcess, TOKEN, new_map, old_map, slow_hook, start_guard, start_managed_envoy,
 };
 use crate::{Envoy, free_port, loopback, wait_until, wasm_file};
 
@@ -422,23 +422,13 @@ impl World {
             Ok((0..3).any(|r| leads(w.replicas[r].http)).then_some(()))
         })?;
         let grpcs: Vec<String> = w.replicas.iter().map(|r| r.grpc.to_string()).collect();
+        let mut others = Vec::new();
+        for g in &grpcs[1..] {
+            others.extend(["--control-plane", g.as_str()]);
+        }
         for (s, listen) in w.cluster.servers.iter().zip(&guard_addrs) {
-            let (upstream, node_id) = (s.addr.to_string(), format!("guard-{}", s.name));
-            let mut args = vec![
-                "--kind",
-                "guard",
-                "--server",
-                s.name.as_str(),
-                "--upstream",
-                upstream.as_str(),
-                "--node-id",
-                node_id.as_str(),
-            ];
-            for g in &grpcs[1..] {
-                args.extend(["--control-plane", g.as_str()]);
-            }
-            let g = start_managed_envoy(&args, w.replicas[0].grpc, *listen)
-                .with_context(|| format!("start {node_id}"))?;
+            let g = start_guard(s, &others, w.replicas[0].grpc, *listen)
+                .with_context(|| format!("start guard-{}", s.name))?;
             w.guards.push(g);
         }
         let mut ids: Vec<String> = w

@@ -402,6 +402,14 @@ impl EtcdCluster {
             .with_context(|| format!("etcd {} POST {path}: not JSON: {text}", m.name))
     }
 
+    /// [`EtcdCluster::call`] on the first healthy member.
+    pub fn call_healthy(&self, path: &str, body: &Value) -> Result<Value> {
+        let member = (0..self.len())
+            .find(|&i| self.member_healthy(i))
+            .ok_or_else(|| anyhow!("no healthy etcd member"))?;
+        self.call(member, path, body)
+    }
+
     /// The last `lines` lines of every member's log, each under its name.
     pub fn logs_tail(&self, lines: usize) -> String {
         self.members

@@ -34,9 +34,10 @@ use crate::lost_writes::{
 };
 use crate::relay::Relay;
 use crate::rollout::{
-    ControlPlaneProcess, TOKEN, new_map, old_map, slow_hook, start_managed_envoy,
+    ControlPlaneProcess, ServeConfig, new_map, old_map, server_table, slow_hook, start_guard,
+    start_managed_envoy,
 };
-use crate::{Envoy, free_port, loopback, wait_until, wasm_file};
+use crate::{Envoy, free_port, loopback, wait_until};
 
 /// How long the control plane waits for ACKs before rolling back.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(6);
@@ -82,34 +83,26 @@ pub fn write_config(
     grpc: SocketAddr,
     guards: Option<&[SocketAddr]>,
 ) -> Result<PathBuf> {
-    std::fs::write(dir.join("initial.json"), old_map().to_string())?;
-    let wasm = wasm_file("base_router.wasm")?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
-         keepalive_interval = \"2s\"\nkeepalive_timeout = \"2s\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
-         [rollout]\nack_timeout = \"{}s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n",
-        ACK_TIMEOUT.as_secs()
-    );
+    let mut servers = String::new();
     for (i, s) in cluster.servers.iter().enumerate() {
         let address = match guards {
             Some(g) => *g.get(i).ok_or_else(|| anyhow!("no guard for {}", s.name))?,
             None => s.addr,
         };
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{address}\"\nguarded = {}\n\
-             restart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            guards.is_some(),
-            serde_json::to_string(&slow_hook(s.restart_hook()?))?
-        ));
+        let guarded = format!("guarded = {}\n", guards.is_some());
+        servers += &server_table(&s.name, address, &guarded, &slow_hook(s.restart_hook()?))?;
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    ServeConfig {
+        initial_map: old_map(),
+        listen: "keepalive_interval = \"2s\"\nkeepalive_timeout = \"2s\"\n",
+        store: "path = \"seashard.db\"\n",
+        rollout: &format!(
+            "ack_timeout = \"{}s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n",
+            ACK_TIMEOUT.as_secs()
+        ),
+        servers,
+    }
+    .write(dir, http, grpc)
 }
 
 /// The connected instances and their ECDS state, from `/v1/nodes`.
@@ -168,20 +161,7 @@ pub fn run_with(case: Case, xds: Xds) -> Result<Run> {
     };
     let mut envoys: Vec<Envoy> = Vec::new();
     for (s, listen) in cluster.servers.iter().zip(&guard_addrs) {
-        let upstream = s.addr.to_string();
-        let node_id = format!("guard-{}", s.name);
-        let mut args = vec![
-            "--kind",
-            "guard",
-            "--server",
-            s.name.as_str(),
-            "--upstream",
-            upstream.as_str(),
-            "--node-id",
-            node_id.as_str(),
-        ];
-        args.extend(over);
-        envoys.push(start_managed_envoy(&args, source, *listen)?);
+        envoys.push(start_guard(s, over, source, *listen)?);
     }
     let edge_a = edge("edge-a", source)?;
     // B reaches the control plane through the relay, from 127.0.0.2: another host.
@@ -215,11 +195,7 @@ pub fn run_with(case: Case, xds: Xds) -> Result<Run> {
             let id = body["rollout"]
                 .as_u64()
                 .ok_or_else(|| anyhow!("no rollout id in {body}"))?;
-            let r = wait_until(Duration::from_secs(90), "the rollout to end", || {
-                let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-                Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-            })
-            .with_context(|| cp.logs())?;
+            let r = cp.wait_rollout(id, Duration::from_secs(90))?;
             (
                 r["state"].as_str().unwrap_or_default().to_owned(),
                 r["reason"].as_str().map(str::to_owned),

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
 
 /// Read/write timeout of the client's sockets.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -234,6 +235,28 @@ impl Upgraded {
 /// One-shot `GET` on a fresh connection.
 pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Response> {
     Connection::open(addr)?.get(path, headers)
+}
+
+/// One-shot `POST path` of the JSON `body` with `Authorization: Bearer TOKEN`: the
+/// status and the JSON answer.
+pub fn post_json(addr: SocketAddr, path: &str, token: &str, body: &Value) -> Result<(u16, Value)> {
+    let auth = format!("Bearer {token}");
+    let r = Connection::open(addr)?.request(
+        "POST",
+        path,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )?;
+    Ok((r.status, r.json()?))
+}
+
+/// One-shot `GET path` with `Authorization: Bearer TOKEN`, its answer as JSON.
+pub fn get_json(addr: SocketAddr, path: &str, token: &str) -> Result<Value> {
+    let auth = format!("Bearer {token}");
+    get(addr, path, &[("authorization", auth.as_str())])?.json()
 }
 
 /// Reads one line, without its `\r\n` or `\n`. `None` on EOF before any byte.

@@ -30,6 +30,7 @@ pub mod agent;
 pub mod bench;
 pub mod bootstrap;
 pub mod campaign;
+pub mod cli;
 pub mod compose;
 pub mod dtable;
 pub mod dtable_server;
@@ -121,16 +122,12 @@ pub fn wasm_file(name: &str) -> Result<PathBuf> {
         }
         candidates.push(workspace_dir().join("target").join(&sub));
     }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "{name} not found in {candidates:?}; build it with \
-                 `cargo build -p base-router -p bench-noop --target wasm32-wasip1 --profile wasm`"
-            )
-        })
+    process::first_file(&candidates).ok_or_else(|| {
+        anyhow!(
+            "{name} not found in {candidates:?}; build it with \
+             `cargo build -p base-router -p bench-noop --target wasm32-wasip1 --profile wasm`"
+        )
+    })
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago. Prefer port 0 where

@@ -472,14 +472,15 @@ pub(crate) fn find_binary(var: &str, candidates: &[PathBuf], hint: &str) -> Resu
         }
         bail!("${var} is {}, which is not a file ({hint})", p.display());
     }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "no binary found: ${var} is unset and none of {:?} exists ({hint})",
-                candidates
-            )
-        })
+    first_file(candidates).ok_or_else(|| {
+        anyhow!(
+            "no binary found: ${var} is unset and none of {:?} exists ({hint})",
+            candidates
+        )
+    })
+}
+
+/// The first of `candidates` that is a file.
+pub(crate) fn first_file(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates.iter().find(|p| p.is_file()).cloned()
 }

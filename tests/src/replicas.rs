@@ -421,11 +421,7 @@ pub fn etcd_dump(etcd: &EtcdCluster, dir: &str) -> Result<Vec<(String, String)>>
     if let Some(last) = end.last_mut() {
         *last += 1;
     }
-    let member = (0..etcd.len())
-        .find(|&i| etcd.member_healthy(i))
-        .ok_or_else(|| anyhow!("no healthy etcd member"))?;
-    let r = etcd.call(
-        member,
+    let r = etcd.call_healthy(
         "/v3/kv/range",
         &json!({"key": b64.encode(dir), "range_end": b64.encode(&end)}),
     )?;

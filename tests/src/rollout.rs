@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::dtable::{Cluster, Writers, spread_bases};
-use crate::http::Connection;
+use crate::dtable::{Cluster, FakeDtableServer, Writers, spread_bases};
+use crate::http::{get_json, post_json};
 use crate::lost_writes::{
     BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, Outcome, SAVE_INTERVAL, WAIT, WRITERS,
     wait_until_a_moved_base_is_loaded_by,
@@ -150,23 +150,12 @@ impl ControlPlaneProcess {
 
     /// `POST path` with the token; status and JSON body.
     pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let auth = format!("Bearer {TOKEN}");
-        let r = Connection::open(self.http)?.request(
-            "POST",
-            path,
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )?;
-        Ok((r.status, r.json()?))
+        post_json(self.http, path, TOKEN, body)
     }
 
     /// `GET path` as JSON, with the token (an error while the process is down).
     pub fn get_json(&self, path: &str) -> Result<Value> {
-        let auth = format!("Bearer {TOKEN}");
-        get(self.http, path, &[("authorization", auth.as_str())])?.json()
+        get_json(self.http, path, TOKEN)
     }
 
     /// `POST /v1/maps` of `map` (a rollout: `202`), then the rollout's record once it
@@ -179,6 +168,12 @@ impl ControlPlaneProcess {
         let id = body["rollout"]
             .as_u64()
             .ok_or_else(|| anyhow!("no rollout id in {body}"))?;
+        self.wait_rollout(id, timeout)
+    }
+
+    /// Rollout `id`'s record once it ended (`done` or `rolled_back`), within
+    /// `timeout`; errors carry the logs.
+    pub fn wait_rollout(&self, id: u64, timeout: Duration) -> Result<Value> {
         wait_until(timeout, "the rollout to end", || {
             let r = self.get_json(&format!("/v1/rollouts/{id}"))?;
             Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
@@ -222,6 +217,57 @@ pub fn new_map() -> Value {
     json!({"default": a, "slots": {"0-3": a, "4-f": b}})
 }
 
+/// The parts of a test control plane's `seashard.toml` that differ between tests;
+/// [`ServeConfig::write`] adds the rest.
+pub struct ServeConfig<'a> {
+    /// The map of `initial.json`.
+    pub initial_map: Value,
+    /// More `[listen]` lines (keepalive settings).
+    pub listen: &'a str,
+    /// The `[store]` table's lines.
+    pub store: &'a str,
+    /// The `[rollout]` table's lines.
+    pub rollout: &'a str,
+    /// The `[[server]]` tables ([`server_table`]).
+    pub servers: String,
+}
+
+impl ServeConfig<'_> {
+    /// Writes `initial.json` and `seashard.toml` (on `http` and `grpc`, [`TOKEN`],
+    /// the built base-router with `retry_after = 1`) into `dir`; the latter's path.
+    pub fn write(&self, dir: &Path, http: SocketAddr, grpc: SocketAddr) -> Result<PathBuf> {
+        std::fs::write(dir.join("initial.json"), self.initial_map.to_string())?;
+        let wasm = wasm_file("base_router.wasm")?;
+        let text = format!(
+            "initial_map = \"initial.json\"\n\
+             [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n{}\
+             [store]\n{}\
+             [api]\ntoken = \"{TOKEN}\"\n\
+             [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
+             [rollout]\n{}{}",
+            self.listen, self.store, self.rollout, self.servers
+        );
+        let path = dir.join("seashard.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+/// A `[[server]]` table: `name` at `address`, `extra` lines (e.g. `guarded = true`),
+/// restarted by the command `argv`.
+pub fn server_table(
+    name: &str,
+    address: SocketAddr,
+    extra: &str,
+    argv: &[String],
+) -> Result<String> {
+    Ok(format!(
+        "[[server]]\nname = \"{name}\"\naddress = \"{address}\"\n{extra}\
+         restart = {{ kind = \"command\", argv = {} }}\n",
+        serde_json::to_string(argv)?
+    ))
+}
+
 /// The control plane's configuration for `cluster`: restart hooks are
 /// `fake-dtable-ctl restart` (SIGTERM, final save, start again).
 pub fn write_config(
@@ -230,36 +276,34 @@ pub fn write_config(
     http: SocketAddr,
     grpc: SocketAddr,
 ) -> Result<PathBuf> {
-    std::fs::write(dir.join("initial.json"), old_map().to_string())?;
-    let wasm = wasm_file("base_router.wasm")?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
-         [rollout]\nack_timeout = \"10s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n"
-    );
+    let mut servers = String::new();
     for s in &cluster.servers {
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            s.addr,
-            serde_json::to_string(&slow_hook(s.restart_hook()?))?
-        ));
+        servers += &server_table(&s.name, s.addr, "", &slow_hook(s.restart_hook()?))?;
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    ServeConfig {
+        initial_map: old_map(),
+        listen: "",
+        store: "path = \"seashard.db\"\n",
+        rollout: "ack_timeout = \"10s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n",
+        servers,
+    }
+    .write(dir, http, grpc)
 }
 
 /// `hook` after a 300 ms pause: a restart step long enough for a kill to land in it
 /// (a real dtable-server takes seconds to stop, save and start).
 pub fn slow_hook(hook: Vec<String>) -> Vec<String> {
-    let mut argv: Vec<String> = ["sh", "-c", "sleep 0.3; exec \"$@\"", "sh"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    delayed_hook("0.3", hook)
+}
+
+/// `hook` after `sleep DELAY` (seconds).
+pub fn delayed_hook(delay: &str, hook: Vec<String>) -> Vec<String> {
+    let mut argv = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("sleep {delay}; exec \"$@\""),
+        "sh".to_owned(),
+    ];
     argv.extend(hook);
     argv
 }
@@ -267,6 +311,29 @@ pub fn slow_hook(hook: Vec<String>) -> Vec<String> {
 /// An edge Envoy bootstrapped by `seactl envoy-bootstrap`, listening on loopback.
 pub fn start_envoy(node_id: &str, grpc: SocketAddr) -> Result<Envoy> {
     start_managed_envoy(&["--kind", "edge", "--node-id", node_id], grpc, loopback(0))
+}
+
+/// The guard Envoy of `server`, listening on `listen`: `seactl envoy-bootstrap --kind
+/// guard` with the server's name and address, node id `guard-NAME`, then `extra`.
+pub fn start_guard(
+    server: &FakeDtableServer,
+    extra: &[&str],
+    grpc: SocketAddr,
+    listen: SocketAddr,
+) -> Result<Envoy> {
+    let (upstream, node_id) = (server.addr.to_string(), format!("guard-{}", server.name));
+    let mut args = vec![
+        "--kind",
+        "guard",
+        "--server",
+        server.name.as_str(),
+        "--upstream",
+        upstream.as_str(),
+        "--node-id",
+        node_id.as_str(),
+    ];
+    args.extend(extra);
+    start_managed_envoy(&args, grpc, listen)
 }
 
 /// An Envoy bootstrapped by `seactl envoy-bootstrap ARGS --control-plane GRPC`, its

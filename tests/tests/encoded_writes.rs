@@ -13,7 +13,7 @@ use anyhow::Result;
 use seashard_tests::dtable::{Cluster, Spelling, Writers, spread_bases};
 use seashard_tests::fleet::write_config;
 use seashard_tests::lost_writes::{BASES, ENVOY_SERVERS, Outcome, SAVE_INTERVAL, WAIT};
-use seashard_tests::rollout::{ControlPlaneProcess, start_envoy, start_managed_envoy};
+use seashard_tests::rollout::{ControlPlaneProcess, start_envoy, start_guard};
 use seashard_tests::{free_port, loopback};
 
 #[test]
@@ -30,19 +30,7 @@ fn encoded_and_plain_writes_of_one_base_reach_one_server_and_lose_nothing() -> R
     let cp = ControlPlaneProcess::start(&config, http, grpc)?;
     let mut envoys = Vec::new();
     for (s, listen) in cluster.servers.iter().zip(&guards) {
-        let upstream = s.addr.to_string();
-        let node_id = format!("guard-{}", s.name);
-        let args = [
-            "--kind",
-            "guard",
-            "--server",
-            &s.name,
-            "--upstream",
-            &upstream,
-            "--node-id",
-            &node_id,
-        ];
-        envoys.push(start_managed_envoy(&args, grpc, *listen)?);
+        envoys.push(start_guard(s, &[], grpc, *listen)?);
     }
     let edge = start_envoy("edge-encoded", grpc)?;
     cp.wait_current(&[

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use seashard_tests::dtable::Cluster;
 use seashard_tests::lost_writes::{ENVOY_SERVERS, SAVE_INTERVAL};
-use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, new_map, old_map, start_envoy};
-use seashard_tests::{free_port, get, loopback, wait_until, wasm_file};
+use seashard_tests::rollout::{
+    ControlPlaneProcess, ServeConfig, delayed_hook, new_map, old_map, server_table, start_envoy,
+};
+use seashard_tests::{free_port, get, loopback, wait_until};
 
 /// Slot 4: moves from the first server to the second.
 const BASE_MOVED: &str = "4c1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
@@ -88,35 +90,19 @@ fn write_config(
     http: std::net::SocketAddr,
     grpc: std::net::SocketAddr,
 ) -> Result<PathBuf> {
-    std::fs::write(dir.join("initial.json"), old_map().to_string())?;
-    let wasm = wasm_file("base_router.wasm")?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
-         [store]\npath = {store:?}\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
-         [rollout]\nack_timeout = \"10s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n\
-         drain = \"300ms\"\n"
-    );
+    let mut servers = String::new();
     for s in &cluster.servers {
-        let mut argv = vec![
-            "sh".to_owned(),
-            "-c".into(),
-            "sleep 2; exec \"$@\"".into(),
-            "sh".into(),
-        ];
-        argv.extend(s.restart_hook()?);
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            s.addr,
-            serde_json::to_string(&argv)?
-        ));
+        servers += &server_table(&s.name, s.addr, "", &delayed_hook("2", s.restart_hook()?))?;
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    ServeConfig {
+        initial_map: old_map(),
+        listen: "",
+        store: &format!("path = {store:?}\n"),
+        rollout: "ack_timeout = \"10s\"\nhealth_timeout = \"15s\"\nrestart_timeout = \"30s\"\n\
+                  drain = \"300ms\"\n",
+        servers,
+    }
+    .write(dir, http, grpc)
 }
 
 fn state(cp: &ControlPlaneProcess, id: u64) -> Result<String> {
@@ -174,11 +160,10 @@ fn a_store_whose_disk_fills_mid_rollout_keeps_its_driver_and_ends_once_space_is_
 
     std::fs::remove_file(&fill)?;
     let back = Instant::now();
-    let end = wait_until(Duration::from_secs(30), "the rollout to end", || {
-        let s = state(&cp, id)?;
-        Ok(matches!(s.as_str(), "done" | "rolled_back").then_some(s))
-    })
-    .with_context(|| cp.logs())?;
+    let end = cp.wait_rollout(id, Duration::from_secs(30))?["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
     let took = back.elapsed();
     eprintln!("rollout {id} ended ({end}) {took:?} after the space came back");
     assert_eq!(end, "done");

@@ -4,35 +4,16 @@
 //!
 //! `cargo bench -p wasm-host --bench configure`
 
-use std::collections::BTreeMap;
-
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasm_host::{Host, built_filter};
 
-/// The plugin configuration of a map with 256 four-digit slots and `pins` pins.
+#[allow(dead_code)]
+#[path = "../../shardmap/benches/support/big_map.rs"]
+mod big_map;
+
+/// The plugin configuration of [`big_map::big_map`]: 256 four-digit slots and `pins` pins.
 fn big_config(pins: usize) -> String {
-    let servers = ["dtable-server", "dtable-server-2"];
-    let slots: BTreeMap<String, &str> = (0..256u64)
-        .map(|i| {
-            (
-                format!("{i:02x}00-{i:02x}ff"),
-                servers[usize::from(i >= 128)],
-            )
-        })
-        .collect();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut pin_map = BTreeMap::new();
-    while pin_map.len() < pins {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        pin_map.insert(
-            format!("{:012x}", x >> 16),
-            servers[usize::from(x >> 63 == 1)],
-        );
-    }
-    serde_json::json!({"version": 2, "map": {"default": servers[0], "slots": slots, "pins": pin_map}})
-        .to_string()
+    serde_json::json!({"version": 2, "map": big_map::big_map(pins)}).to_string()
 }
 
 fn configure(c: &mut Criterion) {

@@ -10,54 +10,37 @@
 //! Needs Envoy (`ENVOY_BIN`), the built `base_router.wasm`, and `seactl` next to this
 //! binary: `cargo build --release -p seactl -p seashard-tests --bins`.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_envoy};
 use seashard_tests::{free_port, loopback, wait_until, wasm_file};
 use serde_json::{Value, json};
 
-const SERVERS: [&str; 2] = ["dtable-server", "dtable-server-2"];
+#[path = "../../../crates/shardmap/benches/support/big_map.rs"]
+mod big_map;
+use big_map::SERVERS;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("big-map-push: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("big-map-push", run)
 }
 
-/// 256 four-digit slots with the two-slot map's owners, `pins` pins on their slots'
-/// owners, and a path rule named after `i`.
+/// [`big_map::big_map`] with a path rule named after `i`.
 fn map(pins: usize, i: usize) -> Value {
-    let owner = |first_digit: u64| SERVERS[usize::from(first_digit >= 8)];
-    let slots: BTreeMap<String, &str> = (0..256u64)
-        .map(|s| (format!("{s:02x}00-{s:02x}ff"), owner(s >> 4)))
-        .collect();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut pin_map = BTreeMap::new();
-    while pin_map.len() < pins {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        pin_map.insert(format!("{:012x}", x >> 16), owner(x >> 60));
-    }
-    json!({"default": SERVERS[0], "slots": slots, "pins": pin_map,
-           "paths": [{"prefix": format!("/push/{i}/"), "server": SERVERS[1]}]})
+    let mut map = big_map::big_map(pins);
+    map["paths"] = json!([{"prefix": format!("/push/{i}/"), "server": SERVERS[1]}]);
+    map
 }
 
 fn run() -> Result<()> {
     let (mut pins, mut pushes) = (10_000usize, 5usize);
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--pins" => pins = val()?.parse()?,
-            "--pushes" => pushes = val()?.parse()?,
+            "--pins" => pins = flags.parse(&a)?,
+            "--pushes" => pushes = flags.parse(&a)?,
             _ => bail!("usage: big-map-push [--pins N] [--pushes N]"),
         }
     }
@@ -69,7 +52,7 @@ fn run() -> Result<()> {
     let config = dir.path().join("seashard.toml");
     std::fs::write(
         dir.path().join("initial.json"),
-        json!({"default": SERVERS[0], "slots": {"0-7": SERVERS[0], "8-f": SERVERS[1]}}).to_string(),
+        big_map::two_slot_map().to_string(),
     )?;
     std::fs::write(
         &config,

@@ -46,8 +46,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use seashard_tests::bench::{self, Variant};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::{
     Connection, Envoy, Nginx, envoy_bin, free_port, loopback, nginx_bin, wasm_file, workspace_dir,
 };
@@ -94,21 +95,20 @@ fn parse_args() -> Result<Option<Args>> {
         compare_wasm: None,
         out: workspace_dir().join("target/bench/envoy-load.md"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{arg} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(arg) = flags.next_flag() {
         match arg.as_str() {
-            "--rounds" => a.rounds = val()?.parse()?,
-            "--duration" => a.duration = parse_duration(&val()?)?,
-            "--warmup" => a.warmup = parse_duration(&val()?)?,
-            "--threads" => a.threads = val()?.parse()?,
-            "--connections" => a.connections = val()?.parse()?,
-            "--bases" => a.bases = val()?.parse()?,
-            "--out" => a.out = PathBuf::from(val()?),
+            "--rounds" => a.rounds = flags.parse(&arg)?,
+            "--duration" => a.duration = parse_duration(&flags.value(&arg)?)?,
+            "--warmup" => a.warmup = parse_duration(&flags.value(&arg)?)?,
+            "--threads" => a.threads = flags.parse(&arg)?,
+            "--connections" => a.connections = flags.parse(&arg)?,
+            "--bases" => a.bases = flags.parse(&arg)?,
+            "--out" => a.out = PathBuf::from(flags.value(&arg)?),
             "--diagnose" => a.diagnose = true,
             "--guards" => a.guards = true,
             "--others" => a.others = true,
-            "--compare-wasm" => a.compare_wasm = Some(PathBuf::from(val()?)),
+            "--compare-wasm" => a.compare_wasm = Some(PathBuf::from(flags.value(&arg)?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -218,13 +218,7 @@ fn measure(m: &Measured, args: &Args, script: &std::path::Path, d: Duration) -> 
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("envoy-load-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("envoy-load-bench", run)
 }
 
 fn run() -> Result<()> {

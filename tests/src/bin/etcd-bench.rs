@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
+use seashard_tests::cli::{Flags, run_main};
 use serde_json::{Value, json};
 
 use seashard_tests::etcd::EtcdCluster;
@@ -37,13 +38,7 @@ use seashard_tests::{Connection, Envoy, free_port, loopback, wait_until, wasm_fi
 const SERVERS: [&str; 2] = ["dtable-server", "dtable-server-2"];
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("etcd-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("etcd-bench", run)
 }
 
 struct Args {
@@ -62,15 +57,14 @@ fn args() -> Result<Args> {
         idle: Duration::from_secs(20),
         out: seashard_tests::workspace_dir().join("target/etcd-bench.txt"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--pushes" => a.pushes = val()?.parse()?,
-            "--takeovers" => a.takeovers = val()?.parse()?,
-            "--pollers" => a.pollers = val()?.parse()?,
-            "--idle-secs" => a.idle = Duration::from_secs(val()?.parse()?),
-            "--out" => a.out = val()?.into(),
+            "--pushes" => a.pushes = flags.parse(&flag)?,
+            "--takeovers" => a.takeovers = flags.parse(&flag)?,
+            "--pollers" => a.pollers = flags.parse(&flag)?,
+            "--idle-secs" => a.idle = Duration::from_secs(flags.parse(&flag)?),
+            "--out" => a.out = flags.value(&flag)?.into(),
             _ => bail!(
                 "usage: etcd-bench [--pushes N] [--takeovers N] [--pollers N] [--idle-secs S] [--out FILE]"
             ),
@@ -247,11 +241,7 @@ fn ha_push_times(ha: &HaSetup, pushes: usize) -> Result<Vec<Duration>> {
 /// The store's current revision.
 fn revision(etcd: &EtcdCluster) -> Result<i64> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let member = (0..etcd.len())
-        .find(|&i| etcd.member_healthy(i))
-        .ok_or_else(|| anyhow!("no healthy etcd member"))?;
-    let r = etcd.call(
-        member,
+    let r = etcd.call_healthy(
         "/v3/kv/range",
         &json!({"key": b64.encode("/"), "count_only": true}),
     )?;

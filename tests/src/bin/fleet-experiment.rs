@@ -17,29 +17,23 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use seashard_tests::bench::{median, range};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::fleet::{ACK_TIMEOUT, Case, run};
 use seashard_tests::workspace_dir;
 
 fn main() -> ExitCode {
-    match main_() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleet-experiment: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("fleet-experiment", main_)
 }
 
 fn main_() -> Result<()> {
     let (mut runs, mut out) = (3usize, workspace_dir().join("target/bench/fleet.md"));
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--runs" => runs = val()?.parse()?,
-            "--out" => out = PathBuf::from(val()?),
+            "--runs" => runs = flags.parse(&a)?,
+            "--out" => out = PathBuf::from(flags.value(&a)?),
             _ => bail!("usage: fleet-experiment [--runs N] [--out FILE]"),
         }
     }

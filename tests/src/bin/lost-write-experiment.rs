@@ -17,8 +17,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use seashard_tests::bench::{median, range};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::lost_writes::{
     BASES, Outcome, SAVE_INTERVAL, WRITERS, envoy_experiment, nginx_experiment,
 };
@@ -26,13 +27,7 @@ use seashard_tests::rollout::{Kill, RolloutReport, seashard_experiment};
 use seashard_tests::workspace_dir;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lost-write-experiment: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("lost-write-experiment", run)
 }
 
 fn run() -> Result<()> {
@@ -43,14 +38,13 @@ fn run() -> Result<()> {
     );
     let mut seed: u64 = 1;
     let mut notes: Vec<String> = Vec::new();
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--runs" => runs = val()?.parse()?,
-            "--proxy" => proxy = val()?,
-            "--out" => out = PathBuf::from(val()?),
-            "--seed" => seed = val()?.parse()?,
+            "--runs" => runs = flags.parse(&a)?,
+            "--proxy" => proxy = flags.value(&a)?,
+            "--out" => out = PathBuf::from(flags.value(&a)?),
+            "--seed" => seed = flags.parse(&a)?,
             _ => bail!(
                 "usage: lost-write-experiment [--runs N] [--proxy nginx|envoy|both|seashard|all] [--seed N] [--out FILE]"
             ),

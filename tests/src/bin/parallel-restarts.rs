@@ -22,10 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
+use seashard_tests::cli::{Flags, run_main};
 use seashard_tests::dtable::Cluster;
-use seashard_tests::rollout::{ControlPlaneProcess, TOKEN, start_envoy};
-use seashard_tests::{Connection, free_port, loopback, wait_until, wasm_file, workspace_dir};
-use serde_json::{Value, json};
+use seashard_tests::rollout::{
+    ControlPlaneProcess, ServeConfig, delayed_hook, server_table, start_envoy,
+};
+use seashard_tests::{Connection, free_port, loopback, wait_until, workspace_dir};
+use serde_json::json;
 
 const SERVERS: [&str; 4] = [
     "dtable-server",
@@ -37,13 +40,7 @@ const SERVERS: [&str; 4] = [
 const MOVED: &str = "/dtable-server/api/v1/dtables/c0ffee00-0000-4000-8000-000000000001/rows/";
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("parallel-restarts: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("parallel-restarts", run)
 }
 
 fn run() -> Result<()> {
@@ -51,12 +48,11 @@ fn run() -> Result<()> {
         2u64,
         workspace_dir().join("target/bench/parallel-restarts.md"),
     );
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().ok_or_else(|| anyhow!("{a} needs a value"));
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
         match a.as_str() {
-            "--restart" => restart = val()?.parse()?,
-            "--out" => out = PathBuf::from(val()?),
+            "--restart" => restart = flags.parse(&a)?,
+            "--out" => out = PathBuf::from(flags.value(&a)?),
             _ => bail!("usage: parallel-restarts [--restart SECONDS] [--out FILE]"),
         }
     }
@@ -140,10 +136,7 @@ fn once(parallel: u64, restart: u64) -> Result<(Duration, u64)> {
         bail!("POST /v1/maps: {status} {body}");
     }
     let id = body["rollout"].as_u64().ok_or_else(|| anyhow!("{body}"))?;
-    let r: Value = wait_until(Duration::from_secs(120), "the rollout to end", || {
-        let r = cp.get_json(&format!("/v1/rollouts/{id}"))?;
-        Ok(matches!(r["state"].as_str(), Some("done" | "rolled_back")).then_some(r))
-    })?;
+    let r = cp.wait_rollout(id, Duration::from_secs(120))?;
     if r["state"] != "done" {
         bail!("the rollout did not complete: {r}");
     }
@@ -174,34 +167,18 @@ fn write_config(
     grpc: SocketAddr,
     restart: u64,
 ) -> Result<PathBuf> {
-    std::fs::write(
-        dir.join("initial.json"),
-        json!({"default": SERVERS[0], "slots": {"0-f": SERVERS[0]}}).to_string(),
-    )?;
-    let wasm = wasm_file("base_router.wasm")?;
-    let mut text = format!(
-        "initial_map = \"initial.json\"\n\
-         [listen]\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\
-         [store]\npath = \"seashard.db\"\n\
-         [api]\ntoken = \"{TOKEN}\"\n\
-         [filter]\nwasm = {wasm:?}\nretry_after = 1\n\
-         [rollout]\nack_timeout = \"10s\"\nhealth_timeout = \"20s\"\nrestart_timeout = \"60s\"\n\
-         drain = \"200ms\"\n"
-    );
+    let mut servers = String::new();
     for s in &cluster.servers {
-        let mut argv: Vec<String> = ["sh", "-c", &format!("sleep {restart}; exec \"$@\""), "sh"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        argv.extend(s.restart_hook()?);
-        text.push_str(&format!(
-            "[[server]]\nname = \"{}\"\naddress = \"{}\"\nrestart = {{ kind = \"command\", argv = {} }}\n",
-            s.name,
-            s.addr,
-            serde_json::to_string(&argv)?
-        ));
+        let hook = delayed_hook(&restart.to_string(), s.restart_hook()?);
+        servers += &server_table(&s.name, s.addr, "", &hook)?;
     }
-    let path = dir.join("seashard.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    ServeConfig {
+        initial_map: json!({"default": SERVERS[0], "slots": {"0-f": SERVERS[0]}}),
+        listen: "",
+        store: "path = \"seashard.db\"\n",
+        rollout: "ack_timeout = \"10s\"\nhealth_timeout = \"20s\"\nrestart_timeout = \"60s\"\n\
+                  drain = \"200ms\"\n",
+        servers,
+    }
+    .write(dir, http, grpc)
 }

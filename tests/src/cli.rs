@@ -1,0 +1,46 @@
+//! The command line of the harness's experiment and benchmark binaries.
+
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::{Result, anyhow};
+
+/// Runs `body`; its error is printed as `name: error` (with its causes) and exits 1.
+pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The process's arguments, read as flags, some taking the next argument as value.
+pub struct Flags(std::iter::Skip<std::env::Args>);
+
+impl Flags {
+    /// The arguments after the program's name.
+    pub fn from_env() -> Flags {
+        Flags(std::env::args().skip(1))
+    }
+
+    /// The next flag, `None` at the end.
+    pub fn next_flag(&mut self) -> Option<String> {
+        self.0.next()
+    }
+
+    /// The value of `flag`: the next argument (`FLAG needs a value` when none).
+    pub fn value(&mut self, flag: &str) -> Result<String> {
+        self.0.next().ok_or_else(|| anyhow!("{flag} needs a value"))
+    }
+
+    /// The value of `flag`, parsed.
+    pub fn parse<T>(&mut self, flag: &str) -> Result<T>
+    where
+        T: FromStr,
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        Ok(self.value(flag)?.parse()?)
+    }
+}
