@@ -2,7 +2,7 @@
 //! route exactly as `shardmap` decides natively, refuse bad configuration, fence, and
 //! never trap.
 
-use shardmap::{Fence, Reason, Router, RouterConfig, ShardMap};
+use shardmap::{BaseUuid, Fence, Reason, Router, RouterConfig, ShardMap};
 use wasm_host::{Action, ContextId, Host, LogLevel, Vm, built_filter};
 
 const MAP: &str = r#"{"default": "dtable-server",
@@ -52,14 +52,7 @@ fn uris(n: usize) -> Vec<String> {
             let stem = stems[(r % stems.len() as u64) as usize];
             let hex = format!("{stem}{:016x}{:016x}", next(), next());
             let hex = &hex[..32];
-            let dashed = format!(
-                "{}-{}-{}-{}-{}",
-                &hex[..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..]
-            );
+            let dashed = BaseUuid::parse(hex).unwrap().dashed();
             let u = if r & 0x100 != 0 {
                 dashed.to_uppercase()
             } else {
