@@ -45,15 +45,7 @@ fn uuids(n: usize) -> Vec<String> {
     };
     let mut out: Vec<String> = (0..n)
         .map(|_| {
-            let hex = format!("{:016x}{:016x}", next(), next());
-            format!(
-                "{}-{}-{}-{}-{}",
-                &hex[..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..]
-            )
+            shardmap::BaseUuid::from_u128((u128::from(next()) << 64) | u128::from(next())).dashed()
         })
         .collect();
     out.push("ff84e1a1-66e2-4d2c-9b3a-112233445566".into());

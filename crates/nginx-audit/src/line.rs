@@ -168,25 +168,24 @@ mod tests {
         let s = format!("{COMBINED} [::1]:5000");
         let l = parse_line(&s).unwrap();
         assert_eq!(l.upstream, UpstreamField::Addrs("[::1]:5000"));
-        let s = format!("{COMBINED} \"[2001:db8::4]:5000, 10.0.0.5:5000\"");
-        let l = parse_line(&s).unwrap();
-        let UpstreamField::Addrs(v) = l.upstream else {
-            panic!("{l:?}")
-        };
-        assert_eq!(
-            addresses(v).collect::<Vec<_>>(),
-            ["[2001:db8::4]:5000", "10.0.0.5:5000"]
-        );
-        // Unquoted lists contain spaces too.
-        let s = format!("{COMBINED} 10.0.0.4:5000 : unix:/run/ds.sock");
-        let l = parse_line(&s).unwrap();
-        let UpstreamField::Addrs(v) = l.upstream else {
-            panic!("{l:?}")
-        };
-        assert_eq!(
-            addresses(v).collect::<Vec<_>>(),
-            ["10.0.0.4:5000", "unix:/run/ds.sock"]
-        );
+        for (tail, want) in [
+            (
+                " \"[2001:db8::4]:5000, 10.0.0.5:5000\"",
+                ["[2001:db8::4]:5000", "10.0.0.5:5000"],
+            ),
+            // Unquoted lists contain spaces too.
+            (
+                " 10.0.0.4:5000 : unix:/run/ds.sock",
+                ["10.0.0.4:5000", "unix:/run/ds.sock"],
+            ),
+        ] {
+            let s = format!("{COMBINED}{tail}");
+            let l = parse_line(&s).unwrap();
+            let UpstreamField::Addrs(v) = l.upstream else {
+                panic!("{l:?}")
+            };
+            assert_eq!(addresses(v).collect::<Vec<_>>(), want, "{tail}");
+        }
         for tail in [" -", " \"-\""] {
             assert_eq!(
                 parse_line(&format!("{COMBINED}{tail}")).unwrap().upstream,

@@ -20,15 +20,25 @@ const DIGIT: &str = "0f1e2d3c-4b5a-4968-8776-655443322110";
 const LETTER: &str = "a1b2c3d4-5e6f-4a0b-8c9d-0e1f2a3b4c5d";
 const PIN: &str = "ff84e1a1-66e2-4d2c-9b3a-112233445566";
 
+/// The audit of `conf` with `names` (`--server`), `resolve` and `extra` (`--upstream`).
+fn audit_of(
+    conf: &str,
+    names: &BTreeMap<String, String>,
+    resolve: impl FnMut(&shardmap::nginx::UpstreamBlock, &str) -> Vec<String>,
+    extra: &[(String, String)],
+) -> Audit {
+    let imported = shardmap::nginx::import(conf, names).unwrap().map;
+    let nginx = shardmap::nginx::nginx_map(conf, names).unwrap();
+    Audit::new(&imported, &nginx, resolve, extra).unwrap()
+}
+
 fn audit() -> Audit {
     let names = BTreeMap::from([(
         "dtable_server_0_9".to_string(),
         "dtable-server-2".to_string(),
     )]);
-    let imported = shardmap::nginx::import(CONF, &names).unwrap().map;
-    let nginx = shardmap::nginx::nginx_map(CONF, &names).unwrap();
     let extra = [("10.0.0.4:5000".to_string(), "dtable-server".to_string())];
-    Audit::new(&imported, &nginx, |_, _| Vec::new(), &extra).unwrap()
+    audit_of(CONF, &names, |_, _| Vec::new(), &extra)
 }
 
 fn line(second: u32, target: &str, upstream: &str) -> String {
@@ -219,9 +229,7 @@ fn one_host_audit(names: &[(&str, &str)]) -> Audit {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-    let imported = shardmap::nginx::import(ONE_HOST, &names).unwrap().map;
-    let nginx = shardmap::nginx::nginx_map(ONE_HOST, &names).unwrap();
-    Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap()
+    audit_of(ONE_HOST, &names, |_, _| Vec::new(), &[])
 }
 
 #[test]
@@ -331,16 +339,12 @@ fn resolved_host_names_count_as_their_server_line() {
     let conf = ONE_HOST
         .replace("10.0.0.4:5000", "dtable-server:5000")
         .replace("10.0.0.4:5001", "dtable-server:5001");
-    let nginx = shardmap::nginx::nginx_map(&conf, &BTreeMap::new()).unwrap();
-    let imported = shardmap::nginx::import(&conf, &BTreeMap::new())
-        .unwrap()
-        .map;
     let resolve = |_: &shardmap::nginx::UpstreamBlock, a: &str| match a {
         "dtable-server:5000" => vec!["172.18.0.3:5000".to_string(), "[fd00::3]:5000".to_string()],
         "dtable-server:5001" => vec!["172.18.0.3:5001".to_string()],
         _ => Vec::new(),
     };
-    let mut a = Audit::new(&imported, &nginx, resolve, &[]).unwrap();
+    let mut a = audit_of(&conf, &BTreeMap::new(), resolve, &[]);
     a.line(&line(
         1,
         &format!("/api/v1/dtables/{LETTER}/"),
@@ -372,9 +376,7 @@ fn resolved_host_names_count_as_their_server_line() {
 fn one_address_in_two_blocks_of_different_names_is_warned_about() {
     let names = BTreeMap::from([("dtable_server_0_9".to_string(), "b".to_string())]);
     let conf = ONE_HOST.replace("10.0.0.4:5001", "10.0.0.4:5000");
-    let imported = shardmap::nginx::import(&conf, &names).unwrap().map;
-    let nginx = shardmap::nginx::nginx_map(&conf, &names).unwrap();
-    let a = Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap();
+    let a = audit_of(&conf, &names, |_, _| Vec::new(), &[]);
     assert_eq!(
         a.report().warnings,
         [
@@ -382,10 +384,6 @@ fn one_address_in_two_blocks_of_different_names_is_warned_about() {
         ]
     );
     // Without names they are one server, listed twice: nothing to say.
-    let imported = shardmap::nginx::import(&conf, &BTreeMap::new())
-        .unwrap()
-        .map;
-    let nginx = shardmap::nginx::nginx_map(&conf, &BTreeMap::new()).unwrap();
-    let a = Audit::new(&imported, &nginx, |_, _| Vec::new(), &[]).unwrap();
+    let a = audit_of(&conf, &BTreeMap::new(), |_, _| Vec::new(), &[]);
     assert_eq!(a.report().warnings, Vec::<String>::new());
 }

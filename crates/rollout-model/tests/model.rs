@@ -407,19 +407,23 @@ fn every_rollout_ends_under_fairness() {
 
 // ---- everything at once, fixed ----
 
-#[test]
-fn the_fixed_protocol_is_safe_and_live_with_every_seam_at_once() {
-    // Two replicas (stale follower, watch lag, a crash), REST edges sharing an id,
-    // percent-encoded requests, two rollouts with a store failure between.
-    let model = RolloutModel {
+/// Every seam at once: two replicas (stale follower, watch lag, a crash), REST edges
+/// sharing an id, percent-encoded requests, two rollouts with a store failure between.
+fn everything(bugs: Bugs) -> RolloutModel {
+    RolloutModel {
         rest_edges: true,
         encoded_requests: true,
         rollouts: 2,
         max_store_errors: 1,
         max_cut_offs: 1,
         max_proxy_restarts: 0,
-        ..replicas(Bugs::NONE, false)
-    };
+        ..replicas(bugs, false)
+    }
+}
+
+#[test]
+fn the_fixed_protocol_is_safe_and_live_with_every_seam_at_once() {
+    let model = everything(Bugs::NONE);
     let checker = safe("everything, fixed", model.clone());
     checker.assert_any_discovery(SECOND_DONE);
     let report = liveness("everything, fixed", &model);
@@ -428,14 +432,9 @@ fn the_fixed_protocol_is_safe_and_live_with_every_seam_at_once() {
 
 #[test]
 fn everything_at_once_today_is_unsafe() {
-    let model = RolloutModel {
-        rest_edges: true,
-        encoded_requests: true,
-        rollouts: 2,
-        max_store_errors: 1,
-        max_cut_offs: 1,
-        max_proxy_restarts: 0,
-        ..replicas(Bugs::TODAY, false)
-    };
-    counterexample("everything, today", model, TWO_SERVERS_NEVER_HOLD_B);
+    counterexample(
+        "everything, today",
+        everything(Bugs::TODAY),
+        TWO_SERVERS_NEVER_HOLD_B,
+    );
 }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{Serve, free_port, text, write_config};
+
 const TOKEN: &str = "agent-cli-token-0a1b2c3d4e";
 const CANARY: &str = "stderr-canary-password-9f8e";
 const API_TOKEN: &str = "agent-cli-api-token-5566";
@@ -24,22 +27,6 @@ fn seactl() -> Command {
         .env_remove("SEASHARD_CA")
         .stdin(Stdio::null());
     c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A fake dtable-server: `GET /ping/` answers `pong`, or `503` while the file
@@ -88,18 +75,14 @@ impl FakeServer {
 /// would); exits 3 instead while `DIR/fail` exists.
 fn restart_script(server: &FakeServer, name: &str, log: &Path, back_after: &str) -> Vec<String> {
     let fail = log.with_file_name("fail");
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!(
-            "if [ -e {fail} ]; then echo \"restart of {name} failed\" >&2; exit 3; fi; \
-             echo {name} >> {log}; touch {down}; \
-             (sleep {back_after}; rm -f {down}) >/dev/null 2>&1 &",
-            fail = fail.display(),
-            log = log.display(),
-            down = server.down.display(),
-        ),
-    ]
+    sh(format!(
+        "if [ -e {fail} ]; then echo \"restart of {name} failed\" >&2; exit 3; fi; \
+         echo {name} >> {log}; touch {down}; \
+         (sleep {back_after}; rm -f {down}) >/dev/null 2>&1 &",
+        fail = fail.display(),
+        log = log.display(),
+        down = server.down.display(),
+    ))
 }
 
 /// `seactl agent`, killed on drop; its log in a file.
@@ -157,6 +140,12 @@ fn agent(dir: &Path, name: &str, args: &[&str], command: &[String]) -> Agent {
     }
 }
 
+/// Agent `a` with `args` running `command`, its health URL `server`'s.
+fn agent_a(dir: &Path, server: &FakeServer, args: &[&str], command: &[String]) -> Agent {
+    let url = server.health_url();
+    agent(dir, "a", &[&["--health-url", &url], args].concat(), command)
+}
+
 /// `METHOD path` on 127.0.0.1:`port` → status and body; `None` when nothing answers.
 fn call(port: u16, method: &str, path: &str, auth: Option<&str>) -> Option<(u16, String)> {
     let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -182,6 +171,11 @@ fn restart(port: u16, auth: Option<&str>) -> (u16, Value, String) {
     (status, json, body)
 }
 
+/// `sh -c SCRIPT`.
+fn sh(script: impl Into<String>) -> Vec<String> {
+    vec!["sh".to_owned(), "-c".to_owned(), script.into()]
+}
+
 fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
@@ -205,15 +199,10 @@ fn a_restart_runs_the_command_and_waits_for_pong() {
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(dir.path(), "s");
     let log = dir.path().join("restarts.log");
-    let a = agent(
+    let a = agent_a(
         dir.path(),
-        "a",
-        &[
-            "--health-url",
-            &server.health_url(),
-            "--health-timeout",
-            "10s",
-        ],
+        &server,
+        &["--health-timeout", "10s"],
         &restart_script(&server, "s", &log, "1"),
     );
     let (status, r, body) = restart(a.port, Some(&bearer()));
@@ -254,17 +243,8 @@ fn concurrent_calls_join_one_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(dir.path(), "s");
     let count = dir.path().join("count");
-    let script = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        format!("echo run >> {}; sleep 2", count.display()),
-    ];
-    let a = agent(
-        dir.path(),
-        "a",
-        &["--health-url", &server.health_url()],
-        &script,
-    );
+    let script = sh(format!("echo run >> {}; sleep 2", count.display()));
+    let a = agent_a(dir.path(), &server, &[], &script);
     let callers = 6;
     let barrier = Arc::new(Barrier::new(callers));
     let port = a.port;
@@ -304,17 +284,8 @@ fn a_wrong_token_is_401_and_restarts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(dir.path(), "s");
     let count = dir.path().join("count");
-    let script = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        format!("echo run >> {}", count.display()),
-    ];
-    let a = agent(
-        dir.path(),
-        "a",
-        &["--health-url", &server.health_url()],
-        &script,
-    );
+    let script = sh(format!("echo run >> {}", count.display()));
+    let a = agent_a(dir.path(), &server, &[], &script);
     let wrong = [
         None,
         Some("Bearer agent-cli-token-0a1b2c3d4f".to_owned()),
@@ -346,23 +317,13 @@ fn a_failing_command_answers_its_status_and_redacted_stderr() {
     // Secrets on stderr: a canary after `password=`, the agent's own token (from a
     // variable the command inherits), a random-looking key; and whether the token's
     // own variable reached the command.
-    let script = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        "echo \"connecting with password=$CANARY\" >&2; \
+    let script = sh("echo \"connecting with password=$CANARY\" >&2; \
          echo \"the agent was called with $LEAKED_TOKEN!\" >&2; \
          echo \"id aZ3kP9qL2mX8vB7nC4tR6yW1\" >&2; \
          echo \"its variable: ${SEASHARD_AGENT_TOKEN:-unset}\" >&2; \
          echo 'Error response from daemon: No such container: dtable-server' >&2; \
-         exit 3"
-            .to_owned(),
-    ];
-    let a = agent(
-        dir.path(),
-        "a",
-        &["--health-url", &server.health_url()],
-        &script,
-    );
+         exit 3");
+    let a = agent_a(dir.path(), &server, &[], &script);
     let (status, r, body) = restart(a.port, Some(&bearer()));
     assert_eq!(status, 502, "{body}");
     assert_eq!(r["ok"], false, "{r}");
@@ -404,26 +365,12 @@ fn a_command_hanging_past_its_timeout_is_killed_with_its_group() {
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(dir.path(), "s");
     let (sh_pid, sleep_pid) = (dir.path().join("sh.pid"), dir.path().join("sleep.pid"));
-    let script = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        format!(
-            "echo $$ > {}; sleep 120 & echo $! > {}; echo 'stuck' >&2; wait",
-            sh_pid.display(),
-            sleep_pid.display()
-        ),
-    ];
-    let a = agent(
-        dir.path(),
-        "a",
-        &[
-            "--health-url",
-            &server.health_url(),
-            "--command-timeout",
-            "1s",
-        ],
-        &script,
-    );
+    let script = sh(format!(
+        "echo $$ > {}; sleep 120 & echo $! > {}; echo 'stuck' >&2; wait",
+        sh_pid.display(),
+        sleep_pid.display()
+    ));
+    let a = agent_a(dir.path(), &server, &["--command-timeout", "1s"], &script);
     let start = Instant::now();
     let (status, r, body) = restart(a.port, Some(&bearer()));
     assert!(start.elapsed() < Duration::from_secs(10), "{body}");
@@ -453,15 +400,10 @@ fn a_server_that_never_answers_pong_is_a_health_failure() {
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(dir.path(), "s");
     std::fs::write(&server.down, "").unwrap();
-    let a = agent(
+    let a = agent_a(
         dir.path(),
-        "a",
-        &[
-            "--health-url",
-            &server.health_url(),
-            "--health-timeout",
-            "700ms",
-        ],
+        &server,
+        &["--health-timeout", "700ms"],
         &["true".to_owned()],
     );
     let (status, r, body) = restart(a.port, Some(&bearer()));
@@ -548,11 +490,7 @@ fn https_with_a_certificate_from_seactl_certs() {
     }
     let server = fake_server(dir.path(), "s");
     let count = dir.path().join("count");
-    let script = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        format!("echo run >> {}", count.display()),
-    ];
+    let script = sh(format!("echo run >> {}", count.display()));
     let port = free_port();
     let log = dir.path().join("agent.log");
     let child = seactl()
@@ -614,19 +552,6 @@ fn https_with_a_certificate_from_seactl_certs() {
     assert_eq!(lines(&count), ["run"]);
 }
 
-/// `seactl serve`, killed on drop.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn push_map(url: &str, map: &Path) -> Output {
     seactl()
         .args(["push-map", map.to_str().unwrap(), "--yes"])
@@ -677,43 +602,32 @@ fn seactl_serve_rolls_out_through_agents() {
         )
     };
     let config = dir.path().join("seashard.toml");
-    std::fs::write(
+    write_config(
         &config,
-        format!(
-            "[listen]\ngrpc = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{http}\"\n\
-             [store]\npath = \"state.db\"\n[api]\ntoken_env = \"CLI_TEST_TOKEN\"\n\
-             [filter]\nwasm = \"/opt/seashard/base-router.wasm\"\n\
+        http,
+        &format!(
+            "[api]\ntoken_env = \"CLI_TEST_TOKEN\"\n\
              [rollout]\nack_timeout = \"2s\"\nhealth_timeout = \"5s\"\ndrain = \"100ms\"\n\
              [[server]]\nname = \"a\"\naddress = \"127.0.0.1:{}\"\nrestart = {}\n\
              [[server]]\nname = \"b\"\naddress = \"127.0.0.1:{}\"\nrestart = {}\n",
-            free_port(),
             sa.port,
             hook(agent_a.port),
             sb.port,
             hook(agent_b.port),
         ),
-    )
-    .unwrap();
+    );
     let serve_log = dir.path().join("serve.log");
-    let child = seactl()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("CLI_TEST_TOKEN", API_TOKEN)
-        .env("AGENT_AUTH", bearer())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&serve_log).unwrap())
-        .spawn()
-        .unwrap();
-    let s = Serve {
-        child,
-        url: format!("http://127.0.0.1:{http}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", http)).is_err() {
-        assert!(Instant::now() < deadline, "seactl serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = Serve::start(
+        seactl()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("CLI_TEST_TOKEN", API_TOKEN)
+            .env("AGENT_AUTH", bearer())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&serve_log).unwrap()),
+        http,
+    );
 
     // Bases move: both servers restart, through their agents, one after another.
     let map = dir.path().join("split.json");

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{Serve, free_port, text, write_config};
+
 const TOKEN: &str = "cli-token-0123456";
 
 fn seactl() -> Command {
@@ -15,27 +18,6 @@ fn seactl() -> Command {
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `seactl serve`, killed on drop.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn serve(dir: &Path) -> Serve {
@@ -50,45 +32,25 @@ fn serve(dir: &Path) -> Serve {
 fn serve_with(dir: &Path, extra: &str) -> Serve {
     let http = free_port();
     let config = dir.join("seashard.toml");
-    std::fs::write(
+    write_config(
         &config,
-        format!(
-            r#"
-            [listen]
-            grpc = "127.0.0.1:{}"
-            http = "127.0.0.1:{http}"
-            [store]
-            path = "state.db"
-            [api]
-            token_env = "CLI_TEST_TOKEN"
-            [filter]
-            wasm = "/opt/seashard/base-router.wasm"
-            {extra}
-            "#,
-            free_port()
-        ),
-    )
-    .unwrap();
+        http,
+        &format!("[api]\ntoken_env = \"CLI_TEST_TOKEN\"\n{extra}"),
+    );
     serve_config(&config, http)
 }
 
 /// `seactl serve --config CONFIG` whose API listens on `http`.
 fn serve_config(config: &Path, http: u16) -> Serve {
-    let child = seactl()
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("CLI_TEST_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{http}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
-        assert!(Instant::now() < deadline, "seactl serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Serve { child, url }
+    Serve::start(
+        seactl()
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("CLI_TEST_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null()),
+        http,
+    )
 }
 
 fn run(url: &str, args: &[&str]) -> Output {
@@ -101,12 +63,31 @@ fn run(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// `seactl push-map MAP --yes`, running; its output piped.
+fn spawn_push_map(url: &str, map: &str) -> Child {
+    seactl()
+        .args(["push-map", map, "--yes"])
+        .env("SEASHARD_URL", url)
+        .env("SEASHARD_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `status` until the running rollout's `field` is `value` (20 s at most).
+fn wait_for_rollout(url: &str, field: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run(url, &["status", "--output", "json"]);
+        let status: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if status["rollout"][field] == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -169,25 +150,8 @@ fn serve_status_and_push_map() {
         r#"{"default": "dtable-server", "slots": {"0-7": "dtable-server", "8-f": "dtable-server-2"}}"#,
     )
     .unwrap();
-    let push = seactl()
-        .args(["push-map", m, "--yes"])
-        .env("SEASHARD_URL", &s.url)
-        .env("SEASHARD_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = run(&s.url, &["status", "--output", "json"]);
-        let status: Value = serde_json::from_slice(&o.stdout).unwrap();
-        if status["rollout"]["waiting_for_confirm"] == "dtable-server" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let push = spawn_push_map(&s.url, m);
+    wait_for_rollout(&s.url, "waiting_for_confirm", "dtable-server");
     let o = run(&s.url, &["status"]);
     assert!(text(&o).contains("Rollout 1 running"), "{}", text(&o));
     let o = run(&s.url, &["rollout", "confirm", "dtable-server-2"]);
@@ -252,14 +216,14 @@ fn pong() -> u16 {
     port
 }
 
-#[test]
-fn push_map_follows_a_rollout_to_its_end() {
-    let dir = tempfile::tempdir().unwrap();
+/// `seactl serve` with servers `a` and `b` (each a `pong` health URL) whose restart
+/// hooks sleep `sleep` seconds, then append the server's name to the log returned.
+fn serve_restarting_a_and_b(dir: &Path, sleep: &str) -> (Serve, PathBuf) {
     let (a, b) = (pong(), pong());
-    let log = dir.path().join("restarts.log");
+    let log = dir.join("restarts.log");
     let hook = |name: &str| {
         format!(
-            r#"{{ kind = "command", argv = ["sh", "-c", "sleep 0.3; echo {name} >> {}"] }}"#,
+            r#"{{ kind = "command", argv = ["sh", "-c", "sleep {sleep}; echo {name} >> {}"] }}"#,
             log.display()
         )
     };
@@ -270,7 +234,13 @@ fn push_map_follows_a_rollout_to_its_end() {
         hook("a"),
         hook("b")
     );
-    let s = serve_with(dir.path(), &extra);
+    (serve_with(dir, &extra), log)
+}
+
+#[test]
+fn push_map_follows_a_rollout_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, log) = serve_restarting_a_and_b(dir.path(), "0.3");
     let map = dir.path().join("split.json");
     std::fs::write(
         &map,
@@ -411,22 +381,7 @@ fn the_demo_routes_requests_through_a_real_envoy() {
 #[test]
 fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (pong(), pong());
-    let log = dir.path().join("restarts.log");
-    let hook = |name: &str| {
-        format!(
-            r#"{{ kind = "command", argv = ["sh", "-c", "sleep 1; echo {name} >> {}"] }}"#,
-            log.display()
-        )
-    };
-    let extra = format!(
-        "[rollout]\nack_timeout = \"2s\"\nhealth_timeout = \"2s\"\n\
-         [[server]]\nname = \"a\"\naddress = \"127.0.0.1:{a}\"\nrestart = {}\n\
-         [[server]]\nname = \"b\"\naddress = \"127.0.0.1:{b}\"\nrestart = {}\n",
-        hook("a"),
-        hook("b")
-    );
-    let mut s = serve_with(dir.path(), &extra);
+    let (mut s, log) = serve_restarting_a_and_b(dir.path(), "1");
     let http: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();
     let map = dir.path().join("split.json");
     std::fs::write(
@@ -434,25 +389,8 @@ fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
         r#"{"default": "a", "slots": {"0-7": "a", "8-f": "b"}}"#,
     )
     .unwrap();
-    let push = seactl()
-        .args(["push-map", map.to_str().unwrap(), "--yes"])
-        .env("SEASHARD_URL", &s.url)
-        .env("SEASHARD_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = run(&s.url, &["status", "--output", "json"]);
-        let status: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        if status["rollout"]["restarting"] == "a" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let push = spawn_push_map(&s.url, map.to_str().unwrap());
+    wait_for_rollout(&s.url, "restarting", "a");
     // SIGKILL, mid-restart of a; then the same configuration and store again.
     s.child.kill().unwrap();
     s.child.wait().unwrap();

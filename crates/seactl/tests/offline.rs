@@ -146,16 +146,8 @@ fn import_nginx_prints_the_map_and_warns_on_stderr() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: line 7"));
 }
 
-/// Two dtable-servers on one host, nginx picking by port.
-const ONE_HOST: &str = r#"http {
-  upstream dtable_server_a_z { server 10.0.0.4:5000; }
-  upstream dtable_server_0_9 { server 10.0.0.4:5001; }
-  map $request_uri $dtable_upstream {
-    default dtable_server_a_z;
-    "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-    "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-  }
-}"#;
+/// Two dtable-servers on one host, nginx picking by port (shardmap's own fixture).
+const ONE_HOST: &str = include_str!("../../shardmap/tests/fixtures/one-host.nginx.conf");
 
 #[test]
 fn import_nginx_keeps_two_upstreams_on_one_host_apart() {

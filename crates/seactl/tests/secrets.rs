@@ -9,7 +9,10 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::{Serve, free_port, text as everything, write_config};
 
 const TOKEN: &str = "change-token-canary-0a1b";
 const READ_TOKEN: &str = "read-token-canary-2c3d";
@@ -24,14 +27,6 @@ const CANARIES: [&str; 6] = [
 
 fn seactl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_seactl"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// An HTTP endpoint answering every request with `status` and the request's head as
@@ -65,17 +60,6 @@ fn echoing_endpoint(status: u16) -> (u16, Arc<Mutex<Vec<String>>>) {
     (port, seen)
 }
 
-struct Serve {
-    child: std::process::Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn run(url: &str, token: &str, args: &[&str]) -> Output {
     seactl()
         .args(args)
@@ -84,14 +68,6 @@ fn run(url: &str, token: &str, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn everything(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn get(url: &str, token: Option<&str>) -> String {
@@ -127,20 +103,14 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
         CANARIES[3], CANARIES[0]
     );
     let config = dir.path().join("seashard.toml");
-    std::fs::write(
+    write_config(
         &config,
-        format!(
+        http,
+        &format!(
             r#"
-            [listen]
-            grpc = "127.0.0.1:{}"
-            http = "127.0.0.1:{http}"
-            [store]
-            path = "state.db"
             [api]
             token_env = "CHANGE_TOKEN"
             read_token_env = "READ_TOKEN"
-            [filter]
-            wasm = "/opt/seashard/base-router.wasm"
             [rollout]
             ack_timeout = "2s"
             health_timeout = "2s"
@@ -153,15 +123,13 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
             name = "dtable-server-2"
             address = "127.0.0.1:{ping_port}"
             restart = {hook}
-            "#,
-            free_port()
+            "#
         ),
-    )
-    .unwrap();
+    );
     let log = dir.path().join("serve.log");
     let out = std::fs::File::create(&log).unwrap();
-    let _serve = Serve {
-        child: seactl()
+    let _serve = Serve::start(
+        seactl()
             .args(["serve", "--config"])
             .arg(&config)
             .env("CHANGE_TOKEN", TOKEN)
@@ -170,15 +138,9 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
-        assert!(Instant::now() < deadline, "seactl serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            .stderr(out),
+        http,
+    );
 
     let mut seen = String::new();
     // A map that moves bases: a rollout whose first hook fails, echoing its headers.

@@ -3,10 +3,12 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+
+mod common;
+use common::{Serve, free_port, text, write_config};
 
 const TOKEN: &str = "tls-cli-token-0123456";
 
@@ -15,14 +17,6 @@ fn seactl() -> Command {
     // An operator's SEASHARD_CA must not leak into these runs.
     c.env_remove("SEASHARD_CA").stdin(Stdio::null());
     c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn certs(args: &[&str]) -> Output {
@@ -110,24 +104,6 @@ fn certs_are_private_and_never_overwritten_without_force() {
     assert!(text(&o).contains("seactl certs init"), "{}", text(&o));
 }
 
-/// `seactl serve` killed on drop.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn status_over_https_is_verified_against_the_ca() {
     let tmp = tempfile::tempdir().unwrap();
@@ -150,49 +126,35 @@ fn status_over_https_is_verified_against_the_ca() {
     }
     let http = free_port();
     let config = dir.join("seashard.toml");
-    std::fs::write(
+    write_config(
         &config,
-        format!(
+        http,
+        &format!(
             r#"
-            [listen]
-            grpc = "127.0.0.1:{}"
-            http = "127.0.0.1:{http}"
-            [store]
-            path = "state.db"
             [api]
             token = "{TOKEN}"
             [api.tls]
             cert = "tls/control-plane.crt"
             key = "tls/control-plane.key"
-            [filter]
-            wasm = "/opt/seashard/base-router.wasm"
             [[server]]
             name = "dtable-server"
             address = "127.0.0.1:1"
-            "#,
-            free_port()
+            "#
         ),
-    )
-    .unwrap();
+    );
     let o = seactl()
         .args(["serve", "--check", "--config"])
         .arg(&config)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let _serve = Serve(
+    let _serve = Serve::start(
         seactl()
             .args(["serve", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
+            .env("RUST_LOG", "warn"),
+        http,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
-        assert!(Instant::now() < deadline, "seactl serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let ca = d.join("ca.crt");
     let status = |url: &str, ca: Option<&Path>| {
         let mut c = seactl();

@@ -40,14 +40,8 @@ pub struct Import {
 /// unlisted upstreams are named after the host of their first `server` line, or their
 /// block when that would merge two (see the module doc).
 pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, Problems> {
+    let directives = directives(conf)?;
     let mut problems = Problems::default();
-    let directives = match parse(conf) {
-        Ok(d) => d,
-        Err((line, why)) => {
-            problems.push(format!("line {line}"), why);
-            return Err(problems);
-        }
-    };
     let mut warnings = Vec::new();
 
     // Upstream name → server name.
@@ -61,26 +55,11 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
     let upstreams: BTreeMap<String, String> =
         named.into_iter().map(|u| (u.name, u.server)).collect();
 
-    let mut maps = Vec::new();
-    walk(&directives, &mut |d| {
-        if d.name == "map"
-            && d.args
-                .first()
-                .is_some_and(|a| a == "$request_uri" || a == "$uri")
-            && d.block.is_some()
-        {
-            maps.push(d.clone());
-        }
-    });
-    let Some(map) = maps.first() else {
-        problems.push("", "no `map $request_uri $var { ... }` block found");
-        return Err(problems);
-    };
-    if maps.len() > 1 {
+    let (map, maps) = first_request_uri_map(&directives)?;
+    if maps > 1 {
         warnings.push(format!(
             "{} map blocks on $request_uri; only the first (line {}) was imported",
-            maps.len(),
-            map.line
+            maps, map.line
         ));
     }
     if map.args.first().is_some_and(|a| a == "$uri") {
@@ -120,15 +99,7 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
     let mut paths = Vec::new();
     for entry in map.block.iter().flatten() {
         let line = entry.line;
-        let key = entry.name.as_str();
-        if matches!(key, "hostnames" | "volatile") && entry.args.is_empty() {
-            continue;
-        }
-        let [value] = entry.args.as_slice() else {
-            problems.push(
-                format!("line {line}"),
-                format!("map entry `{key}` needs exactly one value"),
-            );
+        let Some((key, value)) = key_and_value(entry, &mut problems) else {
             continue;
         };
         if key == "default" {
@@ -208,11 +179,7 @@ pub fn import(conf: &str, servers: &BTreeMap<String, String>) -> Result<Import, 
         }
     }
     let Some(default) = default else {
-        problems.push(
-            format!("line {}", map.line),
-            "the map has no `default`: every map needs one",
-        );
-        return Err(problems);
+        return Err(no_default(&map, problems));
     };
     let mut slots = BTreeMap::new();
     if claimed.iter().any(Option::is_some) {
@@ -482,6 +449,64 @@ fn host_of(server: &str) -> String {
     }
 }
 
+/// The configuration's directives, or its syntax error (the one problem, at its line).
+fn directives(conf: &str) -> Result<Vec<Directive>, Problems> {
+    parse(conf).map_err(|(line, why)| {
+        let mut problems = Problems::default();
+        problems.push(format!("line {line}"), why);
+        problems
+    })
+}
+
+/// The first `map $request_uri` (or `$uri`) block and how many there are; none is a
+/// problem.
+fn first_request_uri_map(directives: &[Directive]) -> Result<(Directive, usize), Problems> {
+    let (mut first, mut count) = (None, 0);
+    walk(directives, &mut |d| {
+        if d.name == "map"
+            && d.args
+                .first()
+                .is_some_and(|a| a == "$request_uri" || a == "$uri")
+            && d.block.is_some()
+        {
+            count += 1;
+            first.get_or_insert_with(|| d.clone());
+        }
+    });
+    let Some(first) = first else {
+        let mut problems = Problems::default();
+        problems.push("", "no `map $request_uri $var { ... }` block found");
+        return Err(problems);
+    };
+    Ok((first, count))
+}
+
+/// A map entry's key and its one value; `None` for a bare `hostnames` or `volatile`,
+/// and for an entry without exactly one value (a problem, pushed to `problems`).
+fn key_and_value<'a>(entry: &'a Directive, problems: &mut Problems) -> Option<(&'a str, &'a str)> {
+    let key = entry.name.as_str();
+    if matches!(key, "hostnames" | "volatile") && entry.args.is_empty() {
+        return None;
+    }
+    let [value] = entry.args.as_slice() else {
+        problems.push(
+            format!("line {}", entry.line),
+            format!("map entry `{key}` needs exactly one value"),
+        );
+        return None;
+    };
+    Some((key, value))
+}
+
+/// `problems` and the one of a `map` block without `default`.
+fn no_default(map: &Directive, mut problems: Problems) -> Problems {
+    problems.push(
+        format!("line {}", map.line),
+        "the map has no `default`: every map needs one",
+    );
+    problems
+}
+
 /// One nginx directive: `name args...;` or `name args... { block }`.
 #[derive(Debug, Clone)]
 struct Directive {
@@ -681,31 +706,10 @@ pub struct UpstreamBlock {
 /// server names resolved as [`import`] resolves them (`servers` maps upstream names to
 /// server names; a value that is no upstream block is the server name itself).
 pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<NginxMap, Problems> {
-    let mut problems = Problems::default();
-    let directives = match parse(conf) {
-        Ok(d) => d,
-        Err((line, why)) => {
-            problems.push(format!("line {line}"), why);
-            return Err(problems);
-        }
-    };
+    let directives = directives(conf)?;
     let upstreams = name_upstreams(&directives, servers)?.0;
-    let mut map = None;
-    walk(&directives, &mut |d| {
-        if map.is_none()
-            && d.name == "map"
-            && d.args
-                .first()
-                .is_some_and(|a| a == "$request_uri" || a == "$uri")
-            && d.block.is_some()
-        {
-            map = Some(d.clone());
-        }
-    });
-    let Some(map) = map else {
-        problems.push("", "no `map $request_uri $var { ... }` block found");
-        return Err(problems);
-    };
+    let (map, _) = first_request_uri_map(&directives)?;
+    let mut problems = Problems::default();
     let resolve = |value: &str| -> String {
         upstreams
             .iter()
@@ -718,15 +722,7 @@ pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<Nginx
     let mut exact = Vec::new();
     let mut regexes = Vec::new();
     for entry in map.block.iter().flatten() {
-        let key = entry.name.as_str();
-        if matches!(key, "hostnames" | "volatile") && entry.args.is_empty() {
-            continue;
-        }
-        let [value] = entry.args.as_slice() else {
-            problems.push(
-                format!("line {}", entry.line),
-                format!("map entry `{key}` needs exactly one value"),
-            );
+        let Some((key, value)) = key_and_value(entry, &mut problems) else {
             continue;
         };
         let server = resolve(value);
@@ -753,11 +749,7 @@ pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<Nginx
         }
     }
     let Some(default) = default else {
-        problems.push(
-            format!("line {}", map.line),
-            "the map has no `default`: every map needs one",
-        );
-        return Err(problems);
+        return Err(no_default(&map, problems));
     };
     problems.into_result(NginxMap {
         source: map.args.first().cloned().unwrap_or_default(),
@@ -871,17 +863,7 @@ http {
     }
 
     /// Two dtable-servers on one host, nginx picking by port.
-    const ONE_HOST: &str = r#"
-http {
-    upstream dtable_server_a_z { server 10.0.0.4:5000; }
-    upstream dtable_server_0_9 { server 10.0.0.4:5001; }
-    map $request_uri $dtable_upstream {
-        default dtable_server_a_z;
-        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-    }
-}
-"#;
+    const ONE_HOST: &str = include_str!("../tests/fixtures/one-host.nginx.conf");
 
     #[test]
     fn two_upstreams_on_one_host_stay_two_servers() {

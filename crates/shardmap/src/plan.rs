@@ -110,18 +110,8 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, Problems> {
         from != to
     });
     plan.fence = fence_of(&moved);
-    plan.losing = moves
-        .iter()
-        .map(|m| m.from.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    plan.gaining = moves
-        .iter()
-        .map(|m| m.to.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    plan.losing = sorted_unique(moves.iter().map(|m| &m.from));
+    plan.gaining = sorted_unique(moves.iter().map(|m| &m.to));
     plan.moves = moves.into_iter().collect();
 
     let before: BTreeSet<&str> = old.servers().into_iter().collect();
@@ -129,6 +119,15 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, Problems> {
     plan.servers_added = after.difference(&before).map(|s| s.to_string()).collect();
     plan.servers_removed = before.difference(&after).map(|s| s.to_string()).collect();
     Ok(plan)
+}
+
+/// The names, sorted, each once.
+fn sorted_unique<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    names
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 /// The servers that own at least one base inside `fence` under `map`: the servers that

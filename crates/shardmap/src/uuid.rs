@@ -68,6 +68,16 @@ impl BaseUuid {
         Some(BaseUuid(out))
     }
 
+    /// The base uuid whose 32 hex digits are those of `n`, most significant first.
+    pub fn from_u128(n: u128) -> BaseUuid {
+        let mut out = [0u8; 32];
+        for (i, c) in out.iter_mut().enumerate() {
+            let nibble = (n >> (124 - 4 * i)) & 0xf;
+            *c = b"0123456789abcdef"[nibble as usize];
+        }
+        BaseUuid(out)
+    }
+
     /// The 32 lowercase hex digits.
     pub fn as_str(&self) -> &str {
         // Only ASCII hex digits are ever stored.
@@ -366,6 +376,14 @@ mod tests {
 
     fn ex(s: &str) -> Option<String> {
         extract(s).map(|u| u.as_str().to_owned())
+    }
+
+    #[test]
+    fn from_u128_is_the_number_in_hex() {
+        let n = 0xff84e1a1_66e2_4a3b_9c1d_0123456789ab_u128;
+        assert_eq!(BaseUuid::from_u128(n).as_str(), HEX);
+        assert_eq!(BaseUuid::from_u128(n).dashed(), DASHED);
+        assert_eq!(BaseUuid::from_u128(1).as_str(), format!("{:032x}", 1));
     }
 
     #[test]

@@ -199,18 +199,11 @@ fn before(path_and_query: &str) -> Option<BaseUuid> {
 
 fn uuid() -> impl Strategy<Value = String> {
     (any::<u128>(), any::<bool>(), any::<bool>()).prop_map(|(n, dashed, upper)| {
-        let hex = format!("{n:032x}");
+        let base = BaseUuid::from_u128(n);
         let s = if dashed {
-            format!(
-                "{}-{}-{}-{}-{}",
-                &hex[..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..]
-            )
+            base.dashed()
         } else {
-            hex
+            base.to_string()
         };
         if upper { s.to_uppercase() } else { s }
     })

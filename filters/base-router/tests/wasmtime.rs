@@ -2,7 +2,7 @@
 //! route exactly as `shardmap` decides natively, refuse bad configuration, fence, and
 //! never trap.
 
-use shardmap::{Fence, Reason, Router, RouterConfig, ShardMap};
+use shardmap::{BaseUuid, Fence, Reason, Router, RouterConfig, ShardMap};
 use wasm_host::{Action, ContextId, Host, LogLevel, Vm, built_filter};
 
 const MAP: &str = r#"{"default": "dtable-server",
@@ -52,14 +52,7 @@ fn uris(n: usize) -> Vec<String> {
             let stem = stems[(r % stems.len() as u64) as usize];
             let hex = format!("{stem}{:016x}{:016x}", next(), next());
             let hex = &hex[..32];
-            let dashed = format!(
-                "{}-{}-{}-{}-{}",
-                &hex[..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..]
-            );
+            let dashed = BaseUuid::parse(hex).unwrap().dashed();
             let u = if r & 0x100 != 0 {
                 dashed.to_uppercase()
             } else {
@@ -147,19 +140,16 @@ fn routes_exactly_as_shardmap_decides() {
         .iter()
         .filter(|u| router.decide(u).reason == Reason::Default)
         .count() as u64;
-    assert_eq!(
-        vm.metric("seashard.requests.default").map(|m| m.value),
-        Some(defaults)
-    );
+    assert_eq!(metric(&vm, "seashard.requests.default"), Some(defaults));
     let unreadable = all
         .iter()
         .filter(|u| router.decide(u).reason == Reason::Unreadable)
         .count() as u64;
     assert_eq!(
-        vm.metric("seashard.requests.unreadable").map(|m| m.value),
+        metric(&vm, "seashard.requests.unreadable"),
         Some(unreadable)
     );
-    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(7));
+    assert_eq!(metric(&vm, "seashard.map_version"), Some(7));
 }
 
 #[test]
@@ -254,10 +244,7 @@ fn a_fenced_base_gets_503_with_retry_after() {
         Some("dtable-server")
     );
     vm.tick().unwrap();
-    assert_eq!(
-        vm.metric("seashard.requests.fenced").map(|m| m.value),
-        Some(3)
-    );
+    assert_eq!(metric(&vm, "seashard.requests.fenced"), Some(3));
 }
 
 #[test]
@@ -303,7 +290,7 @@ fn invalid_configuration_is_refused_and_the_previous_map_stays() {
         Some("dtable-server-2")
     );
     assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("1"));
-    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(1));
+    assert_eq!(metric(&vm, "seashard.map_version"), Some(1));
     // A valid new map applies.
     assert!(
         vm.configure(
@@ -321,7 +308,7 @@ fn invalid_configuration_is_refused_and_the_previous_map_stays() {
         )],
     );
     assert_eq!(vm.request_header(ctx, "x-dtable-server"), Some("solo"));
-    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(3));
+    assert_eq!(metric(&vm, "seashard.map_version"), Some(3));
 }
 
 #[test]
@@ -375,6 +362,11 @@ fn guard_vm(server: &str, version: u64, fence: Fence) -> Vm {
     vm_with(&cfg)
 }
 
+/// The value of the VM's metric `name`.
+fn metric(vm: &Vm, name: &str) -> Option<u64> {
+    vm.metric(name).map(|m| m.value)
+}
+
 fn header<'a>(reply: &'a wasm_host::LocalResponse, name: &str) -> Option<&'a str> {
     reply
         .headers
@@ -419,10 +411,7 @@ fn a_guard_passes_its_servers_bases_untouched() {
         vm.finish(ctx).unwrap();
     }
     vm.tick().unwrap();
-    assert_eq!(
-        vm.metric("seashard.requests.passed").map(|m| m.value),
-        Some(4)
-    );
+    assert_eq!(metric(&vm, "seashard.requests.passed"), Some(4));
     assert!(
         vm.metric("seashard.requests.server.dtable-server-2")
             .is_none()
@@ -446,10 +435,7 @@ fn a_guard_refuses_another_servers_base_with_421_naming_the_owner() {
     assert_eq!(body["owner"], "dtable-server-3");
     assert_eq!(body["server"], "dtable-server-2");
     vm.tick().unwrap();
-    assert_eq!(
-        vm.metric("seashard.requests.misdirected").map(|m| m.value),
-        Some(1)
-    );
+    assert_eq!(metric(&vm, "seashard.requests.misdirected"), Some(1));
 }
 
 #[test]
@@ -479,10 +465,7 @@ fn a_guard_refuses_a_fenced_base_with_503_and_retry_after() {
     );
     assert_eq!(action, Action::Continue);
     vm.tick().unwrap();
-    assert_eq!(
-        vm.metric("seashard.requests.fenced").map(|m| m.value),
-        Some(1)
-    );
+    assert_eq!(metric(&vm, "seashard.requests.fenced"), Some(1));
 }
 
 /// The bootstrap's placeholder: version 0, every base fenced, for a guard and an edge.
@@ -519,14 +502,8 @@ fn before_the_first_map_bases_get_no_shard_map_yet() {
         let routed = vm.request_header(ctx, "x-dtable-server");
         assert_eq!(routed, guard.is_none().then_some("dtable-server-2"));
         vm.tick().unwrap();
-        assert_eq!(
-            vm.metric("seashard.requests.no_map").map(|m| m.value),
-            Some(2)
-        );
-        assert_eq!(
-            vm.metric("seashard.requests.fenced").map(|m| m.value),
-            Some(0)
-        );
+        assert_eq!(metric(&vm, "seashard.requests.no_map"), Some(2));
+        assert_eq!(metric(&vm, "seashard.requests.fenced"), Some(0));
     }
 }
 
@@ -619,7 +596,7 @@ fn an_older_map_is_refused_and_the_newer_kept() {
         Some("dtable-server-3")
     );
     assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("8"));
-    assert_eq!(vm.metric("seashard.map_version").map(|m| m.value), Some(8));
+    assert_eq!(metric(&vm, "seashard.map_version"), Some(8));
     // The same version again and a newer one are applied.
     assert!(vm.configure(newer.to_json().as_bytes()).unwrap());
     let newest = config(9, Fence::default());
@@ -705,7 +682,7 @@ fn encoded_bases_reach_their_owner_and_the_unreadable_get_400() {
         assert!(moved > 100, "{moved}");
         vm.tick().unwrap();
         assert_eq!(
-            vm.metric("seashard.requests.unreadable").map(|m| m.value),
+            metric(&vm, "seashard.requests.unreadable"),
             Some(unreadable),
             "{guard:?}"
         );

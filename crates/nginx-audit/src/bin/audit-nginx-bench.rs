@@ -46,15 +46,10 @@ impl Generated {
         let b = (self.x >> 20) % self.bases;
         // The base's uuid: a hash of its number.
         let h = b.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678_9abc_def0;
-        let hex = format!("{h:016x}{:016x}", h.rotate_left(17) ^ b);
-        let dashed = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
+        let base = shardmap::BaseUuid::from_u128(
+            (u128::from(h) << 64) | u128::from(h.rotate_left(17) ^ b),
         );
+        let (hex, dashed) = (base.as_str(), base.dashed());
         let (target, upstream) = match (self.x >> 44) % 10 {
             0 | 1 => (
                 format!("/api/v1/internal/dtables/{hex}/operations/"),
