@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::store::NewVersion;
 use control_plane::{Config, Snapshot, SqliteStore, Store, VersionKind};
-use shardmap::{Fence, RouterConfig, ShardMap, diff};
+use shardmap::{RouterConfig, ShardMap, diff};
 
 #[path = "../../crates/shardmap/benches/support/big_map.rs"]
 mod big_map;
@@ -63,13 +63,7 @@ fn main() {
             expected = store
                 .append_version(
                     expected,
-                    &NewVersion {
-                        kind: VersionKind::Map,
-                        map: &new,
-                        fence: &Fence::default(),
-                        author: "bench",
-                        comment: "",
-                    },
+                    &NewVersion::unfenced(VersionKind::Map, &new, "bench", ""),
                 )
                 .expect("append");
         });

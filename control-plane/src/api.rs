@@ -268,6 +268,12 @@ struct NodeStatus {
     map_version: Option<u64>,
 }
 
+/// Every Envoy instance the registry knows, as `status` and `GET /v1/nodes` show them.
+fn node_statuses(api: &Api) -> Vec<NodeStatus> {
+    let nodes = api.plane.registry().nodes();
+    nodes.into_iter().map(|n| node_status(api, n)).collect()
+}
+
 fn node_status(api: &Api, node: Node) -> NodeStatus {
     let snap = api.plane.snapshot();
     let state = ResourceType::ALL
@@ -342,20 +348,14 @@ struct Assigned {
 }
 
 fn assigned(map: &ShardMap, server: &str) -> Assigned {
+    let keys = |m: &std::collections::BTreeMap<String, String>| {
+        let owned = m.iter().filter(|(_, s)| *s == server);
+        owned.map(|(k, _)| k.clone()).collect()
+    };
     Assigned {
         default: map.default == server,
-        slots: map
-            .slots
-            .iter()
-            .filter(|(_, s)| *s == server)
-            .map(|(k, _)| k.clone())
-            .collect(),
-        pins: map
-            .pins
-            .iter()
-            .filter(|(_, s)| *s == server)
-            .map(|(k, _)| k.clone())
-            .collect(),
+        slots: keys(&map.slots),
+        pins: keys(&map.pins),
         paths: map.paths.iter().filter(|r| r.server == server).count(),
     }
 }
@@ -423,13 +423,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         api.plane.served()
     });
     let snap = api.plane.snapshot();
-    let nodes: Vec<NodeStatus> = api
-        .plane
-        .registry()
-        .nodes()
-        .into_iter()
-        .map(|n| node_status(&api, n))
-        .collect();
+    let nodes = node_statuses(&api);
     let servers = server_statuses(&api, &active).await;
     let rollout = current_rollout(&api).unwrap_or_else(|e| {
         note(e);
@@ -486,18 +480,10 @@ async fn one_version(
     State(api): State<Api>,
     Path(version): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let version: u64 = version.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("`{version}` is not a version number"),
-        )
-    })?;
+    let version = number(&version, "a version number")?;
     match api.plane.store().version(version)? {
         Some(v) => Ok(Json(serde_json::to_value(v).unwrap_or(Value::Null))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no version {version}"),
-        )),
+        None => Err(no_such(format!("no version {version}"))),
     }
 }
 
@@ -639,13 +625,7 @@ async fn propose(
 }
 
 async fn nodes(State(api): State<Api>) -> Json<Value> {
-    let nodes: Vec<NodeStatus> = api
-        .plane
-        .registry()
-        .nodes()
-        .into_iter()
-        .map(|n| node_status(&api, n))
-        .collect();
+    let nodes = node_statuses(&api);
     Json(json!({ "nodes": nodes, "conflicts": api.plane.registry().conflicts() }))
 }
 
@@ -654,7 +634,7 @@ async fn one_node(State(api): State<Api>, Path(id): Path<String>) -> Result<Json
         .plane
         .registry()
         .node(&id)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no node `{id}`")))?;
+        .ok_or_else(|| no_such(format!("no node `{id}`")))?;
     Ok(Json(
         serde_json::to_value(node_status(&api, node)).unwrap_or(Value::Null),
     ))
@@ -762,22 +742,24 @@ async fn one_rollout(
             v => Ok(Json(v)),
         };
     }
-    let n: u64 = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a rollout id (or `current`)"),
-        )
-    })?;
+    let n = number(&id, "a rollout id (or `current`)")?;
     match api.plane.store().rollout(n)? {
         Some(stored) => Ok(Json(rollout::view(
             &api.plane,
             &rollout::parse(stored.record)?,
         ))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no rollout {n}"),
-        )),
+        None => Err(no_such(format!("no rollout {n}"))),
     }
+}
+
+/// A path's number (`400` naming `what` it should be).
+fn number(text: &str, what: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("`{text}` is not {what}")))
+}
+
+fn no_such(message: String) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, message)
 }
 
 #[derive(Debug, Deserialize)]

@@ -162,42 +162,82 @@ impl Metrics {
             "The active map version.",
             &[(String::new(), snapshot.map_version)],
         );
-        metric(
-            "seashard_pushes_total",
-            "counter",
-            "Versions published.",
-            &[(String::new(), self.pushes.load(Ordering::Relaxed))],
-        );
-        metric(
-            "seashard_xds_responses_total",
-            "counter",
-            "Discovery responses sent.",
-            &per_type(&self.responses),
-        );
-        metric(
-            "seashard_xds_acks_total",
-            "counter",
-            "ACKs received.",
-            &per_type(&self.acks),
-        );
-        metric(
-            "seashard_xds_nacks_total",
-            "counter",
-            "NACKs received.",
-            &per_type(&self.nacks),
-        );
-        metric(
-            "seashard_rest_polls_total",
-            "counter",
-            "REST xDS polls.",
-            &[(String::new(), self.rest_polls.load(Ordering::Relaxed))],
-        );
-        metric(
-            "seashard_api_errors_total",
-            "counter",
-            "API requests answered with an error.",
-            &[(String::new(), self.api_errors.load(Ordering::Relaxed))],
-        );
+        // One number each.
+        for (name, kind, help, value) in [
+            (
+                "seashard_pushes_total",
+                "counter",
+                "Versions published.",
+                &self.pushes,
+            ),
+            (
+                "seashard_rest_polls_total",
+                "counter",
+                "REST xDS polls.",
+                &self.rest_polls,
+            ),
+            (
+                "seashard_api_errors_total",
+                "counter",
+                "API requests answered with an error.",
+                &self.api_errors,
+            ),
+            (
+                "seashard_server_restarts_total",
+                "counter",
+                "dtable-servers restarted by a rollout's hook.",
+                &self.server_restarts,
+            ),
+            (
+                "seashard_rollout_running",
+                "gauge",
+                "1 while a rollout runs.",
+                &self.rollout_running,
+            ),
+            (
+                "seashard_leader",
+                "gauge",
+                "1 while this control plane replica leads (runs rollouts, publishes versions).",
+                &self.leader,
+            ),
+            (
+                "seashard_ads_node_id_refused_total",
+                "counter",
+                "ADS streams ended with PERMISSION_DENIED: the node id is not the client certificate's.",
+                &self.node_id_refusals,
+            ),
+            (
+                "seashard_ads_streams_refused_total",
+                "counter",
+                "ADS streams refused because their peer address held `max_streams_per_peer`.",
+                &self.streams_refused,
+            ),
+            (
+                "seashard_ads_slow_consumers_total",
+                "counter",
+                "ADS streams ended because their Envoy read nothing for `send_timeout`.",
+                &self.slow_consumers,
+            ),
+        ] {
+            metric(
+                name,
+                kind,
+                help,
+                &[(String::new(), value.load(Ordering::Relaxed))],
+            );
+        }
+        // One number per resource type.
+        for (name, help, counts) in [
+            (
+                "seashard_xds_responses_total",
+                "Discovery responses sent.",
+                &self.responses,
+            ),
+            ("seashard_xds_acks_total", "ACKs received.", &self.acks),
+            ("seashard_xds_nacks_total", "NACKs received.", &self.nacks),
+        ] {
+            metric(name, "counter", help, &per_type(counts));
+        }
         metric(
             "seashard_rollouts_total",
             "counter",
@@ -212,24 +252,6 @@ impl Metrics {
                     self.rollouts_rolled_back.load(Ordering::Relaxed),
                 ),
             ],
-        );
-        metric(
-            "seashard_server_restarts_total",
-            "counter",
-            "dtable-servers restarted by a rollout's hook.",
-            &[(String::new(), self.server_restarts.load(Ordering::Relaxed))],
-        );
-        metric(
-            "seashard_rollout_running",
-            "gauge",
-            "1 while a rollout runs.",
-            &[(String::new(), self.rollout_running.load(Ordering::Relaxed))],
-        );
-        metric(
-            "seashard_leader",
-            "gauge",
-            "1 while this control plane replica leads (runs rollouts, publishes versions).",
-            &[(String::new(), self.leader.load(Ordering::Relaxed))],
         );
         let handshakes: Vec<(String, u64)> = TlsListener::ALL
             .iter()
@@ -246,12 +268,6 @@ impl Metrics {
             "TLS handshakes refused (no or an untrusted certificate, not TLS) or not completed in time.",
             &handshakes,
         );
-        metric(
-            "seashard_ads_node_id_refused_total",
-            "counter",
-            "ADS streams ended with PERMISSION_DENIED: the node id is not the client certificate's.",
-            &[(String::new(), self.node_id_refusals.load(Ordering::Relaxed))],
-        );
         let connected = nodes.iter().filter(|n| n.connected).count() as u64;
         metric(
             "seashard_nodes",
@@ -265,51 +281,30 @@ impl Metrics {
                 ),
             ],
         );
-        let current: Vec<(String, u64)> = ResourceType::ALL
-            .iter()
-            .map(|t| {
-                let v = &snapshot.get(*t).version;
-                let n = nodes
-                    .iter()
-                    .filter(|n| n.connected && n.acked(*t) == Some(v.as_str()))
-                    .count() as u64;
-                (format!("{{type=\"{}\"}}", t.as_str()), n)
-            })
-            .collect();
+        // Per type, the nodes for which `state` holds of the current version.
+        let nodes_per_type = |state: &dyn Fn(&Node, ResourceType, &str) -> bool| {
+            ResourceType::ALL
+                .iter()
+                .map(|t| {
+                    let v = snapshot.get(*t).version.as_str();
+                    let n = nodes.iter().filter(|n| state(n, *t, v)).count() as u64;
+                    (format!("{{type=\"{}\"}}", t.as_str()), n)
+                })
+                .collect::<Vec<_>>()
+        };
+        let current = nodes_per_type(&|n, t, v| n.connected && n.acked(t) == Some(v));
         metric(
             "seashard_nodes_current",
             "gauge",
             "Connected nodes that ACKed the current version.",
             &current,
         );
-        let nacking: Vec<(String, u64)> = ResourceType::ALL
-            .iter()
-            .map(|t| {
-                let v = &snapshot.get(*t).version;
-                let n = nodes
-                    .iter()
-                    .filter(|n| n.nacked(*t) == Some(v.as_str()))
-                    .count() as u64;
-                (format!("{{type=\"{}\"}}", t.as_str()), n)
-            })
-            .collect();
+        let nacking = nodes_per_type(&|n, t, v| n.nacked(t) == Some(v));
         metric(
             "seashard_nodes_nacked_current",
             "gauge",
             "Nodes that NACKed the current version.",
             &nacking,
-        );
-        metric(
-            "seashard_ads_streams_refused_total",
-            "counter",
-            "ADS streams refused because their peer address held `max_streams_per_peer`.",
-            &[(String::new(), self.streams_refused.load(Ordering::Relaxed))],
-        );
-        metric(
-            "seashard_ads_slow_consumers_total",
-            "counter",
-            "ADS streams ended because their Envoy read nothing for `send_timeout`.",
-            &[(String::new(), self.slow_consumers.load(Ordering::Relaxed))],
         );
         metric(
             "seashard_node_id_conflicts",

@@ -159,13 +159,12 @@ impl ControlPlane {
                 let map = initial_map(&config)?;
                 store.append_version(
                     0,
-                    &NewVersion {
-                        kind: VersionKind::Initial,
-                        map: &map,
-                        fence: &Fence::default(),
-                        author: "seactl serve",
-                        comment: "initial map",
-                    },
+                    &NewVersion::unfenced(
+                        VersionKind::Initial,
+                        &map,
+                        "seactl serve",
+                        "initial map",
+                    ),
                 )?;
                 store
                     .active()?
@@ -379,13 +378,7 @@ impl ControlPlane {
         }
         let version = self.publish(
             active.version,
-            &NewVersion {
-                kind: VersionKind::Map,
-                map: &p.map,
-                fence: &Fence::default(),
-                author: &p.author,
-                comment: &p.comment,
-            },
+            &NewVersion::unfenced(VersionKind::Map, &p.map, &p.author, &p.comment),
         )?;
         outcome.version = version.version;
         outcome.applied = true;
@@ -574,13 +567,7 @@ mod tests {
         let unknown = map(r#"{"default": "c"}"#);
         let r = p.publish(
             1,
-            &NewVersion {
-                kind: VersionKind::Map,
-                map: &unknown,
-                fence: &Fence::default(),
-                author: "t",
-                comment: "",
-            },
+            &NewVersion::unfenced(VersionKind::Map, &unknown, "t", ""),
         );
         let Err(ProposeError::Invalid(problems)) = r else {
             panic!("published a map naming an unknown server")
@@ -628,13 +615,7 @@ mod tests {
         // Publishing against an older version is refused: nothing goes back.
         let r = p.publish(
             seen[1].0,
-            &NewVersion {
-                kind: VersionKind::Rollback,
-                map: &active.map,
-                fence: &Fence::default(),
-                author: "rollout",
-                comment: "",
-            },
+            &NewVersion::unfenced(VersionKind::Rollback, &active.map, "rollout", ""),
         );
         assert!(matches!(r, Err(ProposeError::Conflict { .. })), "{r:?}");
         assert_eq!(p.snapshot().map_version, seen.last().unwrap().0);

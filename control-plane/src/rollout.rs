@@ -1440,19 +1440,14 @@ async fn advance(
                     r.new_version = Some(active.version);
                 } else {
                     hold_term(plane)?;
+                    let comment = if r.comment.is_empty() {
+                        format!("rollout {}", r.id)
+                    } else {
+                        format!("rollout {}: {}", r.id, r.comment)
+                    };
                     let v = plane.publish(
                         active.version,
-                        &NewVersion {
-                            kind: VersionKind::Map,
-                            map: &r.new_map,
-                            fence: &Fence::default(),
-                            author: &r.author,
-                            comment: &if r.comment.is_empty() {
-                                format!("rollout {}", r.id)
-                            } else {
-                                format!("rollout {}: {}", r.id, r.comment)
-                            },
-                        },
+                        &NewVersion::unfenced(VersionKind::Map, &r.new_map, &r.author, &comment),
                     )?;
                     r.new_version = Some(v.version);
                 }
@@ -1478,17 +1473,16 @@ async fn advance(
                     hold_term(plane)?;
                     let v = plane.publish(
                         active.version,
-                        &NewVersion {
-                            kind: VersionKind::Rollback,
-                            map: &r.old_map,
-                            fence: &Fence::default(),
-                            author: &r.author,
-                            comment: &format!(
+                        &NewVersion::unfenced(
+                            VersionKind::Rollback,
+                            &r.old_map,
+                            &r.author,
+                            &format!(
                                 "rollout {} rolled back: {}",
                                 r.id,
                                 r.reason.as_deref().unwrap_or("")
                             ),
-                        },
+                        ),
                     )?;
                     r.rollback_version = Some(v.version);
                 }

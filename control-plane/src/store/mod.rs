@@ -135,6 +135,28 @@ pub struct NewVersion<'a> {
     pub comment: &'a str,
 }
 
+impl<'a> NewVersion<'a> {
+    /// A version with no fence: its map routes every base as it says.
+    pub fn unfenced(
+        kind: VersionKind,
+        map: &'a ShardMap,
+        author: &'a str,
+        comment: &'a str,
+    ) -> NewVersion<'a> {
+        static NO_FENCE: Fence = Fence {
+            slots: Vec::new(),
+            pins: Vec::new(),
+        };
+        NewVersion {
+            kind,
+            map,
+            fence: &NO_FENCE,
+            author,
+            comment,
+        }
+    }
+}
+
 /// The ACK/NACK state of one node for one resource type.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeRecord {

@@ -630,7 +630,7 @@ impl RawVersion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardmap::{Fence, ShardMap};
+    use shardmap::ShardMap;
 
     fn map(default: &str) -> ShardMap {
         ShardMap {
@@ -642,13 +642,7 @@ mod tests {
     fn push(store: &SqliteStore, expected: u64, m: &ShardMap) -> Result<u64, StoreError> {
         store.append_version(
             expected,
-            &NewVersion {
-                kind: VersionKind::Map,
-                map: m,
-                fence: &Fence::default(),
-                author: "alice",
-                comment: "test",
-            },
+            &NewVersion::unfenced(VersionKind::Map, m, "alice", "test"),
         )
     }
 

@@ -2,7 +2,6 @@
 //! from a TOML file, flags, or both (flags win). Runs until SIGINT or SIGTERM; a
 //! restart in progress then ends first (a second signal stops at once).
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,14 +94,7 @@ fn settings(args: AgentArgs) -> Result<AgentConfig> {
 }
 
 pub fn agent(args: AgentArgs) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    crate::init_logging();
     let check = args.check;
     let config = settings(args)?;
     let token = config.token()?;

@@ -1,6 +1,5 @@
 //! `seactl serve --config FILE`: runs the control plane until SIGINT or SIGTERM.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,14 +24,7 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: ServeArgs) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    crate::init_logging();
     let mut config = Config::load(&args.config)?;
     if let Some(r) = args.replica.filter(|r| !r.trim().is_empty()) {
         config.store.replica = Some(r);
