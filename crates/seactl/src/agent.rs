@@ -119,10 +119,7 @@ pub fn agent(args: AgentArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(async move {
         let running = agent::start(config, token).await?;
         let stop = running.stopper();

@@ -156,3 +156,12 @@ fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
+
+/// The daemons' async runtime.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}

@@ -57,10 +57,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(async move {
         let running = control_plane::start(plane, &token).await?;
         let stop = running.stopper();
