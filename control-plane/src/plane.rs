@@ -498,15 +498,19 @@ mod tests {
         ShardMap::from_json(json).unwrap()
     }
 
+    fn slots_fence(range: &str) -> Fence {
+        Fence {
+            slots: vec![range.into()],
+            pins: vec![],
+        }
+    }
+
     #[test]
     fn a_fence_is_published_as_a_new_version_and_blocks_proposals() {
         let p = plane();
         let active = p.active().unwrap();
         assert_eq!((active.version, active.kind), (1, VersionKind::Initial));
-        let fence = Fence {
-            slots: vec!["8-f".into()],
-            pins: vec![],
-        };
+        let fence = slots_fence("8-f");
         let v = p
             .publish(
                 1,
@@ -549,10 +553,7 @@ mod tests {
     fn publish_refuses_what_an_envoy_would_refuse() {
         let p = plane();
         let active = p.active().unwrap();
-        let bad_fence = Fence {
-            slots: vec!["zz".into()],
-            pins: vec![],
-        };
+        let bad_fence = slots_fence("zz");
         let r = p.publish(
             1,
             &NewVersion {
@@ -580,10 +581,7 @@ mod tests {
     fn fence_and_rollback_maps_are_new_higher_versions() {
         let p = plane();
         let active = p.active().unwrap();
-        let fence = Fence {
-            slots: vec!["8-f".into()],
-            pins: vec![],
-        };
+        let fence = slots_fence("8-f");
         let mut seen = vec![(active.version, p.snapshot().ecds.version.clone())];
         for (kind, fence) in [
             (VersionKind::Fence, &fence),
