@@ -398,6 +398,11 @@ fn pretty(v: &Value) -> String {
 }
 
 /// The strings of a JSON array (other items skipped; none if `v` is not an array).
+/// A JSON string's text; `""` for anything else.
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
 fn strings(v: &Value) -> Vec<&str> {
     v.as_array()
         .into_iter()

@@ -150,7 +150,7 @@ fn wait_acked(client: &Client, timeout: Duration, quiet: bool) -> Result<(bool, 
                     eprintln!(
                         "NACK from {}: {}",
                         n["instance"].as_str().unwrap_or("?"),
-                        n["types"]["ecds"]["nack_error"].as_str().unwrap_or("")
+                        text(&n["types"]["ecds"]["nack_error"])
                     );
                 }
             }
@@ -194,15 +194,15 @@ fn print_plan(o: &Value) {
     for m in p["slots"].as_array().into_iter().flatten() {
         println!(
             "  slots {:<12} {} → {}",
-            m["range"].as_str().unwrap_or(""),
-            m["from"].as_str().unwrap_or(""),
-            m["to"].as_str().unwrap_or("")
+            text(&m["range"]),
+            text(&m["from"]),
+            text(&m["to"])
         );
     }
     for c in p["pins"].as_array().into_iter().flatten() {
         println!(
             "  pin   {:<12} {} → {}",
-            c["pin"].as_str().unwrap_or(""),
+            text(&c["pin"]),
             c["before"].as_str().unwrap_or("(its slot)"),
             c["after"].as_str().unwrap_or("(its slot)")
         );
@@ -234,16 +234,16 @@ fn print_plan(o: &Value) {
         for r in &restart {
             println!(
                 "  {:<20} ({} hook) {}",
-                r["server"].as_str().unwrap_or(""),
-                r["hook"].as_str().unwrap_or(""),
-                r["why"].as_str().unwrap_or("")
+                text(&r["server"]),
+                text(&r["hook"]),
+                text(&r["why"])
             );
         }
         for r in o["skipped"].as_array().into_iter().flatten() {
             println!(
                 "  not restarted: {:<20} {}",
-                r["server"].as_str().unwrap_or(""),
-                r["why"].as_str().unwrap_or("")
+                text(&r["server"]),
+                text(&r["why"])
             );
         }
     } else {

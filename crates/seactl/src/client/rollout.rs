@@ -113,7 +113,7 @@ pub(super) fn progress_line(r: &Value) -> String {
             Some(v) => format!("activate: version {v}"),
             None => "activate".to_owned(),
         },
-        "rolling_back" => format!("rolling back: {}", r["reason"].as_str().unwrap_or("")),
+        "rolling_back" => format!("rolling back: {}", text(&r["reason"])),
         other => other.to_owned(),
     };
     let owing = strings(&r["owing_ack"]["pending"]);
@@ -139,8 +139,8 @@ fn print_end(r: &Value) {
     for s in r["restart"].as_array().into_iter().flatten() {
         println!(
             "  {:<20} {}{}",
-            s["server"].as_str().unwrap_or(""),
-            s["state"].as_str().unwrap_or(""),
+            text(&s["server"]),
+            text(&s["state"]),
             s["error"]
                 .as_str()
                 .map(|e| format!(": {e}"))
@@ -148,7 +148,7 @@ fn print_end(r: &Value) {
         );
     }
     for w in r["warnings"].as_array().into_iter().flatten() {
-        println!("  warning: {}", w.as_str().unwrap_or(""));
+        println!("  warning: {}", text(w));
     }
     if r["state"] == "done" {
         println!(
@@ -255,11 +255,11 @@ pub fn rollout(args: RolloutArgs) -> Result<ExitCode> {
                 println!(
                     "  {:<4} {:<13} {:<6} {:<6} {:<24} {}",
                     num(&r["id"]),
-                    r["state"].as_str().unwrap_or(""),
+                    text(&r["state"]),
                     num(&r["from_version"]),
                     num(&r["new_version"]),
                     restarted.join(","),
-                    r["reason"].as_str().unwrap_or("")
+                    text(&r["reason"])
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -27,18 +27,15 @@ fn store_line(b: &Value) -> Option<String> {
     let who = match l["role"].as_str() {
         Some("leader") => format!("this replica leads (term {})", l["term"]),
         Some("follower") => match l["leader"]["replica"].as_str() {
-            Some(r) => format!(
-                "the leader is {r} ({})",
-                l["leader"]["api"].as_str().unwrap_or("")
-            ),
+            Some(r) => format!("the leader is {r} ({})", text(&l["leader"]["api"])),
             None => "no replica leads right now (an election is under way)".to_owned(),
         },
-        _ => format!("no leadership: {}", l["reason"].as_str().unwrap_or("")),
+        _ => format!("no leadership: {}", text(&l["reason"])),
     };
     Some(format!(
         "  store: etcd {}, replica {}; {who}",
-        store["location"].as_str().unwrap_or(""),
-        store["replica"].as_str().unwrap_or("")
+        text(&store["location"]),
+        text(&store["replica"])
     ))
 }
 
@@ -59,13 +56,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     println!(
         "Active map: version {} ({}, by {})",
         b["version"],
-        b["kind"].as_str().unwrap_or(""),
-        b["author"].as_str().unwrap_or("")
+        text(&b["kind"]),
+        text(&b["author"])
     );
     println!(
         "  filter config {}, clusters {}",
-        b["ecds_version"].as_str().unwrap_or(""),
-        b["cds_version"].as_str().unwrap_or("")
+        text(&b["ecds_version"]),
+        text(&b["cds_version"])
     );
     let mut healthy = true;
     if let Some(line) = store_line(b) {
@@ -76,7 +73,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         println!(
             "  the store cannot be read, so no change can be made; Envoys keep what \
              they run: {}",
-            b["store"]["error"].as_str().unwrap_or("")
+            text(&b["store"]["error"])
         );
     }
     if b["rollout"].is_object() {
@@ -103,7 +100,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             (Some(v), Some(e)) => format!("{v}: {e}"),
             _ => String::new(),
         };
-        let state = n["state"]["ecds"].as_str().unwrap_or("");
+        let state = text(&n["state"]["ecds"]);
         healthy &= state == "current" || state == "disconnected";
         let role = match n["role"]["kind"].as_str() {
             Some("guard") => format!("guard of {}", n["role"]["server"].as_str().unwrap_or("?")),
@@ -111,14 +108,14 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         };
         println!(
             "  {:<30} {:<24} {:<13} {:<8} {:<8} {}",
-            n["instance"].as_str().unwrap_or(""),
+            text(&n["instance"]),
             role,
             state,
             n["map_version"]
                 .as_u64()
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "-".into()),
-            n["state"]["cds"].as_str().unwrap_or(""),
+            text(&n["state"]["cds"]),
             nack
         );
     }
@@ -127,15 +124,12 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         healthy = false;
         println!("\nNode id CONFLICTS (rollouts waiting for these ids refuse to run):");
         for c in &conflicts {
-            println!(
-                "  `{}` is held by more than one Envoy:",
-                c["id"].as_str().unwrap_or("")
-            );
+            println!("  `{}` is held by more than one Envoy:", text(&c["id"]));
             for p in c["instances"].as_array().into_iter().flatten() {
                 let from = strings(&p["streams_from"]);
                 println!(
                     "    {:<30} {}",
-                    p["instance"].as_str().unwrap_or(""),
+                    text(&p["instance"]),
                     if p["connected"] == true {
                         format!("connected, streams from {}", from.join(", "))
                     } else {
@@ -173,7 +167,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             .map(|g| {
                 format!(
                     "{}{}",
-                    g["instance"].as_str().unwrap_or(""),
+                    text(&g["instance"]),
                     if g["connected"] == true {
                         ""
                     } else {
@@ -199,8 +193,8 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         }
         println!(
             "  {:<20} {:<22} {:<5} {}{}",
-            sv["name"].as_str().unwrap_or(""),
-            sv["address"].as_str().unwrap_or(""),
+            text(&sv["name"]),
+            text(&sv["address"]),
             if up { "up" } else { "DOWN" },
             what.join("; "),
             h["error"]
