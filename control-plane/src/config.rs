@@ -256,14 +256,11 @@ impl StoreConfig {
     /// The etcd password: from `password_env` if set, else `password`.
     pub fn etcd_password(&self) -> Result<Option<String>, ConfigError> {
         match (&self.password_env, &self.password) {
-            (Some(var), _) => std::env::var(var)
-                .map(Some)
-                .map_err(|_| ConfigError::Invalid {
-                    path: PathBuf::new(),
-                    problems: vec![format!(
-                        "store.password_env: the environment variable `{var}` is not set"
-                    )],
-                }),
+            (Some(var), _) => std::env::var(var).map(Some).map_err(|_| {
+                invalid(format!(
+                    "store.password_env: the environment variable `{var}` is not set"
+                ))
+            }),
             (None, p) => Ok(p.clone()),
         }
     }
@@ -795,43 +792,21 @@ impl Config {
 
     /// The bearer token of the API: from `api.token_env` if set, else `api.token`.
     pub fn api_token(&self) -> Result<String, ConfigError> {
-        let invalid = |m: String| ConfigError::Invalid {
-            path: PathBuf::new(),
-            problems: vec![m],
-        };
-        let token = match (&self.api.token_env, &self.api.token) {
-            (Some(var), _) => std::env::var(var)
-                .map_err(|_| invalid(format!("api.token_env: ${var} is not set")))?,
-            (None, Some(t)) => t.clone(),
-            (None, None) => return Err(invalid("api: no token".into())),
-        };
-        if token.len() < 8 {
-            return Err(invalid(
-                "api: the token is shorter than 8 characters".into(),
-            ));
-        }
-        Ok(token)
+        let api = &self.api;
+        token(&api.token_env, &api.token, "token_env", "token")?
+            .ok_or_else(|| invalid("api: no token".into()))
     }
 
     /// The read-only token of the API, if one is set: from `api.read_token_env`, else
     /// `api.read_token`.
     pub fn api_read_token(&self) -> Result<Option<String>, ConfigError> {
-        let invalid = |m: String| ConfigError::Invalid {
-            path: PathBuf::new(),
-            problems: vec![m],
-        };
-        let token = match (&self.api.read_token_env, &self.api.read_token) {
-            (Some(var), _) => std::env::var(var)
-                .map_err(|_| invalid(format!("api.read_token_env: ${var} is not set")))?,
-            (None, Some(t)) => t.clone(),
-            (None, None) => return Ok(None),
-        };
-        if token.len() < 8 {
-            return Err(invalid(
-                "api: the read token is shorter than 8 characters".into(),
-            ));
-        }
-        Ok(Some(token))
+        let api = &self.api;
+        token(
+            &api.read_token_env,
+            &api.read_token,
+            "read_token_env",
+            "read token",
+        )
     }
 
     /// The server named `name`.
@@ -849,6 +824,35 @@ impl Config {
                 .unwrap_or_default(),
             ..ShardMap::default()
         }
+    }
+}
+
+/// A token from its environment variable (`api.VAR_FIELD`) if one is named, else as
+/// written; at least 8 characters. Errors name the field, never a value.
+fn token(
+    var: &Option<String>,
+    written: &Option<String>,
+    var_field: &str,
+    what: &str,
+) -> Result<Option<String>, ConfigError> {
+    let token = match (var, written) {
+        (Some(var), _) => std::env::var(var)
+            .map_err(|_| invalid(format!("api.{var_field}: ${var} is not set")))?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => return Ok(None),
+    };
+    if token.len() < 8 {
+        return Err(invalid(format!(
+            "api: the {what} is shorter than 8 characters"
+        )));
+    }
+    Ok(Some(token))
+}
+
+fn invalid(problem: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: PathBuf::new(),
+        problems: vec![problem],
     }
 }
 
