@@ -844,17 +844,29 @@ mod tests {
         RouterConfig::from_json(&json).unwrap()
     }
 
+    /// Asserts that `yaml` holds every one of `needles`.
+    fn contains_all(yaml: &str, needles: &[&str]) {
+        for n in needles {
+            assert!(yaml.contains(n), "no `{n}` in\n{yaml}");
+        }
+    }
+
     #[test]
     fn renders_both_kinds() {
         let edge = render(&options(Kind::Edge)).unwrap();
-        assert!(edge.contains("address: 0.0.0.0, port_value: 5000"));
-        assert!(edge.contains("set_node_on_first_message_only: true"));
-        assert!(edge.contains("apply_default_config_without_warming: true"));
-        assert!(edge.contains("failure_policy: FAIL_RELOAD"));
-        assert!(edge.contains("validate_clusters: false"));
-        assert!(edge.contains("type: STRICT_DNS"));
-        assert!(edge.contains("cds_config:"));
-        assert!(edge.contains("  id: edge-1\n"));
+        contains_all(
+            &edge,
+            &[
+                "address: 0.0.0.0, port_value: 5000",
+                "set_node_on_first_message_only: true",
+                "apply_default_config_without_warming: true",
+                "failure_policy: FAIL_RELOAD",
+                "validate_clusters: false",
+                "type: STRICT_DNS",
+                "cds_config:",
+                "  id: edge-1\n",
+            ],
+        );
         let side = render(&Options {
             control_plane: "127.0.0.1:18000".into(),
             ..options(Kind::Sidecar)
@@ -898,12 +910,17 @@ mod tests {
         );
         assert!(!y.contains("cds_config"), "{y}");
         assert!(!y.contains("cluster_header"), "{y}");
-        assert!(y.contains("ads_config:"));
-        assert!(y.contains("address: 0.0.0.0, port_value: 5000"));
-        assert!(y.contains("cluster: local_dtable_server"));
-        assert!(y.contains("address: 127.0.0.1, port_value: 5001"));
-        assert!(y.contains("upgrade_type: websocket"));
-        assert!(y.contains("cluster: seashard-guard\n"));
+        contains_all(
+            &y,
+            &[
+                "ads_config:",
+                "address: 0.0.0.0, port_value: 5000",
+                "cluster: local_dtable_server",
+                "address: 127.0.0.1, port_value: 5001",
+                "upgrade_type: websocket",
+                "cluster: seashard-guard\n",
+            ],
+        );
         let rc = default_config(&y);
         assert_eq!(rc.guard.as_deref(), Some("dtable-server-2"));
         assert_eq!(rc.version, AWAITING_MAP_VERSION);

@@ -764,6 +764,11 @@ pub fn nginx_map(conf: &str, servers: &BTreeMap<String, String>) -> Result<Nginx
 mod tests {
     use super::*;
 
+    /// Who owns `key` (a slot range or a pin) in `entries`.
+    fn owner<'m>(entries: &'m BTreeMap<String, String>, key: &str) -> Option<&'m str> {
+        entries.get(key).map(String::as_str)
+    }
+
     pub(crate) const SEATABLE_CONF: &str = r#"
 worker_processes auto;
 events { worker_connections 4096; }
@@ -805,26 +810,17 @@ http {
         assert_eq!(got.warnings, Vec::<String>::new());
         let m = got.map;
         assert_eq!(m.default, "dtable-server");
-        assert_eq!(
-            m.slots.get("0-9").map(String::as_str),
-            Some("dtable-server-2")
-        );
-        assert_eq!(
-            m.slots.get("a-f").map(String::as_str),
-            Some("dtable-server")
-        );
+        assert_eq!(owner(&m.slots, "0-9"), Some("dtable-server-2"));
+        assert_eq!(owner(&m.slots, "a-f"), Some("dtable-server"));
         assert_eq!(m.slots.len(), 2);
-        assert_eq!(
-            m.pins.get("ff84e1a166e2").map(String::as_str),
-            Some("dtable-server-2")
-        );
+        assert_eq!(owner(&m.pins, "ff84e1a166e2"), Some("dtable-server-2"));
     }
 
     #[test]
     fn server_names_can_be_given() {
         let names = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
         let m = import(SEATABLE_CONF, &names).unwrap().map;
-        assert_eq!(m.slots.get("0-9").map(String::as_str), Some("ds2"));
+        assert_eq!(owner(&m.slots, "0-9"), Some("ds2"));
         let typo = BTreeMap::from([("dtable_server_0-9".to_string(), "ds2".to_string())]);
         let got = import(SEATABLE_CONF, &typo).unwrap();
         assert_eq!(
@@ -844,9 +840,9 @@ http {
             got.map.paths[0].regex.as_deref(),
             Some("(?i)^/api/v1/admin/")
         );
-        assert_eq!(got.map.slots.get("0-7").map(String::as_str), Some("c"));
-        assert_eq!(got.map.slots.get("8-9").map(String::as_str), Some("d"));
-        assert_eq!(got.map.slots.get("a-f").map(String::as_str), Some("a"));
+        assert_eq!(owner(&got.map.slots, "0-7"), Some("c"));
+        assert_eq!(owner(&got.map.slots, "8-9"), Some("d"));
+        assert_eq!(owner(&got.map.slots, "a-f"), Some("a"));
         assert!(
             got.warnings.iter().any(|w| w.contains("path rule")),
             "{:?}",
@@ -870,14 +866,8 @@ http {
         let got = import(ONE_HOST, &BTreeMap::new()).unwrap();
         let m = &got.map;
         assert_eq!(m.default, "dtable_server_a_z");
-        assert_eq!(
-            m.slots.get("0-9").map(String::as_str),
-            Some("dtable_server_0_9")
-        );
-        assert_eq!(
-            m.slots.get("a-f").map(String::as_str),
-            Some("dtable_server_a_z")
-        );
+        assert_eq!(owner(&m.slots, "0-9"), Some("dtable_server_0_9"));
+        assert_eq!(owner(&m.slots, "a-f"), Some("dtable_server_a_z"));
         assert!(
             got.warnings.iter().any(|w| w.contains("10.0.0.4:5000")
                 && w.contains("10.0.0.4:5001")
@@ -894,7 +884,7 @@ http {
         let named = BTreeMap::from([("dtable_server_0_9".to_string(), "ds2".to_string())]);
         let m = import(ONE_HOST, &named).unwrap().map;
         assert_eq!(m.default, "dtable_server_a_z");
-        assert_eq!(m.slots.get("0-9").map(String::as_str), Some("ds2"));
+        assert_eq!(owner(&m.slots, "0-9"), Some("ds2"));
     }
 
     #[test]
@@ -965,10 +955,7 @@ http {
             "{:?}",
             got.warnings
         );
-        assert_eq!(
-            got.map.slots.get("0-9").map(String::as_str),
-            Some("10.0.0.5")
-        );
+        assert_eq!(owner(&got.map.slots, "0-9"), Some("10.0.0.5"));
     }
 
     #[test]
