@@ -283,24 +283,11 @@ pub fn replace_http_filter(doc: &mut Value, name: &str, with: Option<Value>) -> 
 /// handles (dashed and 32-hex uuids in the path, `dtable_uuid` in the query,
 /// the pinned base, a uuid-less `/ping/`), over `n_bases` deterministic bases.
 pub fn request_mix(n_bases: usize) -> Vec<String> {
-    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
     let mut out = Vec::new();
     for i in 0..n_bases {
-        let hex = format!("{:016x}{:016x}", next(), next());
-        let dashed = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        );
+        let uuid = crate::random_uuid(&mut next);
+        let (hex, dashed) = (uuid.as_str(), uuid.dashed());
         out.push(match i % 6 {
             0 => format!("/dtable-server/api/v1/dtables/{dashed}/rows/?table_name=Table1"),
             1 => format!("/api/v1/dtables/{dashed}/"),

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use seashard_tests::rollout::seactl_bin;
 use seashard_tests::seatable_nginx::{self, served_by};
-use seashard_tests::{Connection, Nginx, Upstream, wait_until};
+use seashard_tests::{Connection, Nginx, Upstream, random_uuid, wait_until, xorshift};
 use serde_json::Value;
 use shardmap::Router;
 use tempfile::TempDir;
@@ -55,18 +55,8 @@ const NAMES: [&str; 4] = [
 ];
 
 fn uuids(n: usize) -> Vec<String> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut out: Vec<String> = (0..n)
-        .map(|_| {
-            let mut next = || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
-            shardmap::BaseUuid::from_u128((u128::from(next()) << 64) | u128::from(next())).dashed()
-        })
-        .collect();
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut out: Vec<String> = (0..n).map(|_| random_uuid(&mut next).dashed()).collect();
     out.push("ff84e1a1-66e2-4d2c-9b3a-112233445566".into());
     out
 }
