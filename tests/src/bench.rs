@@ -557,11 +557,19 @@ mod tests {
         assert!(script.contains("request = function()"));
     }
 
+    /// A placeholder server address.
+    const ADDR: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
+    /// [`bootstrap_for`] `variant`, with placeholder filters and servers.
+    fn placeholder_bootstrap(variant: Variant) -> Result<String> {
+        let w = Path::new("/x.wasm");
+        bootstrap_for(variant, w, w, [ADDR, ADDR])
+    }
+
     #[test]
     fn passthrough_has_no_wasm_filter_and_others_keep_it() {
-        let w = Path::new("/x.wasm");
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let pass = bootstrap_for(Variant::Passthrough, w, w, [a, a]).unwrap();
+        let pass = placeholder_bootstrap(Variant::Passthrough).unwrap();
         assert!(!pass.contains(FILTER_NAME), "{pass}");
         assert!(pass.contains("envoy.filters.http.router"));
         for v in [
@@ -569,11 +577,7 @@ mod tests {
             Variant::BaseRouter,
             Variant::BaseRouterOneServer,
         ] {
-            assert!(
-                bootstrap_for(v, w, w, [a, a])
-                    .unwrap()
-                    .contains(FILTER_NAME)
-            );
+            assert!(placeholder_bootstrap(v).unwrap().contains(FILTER_NAME));
         }
         let mut doc: Value = serde_yaml::from_str(&pass).unwrap();
         assert!(remove_http_filter(&mut doc, FILTER_NAME).is_err());
@@ -581,9 +585,7 @@ mod tests {
 
     #[test]
     fn lua_takes_the_wasm_filters_place_and_nginx_has_the_documented_map() {
-        let w = Path::new("/x.wasm");
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let lua = bootstrap_for(Variant::EnvoyLua, w, w, [a, a]).unwrap();
+        let lua = placeholder_bootstrap(Variant::EnvoyLua).unwrap();
         assert!(!lua.contains(FILTER_NAME), "{lua}");
         let doc: Value = serde_yaml::from_str(&lua).unwrap();
         let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
@@ -598,9 +600,9 @@ mod tests {
             ["envoy.filters.http.lua", "envoy.filters.http.router"]
         );
         assert!(lua.contains("envoy_on_request"));
-        assert!(bootstrap_for(Variant::Nginx, w, w, [a, a]).is_err());
+        assert!(placeholder_bootstrap(Variant::Nginx).is_err());
 
-        let conf = nginx_conf(a, [a, a]);
+        let conf = nginx_conf(ADDR, [ADDR, ADDR]);
         assert!(conf.contains("worker_processes 1;"), "{conf}");
         for (re, server) in DOCUMENTED_MAP {
             assert!(conf.contains(&format!("\"~*{re}\" {server};")), "{conf}");
