@@ -93,43 +93,33 @@ fn completes_with_guards(shared_id: bool, xds: Xds) {
     );
 }
 
-#[test]
-fn own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back() {
-    own_id_without_guards_rolls_back(Xds::Grpc);
+/// One `#[test]` a row: its name, then the check it runs.
+macro_rules! tests {
+    ($($(#[$doc:meta])* $name:ident => $check:expr;)*) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                $check;
+            }
+        )*
+    };
 }
 
-#[test]
-fn shared_id_without_guards_the_push_is_refused() {
-    shared_id_without_guards_is_refused(Xds::Grpc);
-}
-
-#[test]
-fn own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge() {
-    completes_with_guards(false, Xds::Grpc);
-}
-
-#[test]
-fn shared_id_with_guards_the_rollout_completes() {
-    completes_with_guards(true, Xds::Grpc);
-}
-
-#[test]
-fn rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back() {
-    own_id_without_guards_rolls_back(Xds::Rest);
-}
-
-#[test]
-fn rest_shared_id_without_guards_the_push_is_refused() {
-    shared_id_without_guards_is_refused(Xds::Rest);
-}
-
-/// REST guards are known as guards by the resource they poll.
-#[test]
-fn rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller() {
-    completes_with_guards(false, Xds::Rest);
-}
-
-#[test]
-fn rest_shared_id_with_guards_the_rollout_completes() {
-    completes_with_guards(true, Xds::Rest);
+tests! {
+    own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back =>
+        own_id_without_guards_rolls_back(Xds::Grpc);
+    shared_id_without_guards_the_push_is_refused =>
+        shared_id_without_guards_is_refused(Xds::Grpc);
+    own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge =>
+        completes_with_guards(false, Xds::Grpc);
+    shared_id_with_guards_the_rollout_completes => completes_with_guards(true, Xds::Grpc);
+    rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back =>
+        own_id_without_guards_rolls_back(Xds::Rest);
+    rest_shared_id_without_guards_the_push_is_refused =>
+        shared_id_without_guards_is_refused(Xds::Rest);
+    /// REST guards are known as guards by the resource they poll.
+    rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller =>
+        completes_with_guards(false, Xds::Rest);
+    rest_shared_id_with_guards_the_rollout_completes => completes_with_guards(true, Xds::Rest);
 }
