@@ -8,7 +8,10 @@
 
 use seashard_tests::fleet::{Case, Run, Xds, run_with};
 
-fn check(case: Case, xds: Xds) -> Run {
+/// Runs the case over `xds`: enough writes, none lost, none served twice, and the
+/// rollout ends `state`.
+fn check(shared_id: bool, guards: bool, xds: Xds, state: &str) -> Run {
+    let case = Case { shared_id, guards };
     let r = run_with(case, xds).unwrap();
     eprintln!(
         "{xds:?} {case:?}: {} in {:?} ({:?}); cut-off edge refused {:?}; {}",
@@ -29,6 +32,7 @@ fn check(case: Case, xds: Xds) -> Run {
         "held twice: {:#?}",
         r.outcome.double
     );
+    assert_eq!(r.state, state, "{r:?}");
     r
 }
 
@@ -43,15 +47,9 @@ fn cut_off_instance(xds: Xds, id: &str) -> String {
 
 /// Without guards, an edge with its own id that never ACKs rolls the rollout back.
 fn own_id_without_guards_rolls_back(xds: Xds) {
-    let r = check(
-        Case {
-            shared_id: false,
-            guards: false,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "rolled_back", "{r:?}");
-    let reason = r.reason.unwrap_or_default();
+    let reason = check(false, false, xds, "rolled_back")
+        .reason
+        .unwrap_or_default();
     assert!(
         reason.contains(&cut_off_instance(xds, "edge-b")),
         "{reason}"
@@ -60,15 +58,9 @@ fn own_id_without_guards_rolls_back(xds: Xds) {
 
 /// Without guards, two edges with one id are a conflict: the push is refused.
 fn shared_id_without_guards_is_refused(xds: Xds) {
-    let r = check(
-        Case {
-            shared_id: true,
-            guards: false,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "refused", "{r:?}");
-    let reason = r.reason.unwrap_or_default();
+    let reason = check(true, false, xds, "refused")
+        .reason
+        .unwrap_or_default();
     assert!(
         reason.contains("`edge-a`") && reason.contains(&cut_off_instance(xds, "edge-a")),
         "{reason}"
@@ -78,14 +70,7 @@ fn shared_id_without_guards_is_refused(xds: Xds) {
 /// With guards the rollout completes, and the cut-off edge's requests for moved
 /// bases are refused by the old owner's guard.
 fn completes_with_guards(shared_id: bool, xds: Xds) {
-    let r = check(
-        Case {
-            shared_id,
-            guards: true,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "done", "{r:?}");
+    let r = check(shared_id, true, xds, "done");
     assert!(
         r.cut_off_refused.get(&421).copied().unwrap_or(0) > 0,
         "no 421 from a guard: {:?}",
