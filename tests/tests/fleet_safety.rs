@@ -78,33 +78,34 @@ fn completes_with_guards(shared_id: bool, xds: Xds) {
     );
 }
 
-/// One `#[test]` a row: its name, then the check it runs.
-macro_rules! tests {
-    ($($(#[$doc:meta])* $name:ident => $check:expr;)*) => {
+/// Each row is two `#[test]`s of one check: the first name over ADS streams
+/// ([`Xds::Grpc`]), the second over REST polling ([`Xds::Rest`]).
+macro_rules! over_both_transports {
+    ($($grpc:ident, $rest:ident => $check:expr;)*) => {
         $(
-            $(#[$doc])*
             #[test]
-            fn $name() {
-                $check;
+            fn $grpc() {
+                ($check)(Xds::Grpc);
+            }
+
+            #[test]
+            fn $rest() {
+                ($check)(Xds::Rest);
             }
         )*
     };
 }
 
-tests! {
-    own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back =>
-        own_id_without_guards_rolls_back(Xds::Grpc);
-    shared_id_without_guards_the_push_is_refused =>
-        shared_id_without_guards_is_refused(Xds::Grpc);
-    own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge =>
-        completes_with_guards(false, Xds::Grpc);
-    shared_id_with_guards_the_rollout_completes => completes_with_guards(true, Xds::Grpc);
+over_both_transports! {
+    own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back,
     rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back =>
-        own_id_without_guards_rolls_back(Xds::Rest);
-    rest_shared_id_without_guards_the_push_is_refused =>
-        shared_id_without_guards_is_refused(Xds::Rest);
-    /// REST guards are known as guards by the resource they poll.
+        own_id_without_guards_rolls_back;
+    shared_id_without_guards_the_push_is_refused,
+    rest_shared_id_without_guards_the_push_is_refused => shared_id_without_guards_is_refused;
+    // REST guards are known as guards by the resource they poll.
+    own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge,
     rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller =>
-        completes_with_guards(false, Xds::Rest);
-    rest_shared_id_with_guards_the_rollout_completes => completes_with_guards(true, Xds::Rest);
+        |xds| completes_with_guards(false, xds);
+    shared_id_with_guards_the_rollout_completes,
+    rest_shared_id_with_guards_the_rollout_completes => |xds| completes_with_guards(true, xds);
 }
