@@ -283,24 +283,11 @@ pub fn replace_http_filter(doc: &mut Value, name: &str, with: Option<Value>) -> 
 /// handles (dashed and 32-hex uuids in the path, `dtable_uuid` in the query,
 /// the pinned base, a uuid-less `/ping/`), over `n_bases` deterministic bases.
 pub fn request_mix(n_bases: usize) -> Vec<String> {
-    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1d);
     let mut out = Vec::new();
     for i in 0..n_bases {
-        let hex = format!("{:016x}{:016x}", next(), next());
-        let dashed = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        );
+        let uuid = crate::random_uuid(&mut next);
+        let (hex, dashed) = (uuid.as_str(), uuid.dashed());
         out.push(match i % 6 {
             0 => format!("/dtable-server/api/v1/dtables/{dashed}/rows/?table_name=Table1"),
             1 => format!("/api/v1/dtables/{dashed}/"),
@@ -570,11 +557,19 @@ mod tests {
         assert!(script.contains("request = function()"));
     }
 
+    /// A placeholder server address.
+    const ADDR: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
+    /// [`bootstrap_for`] `variant`, with placeholder filters and servers.
+    fn placeholder_bootstrap(variant: Variant) -> Result<String> {
+        let w = Path::new("/x.wasm");
+        bootstrap_for(variant, w, w, [ADDR, ADDR])
+    }
+
     #[test]
     fn passthrough_has_no_wasm_filter_and_others_keep_it() {
-        let w = Path::new("/x.wasm");
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let pass = bootstrap_for(Variant::Passthrough, w, w, [a, a]).unwrap();
+        let pass = placeholder_bootstrap(Variant::Passthrough).unwrap();
         assert!(!pass.contains(FILTER_NAME), "{pass}");
         assert!(pass.contains("envoy.filters.http.router"));
         for v in [
@@ -582,11 +577,7 @@ mod tests {
             Variant::BaseRouter,
             Variant::BaseRouterOneServer,
         ] {
-            assert!(
-                bootstrap_for(v, w, w, [a, a])
-                    .unwrap()
-                    .contains(FILTER_NAME)
-            );
+            assert!(placeholder_bootstrap(v).unwrap().contains(FILTER_NAME));
         }
         let mut doc: Value = serde_yaml::from_str(&pass).unwrap();
         assert!(remove_http_filter(&mut doc, FILTER_NAME).is_err());
@@ -594,9 +585,7 @@ mod tests {
 
     #[test]
     fn lua_takes_the_wasm_filters_place_and_nginx_has_the_documented_map() {
-        let w = Path::new("/x.wasm");
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let lua = bootstrap_for(Variant::EnvoyLua, w, w, [a, a]).unwrap();
+        let lua = placeholder_bootstrap(Variant::EnvoyLua).unwrap();
         assert!(!lua.contains(FILTER_NAME), "{lua}");
         let doc: Value = serde_yaml::from_str(&lua).unwrap();
         let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
@@ -611,9 +600,9 @@ mod tests {
             ["envoy.filters.http.lua", "envoy.filters.http.router"]
         );
         assert!(lua.contains("envoy_on_request"));
-        assert!(bootstrap_for(Variant::Nginx, w, w, [a, a]).is_err());
+        assert!(placeholder_bootstrap(Variant::Nginx).is_err());
 
-        let conf = nginx_conf(a, [a, a]);
+        let conf = nginx_conf(ADDR, [ADDR, ADDR]);
         assert!(conf.contains("worker_processes 1;"), "{conf}");
         for (re, server) in DOCUMENTED_MAP {
             assert!(conf.contains(&format!("\"~*{re}\" {server};")), "{conf}");

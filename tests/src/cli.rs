@@ -1,9 +1,10 @@
 //! The command line of the harness's experiment and benchmark binaries.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 
 /// Runs `body`; its error is printed as `name: error` (with its causes) and exits 1.
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
@@ -43,4 +44,23 @@ impl Flags {
     {
         Ok(self.value(flag)?.parse()?)
     }
+}
+
+/// The flags of a binary taking a number, `FLAG N`, and `--out FILE`: `number` and
+/// `out` unless given; anything else is an error `usage: USAGE`.
+pub fn number_and_out<T>(flag: &str, number: T, out: PathBuf, usage: &str) -> Result<(T, PathBuf)>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let (mut number, mut out) = (number, out);
+    let mut flags = Flags::from_env();
+    while let Some(a) = flags.next_flag() {
+        match a.as_str() {
+            f if f == flag => number = flags.parse(&a)?,
+            "--out" => out = PathBuf::from(flags.value(&a)?),
+            _ => bail!("usage: {usage}"),
+        }
+    }
+    Ok((number, out))
 }

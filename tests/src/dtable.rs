@@ -569,17 +569,11 @@ impl Cluster {
 /// `n` deterministic bases whose first hex digits cycle through 0-f, so every
 /// slot of a one-digit map gets bases.
 pub fn spread_bases(n: usize) -> Vec<BaseUuid> {
-    let mut state: u64 = 0x0123_4567_89ab_cdef;
+    let mut next = crate::xorshift(0x0123_4567_89ab_cdef);
     (0..n)
         .map(|i| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let a = state;
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let hex = format!("{:x}{:015x}{:016x}", i % 16, a >> 4, state);
+            let a = next();
+            let hex = format!("{:x}{:015x}{:016x}", i % 16, a >> 4, next());
             BaseUuid::parse(&hex).expect("32 hex digits")
         })
         .collect()

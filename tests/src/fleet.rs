@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
-use crate::dtable::{Cluster, WriteLog, Writers, spread_bases};
+use crate::dtable::{Cluster, WriteLog, spread_bases};
 use crate::lost_writes::{
-    BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, Outcome, SAVE_INTERVAL, WAIT,
-    wait_until_a_moved_base_is_loaded_by,
+    BASES, ENVOY_SERVERS, Outcome, SAVE_INTERVAL, WAIT, wait_until_a_moved_base_is_loaded_by,
+    write_then_cut,
 };
 use crate::relay::Relay;
 use crate::rollout::{
@@ -174,16 +174,14 @@ pub fn run_with(case: Case, xds: Xds) -> Result<Run> {
     })
     .with_context(|| cp.logs())?;
 
-    let bases = spread_bases(BASES);
-    let writers_a = Writers::start(edge_a.listener_addr, &bases, 2, MAX_WRITES_PER_THREAD);
-    let writers_b = Writers::start(edge_b.listener_addr, &bases, 2, MAX_WRITES_PER_THREAD);
-    writers_a.wait_for_more(200, WAIT)?;
-    writers_b.wait_for_more(200, WAIT)?;
-    wait_until_a_moved_base_is_loaded_by(&cluster, ENVOY_SERVERS[0])?;
-
     // B's link dies silently; B keeps serving its writers with the map it has.
-    relay.cut();
-    writers_b.wait_for_more(100, WAIT)?;
+    let (writers_a, writers_b) = write_then_cut(
+        &cluster,
+        edge_a.listener_addr,
+        edge_b.listener_addr,
+        &spread_bases(BASES),
+        &relay,
+    )?;
 
     let began = Instant::now();
     let (status, body) = cp.post(

@@ -164,6 +164,23 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A xorshift64 stream from `seed` (not 0): deterministic pseudo-random numbers, so a
+/// failure is reproducible.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// A pseudo-random base uuid: two numbers of `next`, the first its high 64 bits.
+pub fn random_uuid(next: &mut impl FnMut() -> u64) -> shardmap::BaseUuid {
+    shardmap::BaseUuid::from_u128((u128::from(next()) << 64) | u128::from(next()))
+}
+
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455, 4.2.2).
 pub fn websocket_accept(key: &str) -> String {
     let mut h = Sha1::new();

@@ -16,11 +16,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
+use shardmap::BaseUuid;
 
 pub use crate::dtable::spread_bases;
 use crate::dtable::{Cluster, DoubleService, Writers, double_service, seatable_nginx_conf};
+use crate::relay::Relay;
 use crate::{Envoy, Nginx, bootstrap, free_port, loopback, render_edge_static, wait_until};
 
 /// Long enough that a base moved off a server always has unsaved writes on
@@ -96,6 +98,19 @@ impl Outcome {
             self.double.len()
         )
     }
+
+    /// An error when an acknowledged write is missing from storage or a base was
+    /// held by two servers at once: the counts, the first missing writes, the bases.
+    pub fn ensure_nothing_lost(&self) -> Result<()> {
+        ensure!(
+            self.missing.is_empty() && self.double.is_empty(),
+            "acknowledged writes lost: {}\nmissing: {:?}\ndouble: {:?}",
+            self.summary(),
+            self.missing.iter().take(10).collect::<Vec<_>>(),
+            self.double
+        );
+        Ok(())
+    }
 }
 
 /// Waits until `server` has loaded a moved base: the new map is live.
@@ -109,6 +124,27 @@ pub fn wait_until_a_moved_base_is_loaded_by(cluster: &Cluster, server: &str) -> 
             })
             .then_some(()))
     })
+}
+
+/// Writers through `kept` and through `cut_off`, 2 threads each on `bases`; once
+/// both have 200 writes and the first server has loaded a moved base, `relay` (the
+/// cut-off proxy's link to the control plane) dies silently and the cut-off proxy
+/// serves 100 more writes with the map it has.
+pub fn write_then_cut(
+    cluster: &Cluster,
+    kept: SocketAddr,
+    cut_off: SocketAddr,
+    bases: &[BaseUuid],
+    relay: &Relay,
+) -> Result<(Writers, Writers)> {
+    let writers_kept = Writers::start(kept, bases, 2, MAX_WRITES_PER_THREAD);
+    let writers_cut = Writers::start(cut_off, bases, 2, MAX_WRITES_PER_THREAD);
+    writers_kept.wait_for_more(200, WAIT)?;
+    writers_cut.wait_for_more(200, WAIT)?;
+    wait_until_a_moved_base_is_loaded_by(cluster, ENVOY_SERVERS[0])?;
+    relay.cut();
+    writers_cut.wait_for_more(100, WAIT)?;
+    Ok((writers_kept, writers_cut))
 }
 
 /// A map change: makes the proxy route by the new map (it may retarget the

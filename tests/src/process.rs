@@ -39,6 +39,13 @@ impl Proc {
         })
     }
 
+    /// Runs `cmd` (as [`Proc::spawn`]) to its end, waiting for it at most `timeout`
+    /// (then it is killed): its exit status.
+    pub fn run(cmd: Command, what: &str, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut proc = Proc::spawn(cmd, what)?;
+        wait_until(timeout, what, || Ok(proc.exited()))
+    }
+
     /// The pid (also the process group id).
     pub fn pid(&self) -> u32 {
         self.child.id()

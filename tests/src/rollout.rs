@@ -394,10 +394,7 @@ pub const STEPS: [&str; 4] = ["plan", "fence", "restart", "activate"];
 impl Kill {
     /// A step and a delay drawn from `seed` (xorshift).
     pub fn random(seed: u64) -> Kill {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = crate::xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)();
         Kill {
             step: STEPS[(x % 4) as usize],
             extra: Duration::from_millis((x >> 8) % 40),

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use seashard_tests::rollout::seactl_bin;
 use seashard_tests::seatable_nginx::{self, served_by};
-use seashard_tests::{Connection, Nginx, Upstream, wait_until};
+use seashard_tests::{Connection, Nginx, Upstream, random_uuid, wait_until, xorshift};
 use serde_json::Value;
 use shardmap::Router;
 use tempfile::TempDir;
@@ -55,18 +55,8 @@ const NAMES: [&str; 4] = [
 ];
 
 fn uuids(n: usize) -> Vec<String> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut out: Vec<String> = (0..n)
-        .map(|_| {
-            let mut next = || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
-            shardmap::BaseUuid::from_u128((u128::from(next()) << 64) | u128::from(next())).dashed()
-        })
-        .collect();
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut out: Vec<String> = (0..n).map(|_| random_uuid(&mut next).dashed()).collect();
     out.push("ff84e1a1-66e2-4d2c-9b3a-112233445566".into());
     out
 }
@@ -133,6 +123,27 @@ fn requests_part(r: &Value) -> Value {
     r
 }
 
+/// The requests for the base `uuid` (dashed), each with its shape (0: a dashed
+/// path, 1: a 32-hex path, 2: socket.io): its rows and a socket.io poll, then, with
+/// `hex`, its operations in the 32-hex form.
+fn request_forms(uuid: &str, hex: bool) -> Vec<(usize, String)> {
+    let mut forms = vec![
+        (
+            0,
+            format!("/dtable-server/api/v1/dtables/{uuid}/rows/?table_name=T"),
+        ),
+        (
+            2,
+            format!("/socket.io/?dtable_uuid={uuid}&EIO=4&transport=polling"),
+        ),
+    ];
+    if hex {
+        let hex = uuid.replace('-', "");
+        forms.push((1, format!("/api/v1/internal/dtables/{hex}/operations/")));
+    }
+    forms
+}
+
 #[test]
 fn audit_matches_what_the_upstreams_served() {
     let a = Upstream::start("dtable-server").unwrap();
@@ -150,22 +161,10 @@ fn audit_matches_what_the_upstreams_served() {
     let mut conn = Connection::open(nginx.addr).unwrap();
     let mut requests = 0u64;
     for (i, uuid) in uuids(40).iter().enumerate() {
-        let hex = uuid.replace('-', "");
-        let mut forms = vec![
-            (
-                0,
-                format!("/dtable-server/api/v1/dtables/{uuid}/rows/?table_name=T"),
-            ),
-            (
-                2,
-                format!("/socket.io/?dtable_uuid={uuid}&EIO=4&transport=polling"),
-            ),
-        ];
         // Only some bases are ever addressed in the 32-hex forms.
-        if i % 3 != 0 {
-            forms.push((1, format!("/api/v1/internal/dtables/{hex}/operations/")));
-        }
+        let mut forms = request_forms(uuid, i % 3 != 0);
         if i % 4 == 1 {
+            let hex = uuid.replace('-', "");
             forms.push((2, format!("/socket.io/?EIO=4&dtable_uuid={hex}")));
         }
         for (shape, uri) in forms {
@@ -333,15 +332,7 @@ fn upstreams_on_one_host_and_a_balancing_block_are_told_apart() {
     let mut conn = Connection::open(nginx.addr).unwrap();
     let mut requests = 0u64;
     for (i, uuid) in uuids(40).iter().enumerate() {
-        let hex = uuid.replace('-', "");
-        let mut forms = vec![
-            format!("/dtable-server/api/v1/dtables/{uuid}/rows/?table_name=T"),
-            format!("/socket.io/?dtable_uuid={uuid}&EIO=4&transport=polling"),
-        ];
-        if i % 2 == 0 {
-            forms.push(format!("/api/v1/internal/dtables/{hex}/operations/"));
-        }
-        for uri in forms {
+        for (_, uri) in request_forms(uuid, i % 2 == 0) {
             let (server, addr) = &block_of[&via_nginx(&mut conn, &nginx, &uri)];
             *truth
                 .entry(uuid.clone())

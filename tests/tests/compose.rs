@@ -14,9 +14,9 @@ use std::time::Duration;
 use agent::AgentConfig;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use control_plane::{Config, RestartHook};
+use seashard_tests::Proc;
 use seashard_tests::compose::{self, BOOTSTRAPS, Service, host_port, read};
 use seashard_tests::rollout::seactl_bin;
-use seashard_tests::{Proc, wait_until};
 use serde_yaml::Value;
 
 /// `docker-compose --env-file ENV -f deploy/compose/FILE ARGS` for the node of
@@ -38,10 +38,7 @@ fn docker_compose(file: &str, server: &str, env: &Path, args: &[&str]) -> Result
         .stdin(Stdio::null())
         .stdout(File::create(&out)?)
         .stderr(File::create(&err)?);
-    let mut proc = Proc::spawn(cmd, "docker-compose")?;
-    let status = wait_until(Duration::from_secs(60), "docker-compose", || {
-        Ok(proc.exited())
-    })?;
+    let status = Proc::run(cmd, "docker-compose", Duration::from_secs(60))?;
     let stderr = std::fs::read_to_string(&err).unwrap_or_default();
     if !status.success() {
         bail!("docker-compose -f {file} {args:?} ({server}): {status}\n{stderr}");

@@ -16,7 +16,8 @@
 
 use seashard_tests::bootstrap;
 use seashard_tests::{
-    Connection, Envoy, Response, Upstream, loopback, render_edge_static, wasm_file,
+    Connection, Envoy, Response, Upstream, loopback, random_uuid, render_edge_static, wasm_file,
+    xorshift,
 };
 use serde_json::Value;
 
@@ -246,26 +247,8 @@ fn one_keep_alive_connection_routes_each_request_by_its_base() {
 
 /// Deterministic pseudo-random uuids (xorshift), so a failure is reproducible.
 fn generated_uuids(n: usize) -> Vec<String> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..n)
-        .map(|_| {
-            let hex = format!("{:016x}{:016x}", next(), next());
-            format!(
-                "{}-{}-{}-{}-{}",
-                &hex[0..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..32]
-            )
-        })
-        .collect()
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+    (0..n).map(|_| random_uuid(&mut next).dashed()).collect()
 }
 
 /// The proxy and the routing core agree: for generated requests of every

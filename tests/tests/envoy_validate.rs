@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use seashard_tests::bootstrap::{self, envoy_file};
-use seashard_tests::{Proc, envoy_bin, wait_until, wasm_file, workspace_dir};
+use seashard_tests::{Proc, envoy_bin, wasm_file, workspace_dir};
 use serde_yaml::Value;
 
 /// Where the shipped bootstraps expect the filter.
@@ -42,10 +42,7 @@ fn validate(yaml: &str) -> Result<()> {
     .stdin(Stdio::null())
     .stdout(File::create(&out_path)?)
     .stderr(File::create(&out_path)?);
-    let mut proc = Proc::spawn(cmd, "envoy --mode validate")?;
-    let status = wait_until(Duration::from_secs(60), "envoy --mode validate", || {
-        Ok(proc.exited())
-    })?;
+    let status = Proc::run(cmd, "envoy --mode validate", Duration::from_secs(60))?;
     if !status.success() {
         let out = std::fs::read_to_string(&out_path).unwrap_or_default();
         bail!("Envoy rejected the bootstrap ({status}):\n{out}");

@@ -8,7 +8,10 @@
 
 use seashard_tests::fleet::{Case, Run, Xds, run_with};
 
-fn check(case: Case, xds: Xds) -> Run {
+/// Runs the case over `xds`: enough writes, none lost, none served twice, and the
+/// rollout ends `state`.
+fn check(shared_id: bool, guards: bool, xds: Xds, state: &str) -> Run {
+    let case = Case { shared_id, guards };
     let r = run_with(case, xds).unwrap();
     eprintln!(
         "{xds:?} {case:?}: {} in {:?} ({:?}); cut-off edge refused {:?}; {}",
@@ -29,6 +32,7 @@ fn check(case: Case, xds: Xds) -> Run {
         "held twice: {:#?}",
         r.outcome.double
     );
+    assert_eq!(r.state, state, "{r:?}");
     r
 }
 
@@ -43,15 +47,9 @@ fn cut_off_instance(xds: Xds, id: &str) -> String {
 
 /// Without guards, an edge with its own id that never ACKs rolls the rollout back.
 fn own_id_without_guards_rolls_back(xds: Xds) {
-    let r = check(
-        Case {
-            shared_id: false,
-            guards: false,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "rolled_back", "{r:?}");
-    let reason = r.reason.unwrap_or_default();
+    let reason = check(false, false, xds, "rolled_back")
+        .reason
+        .unwrap_or_default();
     assert!(
         reason.contains(&cut_off_instance(xds, "edge-b")),
         "{reason}"
@@ -60,15 +58,9 @@ fn own_id_without_guards_rolls_back(xds: Xds) {
 
 /// Without guards, two edges with one id are a conflict: the push is refused.
 fn shared_id_without_guards_is_refused(xds: Xds) {
-    let r = check(
-        Case {
-            shared_id: true,
-            guards: false,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "refused", "{r:?}");
-    let reason = r.reason.unwrap_or_default();
+    let reason = check(true, false, xds, "refused")
+        .reason
+        .unwrap_or_default();
     assert!(
         reason.contains("`edge-a`") && reason.contains(&cut_off_instance(xds, "edge-a")),
         "{reason}"
@@ -78,14 +70,7 @@ fn shared_id_without_guards_is_refused(xds: Xds) {
 /// With guards the rollout completes, and the cut-off edge's requests for moved
 /// bases are refused by the old owner's guard.
 fn completes_with_guards(shared_id: bool, xds: Xds) {
-    let r = check(
-        Case {
-            shared_id,
-            guards: true,
-        },
-        xds,
-    );
-    assert_eq!(r.state, "done", "{r:?}");
+    let r = check(shared_id, true, xds, "done");
     assert!(
         r.cut_off_refused.get(&421).copied().unwrap_or(0) > 0,
         "no 421 from a guard: {:?}",
@@ -93,43 +78,34 @@ fn completes_with_guards(shared_id: bool, xds: Xds) {
     );
 }
 
-#[test]
-fn own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back() {
-    own_id_without_guards_rolls_back(Xds::Grpc);
+/// Each row is two `#[test]`s of one check: the first name over ADS streams
+/// ([`Xds::Grpc`]), the second over REST polling ([`Xds::Rest`]).
+macro_rules! over_both_transports {
+    ($($grpc:ident, $rest:ident => $check:expr;)*) => {
+        $(
+            #[test]
+            fn $grpc() {
+                ($check)(Xds::Grpc);
+            }
+
+            #[test]
+            fn $rest() {
+                ($check)(Xds::Rest);
+            }
+        )*
+    };
 }
 
-#[test]
-fn shared_id_without_guards_the_push_is_refused() {
-    shared_id_without_guards_is_refused(Xds::Grpc);
-}
-
-#[test]
-fn own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge() {
-    completes_with_guards(false, Xds::Grpc);
-}
-
-#[test]
-fn shared_id_with_guards_the_rollout_completes() {
-    completes_with_guards(true, Xds::Grpc);
-}
-
-#[test]
-fn rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back() {
-    own_id_without_guards_rolls_back(Xds::Rest);
-}
-
-#[test]
-fn rest_shared_id_without_guards_the_push_is_refused() {
-    shared_id_without_guards_is_refused(Xds::Rest);
-}
-
-/// REST guards are known as guards by the resource they poll.
-#[test]
-fn rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller() {
-    completes_with_guards(false, Xds::Rest);
-}
-
-#[test]
-fn rest_shared_id_with_guards_the_rollout_completes() {
-    completes_with_guards(true, Xds::Rest);
+over_both_transports! {
+    own_id_without_guards_the_cut_off_edge_rolls_the_rollout_back,
+    rest_own_id_without_guards_the_cut_off_poller_rolls_the_rollout_back =>
+        own_id_without_guards_rolls_back;
+    shared_id_without_guards_the_push_is_refused,
+    rest_shared_id_without_guards_the_push_is_refused => shared_id_without_guards_is_refused;
+    // REST guards are known as guards by the resource they poll.
+    own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_edge,
+    rest_own_id_with_guards_the_rollout_completes_and_a_guard_refuses_the_stale_poller =>
+        |xds| completes_with_guards(false, xds);
+    shared_id_with_guards_the_rollout_completes,
+    rest_shared_id_with_guards_the_rollout_completes => |xds| completes_with_guards(true, xds);
 }

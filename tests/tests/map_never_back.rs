@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use seashard_tests::lost_writes::{ENVOY_SERVERS, WAIT};
 use seashard_tests::replicas::{HaSetup, Options, TAKEOVER_LIMIT, envoy_map_version, write_once};
-use seashard_tests::rollout::{new_map, start_managed_envoy};
+use seashard_tests::rollout::{self, new_map};
 use seashard_tests::{Envoy, loopback, wait_until};
 
 mod common;
@@ -21,28 +21,24 @@ const CUT: usize = 2;
 /// How long the Envoys are watched once only the cut replica is left.
 const WATCH: Duration = Duration::from_secs(12);
 
-/// A guard of the second server, its ADS addresses every replica's, r0's first.
+/// A guard of the second server (node `guard-NAME`), its ADS addresses every
+/// replica's, r0's first.
 fn start_guard(ha: &HaSetup) -> Envoy {
-    let server = &ha.cluster.servers[1];
-    let upstream = server.addr.to_string();
     let others: Vec<String> = ha.replicas[1..]
         .iter()
         .map(|r| r.grpc.to_string())
         .collect();
-    let mut args = vec![
-        "--kind",
-        "guard",
-        "--server",
-        server.name.as_str(),
-        "--upstream",
-        upstream.as_str(),
-        "--node-id",
-        "guard-2",
-    ];
+    let mut extra = Vec::new();
     for o in &others {
-        args.extend(["--control-plane", o.as_str()]);
+        extra.extend(["--control-plane", o.as_str()]);
     }
-    start_managed_envoy(&args, ha.replicas[0].grpc, loopback(0)).unwrap()
+    rollout::start_guard(
+        &ha.cluster.servers[1],
+        &extra,
+        ha.replicas[0].grpc,
+        loopback(0),
+    )
+    .unwrap()
 }
 
 /// The map version each edge and the guard applied (their filter's gauge).
@@ -71,7 +67,8 @@ fn a_replica_cut_off_from_etcd_never_hands_envoys_its_older_map() {
         ha.envoys.push(e);
     }
     let guard = start_guard(&ha);
-    ha.wait_current(&["edge-1", "edge-2", "guard-2"]).unwrap();
+    let guard_id = format!("guard-{}", ha.cluster.servers[1].name);
+    ha.wait_current(&["edge-1", "edge-2", &guard_id]).unwrap();
     ha.restart(CUT).unwrap();
     wait_until(WAIT, "the third replica to answer", || {
         Ok(ha.up(CUT).then_some(()))

@@ -24,10 +24,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use seashard_tests::dtable::{Cluster, Writers, spread_bases};
+use seashard_tests::dtable::{Cluster, spread_bases};
 use seashard_tests::lost_writes::{
-    BASES, ENVOY_SERVERS, MAX_WRITES_PER_THREAD, Outcome, SAVE_INTERVAL, WAIT,
-    wait_until_a_moved_base_is_loaded_by,
+    BASES, ENVOY_SERVERS, Outcome, SAVE_INTERVAL, WAIT, wait_until_a_moved_base_is_loaded_by,
+    write_then_cut,
 };
 use seashard_tests::mesh::{
     Manifests, bootstrap_override, envoy_filter_value, istio_node_id, start_edge, start_guard,
@@ -214,13 +214,13 @@ fn istio_stand_in_sidecars_route_by_header_and_a_guarded_rollout_loses_nothing()
 
     // Writers through both edges; the db sidecar's link dies silently; the map moves
     // bases 4-7 to dtable-server-2. The rollout waits for the guards only.
-    let writers_web = Writers::start(web.listener_addr, &bases, 2, MAX_WRITES_PER_THREAD);
-    let writers_db = Writers::start(db.listener_addr, &bases, 2, MAX_WRITES_PER_THREAD);
-    writers_web.wait_for_more(200, WAIT)?;
-    writers_db.wait_for_more(200, WAIT)?;
-    wait_until_a_moved_base_is_loaded_by(&cluster, ENVOY_SERVERS[0])?;
-    relay.cut();
-    writers_db.wait_for_more(100, WAIT)?;
+    let (writers_web, writers_db) = write_then_cut(
+        &cluster,
+        web.listener_addr,
+        db.listener_addr,
+        &bases,
+        &relay,
+    )?;
     let rollout = cp.push_and_wait(&new_map(), "mesh stand-in rollout", Duration::from_secs(90))?;
     ensure!(
         rollout["state"] == "done",
@@ -242,12 +242,5 @@ fn istio_stand_in_sidecars_route_by_header_and_a_guarded_rollout_loses_nothing()
         "too few writes: {}",
         outcome.summary()
     );
-    ensure!(
-        outcome.missing.is_empty() && outcome.double.is_empty(),
-        "acknowledged writes lost: {}\nmissing: {:?}\ndouble: {:?}",
-        outcome.summary(),
-        outcome.missing.iter().take(10).collect::<Vec<_>>(),
-        outcome.double
-    );
-    Ok(())
+    outcome.ensure_nothing_lost()
 }

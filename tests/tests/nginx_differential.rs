@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use seashard_tests::seatable_nginx::{self, served_by};
-use seashard_tests::{Connection, Upstream};
+use seashard_tests::{Connection, Upstream, random_uuid, xorshift};
 use shardmap::Router;
 
 /// SeaTable's documented `nginx-proxy.conf` (routing part), with `{A}` and `{B}` for the
@@ -36,18 +36,8 @@ http {
 
 /// Deterministic uuids: a xorshift stream, plus the pinned base and near misses of it.
 fn uuids(n: usize) -> Vec<String> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut out: Vec<String> = (0..n)
-        .map(|_| {
-            shardmap::BaseUuid::from_u128((u128::from(next()) << 64) | u128::from(next())).dashed()
-        })
-        .collect();
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut out: Vec<String> = (0..n).map(|_| random_uuid(&mut next).dashed()).collect();
     out.push("ff84e1a1-66e2-4d2c-9b3a-112233445566".into());
     out.push("FF84E1A1-66E2-4D2C-9B3A-112233445566".into());
     out.push("ff84e1a1-66e3-4d2c-9b3a-112233445566".into());

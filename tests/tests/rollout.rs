@@ -13,6 +13,7 @@ use control_plane::Config;
 use control_plane::rollout::{self, Rollout, Step};
 use deploy::bootstrap::Kind;
 use seashard_tests::dtable::{Cluster, double_service};
+use seashard_tests::rollout::delayed_hook;
 use seashard_tests::{Envoy, get, wait_until, wasm_file};
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -124,14 +125,7 @@ impl Servers {
                 if delay <= 0.0 {
                     return Ok(argv);
                 }
-                let mut v = vec![
-                    "sh".to_owned(),
-                    "-c".to_owned(),
-                    format!("sleep {delay}; exec \"$@\""),
-                    "sh".to_owned(),
-                ];
-                v.extend(argv);
-                Ok(v)
+                Ok(delayed_hook(&delay.to_string(), argv))
             })
             .collect()
     }

@@ -14,12 +14,11 @@
 //! `cargo build --release -p seactl -p seashard-tests --bins`.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use seashard_tests::bench::{median, range};
-use seashard_tests::cli::{Flags, run_main};
+use seashard_tests::cli::{number_and_out, run_main};
 use seashard_tests::fleet::{ACK_TIMEOUT, Case, run};
 use seashard_tests::workspace_dir;
 
@@ -28,15 +27,12 @@ fn main() -> ExitCode {
 }
 
 fn main_() -> Result<()> {
-    let (mut runs, mut out) = (3usize, workspace_dir().join("target/bench/fleet.md"));
-    let mut flags = Flags::from_env();
-    while let Some(a) = flags.next_flag() {
-        match a.as_str() {
-            "--runs" => runs = flags.parse(&a)?,
-            "--out" => out = PathBuf::from(flags.value(&a)?),
-            _ => bail!("usage: fleet-experiment [--runs N] [--out FILE]"),
-        }
-    }
+    let (runs, out) = number_and_out(
+        "--runs",
+        3usize,
+        workspace_dir().join("target/bench/fleet.md"),
+        "fleet-experiment [--runs N] [--out FILE]",
+    )?;
     let mut s = String::new();
     writeln!(
         s,

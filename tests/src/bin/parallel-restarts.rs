@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use seashard_tests::cli::{Flags, run_main};
+use seashard_tests::cli::{number_and_out, run_main};
 use seashard_tests::dtable::Cluster;
 use seashard_tests::rollout::{
     ControlPlaneProcess, ServeConfig, delayed_hook, server_table, start_envoy,
@@ -44,18 +44,12 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let (mut restart, mut out) = (
+    let (restart, out) = number_and_out(
+        "--restart",
         2u64,
         workspace_dir().join("target/bench/parallel-restarts.md"),
-    );
-    let mut flags = Flags::from_env();
-    while let Some(a) = flags.next_flag() {
-        match a.as_str() {
-            "--restart" => restart = flags.parse(&a)?,
-            "--out" => out = PathBuf::from(flags.value(&a)?),
-            _ => bail!("usage: parallel-restarts [--restart SECONDS] [--out FILE]"),
-        }
-    }
+        "parallel-restarts [--restart SECONDS] [--out FILE]",
+    )?;
     let mut s = String::new();
     writeln!(
         s,

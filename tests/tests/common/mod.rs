@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use control_plane::{Config, ControlPlane, Running};
-use seashard_tests::http::Connection;
-use seashard_tests::{get, wait_until};
+use seashard_tests::{http, wait_until};
 use serde_json::Value;
 
 /// The API token of the tests' control planes.
@@ -64,8 +63,7 @@ impl Cp {
 
     /// `GET path` as JSON, with the token.
     pub fn get_json(&self, path: &str) -> Result<Value> {
-        let auth = format!("Bearer {TOKEN}");
-        get(self.http, path, &[("authorization", auth.as_str())])?.json()
+        http::get_json(self.http, path, TOKEN)
     }
 
     /// `GET /v1/status`.
@@ -75,18 +73,7 @@ impl Cp {
 
     /// `POST path` with the token; status and JSON body.
     pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let mut c = Connection::open(self.http)?;
-        let auth = format!("Bearer {TOKEN}");
-        let r = c.request(
-            "POST",
-            path,
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            body.to_string().as_bytes(),
-        )?;
-        Ok((r.status, r.json()?))
+        http::post_json(self.http, path, TOKEN, body)
     }
 }
 
