@@ -293,6 +293,13 @@ fn map(v: Value) -> ShardMap {
 }
 
 /// Every base on `a` but slots 8-f on `b`.
+/// Rolls [`half`] out on `cp`, which must roll back: the reason.
+fn rolled_back(cp: &Cp) -> String {
+    let r = cp.finished(cp.begin(&half()).id);
+    assert_eq!(r.state, Step::RolledBack);
+    r.reason.unwrap()
+}
+
 fn half() -> ShardMap {
     map(json!({"default": "a", "slots": {"0-7": "a", "8-f": "b"}}))
 }
@@ -345,6 +352,13 @@ impl Two {
         Cp::start(self.config(ack_timeout))
     }
 
+    /// New servers and a control plane on their configuration.
+    fn started(ack_timeout: &str) -> (Two, Cp) {
+        let two = Two::new();
+        let cp = two.start(ack_timeout);
+        (two, cp)
+    }
+
     fn restarted(&self) -> Vec<String> {
         restarted(&self.log)
     }
@@ -364,8 +378,7 @@ fn unlimited() -> Arc<AtomicU64> {
 
 #[test]
 fn a_rollout_fences_restarts_activates_and_may_hold_narrows_the_next_one() {
-    let two = Two::new();
-    let cp = two.start("5s");
+    let (two, cp) = Two::started("5s");
     cp.edges(&["edge-1", "edge-2"]);
 
     // First rollout after adopting seashard: every server restarts.
@@ -490,10 +503,7 @@ fn a_server_that_never_answers_pong_rolls_back() {
     let two = Two::new();
     two.pongs[0].up.store(false, Ordering::SeqCst);
     let cp = two.start("5s");
-    let r = cp.begin(&half());
-    let r = cp.finished(r.id);
-    assert_eq!(r.state, Step::RolledBack);
-    let reason = r.reason.unwrap();
+    let reason = rolled_back(&cp);
     assert!(
         reason.contains("health of a") && reason.contains("pong"),
         "{reason}"
@@ -503,16 +513,12 @@ fn a_server_that_never_answers_pong_rolls_back() {
 
 #[test]
 fn an_envoy_that_never_acks_the_fence_rolls_back_after_the_timeout() {
-    let two = Two::new();
-    let cp = two.start("700ms");
+    let (two, cp) = Two::started("700ms");
     cp.envoy("edge-1", unlimited());
     cp.envoy("stuck", Arc::new(AtomicU64::new(1)));
     cp.wait_connected(2);
     let start = Instant::now();
-    let r = cp.begin(&half());
-    let r = cp.finished(r.id);
-    assert_eq!(r.state, Step::RolledBack);
-    let reason = r.reason.unwrap();
+    let reason = rolled_back(&cp);
     assert!(
         reason.contains("no ACK") && reason.contains("stuck"),
         "{reason}"
@@ -689,8 +695,7 @@ fn a_control_plane_killed_right_after_planning_resumes_and_completes() {
 
 #[test]
 fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
-    let two = Two::new();
-    let cp = two.start("500ms");
+    let (two, cp) = Two::started("500ms");
     cp.envoy("edge-1", unlimited());
     let gone = cp.envoy_handle("gone");
     cp.wait_connected(2);
@@ -706,9 +711,7 @@ fn a_known_but_disconnected_envoy_blocks_the_fence_until_forgotten() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // It may still route with the old map: the fence waits for it, then rolls back.
-    let r = cp.finished(cp.begin(&half()).id);
-    assert_eq!(r.state, Step::RolledBack);
-    let reason = r.reason.unwrap();
+    let reason = rolled_back(&cp);
     assert!(
         reason.contains("gone@127.0.0.1 (disconnected")
             && reason.contains("DELETE /v1/nodes/gone@127.0.0.1"),
@@ -758,8 +761,7 @@ fn http_hooks_are_called_with_their_method_and_headers() {
 
 #[test]
 fn a_pin_moves_one_base_and_restarts_only_its_holder() {
-    let two = Two::new();
-    let cp = two.start("5s");
+    let (two, cp) = Two::started("5s");
     cp.edges(&["edge-1"]);
     assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);
     // A pin moves one base of a's slots to b: only a may hold it.
@@ -779,8 +781,7 @@ fn a_pin_moves_one_base_and_restarts_only_its_holder() {
 
 #[test]
 fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
-    let two = Two::new();
-    let cp = two.start("5s");
+    let (two, cp) = Two::started("5s");
     let first = cp.envoy_handle("edge-1");
     let second = cp.envoy_handle("edge-1");
     cp.wait_streams("edge-1", 2);
@@ -832,8 +833,7 @@ fn two_envoys_with_one_node_id_are_a_conflict_that_refuses_a_rollout() {
 
 #[test]
 fn a_node_id_conflict_appearing_during_the_fence_rolls_back() {
-    let two = Two::new();
-    let cp = two.start("20s");
+    let (two, cp) = Two::started("20s");
     // edge-1 ACKs the initial map only: the fence waits for it.
     let limit = Arc::new(AtomicU64::new(1));
     cp.envoy("edge-1", limit);
@@ -1335,8 +1335,7 @@ fn a_resume_whose_first_read_fails_is_tried_again() {
 
 #[test]
 fn abort_of_a_rollout_without_a_driver_starts_one_that_rolls_back() {
-    let two = Two::new();
-    let cp = two.start("5s");
+    let (two, cp) = Two::started("5s");
     cp.edges(&["edge-1"]);
     // A rollout at its fence that nothing drives (as one whose driver stopped).
     let mut r = planned(&cp.plane, &half(), Step::Fence);
@@ -1355,8 +1354,7 @@ fn abort_of_a_rollout_without_a_driver_starts_one_that_rolls_back() {
 
 #[test]
 fn a_rollout_is_refused_while_another_is_unfinished_and_plans_from_its_may_hold() {
-    let two = Two::new();
-    let cp = two.start("5s");
+    let (_two, cp) = Two::started("5s");
     cp.edges(&["edge-1"]);
     // Rollout 1: every server restarts; both may hold version 3 only.
     assert_eq!(cp.finished(cp.begin(&half()).id).state, Step::Done);

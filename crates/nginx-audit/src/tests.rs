@@ -3,18 +3,15 @@ use std::io::Write;
 
 use super::*;
 
-const CONF: &str = r#"
-http {
-    upstream dtable_server_a_z { server dtable-server:5000; keepalive 15; }
-    upstream dtable_server_0_9 { server 10.0.0.5:5000; server [2001:db8::5]:5000; }
-    map $request_uri $dtable_upstream {
-        default dtable_server_a_z;
-        "~*ff84e1a1-66e2" dtable_server_0_9;
-        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-    }
-}
-"#;
+/// SeaTable's documented `map $request_uri` (in `seatable-map.conf`, shared with the
+/// bench) behind two upstreams.
+const CONF: &str = concat!(
+    "\nhttp {\n",
+    "    upstream dtable_server_a_z { server dtable-server:5000; keepalive 15; }\n",
+    "    upstream dtable_server_0_9 { server 10.0.0.5:5000; server [2001:db8::5]:5000; }\n",
+    include_str!("seatable-map.conf"),
+    "}\n",
+);
 
 const DIGIT: &str = "0f1e2d3c-4b5a-4968-8776-655443322110";
 const LETTER: &str = "a1b2c3d4-5e6f-4a0b-8c9d-0e1f2a3b4c5d";
@@ -45,6 +42,13 @@ fn line(second: u32, target: &str, upstream: &str) -> String {
     format!(
         r#"10.0.0.9 - - [01/Dec/2026:10:00:{second:02} +0000] "GET {target} HTTP/1.1" 200 12 "-" "ua"{upstream}"#
     )
+}
+
+/// Feeds `a` a log line for each (second, target, upstream).
+fn log_lines(a: &mut Audit, requests: &[(u32, String, &str)]) {
+    for (second, target, upstream) in requests {
+        a.line(&line(*second, target, upstream));
+    }
 }
 
 #[test]
@@ -236,21 +240,18 @@ fn one_host_audit(names: &[(&str, &str)]) -> Audit {
 fn two_upstreams_on_one_host_are_two_servers() {
     let mut a = one_host_audit(&[]);
     let hex = DIGIT.replace('-', "");
-    a.line(&line(
-        1,
-        &format!("/api/v1/dtables/{DIGIT}/"),
-        " 10.0.0.4:5001",
-    ));
-    a.line(&line(
-        2,
-        &format!("/api/v1/internal/dtables/{hex}/"),
-        " 10.0.0.4:5000",
-    ));
-    a.line(&line(
-        3,
-        &format!("/api/v1/dtables/{LETTER}/"),
-        " 10.0.0.4:5000",
-    ));
+    log_lines(
+        &mut a,
+        &[
+            (1, format!("/api/v1/dtables/{DIGIT}/"), " 10.0.0.4:5001"),
+            (
+                2,
+                format!("/api/v1/internal/dtables/{hex}/"),
+                " 10.0.0.4:5000",
+            ),
+            (3, format!("/api/v1/dtables/{LETTER}/"), " 10.0.0.4:5000"),
+        ],
+    );
     let r = a.report();
     assert_eq!(r.unknown_upstream_addrs, BTreeMap::new());
     assert_eq!((r.bases, r.bases_at_risk), (2, 1), "{}", r.to_text());
@@ -313,16 +314,13 @@ fn a_base_on_several_addresses_of_one_block_is_split() {
 #[test]
 fn upstreams_merged_by_server_names_are_still_counted_apart() {
     let mut a = one_host_audit(&[("dtable_server_a_z", "ds"), ("dtable_server_0_9", "ds")]);
-    a.line(&line(
-        1,
-        &format!("/api/v1/dtables/{DIGIT}/"),
-        " 10.0.0.4:5001",
-    ));
-    a.line(&line(
-        2,
-        &format!("/api/v1/dtables/{DIGIT}/"),
-        " 10.0.0.4:5000",
-    ));
+    log_lines(
+        &mut a,
+        &[
+            (1, format!("/api/v1/dtables/{DIGIT}/"), " 10.0.0.4:5001"),
+            (2, format!("/api/v1/dtables/{DIGIT}/"), " 10.0.0.4:5000"),
+        ],
+    );
     let r = a.report();
     assert_eq!(
         (r.bases_at_risk, r.bases_balanced),
@@ -345,21 +343,18 @@ fn resolved_host_names_count_as_their_server_line() {
         _ => Vec::new(),
     };
     let mut a = audit_of(&conf, &BTreeMap::new(), resolve, &[]);
-    a.line(&line(
-        1,
-        &format!("/api/v1/dtables/{LETTER}/"),
-        " 172.18.0.3:5000",
-    ));
-    a.line(&line(
-        2,
-        &format!("/api/v1/dtables/{LETTER}/"),
-        " [fd00::3]:5000",
-    ));
-    a.line(&line(
-        3,
-        &format!("/api/v1/dtables/{DIGIT}/"),
-        " 172.18.0.3:5000, 172.18.0.3:5001",
-    ));
+    log_lines(
+        &mut a,
+        &[
+            (1, format!("/api/v1/dtables/{LETTER}/"), " 172.18.0.3:5000"),
+            (2, format!("/api/v1/dtables/{LETTER}/"), " [fd00::3]:5000"),
+            (
+                3,
+                format!("/api/v1/dtables/{DIGIT}/"),
+                " 172.18.0.3:5000, 172.18.0.3:5001",
+            ),
+        ],
+    );
     let r = a.report();
     assert_eq!(r.unknown_upstream_addrs, BTreeMap::new());
     assert_eq!(r.bases_at_risk, 1, "{}", r.to_text());

@@ -82,6 +82,33 @@ fn liveness(name: &str, model: &RolloutModel) -> liveness::Report<Action> {
     report
 }
 
+/// [`safe`] for `model` without guards, then with (`name, guards: ...`): each checker
+/// in turn.
+fn safe_both(
+    name: &str,
+    model: impl Fn(bool) -> RolloutModel,
+) -> impl Iterator<Item = impl Checker<RolloutModel>> {
+    [false, true]
+        .into_iter()
+        .map(move |guards| safe(&format!("{name}, guards: {guards}"), model(guards)))
+}
+
+/// [`counterexample`] of `property` in `model` without guards, then with (`name,
+/// guards: ...`): each one in turn.
+fn counterexamples(
+    name: &str,
+    model: impl Fn(bool) -> RolloutModel,
+    property: &'static str,
+) -> impl Iterator<Item = Vec<Action>> {
+    [false, true].into_iter().map(move |guards| {
+        counterexample(
+            &format!("{name}, guards: {guards}"),
+            model(guards),
+            property,
+        )
+    })
+}
+
 fn bugs(f: impl FnOnce(&mut Bugs)) -> Bugs {
     let mut b = Bugs::NONE;
     f(&mut b);
@@ -161,32 +188,23 @@ fn guards_activating_before_the_old_owners_guard_acked_is_unsafe() {
 
 #[test]
 fn a_request_still_on_its_way_to_the_old_owner_across_its_restart_is_unsafe() {
-    for guards in [false, true] {
-        let model = RolloutModel {
-            requests_in_flight: true,
-            ..RolloutModel::new(Variant::Correct, guards)
-        };
-        let actions = counterexample(
-            &format!("in-flight request, guards: {guards}"),
-            model,
-            TWO_SERVERS_NEVER_HOLD_B,
-        );
+    let model = |guards| RolloutModel {
+        requests_in_flight: true,
+        ..RolloutModel::new(Variant::Correct, guards)
+    };
+    for actions in counterexamples("in-flight request", model, TWO_SERVERS_NEVER_HOLD_B) {
         assert!(actions.contains(&Action::Arrive(Server::Old)));
     }
 }
 
 #[test]
 fn draining_before_the_restart_closes_the_in_flight_gap() {
-    for guards in [false, true] {
-        let model = RolloutModel {
-            requests_in_flight: true,
-            drain_before_restart: true,
-            ..RolloutModel::new(Variant::Correct, guards)
-        };
-        let checker = safe(
-            &format!("in-flight requests, drain, guards: {guards}"),
-            model,
-        );
+    let model = |guards| RolloutModel {
+        requests_in_flight: true,
+        drain_before_restart: true,
+        ..RolloutModel::new(Variant::Correct, guards)
+    };
+    for checker in safe_both("in-flight requests, drain", model) {
         checker.assert_any_discovery(ROLLOUT_DONE);
     }
 }
@@ -211,22 +229,24 @@ fn replicas(bugs: Bugs, guards: bool) -> RolloutModel {
 
 #[test]
 fn today_a_stale_replica_sends_its_old_map_to_envoys_that_fail_over_to_it() {
-    for guards in [false, true] {
-        let model = replicas(
+    let model = |guards| {
+        replicas(
             bugs(|b| {
                 b.stale_replica_sends = true;
                 b.filter_goes_back = true;
             }),
             guards,
-        );
-        let name = format!("stale replica today, guards: {guards}");
-        let actions = counterexample(&name, model.clone(), TWO_SERVERS_NEVER_HOLD_B);
+        )
+    };
+    let name = "stale replica today";
+    for actions in counterexamples(name, model, TWO_SERVERS_NEVER_HOLD_B) {
         // Failed over to the replica that is cut off or whose watch lags.
         assert!(
             actions.iter().any(|a| matches!(a, Action::Subscribe(_, 1))),
             "{actions:?}"
         );
-        let actions = counterexample(&name, model, NO_PROXY_GOES_BACK);
+    }
+    for actions in counterexamples(name, model, NO_PROXY_GOES_BACK) {
         assert!(
             actions.iter().any(|a| matches!(a, Action::Subscribe(..))),
             "{actions:?}"
@@ -236,13 +256,9 @@ fn today_a_stale_replica_sends_its_old_map_to_envoys_that_fail_over_to_it() {
 
 #[test]
 fn a_filter_that_refuses_older_maps_is_not_enough_when_a_stale_replica_serves_a_restarted_envoy() {
-    for guards in [false, true] {
-        let model = replicas(bugs(|b| b.stale_replica_sends = true), guards);
-        let actions = counterexample(
-            &format!("stale replica, filter fixed, guards: {guards}"),
-            model,
-            TWO_SERVERS_NEVER_HOLD_B,
-        );
+    let model = |guards| replicas(bugs(|b| b.stale_replica_sends = true), guards);
+    let name = "stale replica, filter fixed";
+    for actions in counterexamples(name, model, TWO_SERVERS_NEVER_HOLD_B) {
         assert!(
             actions.iter().any(|a| matches!(a, Action::RestartProxy(_))),
             "{actions:?}"
@@ -252,11 +268,7 @@ fn a_filter_that_refuses_older_maps_is_not_enough_when_a_stale_replica_serves_a_
 
 #[test]
 fn fixed_replicas_never_send_an_older_or_stale_map() {
-    for guards in [false, true] {
-        let checker = safe(
-            &format!("replicas fixed, guards: {guards}"),
-            replicas(Bugs::NONE, guards),
-        );
+    for checker in safe_both("replicas fixed", |guards| replicas(Bugs::NONE, guards)) {
         checker.assert_any_discovery(ROLLOUT_DONE);
         checker.assert_any_discovery(NEW_OWNER_SERVES_B);
     }
@@ -304,19 +316,16 @@ fn encoded(bugs: Bugs, guards: bool) -> RolloutModel {
 
 #[test]
 fn today_an_encoded_base_goes_to_the_default_and_passes_a_guard() {
-    for guards in [false, true] {
-        let model = encoded(
+    let model = |guards| {
+        encoded(
             bugs(|b| {
                 b.edge_reads_no_encoded_base = true;
                 b.guard_passes_unreadable = true;
             }),
             guards,
-        );
-        let actions = counterexample(
-            &format!("encoded base today, guards: {guards}"),
-            model,
-            TWO_SERVERS_NEVER_HOLD_B,
-        );
+        )
+    };
+    for actions in counterexamples("encoded base today", model, TWO_SERVERS_NEVER_HOLD_B) {
         assert!(
             actions
                 .iter()
@@ -335,12 +344,7 @@ fn a_guard_that_refuses_what_it_cannot_read_stops_todays_edges() {
 
 #[test]
 fn fixed_filters_read_the_encoded_base() {
-    for guards in [false, true] {
-        safe(
-            &format!("encoded base fixed, guards: {guards}"),
-            encoded(Bugs::NONE, guards),
-        );
-    }
+    for _checker in safe_both("encoded base fixed", |guards| encoded(Bugs::NONE, guards)) {}
 }
 
 // ---- two rollouts, may_hold, an orphan ----

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Serve, free_port, text, write_config};
+use common::{Serve, config_in, free_port, text};
 
 const TOKEN: &str = "agent-cli-token-0a1b2c3d4e";
 const CANARY: &str = "stderr-canary-password-9f8e";
@@ -146,6 +146,16 @@ fn agent_a(dir: &Path, server: &FakeServer, args: &[&str], command: &[String]) -
     agent(dir, "a", &[&["--health-url", &url], args].concat(), command)
 }
 
+/// A fake server `s` and agent `a` for it whose command appends `run` to the file
+/// `count`, then runs `then`: (server, agent, `count`).
+fn counting_agent(dir: &Path, then: &str) -> (FakeServer, Agent, PathBuf) {
+    let server = fake_server(dir, "s");
+    let count = dir.join("count");
+    let script = sh(format!("echo run >> {}{then}", count.display()));
+    let a = agent_a(dir, &server, &[], &script);
+    (server, a, count)
+}
+
 /// `METHOD path` on 127.0.0.1:`port` → status and body; `None` when nothing answers.
 fn call(port: u16, method: &str, path: &str, auth: Option<&str>) -> Option<(u16, String)> {
     let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -241,10 +251,7 @@ fn a_restart_runs_the_command_and_waits_for_pong() {
 #[test]
 fn concurrent_calls_join_one_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = fake_server(dir.path(), "s");
-    let count = dir.path().join("count");
-    let script = sh(format!("echo run >> {}; sleep 2", count.display()));
-    let a = agent_a(dir.path(), &server, &[], &script);
+    let (_server, a, count) = counting_agent(dir.path(), "; sleep 2");
     let callers = 6;
     let barrier = Arc::new(Barrier::new(callers));
     let port = a.port;
@@ -282,10 +289,7 @@ fn concurrent_calls_join_one_restart() {
 #[test]
 fn a_wrong_token_is_401_and_restarts_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let server = fake_server(dir.path(), "s");
-    let count = dir.path().join("count");
-    let script = sh(format!("echo run >> {}", count.display()));
-    let a = agent_a(dir.path(), &server, &[], &script);
+    let (_server, a, count) = counting_agent(dir.path(), "");
     let wrong = [
         None,
         Some("Bearer agent-cli-token-0a1b2c3d4f".to_owned()),
@@ -552,7 +556,9 @@ fn https_with_a_certificate_from_seactl_certs() {
     assert_eq!(lines(&count), ["run"]);
 }
 
-fn push_map(url: &str, map: &Path) -> Output {
+/// Writes `json` to `map` and pushes it.
+fn push_map(url: &str, map: &Path, json: &str) -> Output {
+    std::fs::write(map, json).unwrap();
     seactl()
         .args(["push-map", map.to_str().unwrap(), "--yes"])
         .env("SEASHARD_URL", url)
@@ -594,17 +600,14 @@ fn seactl_serve_rolls_out_through_agents() {
         &[],
     );
 
-    let http = free_port();
     let hook = |port: u16| {
         format!(
             "{{ kind = \"http\", method = \"POST\", url = \"http://127.0.0.1:{port}/restart\", \
              headers_env = {{ authorization = \"AGENT_AUTH\" }}, timeout = \"30s\" }}"
         )
     };
-    let config = dir.path().join("seashard.toml");
-    write_config(
-        &config,
-        http,
+    let (config, http) = config_in(
+        dir.path(),
         &format!(
             "[api]\ntoken_env = \"CLI_TEST_TOKEN\"\n\
              [rollout]\nack_timeout = \"2s\"\nhealth_timeout = \"5s\"\ndrain = \"100ms\"\n\
@@ -631,12 +634,11 @@ fn seactl_serve_rolls_out_through_agents() {
 
     // Bases move: both servers restart, through their agents, one after another.
     let map = dir.path().join("split.json");
-    std::fs::write(
+    let o = push_map(
+        &s.url,
         &map,
         r#"{"default": "a", "slots": {"0-7": "a", "8-f": "b"}}"#,
-    )
-    .unwrap();
-    let o = push_map(&s.url, &map);
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}\n{}", agent_a.log());
     assert!(t.contains("Rollout 1 done"), "{t}");
@@ -646,12 +648,11 @@ fn seactl_serve_rolls_out_through_agents() {
     // Agent a's command fails: the rollout rolls back, and its error carries the
     // agent's answer (exit status, stderr), not a secret.
     std::fs::write(dir.path().join("fail"), "").unwrap();
-    std::fs::write(
+    let o = push_map(
+        &s.url,
         &map,
         r#"{"default": "a", "slots": {"0-3": "a", "4-f": "b"}}"#,
-    )
-    .unwrap();
-    let o = push_map(&s.url, &map);
+    );
     let t = text(&o);
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("answered 502"), "{t}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Serve, free_port, text, write_config};
+use common::{Serve, config_in, free_port, text};
 
 const TOKEN: &str = "cli-token-0123456";
 
@@ -30,11 +30,8 @@ fn serve(dir: &Path) -> Serve {
 
 /// `seactl serve` with `extra` (servers, `[rollout]`) appended to its configuration.
 fn serve_with(dir: &Path, extra: &str) -> Serve {
-    let http = free_port();
-    let config = dir.join("seashard.toml");
-    write_config(
-        &config,
-        http,
+    let (config, http) = config_in(
+        dir,
         &format!("[api]\ntoken_env = \"CLI_TEST_TOKEN\"\n{extra}"),
     );
     serve_config(&config, http)

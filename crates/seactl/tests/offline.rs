@@ -23,6 +23,13 @@ fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// `seactl audit-nginx CONF LOG --no-resolve` then `more`.
+fn audit_nginx(conf: &str, log: &str, more: &[&str]) -> Output {
+    let mut args = vec!["audit-nginx", conf, log, "--no-resolve"];
+    args.extend_from_slice(more);
+    seactl(&args, None)
+}
+
 const MAP: &str = r#"{"default": "dtable-server", "slots": {"0-9": "dtable-server-2", "a-f": "dtable-server"}, "pins": {"ff84e1a1-66e2": "dtable-server-2"}}"#;
 
 #[test]
@@ -220,17 +227,7 @@ fn audit_nginx_finds_bases_split_over_two_upstreams_on_one_host() {
         }
     }
     let log = file(&dir, "access.log", &log);
-    let out = seactl(
-        &[
-            "audit-nginx",
-            &conf,
-            &log,
-            "--no-resolve",
-            "--output",
-            "json",
-        ],
-        None,
-    );
+    let out = audit_nginx(&conf, &log, &["--output", "json"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -244,18 +241,15 @@ fn audit_nginx_finds_bases_split_over_two_upstreams_on_one_host() {
     assert_eq!(b["servers"][1]["server"], "dtable_server_a_z");
     assert_eq!(b["servers"][1]["addresses"]["10.0.0.4:5000"], 1);
     // Named alike on purpose, the two addresses still count as two dtable-servers.
-    let out = seactl(
+    let out = audit_nginx(
+        &conf,
+        &log,
         &[
-            "audit-nginx",
-            &conf,
-            &log,
-            "--no-resolve",
             "--server",
             "dtable_server_a_z=ds",
             "--server",
             "dtable_server_0_9=ds",
         ],
-        None,
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");

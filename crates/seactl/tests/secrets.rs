@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::{Serve, free_port, text as everything, write_config};
+use common::{Serve, config_in, text as everything};
 
 const TOKEN: &str = "change-token-canary-0a1b";
 const READ_TOKEN: &str = "read-token-canary-2c3d";
@@ -96,16 +96,12 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
         format!("# secret headers\nX-File-Secret: {}\n", CANARIES[2]),
     )
     .unwrap();
-    let http = free_port();
-    let url = format!("http://127.0.0.1:{http}");
     let hook = format!(
         r#"{{ kind = "http", method = "POST", url = "http://127.0.0.1:{hook_port}/restart?server=a&token={}", headers = {{ authorization = "Bearer {}" }}, headers_env = {{ x-api-key = "HOOK_KEY" }}, headers_file = "hook-headers" }}"#,
         CANARIES[3], CANARIES[0]
     );
-    let config = dir.path().join("seashard.toml");
-    write_config(
-        &config,
-        http,
+    let (config, http) = config_in(
+        dir.path(),
         &format!(
             r#"
             [api]
@@ -126,6 +122,7 @@ fn no_canary_secret_appears_in_any_answer_output_error_or_log() {
             "#
         ),
     );
+    let url = format!("http://127.0.0.1:{http}");
     let log = dir.path().join("serve.log");
     let out = std::fs::File::create(&log).unwrap();
     let _serve = Serve::start(

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 mod common;
-use common::{Serve, free_port, text, write_config};
+use common::{Serve, config_in, text};
 
 const TOKEN: &str = "tls-cli-token-0123456";
 
@@ -124,11 +124,8 @@ fn status_over_https_is_verified_against_the_ca() {
     ] {
         assert!(certs(args).status.success());
     }
-    let http = free_port();
-    let config = dir.join("seashard.toml");
-    write_config(
-        &config,
-        http,
+    let (config, http) = config_in(
+        dir,
         &format!(
             r#"
             [api]

@@ -49,6 +49,15 @@ fn refused(g: &Gate, path: &str) -> (RefusalKind, u16, Option<u32>, Value) {
     }
 }
 
+/// The refusal of `path`, a 503 to retry after the configured 7 s: its kind and body.
+fn refused_for_7s(g: &Gate, path: &str) -> (RefusalKind, Value) {
+    let (kind, status, retry, body) = refused(g, path);
+    assert_eq!(status, 503, "{path}");
+    assert_eq!(retry, Some(7), "{path}");
+    assert_eq!(body["retry_after"], 7, "{path}");
+    (kind, body)
+}
+
 #[test]
 fn a_guard_passes_the_bases_of_its_server() {
     let g = gate(3, Some("dtable-server-2"), &[]);
@@ -109,12 +118,9 @@ fn a_guard_of_a_server_absent_from_the_map_owns_nothing() {
 fn a_fenced_base_is_503_with_retry_after_for_edge_and_guard() {
     for guard in [None, Some("dtable-server-2"), Some("dtable-server")] {
         let g = gate(4, guard, &["0-3"]);
-        let (kind, status, retry, body) = refused(&g, ON_2);
+        let (kind, body) = refused_for_7s(&g, ON_2);
         assert_eq!(kind, RefusalKind::BaseMoving, "{guard:?}");
-        assert_eq!(status, 503);
-        assert_eq!(retry, Some(7));
         assert_eq!(body["base_uuid"], "0abcdef0-0000-4000-8000-000000000001");
-        assert_eq!(body["retry_after"], 7);
         assert_eq!(
             body["message"],
             "this base is moving to another server; retry shortly"
@@ -155,12 +161,9 @@ fn before_the_first_map_every_base_is_refused_as_no_map_yet() {
         let g = gate(AWAITING_MAP_VERSION, guard, &["0-f"]);
         assert!(g.is_awaiting_map());
         for path in [ON_1, ON_2, PINNED] {
-            let (kind, status, retry, body) = refused(&g, path);
+            let (kind, body) = refused_for_7s(&g, path);
             assert_eq!(kind, RefusalKind::AwaitingMap, "{guard:?} {path}");
-            assert_eq!(status, 503);
-            assert_eq!(retry, Some(7));
             assert_eq!(body["error"], "no_shard_map_yet");
-            assert_eq!(body["retry_after"], 7);
             assert!(body["base_uuid"].as_str().unwrap().len() == 36);
         }
     }

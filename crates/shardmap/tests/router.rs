@@ -21,37 +21,37 @@ fn decide(r: &Router, path: &str) -> (String, Reason, Option<String>) {
 fn slots_pins_paths_default() {
     let r = router(DOC_MAP);
     let a = "/dtable-server/api/v1/dtables/a1b2c3d4-0000-4000-8000-000000000001/rows/";
-    assert_eq!(
-        decide(&r, a),
+    // Not quite the pin: its slot.
+    let near = "/api/v1/dtables/ff84e1a1-66e3-4000-8000-000000000001/";
+    for (path, server, reason, base) in [
         (
-            "dtable-server".into(),
+            a,
+            "dtable-server",
             Reason::Slot,
-            Some("a1b2c3d4000040008000000000000001".into())
-        )
-    );
+            Some("a1b2c3d4000040008000000000000001"),
+        ),
+        (
+            near,
+            "dtable-server",
+            Reason::Slot,
+            Some("ff84e1a166e340008000000000000001"),
+        ),
+        ("/ping/", "dtable-server", Reason::Default, None),
+        (
+            "/api/v1/admin/sys-info/",
+            "dtable-server-3",
+            Reason::Path,
+            None,
+        ),
+    ] {
+        let expected = (server.to_owned(), reason, base.map(str::to_owned));
+        assert_eq!(decide(&r, path), expected, "{path}");
+    }
     let d = "/api/v1/dtables/0abcdef0-0000-4000-8000-000000000001/";
     assert_eq!(decide(&r, d).0, "dtable-server-2");
     let pinned = "/api/v1/dtables/FF84E1A1-66E2-4000-8000-000000000001/";
     assert_eq!(decide(&r, pinned).0, "dtable-server-2");
     assert_eq!(decide(&r, pinned).1, Reason::Pin);
-    // Not quite the pin: its slot.
-    let near = "/api/v1/dtables/ff84e1a1-66e3-4000-8000-000000000001/";
-    assert_eq!(
-        decide(&r, near),
-        (
-            "dtable-server".into(),
-            Reason::Slot,
-            Some("ff84e1a166e340008000000000000001".into())
-        )
-    );
-    assert_eq!(
-        decide(&r, "/ping/"),
-        ("dtable-server".into(), Reason::Default, None)
-    );
-    assert_eq!(
-        decide(&r, "/api/v1/admin/sys-info/"),
-        ("dtable-server-3".into(), Reason::Path, None)
-    );
     assert_eq!(
         decide(&r, "/API/v1/internal/stats?x=1").0,
         "dtable-server-2"

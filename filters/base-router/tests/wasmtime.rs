@@ -35,6 +35,18 @@ fn request(vm: &mut Vm, headers: &[(&str, &str)]) -> (ContextId, Action) {
     (ctx, action)
 }
 
+/// A request to `path` that `vm` pauses and answers itself: that answer.
+fn answered<'a>(vm: &'a mut Vm, path: &str) -> &'a wasm_host::LocalResponse {
+    let (ctx, action) = request_to(vm, path);
+    assert_eq!(action, Action::Pause, "{path}");
+    vm.local_response(ctx).expect("a local reply")
+}
+
+/// A request with a `:path` header only.
+fn request_to(vm: &mut Vm, path: &str) -> (ContextId, Action) {
+    request(vm, &[(":path", path)])
+}
+
 /// A deterministic stream of SeaTable request targets: every shape, every case, near
 /// misses and junk.
 fn uris(n: usize) -> Vec<String> {
@@ -181,7 +193,7 @@ fn without_the_version_header_a_routed_request_gets_the_routing_header_only() {
     c.version_header = false;
     let mut vm = vm_with(&c);
     let uri = "/api/v1/dtables/a1b2c3d4-0000-4000-8000-000000000001/";
-    let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+    let (ctx, action) = request_to(&mut vm, uri);
     assert_eq!(action, Action::Continue);
     assert_eq!(
         vm.request_header(ctx, "x-dtable-server"),
@@ -211,7 +223,7 @@ fn a_fenced_base_gets_503_with_retry_after() {
         "/socket.io/?dtable_uuid=b1b2c3d4000040008000000000000001",
         "/api/v1/dtables/FF84E1A1-66E2-4000-8000-000000000001/",
     ] {
-        let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+        let (ctx, action) = request_to(&mut vm, uri);
         assert_eq!(action, Action::Pause, "{uri}");
         let reply = vm
             .local_response(ctx)
@@ -231,12 +243,9 @@ fn a_fenced_base_gets_503_with_retry_after() {
         assert!(vm.request_header(ctx, "x-dtable-server").is_none());
     }
     // Not fenced: routed.
-    let (ctx, action) = request(
+    let (ctx, action) = request_to(
         &mut vm,
-        &[(
-            ":path",
-            "/api/v1/dtables/c1b2c3d4-0000-4000-8000-000000000001/",
-        )],
+        "/api/v1/dtables/c1b2c3d4-0000-4000-8000-000000000001/",
     );
     assert_eq!(action, Action::Continue);
     assert_eq!(
@@ -278,12 +287,9 @@ fn invalid_configuration_is_refused_and_the_previous_map_stays() {
         "{:?}",
         vm.logs()
     );
-    let (ctx, _) = request(
+    let (ctx, _) = request_to(
         &mut vm,
-        &[(
-            ":path",
-            "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
-        )],
+        "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
     );
     assert_eq!(
         vm.request_header(ctx, "x-dtable-server"),
@@ -300,12 +306,9 @@ fn invalid_configuration_is_refused_and_the_previous_map_stays() {
         )
         .unwrap()
     );
-    let (ctx, _) = request(
+    let (ctx, _) = request_to(
         &mut vm,
-        &[(
-            ":path",
-            "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
-        )],
+        "/api/v1/dtables/0f000000-0000-4000-8000-000000000001/",
     );
     assert_eq!(vm.request_header(ctx, "x-dtable-server"), Some("solo"));
     assert_eq!(metric(&vm, "seashard.map_version"), Some(3));
@@ -317,7 +320,7 @@ fn unconfigured_filter_refuses_rather_than_guesses() {
     let mut vm = host.instantiate().unwrap();
     assert!(vm.start(b"").unwrap());
     assert!(!vm.configure(b"{}").unwrap());
-    let (ctx, action) = request(&mut vm, &[(":path", "/ping/")]);
+    let (ctx, action) = request_to(&mut vm, "/ping/");
     assert_eq!(action, Action::Pause);
     assert_eq!(vm.local_response(ctx).map(|r| r.status), Some(503));
 }
@@ -421,9 +424,7 @@ fn a_guard_passes_its_servers_bases_untouched() {
 #[test]
 fn a_guard_refuses_another_servers_base_with_421_naming_the_owner() {
     let mut vm = guard_vm("dtable-server-2", 8, Fence::default());
-    let (ctx, action) = request(&mut vm, &[(":path", OWNED_BY_3)]);
-    assert_eq!(action, Action::Pause);
-    let reply = vm.local_response(ctx).expect("a local reply");
+    let reply = answered(&mut vm, OWNED_BY_3);
     assert_eq!(reply.status, 421);
     assert_eq!(header(reply, "content-type"), Some("application/json"));
     assert_eq!(header(reply, "cache-control"), Some("no-store"));
@@ -445,9 +446,7 @@ fn a_guard_refuses_a_fenced_base_with_503_and_retry_after() {
         pins: vec![],
     };
     let mut vm = guard_vm("dtable-server-2", 9, fence);
-    let (ctx, action) = request(&mut vm, &[(":path", OWNED_BY_2)]);
-    assert_eq!(action, Action::Pause);
-    let reply = vm.local_response(ctx).expect("a local reply");
+    let reply = answered(&mut vm, OWNED_BY_2);
     assert_eq!(reply.status, 503);
     assert_eq!(header(reply, "retry-after"), Some("6"));
     assert_eq!(header(reply, "x-shard-map-version"), Some("9"));
@@ -456,12 +455,9 @@ fn a_guard_refuses_a_fenced_base_with_503_and_retry_after() {
     assert_eq!(body["retry_after"], 6);
     assert_eq!(body["base_uuid"], "1abcdef0-0000-4000-8000-000000000001");
     // Outside the fence, the server's other bases still pass.
-    let (_, action) = request(
+    let (_, action) = request_to(
         &mut vm,
-        &[(
-            ":path",
-            "/api/v1/dtables/2abcdef0-0000-4000-8000-000000000001/",
-        )],
+        "/api/v1/dtables/2abcdef0-0000-4000-8000-000000000001/",
     );
     assert_eq!(action, Action::Continue);
     vm.tick().unwrap();
@@ -485,7 +481,7 @@ fn before_the_first_map_bases_get_no_shard_map_yet() {
     for guard in [Some("dtable-server-2"), None] {
         let mut vm = vm_with(&placeholder(guard));
         for uri in [OWNED_BY_2, OWNED_BY_3] {
-            let (ctx, action) = request(&mut vm, &[(":path", uri)]);
+            let (ctx, action) = request_to(&mut vm, uri);
             assert_eq!(action, Action::Pause, "{guard:?} {uri}");
             let reply = vm.local_response(ctx).expect("a local reply");
             assert_eq!(reply.status, 503);
@@ -497,7 +493,7 @@ fn before_the_first_map_bases_get_no_shard_map_yet() {
             assert!(body["base_uuid"].is_string());
         }
         // Without a base: passed by the guard, to the default server by the edge.
-        let (ctx, action) = request(&mut vm, &[(":path", "/ping/")]);
+        let (ctx, action) = request_to(&mut vm, "/ping/");
         assert_eq!(action, Action::Continue);
         let routed = vm.request_header(ctx, "x-dtable-server");
         assert_eq!(routed, guard.is_none().then_some("dtable-server-2"));
@@ -535,7 +531,7 @@ fn edge_and_guard_answer_exactly_as_the_gate_decides() {
         let gate = cfg.compile_gate().unwrap();
         let mut vm = vm_with(&cfg);
         for uri in uris(1200) {
-            let (ctx, action) = request(&mut vm, &[(":path", &uri)]);
+            let (ctx, action) = request_to(&mut vm, &uri);
             let routed = vm.request_header(ctx, "x-dtable-server");
             let reply = vm.local_response(ctx);
             match gate.verdict(&uri) {
@@ -589,7 +585,7 @@ fn an_older_map_is_refused_and_the_newer_kept() {
         "{:?}",
         vm.logs()
     );
-    let (ctx, action) = request(&mut vm, &[(":path", base)]);
+    let (ctx, action) = request_to(&mut vm, base);
     assert_eq!(action, Action::Continue);
     assert_eq!(
         vm.request_header(ctx, "x-dtable-server"),
@@ -604,7 +600,7 @@ fn an_older_map_is_refused_and_the_newer_kept() {
     // The placeholder (version 0) is older than any map: map 9 is kept.
     let placeholder = config(0, Fence::default());
     assert!(vm.configure(placeholder.to_json().as_bytes()).unwrap());
-    let (ctx, _) = request(&mut vm, &[(":path", base)]);
+    let (ctx, _) = request_to(&mut vm, base);
     assert_eq!(vm.request_header(ctx, "x-shard-map-version"), Some("9"));
     // A fresh VM of the same process (Envoy's canary) refuses what is older than the
     // process applied: Envoy NACKs it.
@@ -640,7 +636,7 @@ fn encoded_bases_reach_their_owner_and_the_unreadable_get_400() {
         let (mut unreadable, mut moved) = (0u64, 0);
         for c in cases {
             let target = c["target"].as_str().unwrap();
-            let (ctx, action) = request(&mut vm, &[(":path", target)]);
+            let (ctx, action) = request_to(&mut vm, target);
             let routed = vm.request_header(ctx, "x-dtable-server");
             let reply = vm.local_response(ctx);
             match c["expect"].as_str().unwrap() {

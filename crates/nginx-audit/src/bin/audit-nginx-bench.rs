@@ -12,18 +12,15 @@ use std::io::Read;
 use std::process::ExitCode;
 use std::time::Instant;
 
-const CONF: &str = r#"
-http {
-    upstream dtable_server_a_z { server 10.0.0.4:5000; keepalive 15; }
-    upstream dtable_server_0_9 { server 10.0.0.5:5000; keepalive 15; }
-    map $request_uri $dtable_upstream {
-        default dtable_server_a_z;
-        "~*ff84e1a1-66e2" dtable_server_0_9;
-        "~*([a-zA-Z])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_a_z;
-        "~*([0-9])([0-9a-f]{7}-[0-9a-f]{4})" dtable_server_0_9;
-    }
-}
-"#;
+/// SeaTable's documented `map $request_uri` (`../seatable-map.conf`, shared with the
+/// tests) behind two upstreams.
+const CONF: &str = concat!(
+    "\nhttp {\n",
+    "    upstream dtable_server_a_z { server 10.0.0.4:5000; keepalive 15; }\n",
+    "    upstream dtable_server_0_9 { server 10.0.0.5:5000; keepalive 15; }\n",
+    include_str!("../seatable-map.conf"),
+    "}\n",
+);
 
 /// A log of `limit` bytes, made line by line.
 struct Generated {

@@ -66,3 +66,12 @@ pub fn write_config(path: &std::path::Path, http: u16, rest: &str) {
     );
     std::fs::write(path, head + rest).unwrap();
 }
+
+/// [`write_config`] to `dir`/seashard.toml with the API on a free port: (that file,
+/// the port).
+pub fn config_in(dir: &std::path::Path, rest: &str) -> (std::path::PathBuf, u16) {
+    let http = free_port();
+    let config = dir.join("seashard.toml");
+    write_config(&config, http, rest);
+    (config, http)
+}
