@@ -365,11 +365,7 @@ impl Two {
 }
 
 fn restarted(log: &Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    seashard_tests::file_lines(log)
 }
 
 fn unlimited() -> Arc<AtomicU64> {

@@ -395,3 +395,20 @@ fn read_response_body<R: BufRead>(
     r.take(MAX_BODY as u64).read_to_end(&mut body)?;
     Ok(body)
 }
+
+/// An HTTPS client configuration (ureq) that trusts the CA in the PEM file `ca` and
+/// nothing else; the caller adds its own settings and builds it.
+pub fn https_client(
+    ca: &std::path::Path,
+) -> Result<ureq::config::ConfigBuilder<ureq::typestate::AgentScope>> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) = item? {
+            certs.push(c);
+        }
+    }
+    let roots = ureq::tls::RootCerts::new_with_certs(&certs);
+    Ok(ureq::Agent::config_builder()
+        .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build()))
+}

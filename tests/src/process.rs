@@ -26,9 +26,11 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `cmd` as the leader of a new process group.
-    pub fn spawn(mut cmd: Command, what: &str) -> Result<Proc> {
+    /// Spawns `cmd` (a `Command` or a `&mut Command`) as the leader of a new process
+    /// group.
+    pub fn spawn(mut cmd: impl std::borrow::BorrowMut<Command>, what: &str) -> Result<Proc> {
         use std::os::unix::process::CommandExt;
+        let cmd = cmd.borrow_mut();
         cmd.process_group(0);
         let child = cmd
             .spawn()
@@ -74,6 +76,13 @@ impl Proc {
                 libc::kill(-pgid, libc::SIGKILL);
             }
         }
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL of the leader alone, reaped: the rest of its group (a hook it ran)
+    /// lives on, as after a real crash, until this handle is dropped.
+    pub fn kill_leader(&mut self) {
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Serve, config_in, free_port, text};
+use common::{Proc, Serve, config_in, file_lines, free_port, text, wait_until};
+use seashard_tests::http::https_client;
+use seashard_tests::process::START_TIMEOUT;
 
 const TOKEN: &str = "agent-cli-token-0a1b2c3d4e";
 const CANARY: &str = "stderr-canary-password-9f8e";
@@ -85,18 +87,11 @@ fn restart_script(server: &FakeServer, name: &str, log: &Path, back_after: &str)
     ))
 }
 
-/// `seactl agent`, killed on drop; its log in a file.
+/// `seactl agent`, killed with its process group on drop; its log in a file.
 struct Agent {
-    child: Child,
+    proc: Proc,
     port: u16,
     log: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Agent {
@@ -112,8 +107,8 @@ impl Agent {
 fn agent(dir: &Path, name: &str, args: &[&str], command: &[String]) -> Agent {
     let port = free_port();
     let log = dir.join(format!("agent-{name}.log"));
-    let child = seactl()
-        .arg("agent")
+    let mut cmd = seactl();
+    cmd.arg("agent")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(args)
         .arg("--")
@@ -123,21 +118,24 @@ fn agent(dir: &Path, name: &str, args: &[&str], command: &[String]) -> Agent {
         .env("CANARY", CANARY)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut a = Agent { child, port, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = a.child.try_wait().unwrap() {
-            panic!("seactl agent exited ({status}): {}", a.log());
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut a = Agent {
+        proc: Proc::spawn(cmd, "seactl agent").unwrap(),
+        port,
+        log,
+    };
+    let ready = wait_until(START_TIMEOUT, "the agent's /healthz", || {
+        if let Some(status) = a.proc.exited() {
+            anyhow::bail!("seactl agent exited ({status})");
         }
-        if call(port, "GET", "/healthz", None).is_some_and(|(s, _)| s == 200) {
-            return a;
-        }
-        assert!(Instant::now() < deadline, "no /healthz: {}", a.log());
-        std::thread::sleep(Duration::from_millis(20));
+        Ok(call(port, "GET", "/healthz", None)
+            .is_some_and(|(s, _)| s == 200)
+            .then_some(()))
+    });
+    if let Err(e) = ready {
+        panic!("{e:#}: {}", a.log());
     }
+    a
 }
 
 /// Agent `a` with `args` running `command`, its health URL `server`'s.
@@ -190,14 +188,6 @@ fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
 
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 fn assert_no_secret(what: &str, text: &str) {
     for secret in [TOKEN, CANARY, API_TOKEN] {
         assert!(!text.contains(secret), "{what} shows a secret: {text}");
@@ -227,7 +217,7 @@ fn a_restart_runs_the_command_and_waits_for_pong() {
     assert!(r["took_ms"].as_u64().unwrap() >= r["health_ms"].as_u64().unwrap());
     assert!(server.refused.load(Ordering::Relaxed) > 0);
     assert!(!server.down.exists());
-    assert_eq!(lines(&log), ["s"]);
+    assert_eq!(file_lines(&log), ["s"]);
     assert!(r.get("stderr").is_none(), "{r}");
 
     // /healthz is open: the last outcome, nothing of the command.
@@ -274,7 +264,7 @@ fn concurrent_calls_join_one_restart() {
     }
     let started = answers.iter().filter(|(_, r, _)| r["joined"] == false);
     assert_eq!(started.count(), 1, "{answers:?}");
-    assert_eq!(lines(&count), ["run"], "the command ran once");
+    assert_eq!(file_lines(&count), ["run"], "the command ran once");
 
     // A call after it ended starts a new restart.
     let (status, r, _) = restart(port, Some(&bearer()));
@@ -283,7 +273,7 @@ fn concurrent_calls_join_one_restart() {
         (r["restart"].as_u64(), r["joined"].as_bool()),
         (Some(2), Some(false))
     );
-    assert_eq!(lines(&count), ["run", "run"]);
+    assert_eq!(file_lines(&count), ["run", "run"]);
 }
 
 #[test]
@@ -497,8 +487,8 @@ fn https_with_a_certificate_from_seactl_certs() {
     let script = sh(format!("echo run >> {}", count.display()));
     let port = free_port();
     let log = dir.path().join("agent.log");
-    let child = seactl()
-        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+    let mut cmd = seactl();
+    cmd.args(["agent", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--health-url", &server.health_url()])
         .arg("--tls-cert")
         .arg(tls.join("agent.crt"))
@@ -507,29 +497,16 @@ fn https_with_a_certificate_from_seactl_certs() {
         .arg("--")
         .args(&script)
         .env("SEASHARD_AGENT_TOKEN", TOKEN)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .stderr(std::fs::File::create(&log).unwrap());
     let _a = Agent {
-        child,
+        proc: Proc::spawn(cmd, "seactl agent").unwrap(),
         port,
         log: log.clone(),
     };
-    let pem = std::fs::read(tls.join("ca.crt")).unwrap();
-    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-        .filter_map(|i| match i {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let client: ureq::Agent = ureq::Agent::config_builder()
+    let client: ureq::Agent = https_client(&tls.join("ca.crt"))
+        .unwrap()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-                .build(),
-        )
         .build()
         .into();
     let base = format!("https://127.0.0.1:{port}");
@@ -550,10 +527,10 @@ fn https_with_a_certificate_from_seactl_certs() {
     assert_eq!(resp.status(), 200);
     let r: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(lines(&count), ["run"]);
+    assert_eq!(file_lines(&count), ["run"]);
     // Plain HTTP gets no answer.
     assert!(call(port, "POST", "/restart", Some(&bearer())).is_none());
-    assert_eq!(lines(&count), ["run"]);
+    assert_eq!(file_lines(&count), ["run"]);
 }
 
 /// Writes `json` to `map` and pushes it.
@@ -642,7 +619,7 @@ fn seactl_serve_rolls_out_through_agents() {
     let t = text(&o);
     assert!(o.status.success(), "{t}\n{}", agent_a.log());
     assert!(t.contains("Rollout 1 done"), "{t}");
-    assert_eq!(lines(&log), ["a", "b"]);
+    assert_eq!(file_lines(&log), ["a", "b"]);
     assert!(sa.refused.load(Ordering::Relaxed) > 0, "a was down a while");
 
     // Agent a's command fails: the rollout rolls back, and its error carries the
@@ -659,7 +636,7 @@ fn seactl_serve_rolls_out_through_agents() {
     assert!(t.contains("exit status: 3"), "{t}");
     assert!(t.contains("rolled back"), "{t}");
     assert_no_secret("push-map", &t);
-    assert_eq!(lines(&log), ["a", "b"]);
+    assert_eq!(file_lines(&log), ["a", "b"]);
 
     drop(s);
     let serve_log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();

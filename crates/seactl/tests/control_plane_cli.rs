@@ -389,8 +389,7 @@ fn a_seactl_serve_killed_with_sigkill_mid_rollout_resumes_it() {
     let push = spawn_push_map(&s.url, map.to_str().unwrap());
     wait_for_rollout(&s.url, "restarting", "a");
     // SIGKILL, mid-restart of a; then the same configuration and store again.
-    s.child.kill().unwrap();
-    s.child.wait().unwrap();
+    s.proc.kill_leader();
     std::thread::sleep(Duration::from_millis(300));
     let s2 = serve_config(&dir.path().join("seashard.toml"), http);
     let o = push.wait_with_output().unwrap();
@@ -453,8 +452,7 @@ fn several_urls_skip_a_dead_one() {
     assert_eq!(version(&format!("{dead},{}", b.url)), 1);
 
     // Every URL dead: exit 2, each URL with its error, no token.
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.proc.kill();
     let o = run(&format!("{dead},{}", b.url), &["status"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let err = text(&o);

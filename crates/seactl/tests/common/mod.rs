@@ -1,19 +1,22 @@
-//! What seactl's integration tests share: free ports, a command's output as text and a
+//! What seactl's integration tests share, on the workspace's harness
+//! (`seashard-tests`): free ports, a command's output as text, a file's lines and a
 //! `seactl serve` killed on drop.
-#![allow(dead_code)]
+// Each test file uses a part of it.
+#![allow(dead_code, unused_imports)]
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::process::{Command, Output};
 
-/// A loopback port nothing listens on (yet).
+pub use seashard_tests::{Proc, wait_until};
+
+/// A loopback port nothing listens on (yet): the harness's, below the ephemeral
+/// range and handed out once per process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    seashard_tests::free_port().unwrap()
 }
+
+/// The lines of a file; none when it does not exist (yet).
+pub use seashard_tests::file_lines;
 
 /// Stdout then stderr, as text.
 pub fn text(o: &Output) -> String {
@@ -24,9 +27,9 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-/// `seactl serve`, killed on drop.
+/// `seactl serve`, killed with its process group on drop.
 pub struct Serve {
-    pub child: Child,
+    pub proc: Proc,
     /// `http://127.0.0.1:PORT`, its API.
     pub url: String,
 }
@@ -35,23 +38,24 @@ impl Serve {
     /// Spawns `serve` (a `seactl serve` command) and returns once its API listens on
     /// 127.0.0.1:`http`.
     pub fn start(serve: &mut Command, http: u16) -> Serve {
-        let s = Serve {
-            child: serve.spawn().unwrap(),
+        let mut proc = Proc::spawn(serve, "seactl serve").unwrap();
+        wait_until(
+            seashard_tests::process::START_TIMEOUT,
+            "seactl serve to listen",
+            || {
+                if let Some(status) = proc.exited() {
+                    anyhow::bail!("seactl serve exited: {status}");
+                }
+                Ok(TcpStream::connect(("127.0.0.1", http))
+                    .is_ok()
+                    .then_some(()))
+            },
+        )
+        .unwrap();
+        Serve {
+            proc,
             url: format!("http://127.0.0.1:{http}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", http)).is_err() {
-            assert!(Instant::now() < deadline, "seactl serve did not listen");
-            std::thread::sleep(Duration::from_millis(20));
         }
-        s
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
