@@ -40,7 +40,7 @@ use crate::nodes::Node;
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
 use crate::rollout::{self, RolloutError};
-use crate::store::{StoreError, Version};
+use crate::store::{NewAudit, StoreError, Version};
 use daemon::health::{self, Health};
 use daemon::token::{bearer, constant_time_eq};
 
@@ -668,12 +668,12 @@ async fn forget_node(
         api.plane.registry().forget(key);
     }
     api.plane.store().delete_nodes(&forgotten)?;
-    api.plane.store().audit(
-        "api",
-        "node.forget",
-        None,
-        &json!({ "node": id, "instances": forgotten }),
-    )?;
+    api.plane.store().audit(&NewAudit {
+        actor: "api",
+        action: "node.forget",
+        version: None,
+        detail: json!({ "node": id, "instances": forgotten }),
+    })?;
     Ok(Json(json!({ "forgotten": forgotten })))
 }
 
@@ -780,12 +780,12 @@ async fn rollout_confirm(
         )
     })?;
     let id = rollout::confirm(&api.plane, &b.server)?;
-    api.plane.store().audit(
-        &actor(&headers),
-        "rollout.confirm",
-        None,
-        &json!({ "rollout": id, "server": b.server }),
-    )?;
+    api.plane.store().audit(&NewAudit {
+        actor: &actor(&headers),
+        action: "rollout.confirm",
+        version: None,
+        detail: json!({ "rollout": id, "server": b.server }),
+    })?;
     Ok(Json(json!({ "rollout": id, "confirmed": b.server })))
 }
 
@@ -804,9 +804,12 @@ async fn rollout_abort(
     let id = tokio::task::spawn_blocking(move || rollout::abort(&plane, &reason))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    api.plane
-        .store()
-        .audit(&who, "rollout.abort", None, &json!({ "rollout": id }))?;
+    api.plane.store().audit(&NewAudit {
+        actor: &who,
+        action: "rollout.abort",
+        version: None,
+        detail: json!({ "rollout": id }),
+    })?;
     Ok(Json(json!({ "rollout": id, "aborting": true })))
 }
 

@@ -70,7 +70,7 @@ use crate::config::RestartHook;
 use crate::nodes::{Conflict, Node};
 use crate::plane::{ControlPlane, Proposal, ProposeError};
 use crate::resources::ResourceType;
-use crate::store::{FinishRollout, NewVersion, StoreError, VersionKind, now_ms};
+use crate::store::{FinishRollout, NewAudit, NewVersion, StoreError, VersionKind, now_ms};
 use daemon::health;
 
 /// How often a restarted server's health URL is polled.
@@ -573,13 +573,13 @@ pub fn begin_with(
     r.id = plane
         .store()
         .insert_rollout(Step::Plan.as_str(), &r.to_value())?;
-    plane.store().audit(
-        &p.author,
-        "rollout.begin",
-        Some(active.version),
-        &json!({ "rollout": r.id, "comment": p.comment,
-                 "restart": r.restart.iter().map(|s| &s.server).collect::<Vec<_>>() }),
-    )?;
+    plane.store().audit(&NewAudit {
+        actor: &p.author,
+        action: "rollout.begin",
+        version: Some(active.version),
+        detail: json!({ "rollout": r.id, "comment": p.comment,
+                        "restart": r.restart.iter().map(|s| &s.server).collect::<Vec<_>>() }),
+    })?;
     tracing::info!(
         rollout = r.id,
         from = active.version,

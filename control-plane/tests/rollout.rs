@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::resources::ECDS_TYPE_URL;
 use control_plane::rollout::{self, RestartState, Rollout, Step};
-use control_plane::store::{FinishRollout, NewVersion, StoredRollout};
+use control_plane::store::{FinishRollout, NewAudit, NewVersion, StoredRollout};
 use control_plane::{Config, ControlPlane, Proposal, Store, StoreError, VersionKind};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use serde_json::{Value, json};
@@ -1102,15 +1102,9 @@ impl Store for Flaky {
         self.write()?;
         self.inner.append_version(expected, new)
     }
-    fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        version: Option<u64>,
-        detail: &Value,
-    ) -> Result<(), StoreError> {
+    fn audit(&self, entry: &NewAudit<'_>) -> Result<(), StoreError> {
         self.write()?;
-        self.inner.audit(actor, action, version, detail)
+        self.inner.audit(entry)
     }
     fn audit_log(&self, limit: u32) -> Result<Vec<control_plane::store::AuditEntry>, StoreError> {
         self.inner.audit_log(limit)

@@ -187,7 +187,7 @@ fn a_follower_forwards_changes_and_two_pushes_make_one_rollout() -> Result<()> {
 /// leader's late one, is refused by the leader-term condition and never stored.
 #[test]
 fn audit_entries_are_written_under_the_leader_term_only() -> Result<()> {
-    use control_plane::store::{EtcdStore, Leadership, Store, StoreError};
+    use control_plane::store::{EtcdStore, Leadership, NewAudit, Store, StoreError};
     let etcd = EtcdCluster::start(1)?;
     let a = EtcdStore::connect(&config(&etcd.endpoints(), "a")?)?;
     a.advertise("http://127.0.0.1:1");
@@ -201,7 +201,14 @@ fn audit_entries_are_written_under_the_leader_term_only() -> Result<()> {
             Leadership::Follower { leader: Some(l) } if l.replica == "a")
         .then_some(()))
     })?;
-    let entry = |s: &EtcdStore, action: &str| s.audit("test", action, None, &json!({}));
+    let entry = |s: &EtcdStore, action: &str| {
+        s.audit(&NewAudit {
+            actor: "test",
+            action,
+            version: None,
+            detail: json!({}),
+        })
+    };
     entry(&a, "by.the.leader")?;
     assert!(
         matches!(entry(&b, "by.a.follower"), Err(StoreError::NotLeader(_))),

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use control_plane::Config;
 use control_plane::store::{
-    EtcdStore, FinishRollout, Leadership, NewVersion, NodeRecord, SqliteStore, Store, StoreError,
-    TypeRecord, VersionKind,
+    EtcdStore, FinishRollout, Leadership, NewAudit, NewVersion, NodeRecord, SqliteStore, Store,
+    StoreError, TypeRecord, VersionKind,
 };
 use seashard_tests::etcd::EtcdCluster;
 use shardmap::{Fence, ShardMap};
@@ -114,12 +114,12 @@ fn suite(s: &dyn Store) {
     });
 
     // Audit: newest first, ids increasing.
-    s.audit(
-        "bob",
-        "node.forget",
-        None,
-        &serde_json::json!({"node": "x"}),
-    )
+    s.audit(&NewAudit {
+        actor: "bob",
+        action: "node.forget",
+        version: None,
+        detail: serde_json::json!({"node": "x"}),
+    })
     .unwrap();
     let audit = s.audit_log(10).unwrap();
     assert_eq!(

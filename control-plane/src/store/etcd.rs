@@ -52,7 +52,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::{
-    AuditEntry, Currency, FinishRollout, LeaderInfo, Leadership, NewVersion, NodeRecord,
+    AuditEntry, Currency, FinishRollout, LeaderInfo, Leadership, NewAudit, NewVersion, NodeRecord,
     RemoteNode, ServerState, Store, StoreError, StoreInfo, StoredRollout, Version, now_ms,
 };
 use crate::config::{Config, StoreConfig};
@@ -1043,20 +1043,14 @@ impl Store for EtcdStore {
         })
     }
 
-    fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        version: Option<u64>,
-        detail: &serde_json::Value,
-    ) -> Result<(), StoreError> {
+    fn audit(&self, new: &NewAudit<'_>) -> Result<(), StoreError> {
         let entry = AuditEntry {
             id: 0,
             at: now_ms(),
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            version,
-            detail: detail.clone(),
+            actor: new.actor.to_owned(),
+            action: new.action.to_owned(),
+            version: new.version,
+            detail: new.detail.clone(),
         };
         // A leader write like any other: a deposed leader's late entry is refused.
         self.call(move |s| async move { s.leader_write(vec![audit_op(&s, &entry)]).await })

@@ -157,6 +157,16 @@ impl<'a> NewVersion<'a> {
     }
 }
 
+/// An audit entry to record: who did what, to which version.
+#[derive(Debug, Clone)]
+pub struct NewAudit<'a> {
+    pub actor: &'a str,
+    /// `rollout.begin`, `node.forget`, ...
+    pub action: &'a str,
+    pub version: Option<u64>,
+    pub detail: serde_json::Value,
+}
+
 /// The ACK/NACK state of one node for one resource type.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeRecord {
@@ -293,13 +303,7 @@ pub trait Store: Send + Sync {
     fn append_version(&self, expected: u64, new: &NewVersion<'_>) -> Result<u64, StoreError>;
 
     /// Records an audit entry on its own (a leader write).
-    fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        version: Option<u64>,
-        detail: &serde_json::Value,
-    ) -> Result<(), StoreError>;
+    fn audit(&self, entry: &NewAudit<'_>) -> Result<(), StoreError>;
     /// The latest `limit` audit entries, newest first.
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 

@@ -10,8 +10,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{
-    AuditEntry, FinishRollout, Leadership, NewVersion, NodeRecord, RemoteNode, ServerState, Store,
-    StoreError, StoreInfo, StoredRollout, TypeRecord, Version, VersionKind, now_ms,
+    AuditEntry, FinishRollout, Leadership, NewAudit, NewVersion, NodeRecord, RemoteNode,
+    ServerState, Store, StoreError, StoreInfo, StoredRollout, TypeRecord, Version, VersionKind,
+    now_ms,
 };
 
 /// Numbered schema migrations, applied in order, each once.
@@ -253,21 +254,15 @@ impl Store for SqliteStore {
         Ok(version as u64)
     }
 
-    fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        version: Option<u64>,
-        detail: &serde_json::Value,
-    ) -> Result<(), StoreError> {
+    fn audit(&self, entry: &NewAudit<'_>) -> Result<(), StoreError> {
         self.conn()?.execute(
             "INSERT INTO audit (at, actor, action, version, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 now_ms(),
-                actor,
-                action,
-                version.map(|v| v as i64),
-                detail.to_string()
+                entry.actor,
+                entry.action,
+                entry.version.map(|v| v as i64),
+                entry.detail.to_string()
             ],
         )?;
         Ok(())
