@@ -49,7 +49,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use daemon::secret::{REDACTED, names_a_secret, redact_url, url_secrets};
+use daemon::secret::{REDACTED, redact_url, shown_argv, url_secrets};
 pub use daemon::tls::ApiTls;
 use serde::{Deserialize, Serialize};
 use shardmap::{DEFAULT_HEADER, DEFAULT_RETRY_AFTER, ShardMap, check_server_name};
@@ -526,9 +526,7 @@ impl RestartHook {
         match self {
             RestartHook::Command { argv, timeout } => serde_json::json!({
                 "kind": "command",
-                "argv": argv.iter().map(|a| {
-                    if names_a_secret(a) { REDACTED.to_owned() } else { a.clone() }
-                }).collect::<Vec<_>>(),
+                "argv": shown_argv(argv),
                 "timeout": timeout.map(|t| format!("{}ms", t.as_millis())),
             }),
             RestartHook::Http {

@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use daemon::duration::format_duration;
-use daemon::secret::{REDACTED, names_a_secret, redact_url, scrub};
+use daemon::secret::{REDACTED, names_a_secret, redact_url, scrub, shown_argv};
 use daemon::tls::{self, ApiTls, TlsError};
 use daemon::token::{bearer, constant_time_eq};
 
@@ -269,13 +269,9 @@ impl AgentConfig {
     }
 
     /// The command as messages and logs show it: arguments that look like they carry
-    /// a secret ([`names_a_secret`], as a command hook's) are `<redacted>`.
+    /// a secret are `<redacted>`, as a command hook's ([`shown_argv`]).
     pub fn shown_command(&self) -> String {
-        self.command
-            .iter()
-            .map(|a| if names_a_secret(a) { REDACTED } else { a })
-            .collect::<Vec<_>>()
-            .join(" ")
+        shown_argv(&self.command).join(" ")
     }
 
     /// The bearer token, from its variable or file. Errors name the source, never a

@@ -25,6 +25,14 @@ pub fn names_a_secret(word: &str) -> bool {
     word != REDACTED && SECRET_MARKERS.iter().any(|m| lower.contains(m))
 }
 
+/// An argv as answers, messages and logs show it: every argument that names a
+/// secret ([`names_a_secret`]) is [`REDACTED`].
+pub fn shown_argv(argv: &[String]) -> Vec<&str> {
+    argv.iter()
+        .map(|a| if names_a_secret(a) { REDACTED } else { a })
+        .collect()
+}
+
 /// `url` without its user info, and with every query value replaced.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
