@@ -50,25 +50,21 @@ pub mod serde {
     }
 }
 
-/// `#[serde(with = "daemon::duration::serde_opt")]`: an optional [`Duration`].
+/// `#[serde(with = "daemon::duration::serde_opt")]`: an optional [`Duration`], written
+/// as [`serde`] writes one when present.
 pub mod serde_opt {
     use std::time::Duration;
 
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    use super::{format_duration, parse_duration};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_str(&format_duration(*d)),
+            Some(d) => super::serde::serialize(d, s),
             None => s.serialize_none(),
         }
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Some)
-            .map_err(::serde::de::Error::custom)
+        super::serde::deserialize(d).map(Some)
     }
 }
 
