@@ -397,12 +397,12 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-/// The strings of a JSON array (other items skipped; none if `v` is not an array).
 /// A JSON string's text; `""` for anything else.
 fn text(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
+/// The strings of a JSON array (other items skipped; none if `v` is not an array).
 fn strings(v: &Value) -> Vec<&str> {
     v.as_array()
         .into_iter()
