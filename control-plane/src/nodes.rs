@@ -1515,13 +1515,8 @@ mod tests {
         let reg = Registry::default();
         let snaps: Vec<Arc<Snapshot>> = (1..=3).map(|v| snapshot(v, "/a.wasm")).collect();
         let mut streams: Vec<Option<Stream>> = (0..6).map(|_| None).collect();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut random = seashard_tests::xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: u64| random() % n;
         let mut nonce = 0u32;
         for _ in 0..3000 {
             let i = next(6) as usize;

@@ -50,13 +50,7 @@ fn request_to(vm: &mut Vm, path: &str) -> (ContextId, Action) {
 /// A deterministic stream of SeaTable request targets: every shape, every case, near
 /// misses and junk.
 fn uris(n: usize) -> Vec<String> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = seashard_tests::xorshift(0x2545_f491_4f6c_dd1d);
     let stems = ["", "0abc", "40", "ff84e1a166e2", "3f", "a0"];
     (0..n)
         .map(|i| {
